@@ -1,0 +1,1 @@
+"""Coordinator: the decoding loop behind the public Generate stream."""

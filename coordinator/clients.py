@@ -1,0 +1,174 @@
+"""gRPC clients for the draft and target tiers: replica choice, deltas, cache-miss resends.
+
+A session goes to the replica its id hashes to (so that replica keeps its cache) and falls
+back to the others when that one is unavailable. Only the committed tokens a replica has not
+been sent yet travel (a delta); a replica that lost them answers FAILED_PRECONDITION and gets
+the whole sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence, TypeVar
+
+import grpc
+import torch
+from grpc import aio
+
+from specdec.sampling import SamplingParams
+from specdec.serving import CHANNEL_OPTIONS
+from specdec.tensor_codec import decode_tensor
+from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
+from specdec.wire import context_to_pb, sampling_to_pb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Worth trying another replica for; anything else is the request's own fault.
+_RETRY_ELSEWHERE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass
+class DeltaTracker:
+    """Per-call memory of how many committed tokens each replica has been sent."""
+
+    sent: dict[str, int] = field(default_factory=dict)
+
+    def start_for(self, address: str, committed_len: int) -> int:
+        return min(self.sent.get(address, 0), committed_len)
+
+    def forget(self, address: str) -> None:
+        self.sent.pop(address, None)
+
+
+class ReplicaSet:
+    """Channels to the replicas of one tier, tried in session-affinity order."""
+
+    def __init__(self, addresses: Sequence[str], stub_class, timeout_s: float):
+        if not addresses:
+            raise ValueError("a tier needs at least one replica address")
+        self.addresses = list(addresses)
+        self.timeout_s = timeout_s
+        self._channels = [aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
+        self.stubs = [stub_class(c) for c in self._channels]
+
+    def order_for(self, session_id: str) -> list[int]:
+        first = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "little") % len(self.addresses)
+        return [(first + i) % len(self.addresses) for i in range(len(self.addresses))]
+
+    async def call(
+        self, session_id: str, tokens: Sequence[int], tracker: DeltaTracker, send: Callable[[object, common_pb2.SessionContext], Awaitable[T]]
+    ) -> T:
+        """Run `send(stub, context)` on the session's replica, falling back to the others."""
+        last_error: aio.AioRpcError | None = None
+        for index in self.order_for(session_id):
+            address, stub = self.addresses[index], self.stubs[index]
+            start = tracker.start_for(address, len(tokens))
+            try:
+                try:
+                    reply = await send(stub, context_to_pb(session_id, tokens, start))
+                except aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.FAILED_PRECONDITION or start == 0:
+                        raise
+                    reply = await send(stub, context_to_pb(session_id, tokens, 0))  # cache miss: resend all
+            except aio.AioRpcError as err:
+                tracker.forget(address)
+                if err.code() not in _RETRY_ELSEWHERE:
+                    raise
+                log.warning("%s failed (%s); trying another replica", address, err.code().name)
+                last_error = err
+                continue
+            tracker.sent[address] = len(tokens)
+            return reply
+        assert last_error is not None
+        raise last_error
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+@dataclass
+class DraftResult:
+    tokens: list[int]
+    probs: torch.Tensor | None
+    point_mass: bool
+    compute_s: float
+
+
+@dataclass
+class VerifyResult:
+    argmax: list[int] | None
+    probs: torch.Tensor | None
+    compute_s: float
+    reused_tokens: int
+    computed_tokens: int
+
+
+class DraftClient:
+    def __init__(self, replicas: ReplicaSet, kind: str):
+        self.replicas = replicas
+        self.kind = kind
+
+    async def propose(
+        self, session_id: str, tokens: Sequence[int], k: int, params: SamplingParams, tracker: DeltaTracker
+    ) -> DraftResult:
+        sampling = sampling_to_pb(params)
+
+        async def send(stub: draft_pb2_grpc.DraftServiceStub, ctx) -> draft_pb2.ProposeResponse:
+            request = draft_pb2.ProposeRequest(context=ctx, k=k, sampling=sampling)
+            return await stub.Propose(request, timeout=self.replicas.timeout_s)
+
+        reply = await self.replicas.call(session_id, tokens, tracker, send)
+        drafted = list(reply.tokens)[:k]
+        probs = None
+        if reply.HasField("probs"):
+            probs = decode_tensor(reply.probs)
+            if probs.dim() != 2 or probs.shape[0] != len(reply.tokens):
+                raise ValueError(f"draft probs of shape {tuple(probs.shape)} for {len(reply.tokens)} tokens")
+            probs = probs[: len(drafted)]
+        if not params.greedy and probs is None and not reply.point_mass and drafted:
+            raise ValueError("a sampled Propose came back without distributions or point_mass")
+        return DraftResult(drafted, probs, reply.point_mass, reply.timings.compute_s)
+
+    async def close(self) -> None:
+        await self.replicas.close()
+
+
+class TargetClient:
+    def __init__(self, replicas: ReplicaSet):
+        self.replicas = replicas
+
+    async def verify(
+        self,
+        session_id: str,
+        tokens: Sequence[int],
+        drafts: Sequence[int],
+        params: SamplingParams,
+        tracker: DeltaTracker,
+        vocab_size: int,
+    ) -> VerifyResult:
+        sampling = sampling_to_pb(params)
+
+        async def send(stub: target_pb2_grpc.TargetServiceStub, ctx) -> target_pb2.VerifyResponse:
+            request = target_pb2.VerifyRequest(context=ctx, draft_tokens=list(drafts), sampling=sampling)
+            return await stub.Verify(request, timeout=self.replicas.timeout_s)
+
+        reply = await self.replicas.call(session_id, tokens, tracker, send)
+        rows = len(drafts) + 1
+        argmax = probs = None
+        if params.greedy:
+            argmax = list(reply.argmax_tokens)
+            if len(argmax) != rows:
+                raise ValueError(f"target returned {len(argmax)} argmax ids for {rows} positions")
+        else:
+            probs = decode_tensor(reply.probs, expected_shape=(rows, vocab_size))
+        return VerifyResult(argmax, probs, reply.timings.compute_s, reply.cache.reused_tokens, reply.cache.computed_tokens)
+
+    async def info(self) -> common_pb2.ModelInfo:
+        return await self.replicas.stubs[0].GetInfo(common_pb2.GetInfoRequest(), timeout=self.replicas.timeout_s)
+
+    async def close(self) -> None:
+        await self.replicas.close()

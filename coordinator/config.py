@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specdec.config import option
+from specdec.models import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    target: tuple[str, ...] = option(("127.0.0.1:50052",), "target replica addresses, comma-separated")
+    draft: tuple[str, ...] = option((), "draft replica addresses, comma-separated (empty: target only)")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "Redis URL holding the sessions")
+    tokenizer: str = option(DEFAULT_MODEL, "tokenizer to use (the target model's: folder, hub id, .gguf, 'smollm2')")
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(0, "port to listen on (0 picks a free one; the chosen address is printed as JSON)")
+    default_k: int = option(4, "draft tokens per round when a request does not say")
+    max_k: int = option(16, "largest k a request may ask for")
+    default_max_new_tokens: int = option(256, "max_new_tokens when a request does not say")
+    max_new_tokens_limit: int = option(8192, "largest max_new_tokens a request may ask for")
+    max_prompt_chars: int = option(1_000_000, "longest prompt text accepted, in characters")
+    session_ttl_s: int = option(86_400, "seconds a session lives in Redis after its last commit")
+    rpc_timeout_s: float = option(60.0, "deadline of each Verify call, in seconds")
+    draft_timeout_s: float = option(10.0, "deadline of each Propose call; past it the round runs target-only")
+    startup_timeout_s: float = option(300.0, "how long to wait for the tiers to answer at start-up")
+    log_level: str = option("INFO", "logging level")

@@ -1,0 +1,222 @@
+"""The decoding loop: draft, verify, accept/reject, commit to Redis, then stream.
+
+Plain asyncio code over the two tier clients and the session store, so it can be read (and
+tested) without the Coordinator servicer around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from coordinator.clients import DeltaTracker, DraftClient, DraftResult, TargetClient
+from coordinator.text_stream import TextStream
+from specdec.sampling import ACCEPT, SAMPLE, SamplingParams, Verdict, greedy_accept, speculative_accept, uniform
+from specdec.session_store import SessionRecord, SessionStore
+
+log = logging.getLogger(__name__)
+
+EOS, LENGTH, STOP, CONTEXT = "eos", "length", "stop", "context"
+
+
+@dataclass(frozen=True)
+class TurnParams:
+    """One Generate call's validated parameters."""
+
+    max_new_tokens: int
+    sampling: SamplingParams
+    k: int
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class Stats:
+    """Figures for one call; mirrors GenerationStats in coordinator.proto."""
+
+    k: int
+    drafter: str
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    generated_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    proposed_per_position: list[int] = field(default_factory=list)
+    target_prefill_tokens: int = 0
+    target_reused_tokens: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    redis_s: float = 0.0
+    total_s: float = 0.0
+    draft_fallback_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        self.accepted_per_position = [0] * self.k
+        self.proposed_per_position = [0] * self.k
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.generated_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def network_coordinator_s(self) -> float:
+        return max(0.0, self.total_s - self.draft_s - self.verify_s - self.redis_s)
+
+    def record_round(self, proposed: int, verdict: Verdict) -> None:
+        self.rounds += 1
+        self.draft_tokens += proposed
+        self.accepted_tokens += verdict.accepted
+        for i in range(proposed):
+            self.proposed_per_position[i] += 1
+            self.accepted_per_position[i] += i < verdict.accepted
+
+    def as_dict(self) -> dict:
+        return {
+            **{name: getattr(self, name) for name in self.__dataclass_fields__},
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "network_coordinator_s": self.network_coordinator_s,
+        }
+
+
+@dataclass
+class Chunk:
+    """One streamed message: new text and ids; the last one has finish_reason and stats."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stats: Stats | None = None
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    vocab_size: int
+    max_context: int
+    eos_token_ids: frozenset[int]
+
+
+class Decoder:
+    def __init__(
+        self,
+        target: TargetClient,
+        draft: DraftClient | None,
+        store: SessionStore,
+        tokenizer,
+        limits: ModelLimits,
+        accept_rule=speculative_accept,
+    ):
+        self.target = target
+        self.draft = draft
+        self.store = store
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.accept_rule = accept_rule  # injectable so tests can show a wrong rule is caught
+
+    async def _timed_commit(self, timing: Stats, session_id: str, at: int, new: Sequence[int], **fields) -> None:
+        started = time.perf_counter()
+        await self.store.commit(session_id, at, new, **fields)
+        timing.redis_s += time.perf_counter() - started
+
+    async def _finish(self, stats: Stats, session: SessionRecord, committed_len: int, started: float) -> None:
+        """Record the finished turn in Redis (turn count, stats)."""
+        stats.total_s = time.perf_counter() - started
+        await self._timed_commit(stats, session.session_id, committed_len, [], turns=session.turns + 1, stats=stats.as_dict())
+        stats.total_s = time.perf_counter() - started
+
+    async def _propose(
+        self, session: SessionRecord, tokens: list[int], k: int, params: SamplingParams, tracker: DeltaTracker, stats: Stats
+    ) -> DraftResult | None:
+        """Ask the draft tier; on any failure carry on target-only for this round."""
+        if k <= 0 or self.draft is None:
+            return None
+        try:
+            result = await self.draft.propose(session.session_id, tokens, k, params, tracker)
+        except Exception as exc:  # noqa: BLE001 - drafting failing must never fail the request
+            log.warning("draft tier failed (%s); this round runs without a draft", exc)
+            stats.draft_fallback_rounds += 1
+            return None
+        stats.draft_s += result.compute_s
+        return result
+
+    def _decide(self, draft: DraftResult | None, verification, params: SamplingParams, position: int) -> Verdict:
+        drafts = draft.tokens if draft else []
+        if params.greedy:
+            return greedy_accept(drafts, verification.argmax)
+        seed = params.seed
+        k = len(drafts)
+        return self.accept_rule(
+            drafts,
+            None if draft is None or draft.point_mass else draft.probs,
+            verification.probs,
+            [uniform(seed, position + i, ACCEPT) for i in range(k)],
+            [uniform(seed, position + i, SAMPLE) for i in range(k + 1)],
+        )
+
+    async def generate(self, session: SessionRecord, turn: Sequence[int], params: TurnParams) -> AsyncIterator[Chunk]:
+        """Append the turn's tokens to the session and stream the answer, round by round."""
+        started = time.perf_counter()
+        stats = Stats(k=params.k, drafter=self.draft.kind if self.draft else "none")
+        tokens = list(session.tokens)
+        await self._timed_commit(stats, session.session_id, len(tokens), turn, seed=str(params.sampling.seed))
+        tokens += turn
+        generated: list[int] = []
+        text = TextStream(self.tokenizer, params.stop)
+        tracker = DeltaTracker()
+        finish: str | None = None
+        while finish is None:
+            remaining = params.max_new_tokens - len(generated)
+            room = self.limits.max_context - len(tokens)
+            if room <= 0:  # only reachable when the turn itself filled the context
+                new, finish = [], CONTEXT
+                break
+            # A round adds at most k+1 tokens and Verify needs committed + k within the context.
+            k = max(0, min(params.k, remaining - 1, room - 1))
+            draft = await self._propose(session, tokens, k, params.sampling, tracker, stats)
+            drafts = draft.tokens if draft else []
+            verification = await self.target.verify(
+                session.session_id, tokens, drafts, params.sampling, tracker, self.limits.vocab_size
+            )
+            stats.verify_s += verification.compute_s
+            if stats.rounds == 0:
+                stats.target_reused_tokens = verification.reused_tokens
+                stats.target_prefill_tokens = len(tokens) - verification.reused_tokens
+            verdict = self._decide(draft, verification, params.sampling, len(tokens))
+            stats.record_round(len(drafts), verdict)
+            new = list(drafts[: verdict.accepted]) + [verdict.next_token]
+            new, finish = self._truncate(new, generated, params, text)
+            if finish is None and len(tokens) + len(new) >= self.limits.max_context:
+                finish = CONTEXT
+            await self._timed_commit(stats, session.session_id, len(tokens), new)
+            await self.store.renew_lease(session.session_id)
+            tokens += new
+            generated += new
+            stats.generated_tokens = len(generated)
+            if finish is None:
+                yield Chunk(text.feed(generated, final=False), new)
+        await self._finish(stats, session, len(tokens), started)
+        yield Chunk(text.feed(generated, final=True), new, finish, stats)
+
+    def _truncate(
+        self, new: list[int], generated: list[int], params: TurnParams, text: TextStream
+    ) -> tuple[list[int], str | None]:
+        """Cut a round's tokens at EOS, the token limit or a stop string; say which ended it."""
+        finish = None
+        remaining = params.max_new_tokens - len(generated)
+        if len(new) >= remaining:
+            new, finish = new[:remaining], LENGTH
+        if not params.ignore_eos:
+            for i, token in enumerate(new):
+                if token in self.limits.eos_token_ids:
+                    new, finish = new[: i + 1], EOS
+                    break
+        cut = text.stop_cut(generated + new, len(generated))
+        if cut is not None:
+            new, finish = new[: cut - len(generated)], STOP
+        return new, finish

@@ -1,0 +1,97 @@
+"""Build and run the coordinator: connect Redis and the tiers, check vocabularies, serve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import redis.asyncio as aioredis
+from grpc import aio
+
+from coordinator.clients import DraftClient, ReplicaSet, TargetClient
+from coordinator.config import CoordinatorConfig
+from coordinator.decoding import Decoder, ModelLimits
+from coordinator.servicer import CoordinatorServicer
+from specdec import models
+from specdec.serving import run_until_signalled, start_server
+from specdec.session_store import SessionStore
+from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, draft_pb2_grpc, target_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+class StartupError(RuntimeError):
+    """The coordinator cannot serve with this configuration; the message says why."""
+
+
+async def _info(stub, address: str, timeout_s: float) -> common_pb2.ModelInfo:
+    """GetInfo from one replica, waiting for it to come up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5.0)
+        except aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise StartupError(f"{address} did not answer GetInfo: {err.details()}") from err
+            await asyncio.sleep(0.2)
+
+
+async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
+    """Everything the servicer needs, checked: Redis answers, vocabularies agree."""
+    redis_client = aioredis.from_url(config.redis_url)
+    try:
+        await redis_client.ping()
+    except Exception as exc:  # noqa: BLE001
+        raise StartupError(f"cannot reach Redis at {config.redis_url}: {exc}") from exc
+    tokenizer = tokenizer or models.load_tokenizer(config.tokenizer)
+    target = TargetClient(ReplicaSet(config.target, target_pb2_grpc.TargetServiceStub, config.rpc_timeout_s))
+    infos = [await _info(stub, a, config.startup_timeout_s) for a, stub in zip(target.replicas.addresses, target.replicas.stubs)]
+    reference = infos[0]
+    for address, info in zip(config.target, infos):
+        if info.vocab_fingerprint != reference.vocab_fingerprint:
+            raise StartupError(f"target replica {address} serves a different vocabulary than {config.target[0]}")
+    if models.vocab_fingerprint(tokenizer) != reference.vocab_fingerprint:
+        raise StartupError(
+            f"the coordinator's tokenizer ({config.tokenizer}) differs from the target's ({reference.name}); "
+            "pass --tokenizer with the target model"
+        )
+    draft = None
+    if config.draft:
+        replicas = ReplicaSet(config.draft, draft_pb2_grpc.DraftServiceStub, config.draft_timeout_s)
+        kinds = set()
+        for address, stub in zip(replicas.addresses, replicas.stubs):
+            info = await _info(stub, address, config.startup_timeout_s)
+            if info.vocab_fingerprint and info.vocab_fingerprint != reference.vocab_fingerprint:
+                raise StartupError(
+                    f"draft model {info.name} at {address} does not share the target's tokenizer "
+                    f"({reference.name}): their vocabularies differ, so its tokens would mean other "
+                    "words. Use a draft model from the target's family, or the ngram drafter."
+                )
+            kinds.add(info.kind)
+        draft = DraftClient(replicas, "/".join(sorted(kinds)))
+    limits = ModelLimits(
+        vocab_size=reference.vocab_size,
+        max_context=reference.max_context,
+        eos_token_ids=frozenset(reference.eos_token_ids),
+    )
+    store = SessionStore(redis_client, config.session_ttl_s)
+    return Decoder(target, draft, store, tokenizer, limits)
+
+
+async def start(config: CoordinatorConfig, decoder: Decoder | None = None):
+    decoder = decoder or await build_decoder(config)
+    servicer = CoordinatorServicer(decoder, config)
+    return await start_server(
+        lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        config.host,
+        config.port,
+    )
+
+
+async def main(config: CoordinatorConfig) -> None:
+    server, health_servicer, address = await start(config)
+    await run_until_signalled(server, health_servicer, address)

@@ -1,0 +1,112 @@
+"""Coordinator.Generate: validate, find or create the session, run the decoder, stream."""
+
+from __future__ import annotations
+
+import secrets
+
+from coordinator.config import CoordinatorConfig
+from coordinator.decoding import Chunk, Decoder, Stats, TurnParams
+from coordinator.prompting import turn_tokens
+from specdec.errors import InvalidArgument
+from specdec.sampling import SamplingParams
+from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
+from specdec.wire import check_token_ids
+
+FINISH_REASONS = {
+    "eos": coordinator_pb2.FINISH_REASON_EOS,
+    "length": coordinator_pb2.FINISH_REASON_LENGTH,
+    "stop": coordinator_pb2.FINISH_REASON_STOP,
+    "context": coordinator_pb2.FINISH_REASON_CONTEXT,
+}
+
+
+def turn_params(request: coordinator_pb2.GenerateRequest, config: CoordinatorConfig) -> TurnParams:
+    """Validate a GenerateRequest's knobs (everything but the prompt and session)."""
+    k = request.k if request.HasField("k") else config.default_k
+    if not 0 <= k <= config.max_k:
+        raise InvalidArgument(f"k must be in [0, {config.max_k}] (0 = target only), got {k}")
+    max_new = request.max_new_tokens or config.default_max_new_tokens
+    if max_new > config.max_new_tokens_limit:
+        raise InvalidArgument(f"max_new_tokens must be at most {config.max_new_tokens_limit}, got {max_new}")
+    seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+    sampling = SamplingParams(
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        seed=seed,
+    ).validate()
+    if len(request.stop) > 16 or any(len(s) > 256 for s in request.stop):
+        raise InvalidArgument("at most 16 stop strings of at most 256 characters each")
+    return TurnParams(max_new, sampling, k, tuple(request.stop), request.ignore_eos)
+
+
+def stats_to_pb(stats: Stats) -> coordinator_pb2.GenerationStats:
+    return coordinator_pb2.GenerationStats(**stats.as_dict())
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, decoder: Decoder, config: CoordinatorConfig):
+        self.decoder = decoder
+        self.config = config
+
+    def _turn_tokens(self, request: coordinator_pb2.GenerateRequest, history: list[int]) -> list[int]:
+        limits = self.decoder.limits
+        if request.prompt_token_ids:
+            if request.prompt:
+                raise InvalidArgument("send either prompt or prompt_token_ids, not both")
+            check_token_ids(request.prompt_token_ids, limits.vocab_size, "prompt_token_ids")
+            tokens = list(request.prompt_token_ids)
+        else:
+            if not request.prompt.strip():
+                raise InvalidArgument("prompt is empty; send the text to continue or answer")
+            if len(request.prompt) > self.config.max_prompt_chars:
+                raise InvalidArgument(f"prompt has {len(request.prompt)} characters; the limit is {self.config.max_prompt_chars}")
+            tokens = turn_tokens(self.decoder.tokenizer, request.prompt, request.raw, history, limits.eos_token_ids)
+        total = len(history) + len(tokens)
+        if total >= limits.max_context:
+            raise InvalidArgument(
+                f"the prompt is {len(tokens)} tokens (session total {total}); the model's context is "
+                f"{limits.max_context} tokens and at least one must be left to generate; shorten the prompt"
+            )
+        return tokens
+
+    async def Generate(self, request: coordinator_pb2.GenerateRequest, context):
+        params = turn_params(request, self.config)
+        store = self.decoder.store
+        if request.session_id:
+            session = await store.load(request.session_id)  # NOT_FOUND before anything else
+            tokens = None
+        else:
+            tokens = self._turn_tokens(request, [])  # validate before creating anything
+            session = await store.create(params.sampling.seed)
+        async with store.lease(session.session_id):
+            if tokens is None:
+                session = await store.load(session.session_id)  # re-read under the lease
+                tokens = self._turn_tokens(request, session.tokens)
+            first = True
+            async for chunk in self.decoder.generate(session, tokens, params):
+                yield self._response(session.session_id, chunk, tokens if first else None)
+                first = False
+
+    @staticmethod
+    def _response(session_id: str, chunk: Chunk, prompt_ids: list[int] | None) -> coordinator_pb2.GenerateResponse:
+        response = coordinator_pb2.GenerateResponse(session_id=session_id, text=chunk.text, token_ids=chunk.token_ids)
+        if prompt_ids is not None:
+            response.prompt_token_ids.extend(prompt_ids)
+        if chunk.finish_reason:
+            response.finish_reason = FINISH_REASONS[chunk.finish_reason]
+        if chunk.stats is not None:
+            response.stats.CopyFrom(stats_to_pb(chunk.stats))
+        return response
+
+    async def GetSession(self, request: coordinator_pb2.GetSessionRequest, context) -> coordinator_pb2.SessionInfo:
+        if not request.session_id:
+            raise InvalidArgument("session_id is empty")
+        session = await self.decoder.store.load(request.session_id)
+        return coordinator_pb2.SessionInfo(
+            session_id=session.session_id,
+            token_ids=session.tokens,
+            status=session.status,
+            turns=session.turns,
+            seed=session.seed,
+        )

@@ -1,0 +1,1 @@
+"""Draft service: hosts a drafter (a causal LM or n-gram lookup) that proposes tokens."""

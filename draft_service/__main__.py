@@ -1,0 +1,13 @@
+"""python -m draft_service: host a drafter (n-gram lookup or a causal LM) behind DraftService.Propose."""
+
+import asyncio
+
+from draft_service.config import DraftConfig
+from draft_service.server import main
+from specdec.config import parse_config
+from specdec.serving import configure_logging
+
+if __name__ == "__main__":
+    config = parse_config(DraftConfig, None, __doc__, "SPECDEC_DRAFT_", prog="python -m draft_service")
+    configure_logging(config.log_level)
+    asyncio.run(main(config))

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specdec.config import option
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    model: str = option("ngram", "'ngram' (prompt lookup, no model), or a draft model: HF folder, hub id, .gguf file")
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(0, "port to listen on (0 picks a free one; the chosen address is printed as JSON)")
+    device: str = option("cpu", "torch device for a model drafter")
+    dtype: str = option("float32", "weights dtype for a model drafter")
+    cache_bytes: int = option(1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
+    max_k: int = option(32, "most tokens proposed in one Propose")
+    ngram_max: int = option(3, "n-gram drafter: longest suffix matched")
+    ngram_min: int = option(1, "n-gram drafter: shortest suffix matched")
+    ngram_vocab_size: int = option(0, "n-gram drafter: vocabulary size for token-id checks (0 = accept any id)")
+    torch_threads: int = option(0, "torch intra-op threads (0 = torch's default)")
+    log_level: str = option("INFO", "logging level")

@@ -1,0 +1,50 @@
+"""Build and run the draft service."""
+
+from __future__ import annotations
+
+import torch
+
+from draft_service.config import DraftConfig
+from draft_service.drafters import ModelDrafter, NgramDrafter
+from draft_service.servicer import DraftServicer
+from specdec.service_base import ModelFacts, SessionHost, load_causal_lm
+from specdec.serving import run_until_signalled, start_server
+from specdec.v1 import draft_pb2, draft_pb2_grpc
+
+SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
+NGRAM = "ngram"
+
+
+def build_servicer(config: DraftConfig) -> DraftServicer:
+    if config.model == NGRAM:
+        facts = ModelFacts(
+            name=NGRAM,
+            kind=NGRAM,
+            vocab_size=config.ngram_vocab_size or 2**31 - 1,
+            vocab_fingerprint="",  # no tokenizer: any target's vocabulary fits
+            max_context=2**31 - 1,
+            eos_token_ids=(),
+        )
+        drafter = NgramDrafter(config.ngram_max, config.ngram_min)
+    else:
+        loaded = load_causal_lm(config.model, "model", config.device, config.dtype)
+        facts, drafter = loaded.facts, ModelDrafter(loaded.runner)
+    host = SessionHost(facts, config.cache_bytes, "draft-model")
+    return DraftServicer(host, drafter, config.max_k)
+
+
+async def start(config: DraftConfig, servicer: DraftServicer | None = None):
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    servicer = servicer or build_servicer(config)
+    return await start_server(
+        lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        config.host,
+        config.port,
+    )
+
+
+async def main(config: DraftConfig) -> None:
+    server, health_servicer, address = await start(config)
+    await run_until_signalled(server, health_servicer, address)

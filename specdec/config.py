@@ -1,0 +1,75 @@
+"""Typed configuration read once at start-up from flags, then environment variables, then defaults.
+
+Each service declares a frozen dataclass; every field becomes a flag `--field-name` and an
+environment variable `<PREFIX>FIELD_NAME` (e.g. SPECDEC_TARGET_MODEL), both listed in `--help` with the field's help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its help text (shown in --help)."""
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default_factory=lambda: tuple(default), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def env_name(prefix: str, field_name: str) -> str:
+    return prefix + field_name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _converter(kind: Any):
+    if kind is bool:
+        return _parse_bool
+    if kind in (int, float, str):
+        return kind
+    if typing.get_origin(kind) is tuple:
+        return _parse_list
+    raise TypeError(f"unsupported config field type {kind}")
+
+
+def parse_config(
+    cls: type[T], argv: Sequence[str] | None, description: str, env_prefix: str, prog: str | None = None
+) -> T:
+    """Build `cls` from argv and the environment. Flags win over environment over defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        convert = _converter(kind)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        env = env_name(env_prefix, f.name)
+        if env in os.environ:
+            default = convert(os.environ[env])
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=convert,
+            default=default,
+            metavar=f.name.upper() if kind is not bool else "BOOL",
+            help=f"{f.metadata.get('help', '')} [env {env}; default: {shown!r}]",
+        )
+    args = parser.parse_args(argv)
+    return cls(**vars(args))

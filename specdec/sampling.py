@@ -1,0 +1,163 @@
+"""Sampling math: logits processing, keyed randomness, and the speculative acceptance rule.
+
+Notation follows Leviathan et al. 2023 ("Fast Inference from Transformers via Speculative
+Decoding") and Chen et al. 2023: the draft model M_q proposes x_1..x_k, x_i ~ q_i; the target
+M_p gives p_1..p_{k+1} in one forward pass. Token x_i is kept with probability
+min(1, p_i(x_i) / q_i(x_i)); at the first rejection the replacement is drawn from
+norm(max(0, p_i - q_i)); if all k are kept, a bonus token is drawn from p_{k+1}. The output then
+has exactly the distribution p (after the same logits processing applied to both).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from specdec.errors import InvalidArgument
+
+# Purposes of a random draw; each (seed, position, purpose) names one independent uniform.
+DRAFT = "draft"  # the drafter sampling x_i ~ q_i
+ACCEPT = "accept"  # the acceptance test of x_i
+SAMPLE = "sample"  # the replacement / bonus / target-only token
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a next-token distribution is shaped. temperature == 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> "SamplingParams":
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidArgument(f"top_p must lie in (0, 1] (1 disables it), got {self.top_p}")
+        if not 0 <= self.seed < 2**64:
+            raise InvalidArgument(f"seed must be an unsigned 64-bit integer, got {self.seed}")
+        return self
+
+
+def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p, then softmax. logits [..., V] -> float32 probs [..., V].
+
+    The single place where distributions are shaped: drafters apply it to q, the target to p,
+    so the acceptance test compares like with like.
+    """
+    if params.greedy:
+        raise ValueError("greedy decoding uses argmax, not probabilities")
+    scores = logits.float() / params.temperature
+    vocab = scores.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        sorted_probs = sorted_scores.softmax(dim=-1)
+        # Mass strictly before each token; keep tokens whose predecessors sum to < top_p,
+        # so the most likely token always survives.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= params.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def uniform(seed: int, position: int, purpose: str) -> float:
+    """A uniform draw in [0, 1) that is a pure function of (seed, position, purpose).
+
+    A session's seed is drawn once and stored with it, so a session replayed, resumed or
+    served by another replica draws the same values at the same positions.
+    """
+    digest = hashlib.blake2b(f"{seed}:{position}:{purpose}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) * 2.0**-53
+
+
+def sample(probs: torch.Tensor, u: float) -> int:
+    """Inverse-CDF draw from probs [V] (need not be normalized) with uniform u in [0, 1)."""
+    cdf = probs.double().cumsum(0)
+    total = float(cdf[-1])
+    if not total > 0:
+        raise ValueError("cannot sample from an all-zero distribution")
+    index = int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=torch.float64), right=True))
+    if index >= probs.shape[0]:  # u * total rounded up to total: take the last token with mass
+        index = int(torch.nonzero(probs > 0)[-1])
+    return index
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of one round: the first `accepted` draft tokens are kept, then `next_token`."""
+
+    accepted: int
+    next_token: int
+
+
+def speculative_accept(
+    draft_tokens: Sequence[int],
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    accept_uniforms: Sequence[float],
+    sample_uniforms: Sequence[float],
+) -> Verdict:
+    """The rejection-sampling rule (Leviathan et al. 2023, Algorithm 1).
+
+    Args:
+        draft_tokens: x_1..x_k, shape [k].
+        draft_probs: q_1..q_k, shape [k, V]; row i is the distribution x_{i+1} was drawn from.
+            None means each x_i is a point mass (n-gram drafter): q_i(x_i) = 1, so x_i is kept
+            with probability p_i(x_i) and a rejection draws from p_i with x_i removed.
+        target_probs: p_1..p_{k+1}, shape [k+1, V].
+        accept_uniforms: r_1..r_k in [0, 1), one per draft position.
+        sample_uniforms: [k+1] uniforms; entry i draws the replacement at position i (or the
+            bonus token when i == k).
+
+    Returns:
+        Verdict(n, t): keep x_1..x_n, then emit t ~ norm(max(0, p_{n+1} - q_{n+1})) when
+        n < k, or t ~ p_{k+1} when every draft token was kept.
+    """
+    k = len(draft_tokens)
+    if target_probs.shape[0] != k + 1:
+        raise ValueError(f"target_probs has {target_probs.shape[0]} rows for k={k} (need k+1)")
+    for i, x in enumerate(draft_tokens):
+        p_row = target_probs[i]
+        p_x = float(p_row[x])
+        q_x = 1.0 if draft_probs is None else float(draft_probs[i, x])
+        # r < p/q, written without the division so q_x == 0 (impossible draw) rejects.
+        if accept_uniforms[i] * q_x < p_x:
+            continue
+        if draft_probs is None:
+            residual = p_row.clone()
+            residual[x] = 0.0
+        else:
+            residual = (p_row - draft_probs[i]).clamp_min(0.0)
+        if not float(residual.sum()) > 0:
+            # p_i == q_i up to rounding, so rejection had probability ~0: p_i is the limit.
+            residual = p_row
+        return Verdict(accepted=i, next_token=sample(residual, sample_uniforms[i]))
+    return Verdict(accepted=k, next_token=sample(target_probs[k], sample_uniforms[k]))
+
+
+def greedy_accept(draft_tokens: Sequence[int], target_argmax: Sequence[int]) -> Verdict:
+    """Greedy rule: keep x_i while it equals the target's argmax, then take the target's argmax.
+
+    target_argmax has k+1 entries; the result is exactly the target's own greedy output.
+    """
+    if len(target_argmax) != len(draft_tokens) + 1:
+        raise ValueError(f"{len(target_argmax)} target argmax ids for k={len(draft_tokens)} (need k+1)")
+    for i, x in enumerate(draft_tokens):
+        if x != target_argmax[i]:
+            return Verdict(accepted=i, next_token=int(target_argmax[i]))
+    return Verdict(accepted=len(draft_tokens), next_token=int(target_argmax[-1]))

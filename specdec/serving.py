@@ -1,0 +1,124 @@
+"""What every gRPC server here shares: the model worker thread, health service, error
+interceptor, start-up announcement and graceful shutdown on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, TypeVar
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from specdec.errors import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Large enough for [k+1, 49k-vocab] float32 distributions with room to spare.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A worker result with the time it waited for the worker and the time it ran."""
+
+    value: object
+    queue_s: float
+    compute_s: float
+
+
+class ModelWorker:
+    """One thread that owns the model: requests run one at a time, off the event loop.
+
+    torch releases the GIL in its kernels, so the event loop keeps serving RPCs meanwhile.
+    """
+
+    def __init__(self, name: str):
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[[], T]) -> Timed:
+        arrived = time.perf_counter()
+
+        def timed() -> Timed:
+            started = time.perf_counter()
+            value = fn()
+            return Timed(value, started - arrived, time.perf_counter() - started)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def start_server(
+    register: Callable[[aio.Server], None], service_names: Iterable[str], host: str, port: int
+) -> tuple[aio.Server, health.aio.HealthServicer, str]:
+    """Create, register and start a server with health checking; return it and its address."""
+    server = aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer, f"{host}:{bound}"
+
+
+async def run_until_signalled(
+    server: aio.Server, health_servicer: health.aio.HealthServicer, address: str, grace_s: float = 5.0
+) -> None:
+    """Announce the address on stdout (one JSON line), then serve until SIGTERM or SIGINT.
+
+    On a signal the health status turns NOT_SERVING first, so balancers stop sending work,
+    then in-flight calls get `grace_s` seconds to finish.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({"listening": address}), flush=True)
+    log.info("serving on %s", address)
+    await stop.wait()
+    log.info("shutting down")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
+
+
+async def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:
+    """Poll the standard health service until it answers SERVING or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    async with aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} did not become healthy within {timeout_s:.0f}s")
+            await asyncio.sleep(0.1)

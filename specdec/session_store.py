@@ -1,0 +1,130 @@
+"""Sessions in Redis, the source of truth: committed tokens, seed, turns, status, last stats.
+
+Keys (the {id} hash tag keeps a session's keys in one Redis Cluster slot):
+    specdec:{id}:meta    hash: seed, turns, status, created, updated, stats (JSON of the last turn)
+    specdec:{id}:tokens  string: committed token ids as little-endian int32
+    specdec:{id}:lease   string: owner of the running Generate (expires if the owner dies)
+Every key carries the session TTL, renewed on each commit.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from specdec.errors import Aborted, NotFound
+
+# Append a round atomically, only if the stored length is the one the writer saw: a round
+# is never half written, and a stale writer (a coordinator that lost its lease) cannot append.
+_COMMIT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[1]) then return -2 end
+redis.call('APPEND', KEYS[2], ARGV[2])
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return redis.call('STRLEN', KEYS[2])
+"""
+
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    tokens: list[int]
+    seed: int
+    turns: int
+    status: str
+
+
+def _pack(tokens: Sequence[int]) -> bytes:
+    return np.asarray(tokens, dtype="<i4").tobytes()
+
+
+def _unpack(data: bytes | None) -> list[int]:
+    return np.frombuffer(data or b"", dtype="<i4").tolist()
+
+
+class SessionStore:
+    def __init__(self, client: aioredis.Redis, ttl_s: int, lease_s: float = 60.0):
+        self.redis = client
+        self.ttl_s = ttl_s
+        self.lease_ms = int(lease_s * 1000)
+        self._commit = client.register_script(_COMMIT)
+        self._release = client.register_script(_RELEASE_LEASE)
+
+    @staticmethod
+    def _keys(session_id: str) -> tuple[str, str, str]:
+        base = f"specdec:{{{session_id}}}"
+        return f"{base}:meta", f"{base}:tokens", f"{base}:lease"
+
+    async def create(self, seed: int) -> SessionRecord:
+        session_id = secrets.token_urlsafe(18)  # 144 random bits: unguessable
+        meta, tokens, _ = self._keys(session_id)
+        now = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(meta, mapping={"seed": str(seed), "turns": 0, "status": "idle", "created": now, "updated": now})
+            pipe.set(tokens, b"")
+            pipe.expire(meta, self.ttl_s)
+            pipe.expire(tokens, self.ttl_s)
+            await pipe.execute()
+        return SessionRecord(session_id, [], seed, 0, "idle")
+
+    async def load(self, session_id: str) -> SessionRecord:
+        meta, tokens, _ = self._keys(session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(meta)
+            pipe.get(tokens)
+            fields, data = await pipe.execute()
+        if not fields:
+            raise NotFound(f"session {session_id!r} does not exist or has expired; start a new one")
+        return SessionRecord(
+            session_id=session_id,
+            tokens=_unpack(data),
+            seed=int(fields[b"seed"]),
+            turns=int(fields[b"turns"]),
+            status=fields[b"status"].decode(),
+        )
+
+    async def commit(self, session_id: str, committed_len: int, new_tokens: Sequence[int], **fields) -> None:
+        """Append new_tokens after exactly committed_len tokens, and set meta fields, atomically."""
+        meta, tokens, _ = self._keys(session_id)
+        args: list = [committed_len * 4, _pack(new_tokens), self.ttl_s]
+        for name, value in {**fields, "updated": time.time()}.items():
+            args += [name, value if isinstance(value, (str, bytes, int, float)) else json.dumps(value)]
+        result = await self._commit(keys=[meta, tokens], args=args)
+        if result == -1:
+            raise NotFound(f"session {session_id!r} expired or was deleted during generation")
+        if result == -2:
+            raise Aborted(f"session {session_id!r} was changed by another writer; reload it and retry")
+
+    @asynccontextmanager
+    async def lease(self, session_id: str) -> AsyncIterator[None]:
+        """Exclusive right to generate in a session; a second concurrent Generate is ABORTED."""
+        meta, _, lease = self._keys(session_id)
+        owner = secrets.token_hex(8)
+        if not await self.redis.set(lease, owner, nx=True, px=self.lease_ms):
+            raise Aborted(f"session {session_id!r} is already generating in another call; wait for it to finish")
+        try:
+            await self.redis.hset(meta, "status", "generating")
+            yield
+        finally:
+            await self.redis.hset(meta, "status", "idle")
+            await self._release(keys=[lease], args=[owner])
+
+    async def renew_lease(self, session_id: str) -> None:
+        await self.redis.pexpire(self._keys(session_id)[2], self.lease_ms)
+
+    async def delete(self, session_id: str) -> None:
+        await self.redis.delete(*self._keys(session_id))

@@ -1,0 +1,1 @@
+"""Target service: hosts the target model and verifies draft tokens."""

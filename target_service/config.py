@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specdec.config import option
+from specdec.models import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    model: str = option(DEFAULT_MODEL, "target model: HF folder, hub id, .gguf file, or 'smollm2'")
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(0, "port to listen on (0 picks a free one; the chosen address is printed as JSON)")
+    device: str = option("cpu", "torch device, e.g. cpu, cuda, cuda:1")
+    dtype: str = option("float32", "weights dtype: float32, float16 or bfloat16")
+    cache_bytes: int = option(2 * 1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
+    max_k: int = option(32, "most draft tokens accepted in one Verify")
+    torch_threads: int = option(0, "torch intra-op threads (0 = torch's default)")
+    log_level: str = option("INFO", "logging level")

@@ -1,0 +1,37 @@
+"""Build and run the target service."""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.service_base import SessionHost, load_causal_lm
+from specdec.serving import run_until_signalled, start_server
+from specdec.v1 import target_pb2, target_pb2_grpc
+from target_service.config import TargetConfig
+from target_service.servicer import TargetServicer
+
+SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
+
+
+def build_servicer(config: TargetConfig) -> TargetServicer:
+    loaded = load_causal_lm(config.model, "target", config.device, config.dtype)
+    host = SessionHost(loaded.facts, config.cache_bytes, "target-model")
+    return TargetServicer(host, loaded.runner, config.max_k)
+
+
+async def start(config: TargetConfig, servicer: TargetServicer | None = None):
+    """Start serving; returns (server, health servicer, address)."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    servicer = servicer or build_servicer(config)
+    return await start_server(
+        lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        config.host,
+        config.port,
+    )
+
+
+async def main(config: TargetConfig) -> None:
+    server, health_servicer, address = await start(config)
+    await run_until_signalled(server, health_servicer, address)

@@ -1,0 +1,149 @@
+"""Fixtures: a real redis-server started by the suite, tiny real models, real gRPC servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+import redis
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import build_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server process of the suite's own, which tests may stop and restart."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: apt-get install redis-server (make setup does it)")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "target", seed=0, logit_scale=8.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_draft(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "draft", seed=1, logit_scale=8.0)
+
+
+@dataclass
+class Stack:
+    """Running services: the coordinator's address and the objects behind it."""
+
+    coordinator: str
+    target: str
+    draft: str | None
+    decoder: object
+    servers: list
+
+
+async def start_stack(redis_url: str, target_model: Path, draft: str | None, **coordinator_overrides) -> Stack:
+    """Start real gRPC servers on loopback in this event loop: target, optional draft, coordinator."""
+    from coordinator import server as coordinator_server
+    from coordinator.config import CoordinatorConfig
+    from draft_service import server as draft_server
+    from draft_service.config import DraftConfig
+    from target_service import server as target_server
+    from target_service.config import TargetConfig
+
+    servers = []
+    t_server, _, t_addr = await target_server.start(TargetConfig(model=str(target_model)))
+    servers.append(t_server)
+    d_addr = None
+    if draft is not None:
+        d_server, _, d_addr = await draft_server.start(DraftConfig(model=draft))
+        servers.append(d_server)
+    config = CoordinatorConfig(
+        target=(t_addr,),
+        draft=(d_addr,) if d_addr else (),
+        redis_url=redis_url,
+        tokenizer=str(target_model),
+        startup_timeout_s=30,
+        **coordinator_overrides,
+    )
+    decoder = await coordinator_server.build_decoder(config)
+    c_server, _, c_addr = await coordinator_server.start(config, decoder)
+    servers.append(c_server)
+    return Stack(c_addr, t_addr, d_addr, decoder, servers)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def stacks(redis_server, tiny_target, tiny_draft):
+    """One running stack per drafter kind: 'model', 'ngram' and 'none' (target only)."""
+    running = {
+        "model": await start_stack(redis_server.url, tiny_target, str(tiny_draft)),
+        "ngram": await start_stack(redis_server.url, tiny_target, "ngram"),
+        "none": await start_stack(redis_server.url, tiny_target, None),
+    }
+    yield running
+    for stack in running.values():
+        for server in stack.servers:
+            await server.stop(0)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def channels(stacks):
+    opened = {name: grpc.aio.insecure_channel(stack.coordinator) for name, stack in stacks.items()}
+    yield opened
+    for channel in opened.values():
+        await channel.close()
