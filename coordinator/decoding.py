@@ -124,12 +124,6 @@ class Decoder:
         await self.store.commit(session_id, at, new, **fields)
         timing.redis_s += time.perf_counter() - started
 
-    async def _finish(self, stats: Stats, session: SessionRecord, committed_len: int, started: float) -> None:
-        """Record the finished turn in Redis (turn count, stats)."""
-        stats.total_s = time.perf_counter() - started
-        await self._timed_commit(stats, session.session_id, committed_len, [], turns=session.turns + 1, stats=stats.as_dict())
-        stats.total_s = time.perf_counter() - started
-
     async def _propose(
         self, session: SessionRecord, tokens: list[int], k: int, params: SamplingParams, tracker: DeltaTracker, stats: Stats
     ) -> DraftResult | None:
@@ -193,15 +187,28 @@ class Decoder:
             new, finish = self._truncate(new, generated, params, text)
             if finish is None and len(tokens) + len(new) >= self.limits.max_context:
                 finish = CONTEXT
-            await self._timed_commit(stats, session.session_id, len(tokens), new)
-            await self.store.renew_lease(session.session_id)
+            stats.generated_tokens = len(generated) + len(new)
+            if finish is None:
+                await self._timed_commit(stats, session.session_id, len(tokens), new)
+            else:
+                await self._commit_last(stats, session, len(tokens), new, started)
             tokens += new
             generated += new
-            stats.generated_tokens = len(generated)
             if finish is None:
                 yield Chunk(text.feed(generated, final=False), new)
-        await self._finish(stats, session, len(tokens), started)
+        if not new:
+            await self._commit_last(stats, session, len(tokens), new, started)
         yield Chunk(text.feed(generated, final=True), new, finish, stats)
+
+    async def _commit_last(
+        self, stats: Stats, session: SessionRecord, committed_len: int, new: Sequence[int], started: float
+    ) -> None:
+        """Commit the final round together with the finished turn's count and stats."""
+        stats.total_s = time.perf_counter() - started
+        await self._timed_commit(
+            stats, session.session_id, committed_len, new, turns=session.turns + 1, stats=stats.as_dict()
+        )
+        stats.total_s = time.perf_counter() - started
 
     def _truncate(
         self, new: list[int], generated: list[int], params: TurnParams, text: TextStream

@@ -23,18 +23,32 @@ from specdec.errors import Aborted, NotFound
 
 # Append a round atomically, only if the stored length is the one the writer saw: a round
 # is never half written, and a stale writer (a coordinator that lost its lease) cannot append.
+# The lease is renewed in the same script, so a round costs one round trip to Redis.
 _COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[1]) then return -2 end
 redis.call('APPEND', KEYS[2], ARGV[2])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
 return redis.call('STRLEN', KEYS[2])
 """
 
+_ACQUIRE_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('HSET', KEYS[2], 'status', 'generating')
+  return 1
+end
+return 0
+"""
+
 _RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'status', 'idle')
+  return 1
+end
 return 0
 """
 
@@ -62,6 +76,7 @@ class SessionStore:
         self.ttl_s = ttl_s
         self.lease_ms = int(lease_s * 1000)
         self._commit = client.register_script(_COMMIT)
+        self._acquire = client.register_script(_ACQUIRE_LEASE)
         self._release = client.register_script(_RELEASE_LEASE)
 
     @staticmethod
@@ -98,12 +113,13 @@ class SessionStore:
         )
 
     async def commit(self, session_id: str, committed_len: int, new_tokens: Sequence[int], **fields) -> None:
-        """Append new_tokens after exactly committed_len tokens, and set meta fields, atomically."""
-        meta, tokens, _ = self._keys(session_id)
-        args: list = [committed_len * 4, _pack(new_tokens), self.ttl_s]
+        """Append new_tokens after exactly committed_len tokens, set meta fields and renew the
+        lease, atomically."""
+        meta, tokens, lease = self._keys(session_id)
+        args: list = [committed_len * 4, _pack(new_tokens), self.ttl_s, self.lease_ms]
         for name, value in {**fields, "updated": time.time()}.items():
             args += [name, value if isinstance(value, (str, bytes, int, float)) else json.dumps(value)]
-        result = await self._commit(keys=[meta, tokens], args=args)
+        result = await self._commit(keys=[meta, tokens, lease], args=args)
         if result == -1:
             raise NotFound(f"session {session_id!r} expired or was deleted during generation")
         if result == -2:
@@ -114,17 +130,12 @@ class SessionStore:
         """Exclusive right to generate in a session; a second concurrent Generate is ABORTED."""
         meta, _, lease = self._keys(session_id)
         owner = secrets.token_hex(8)
-        if not await self.redis.set(lease, owner, nx=True, px=self.lease_ms):
+        if not await self._acquire(keys=[lease, meta], args=[owner, self.lease_ms]):
             raise Aborted(f"session {session_id!r} is already generating in another call; wait for it to finish")
         try:
-            await self.redis.hset(meta, "status", "generating")
             yield
         finally:
-            await self.redis.hset(meta, "status", "idle")
-            await self._release(keys=[lease], args=[owner])
-
-    async def renew_lease(self, session_id: str) -> None:
-        await self.redis.pexpire(self._keys(session_id)[2], self.lease_ms)
+            await self._release(keys=[lease, meta], args=[owner])
 
     async def delete(self, session_id: str) -> None:
         await self.redis.delete(*self._keys(session_id))
