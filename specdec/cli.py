@@ -1,0 +1,225 @@
+"""The `specdec` command line: `up` starts the pipeline, `generate` streams an answer,
+`demo` does both on the embedded defaults."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+from specdec.launcher import LaunchOptions, Pipeline, default_prompts_file, launch
+from specdec.models import DEFAULT_MODEL
+from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in coordinator_pb2.FinishReason.items()}
+
+
+def _launch_options(args: argparse.Namespace) -> LaunchOptions:
+    return LaunchOptions(
+        target=args.target,
+        draft=args.draft,
+        redis_url=args.redis_url,
+        host=args.host,
+        port=args.port,
+        draft_replicas=args.draft_replicas,
+        target_replicas=args.target_replicas,
+        device=args.device,
+        draft_device=args.draft_device,
+        default_k=args.default_k,
+        torch_threads=args.torch_threads,
+    )
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        pipeline = await launch(_launch_options(args))
+    except RuntimeError as exc:
+        print(f"specdec up: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(pipeline.summary()), flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        await pipeline.stop()
+    return 0
+
+
+async def stream_generate(address: str, request: coordinator_pb2.GenerateRequest, echo: bool) -> dict:
+    """Call Generate and collect the stream; with echo, write text to stdout as it arrives."""
+    result = {"session_id": "", "prompt_token_ids": [], "token_ids": [], "text": "", "finish_reason": "", "stats": {}}
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        async for message in stub.Generate(request):
+            result["session_id"] = message.session_id
+            if message.prompt_token_ids:
+                result["prompt_token_ids"] = list(message.prompt_token_ids)
+            result["token_ids"] += list(message.token_ids)
+            result["text"] += message.text
+            if echo and message.text:
+                sys.stdout.write(message.text)
+                sys.stdout.flush()
+            if message.HasField("stats"):
+                from google.protobuf.json_format import MessageToDict
+
+                result["finish_reason"] = FINISH_NAMES.get(message.finish_reason, "")
+                result["stats"] = MessageToDict(
+                    message.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                )
+    return result
+
+
+def format_stats(stats: dict, finish_reason: str) -> str:
+    per_position = " ".join(
+        f"{a}/{p}" for a, p in zip(stats.get("accepted_per_position", []), stats.get("proposed_per_position", []))
+    )
+    return (
+        f"finish: {finish_reason} | {stats.get('generated_tokens', 0)} tokens in {stats.get('rounds', 0)} target steps "
+        f"(mean accepted length {stats.get('mean_accepted_length', 0):.2f}) | drafter {stats.get('drafter')} k={stats.get('k')}: "
+        f"{stats.get('accepted_tokens', 0)}/{stats.get('draft_tokens', 0)} accepted "
+        f"({100 * stats.get('acceptance_rate', 0):.1f}%), per position {per_position or '-'}\n"
+        f"time {stats.get('total_s', 0):.2f}s: draft {stats.get('draft_s', 0):.2f}s, verify {stats.get('verify_s', 0):.2f}s, "
+        f"network+coordinator {stats.get('network_coordinator_s', 0):.2f}s, redis {stats.get('redis_s', 0):.3f}s | "
+        f"prefill {stats.get('target_prefill_tokens', 0)} tokens, reused {stats.get('target_reused_tokens', 0)} from cache"
+        + (f" | {stats['draft_fallback_rounds']} rounds without draft (draft tier failing)" if stats.get("draft_fallback_rounds") else "")
+    )
+
+
+def _request(args: argparse.Namespace) -> coordinator_pb2.GenerateRequest:
+    request = coordinator_pb2.GenerateRequest(
+        prompt=args.prompt,
+        session_id=args.session or "",
+        raw=args.raw,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        stop=args.stop or [],
+        ignore_eos=args.ignore_eos,
+    )
+    if args.top_p is not None:
+        request.top_p = args.top_p
+    if args.seed is not None:
+        request.seed = args.seed
+    if args.k is not None:
+        request.k = args.k
+    return request
+
+
+async def cmd_generate(args: argparse.Namespace) -> int:
+    try:
+        result = await stream_generate(args.server, _request(args), echo=not args.json)
+    except grpc.aio.AioRpcError as err:
+        print(f"specdec generate: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print()
+        print(f"[session {result['session_id']}]", file=sys.stderr)
+        print(format_stats(result["stats"], result["finish_reason"]), file=sys.stderr)
+    return 0
+
+
+def demo_prompt(path: Path) -> str:
+    """The first summarization prompt of the Spec-Bench file (or a built-in one without it)."""
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            item = json.loads(line)
+            if item.get("category") == "summarization":
+                return item["turns"][0]
+    return (
+        "Summarize in two sentences: Speculative decoding lets a small draft model propose several tokens that a "
+        "large target model then checks in a single forward pass, keeping the target's exact output."
+    )
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    prompt = demo_prompt(Path(args.prompts))
+    print(f"starting the pipeline (target {args.target}, drafter {args.draft}); the first run converts the model...",
+          file=sys.stderr)
+    try:
+        pipeline: Pipeline = await launch(_launch_options(args))
+    except RuntimeError as exc:
+        print(f"specdec demo: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(json.dumps(pipeline.summary()), file=sys.stderr)
+        print(f"\n--- prompt (summarization, Spec-Bench) ---\n{prompt[:400]}{'...' if len(prompt) > 400 else ''}\n"
+              "--- answer ---", file=sys.stderr)
+        request = coordinator_pb2.GenerateRequest(prompt=prompt, max_new_tokens=args.max_new_tokens, temperature=0.0)
+        result = await stream_generate(pipeline.coordinator.address, request, echo=True)
+        print("\n--- stats ---", file=sys.stderr)
+        print(format_stats(result["stats"], result["finish_reason"]), file=sys.stderr)
+    finally:
+        await pipeline.stop()
+    return 0
+
+
+def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=DEFAULT_MODEL, help="target model: HF folder, hub id, .gguf file, 'smollm2'")
+    parser.add_argument("--draft", default="ngram", help="'ngram' or a draft model sharing the target's tokenizer")
+    parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting a redis-server")
+    parser.add_argument("--host", default="127.0.0.1", help="address the services listen on")
+    parser.add_argument("--port", type=int, default=0, help="coordinator port (0 = a free one)")
+    parser.add_argument("--draft-replicas", type=int, default=1, help="draft service processes")
+    parser.add_argument("--target-replicas", type=int, default=1, help="target service processes")
+    parser.add_argument("--device", default="cpu", help="torch device of the target, e.g. cuda")
+    parser.add_argument("--draft-device", default="cpu", help="torch device of a model drafter")
+    parser.add_argument("--default-k", type=int, default=4, help="draft tokens per round when a request does not say")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per service (0 = default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdec", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start Redis, draft, target and coordinator; print one JSON line when healthy")
+    _add_pipeline_flags(up)
+    up.set_defaults(run=cmd_up)
+
+    gen = commands.add_parser("generate", help="stream an answer from a running coordinator")
+    gen.add_argument("prompt", help="the user's text")
+    gen.add_argument("--server", required=True, help="coordinator address host:port")
+    gen.add_argument("--max-new-tokens", type=int, default=0, help="0 = the server's default")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--k", type=int, default=None, help="draft tokens per round (0 = target only)")
+    gen.add_argument("--session", default=None, help="continue this session (multi-turn)")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    gen.set_defaults(run=cmd_generate)
+
+    demo = commands.add_parser("demo", help="start the pipeline on the defaults, answer a Spec-Bench prompt, stop")
+    _add_pipeline_flags(demo)
+    demo.add_argument("--prompts", default=str(default_prompts_file()), help="Spec-Bench style JSONL file")
+    demo.add_argument("--max-new-tokens", type=int, default=128)
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

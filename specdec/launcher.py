@@ -1,0 +1,179 @@
+"""Start the whole pipeline as separate processes: Redis, draft and target replicas, coordinator.
+
+Used by `specdec up` and `specdec demo`. Each service is started with port 0 and announces the
+address it bound as one JSON line on stdout; logs go to this process's stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from specdec.serving import wait_healthy
+
+START_TIMEOUT_S = 600.0  # the first SmolLM2 load converts its GGUF file
+
+
+@dataclass
+class Child:
+    name: str
+    process: asyncio.subprocess.Process
+    address: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclass
+class LaunchOptions:
+    target: str
+    draft: str
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    draft_replicas: int = 1
+    target_replicas: int = 1
+    device: str = "cpu"
+    draft_device: str = "cpu"
+    default_k: int = 4
+    torch_threads: int = 0
+
+
+@dataclass
+class Pipeline:
+    redis_url: str
+    coordinator: Child | None = None
+    drafts: list[Child] = field(default_factory=list)
+    targets: list[Child] = field(default_factory=list)
+    redis_process: asyncio.subprocess.Process | None = None
+    redis_dir: str | None = None
+
+    def summary(self) -> dict:
+        return {
+            "coordinator": self.coordinator.address if self.coordinator else None,
+            "redis": self.redis_url,
+            "draft": [{"address": c.address, "pid": c.pid} for c in self.drafts],
+            "target": [{"address": c.address, "pid": c.pid} for c in self.targets],
+            "coordinator_pid": self.coordinator.pid if self.coordinator else None,
+        }
+
+    async def stop(self) -> None:
+        """SIGTERM everything (coordinator first), wait, then SIGKILL what is left."""
+        children = ([self.coordinator] if self.coordinator else []) + self.drafts + self.targets
+        processes = [c.process for c in children] + ([self.redis_process] if self.redis_process else [])
+        for process in processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+        if self.redis_dir:
+            shutil.rmtree(self.redis_dir, ignore_errors=True)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+async def _start_redis(pipeline: Pipeline) -> None:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server), or pass --redis-url")
+    pipeline.redis_dir = tempfile.mkdtemp(prefix="specdec-redis-")
+    port = _free_port("127.0.0.1")
+    pipeline.redis_process = await asyncio.create_subprocess_exec(
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", pipeline.redis_dir, stdout=asyncio.subprocess.DEVNULL,
+    )
+    pipeline.redis_url = f"redis://127.0.0.1:{port}/0"
+    client = aioredis.from_url(pipeline.redis_url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            await client.ping()
+            break
+        except Exception:  # noqa: BLE001
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start within 10 s")
+            await asyncio.sleep(0.05)
+    await client.aclose()
+
+
+async def _spawn(name: str, module: str, args: list[str], timeout_s: float) -> Child:
+    """Start `python -m module args` and wait for its {"listening": ...} line."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, *args, stdout=asyncio.subprocess.PIPE, env={**os.environ}
+    )
+    child = Child(name, process)
+    assert process.stdout is not None
+    try:
+        while True:
+            line = await asyncio.wait_for(process.stdout.readline(), timeout_s)
+            if not line:
+                code = await process.wait()
+                raise RuntimeError(f"{name} exited with code {code} before it was ready (its log is above)")
+            try:
+                child.address = json.loads(line)["listening"]
+                return child
+            except (ValueError, KeyError, TypeError):
+                sys.stdout.write(line.decode(errors="replace"))
+    except asyncio.TimeoutError:
+        process.kill()
+        raise RuntimeError(f"{name} did not start within {timeout_s:.0f} s") from None
+
+
+async def launch(options: LaunchOptions) -> Pipeline:
+    """Start everything and wait until every service is healthy. On failure, stop what started."""
+    pipeline = Pipeline(redis_url=options.redis_url or "")
+    threads = ["--torch-threads", str(options.torch_threads)]
+    try:
+        if not options.redis_url:
+            await _start_redis(pipeline)
+        target_args = ["--model", options.target, "--host", options.host, "--device", options.device, *threads]
+        draft_args = ["--model", options.draft, "--host", options.host, "--device", options.draft_device, *threads]
+        spawns = [_spawn(f"target-{i}", "target_service", target_args, START_TIMEOUT_S) for i in range(options.target_replicas)]
+        spawns += [_spawn(f"draft-{i}", "draft_service", draft_args, START_TIMEOUT_S) for i in range(options.draft_replicas)]
+        started = await asyncio.gather(*spawns, return_exceptions=True)  # replicas load models in parallel
+        for result in started:
+            if isinstance(result, Child):
+                (pipeline.targets if result.name.startswith("target") else pipeline.drafts).append(result)
+        errors = [r for r in started if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        coordinator_args = [
+            "--target", ",".join(c.address for c in pipeline.targets),
+            "--draft", ",".join(c.address for c in pipeline.drafts),
+            "--redis-url", pipeline.redis_url,
+            "--tokenizer", options.target,
+            "--host", options.host,
+            "--port", str(options.port),
+            "--default-k", str(options.default_k),
+        ]
+        pipeline.coordinator = await _spawn("coordinator", "coordinator", coordinator_args, START_TIMEOUT_S)
+        for child in [pipeline.coordinator, *pipeline.drafts, *pipeline.targets]:
+            await wait_healthy(child.address, 60)
+        return pipeline
+    except BaseException:
+        await pipeline.stop()
+        raise
+
+
+def default_prompts_file() -> Path:
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "specbench-dev.jsonl"
