@@ -12,7 +12,9 @@
 # For a GPU image, build with a CUDA wheel index instead, for example
 #
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t specdec .
-#   docker build --build-arg TORCH_INDEX_URL=https://pypi.org/simple -t specdec .   # PyPI's Linux x86_64 torch wheels are CUDA builds
+#   docker build --build-arg TORCH_INDEX_URL=https://pypi.org/simple -t specdec .
+#
+# (PyPI's Linux x86_64 torch wheels are CUDA builds.)
 #
 # Only the index changes; the torch version stays the one pinned in requirements.txt.
 # docker-compose.yml passes the second form, since its target runs on a GPU.
@@ -35,7 +37,8 @@ WORKDIR /app
 # the installed torch (+cpu or +cuXXX) already satisfies the pin, so pip leaves it in place.
 COPY requirements.txt ./
 RUN set -eux; \
-    torch_pin="$(sed -e 's/[[:space:]]*#.*//' requirements.txt | grep -iE '^torch[[:space:]]*(==|>=|~=|<|$)' | head -n 1 || true)"; \
+    torch_pin="$(sed -e 's/[[:space:]]*#.*//' requirements.txt \
+        | grep -iE '^torch[[:space:]]*(==|>=|~=|<|$)' | head -n 1 || true)"; \
     pip install --index-url "${TORCH_INDEX_URL}" "${torch_pin:-torch}"; \
     pip install -r requirements.txt
 

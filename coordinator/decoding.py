@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
+import grpc
+
 from coordinator.clients import DeltaTracker, DraftClient, DraftResult, TargetClient
 from coordinator.text_stream import TextStream
 from specdec.sampling import ACCEPT, SAMPLE, SamplingParams, Verdict, greedy_accept, speculative_accept, uniform
@@ -133,7 +135,8 @@ class Decoder:
         try:
             result = await self.draft.propose(session.session_id, tokens, k, params, tracker)
         except Exception as exc:  # noqa: BLE001 - drafting failing must never fail the request
-            log.warning("draft tier failed (%s); this round runs without a draft", exc)
+            reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+            log.warning("draft tier failed (%s); this round runs without a draft", reason)
             stats.draft_fallback_rounds += 1
             return None
         stats.draft_s += result.compute_s

@@ -464,7 +464,9 @@ def test_dockerfile_torch_index_is_a_build_arg_defaulting_to_cpu():
     args = dict(rest.split("=", 1) for keyword, rest in instructions if keyword == "ARG" and "=" in rest)
     assert args.get("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu", f"ARG TORCH_INDEX_URL: {args}"
     runs = [rest for keyword, rest in instructions if keyword == "RUN"]
-    assert any("TORCH_INDEX_URL" in run and "--index-url" in run for run in runs), "no RUN installs from TORCH_INDEX_URL"
+    assert any("TORCH_INDEX_URL" in run and "--index-url" in run for run in runs), (
+        "no RUN installs torch from TORCH_INDEX_URL"
+    )
 
 
 def test_dockerfile_installs_the_default_model_package():

@@ -1,0 +1,107 @@
+"""Plain building blocks: n-gram lookup, KV-cache crop/extend, deltas, text stream, codec, config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from draft_service.drafters import ngram_lookup
+from specdec import models
+from specdec.config import option, parse_config
+from specdec.errors import CacheMiss, InvalidArgument
+from specdec.kv_cache import CausalLMRunner, SessionCache, SessionCacheTable, committed_tokens
+from specdec.tensor_codec import decode_tensor, encode_tensor
+from specdec.v1 import common_pb2
+from coordinator.text_stream import TextStream
+from tiny_models import build_tokenizer
+
+
+def test_ngram_lookup_copies_what_followed_the_latest_match():
+    assert ngram_lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], k=2) == [7, 8]
+    assert ngram_lookup([5, 6, 7, 5, 6], k=4) == [7, 5, 6]  # continuation runs into the suffix
+    assert ngram_lookup([4, 1, 2, 3], k=3) == []  # nothing repeats
+    assert ngram_lookup([1, 2, 1], k=5, max_ngram=3) == [2, 1]  # falls back to a 1-gram
+    assert ngram_lookup([7], k=3) == []
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_target):
+    model = models.load_model(str(tiny_target))
+    return CausalLMRunner(model, vocab_size=model.config.vocab_size)
+
+
+def test_crop_and_extend_equals_a_fresh_forward(runner):
+    torch.manual_seed(0)
+    prefix = torch.randint(0, runner.vocab_size, (30,)).tolist()
+    branch_a = prefix + [5, 6, 7, 8]
+    branch_b = prefix + [5, 9, 10]
+    entry = SessionCache()
+    runner.logits_from(entry, branch_a, first=29)
+    rolled_back, reused = runner.logits_from(entry, branch_b, first=29)  # rejection: roll back to prefix+[5]
+    assert reused == 29  # capped at `first`: positions whose logits are needed are recomputed
+    fresh, _ = runner.logits_from(SessionCache(), branch_b, first=29)
+    assert torch.allclose(rolled_back, fresh, atol=1e-5)
+    with torch.inference_mode():
+        full = runner.model(torch.tensor([branch_b])).logits[0, 29:]
+    assert torch.allclose(fresh, full, atol=1e-5)
+    assert entry.tokens == branch_b and entry.kv_len == len(branch_b)
+
+
+def test_delta_builds_on_the_cached_prefix_or_asks_for_everything():
+    assert committed_tokens([1, 2, 3, 99], 3, (4, 5), 5) == [1, 2, 3, 4, 5]  # 99 was a draft token
+    with pytest.raises(CacheMiss, match="delta_start=0"):
+        committed_tokens([1, 2], 3, (4,), 4)
+    with pytest.raises(InvalidArgument):
+        committed_tokens([1, 2, 3], 1, (4,), 7)
+
+
+def test_cache_table_evicts_least_recently_used():
+    table = SessionCacheTable(max_bytes=8 * 10)
+    for name in "abc":
+        table.get_or_create(name).tokens = [0] * 4  # 32 bytes each
+    table.get_or_create("a")  # touch: b is now the oldest
+    table.enforce_bounds(keep="c")
+    assert "b" not in table and "a" in table and "c" in table
+    assert table.evictions == 1
+
+
+def test_text_stream_holds_back_possible_stop_strings():
+    tokenizer = build_tokenizer()
+    ids = tokenizer.encode("hello world. bye", add_special_tokens=False)
+    stream = TextStream(tokenizer, stop=["bye"])
+    out = stream.feed(ids[:5], final=False)  # "hello": the last 2 chars could start "bye"
+    assert out == "hel"
+    cut = stream.stop_cut(ids, 0)
+    assert tokenizer.decode(ids[:cut]).endswith("by" + "e")
+    assert stream.feed(ids[:cut], final=True) == "lo world. "
+
+
+def test_tensor_codec_round_trip_and_malformed_input():
+    probs = torch.rand(3, 7)
+    assert torch.equal(decode_tensor(encode_tensor(probs)), probs)
+    message = encode_tensor(probs)
+    message.data = message.data[:-4]
+    with pytest.raises(InvalidArgument, match="needs 84 bytes"):
+        decode_tensor(message)
+    with pytest.raises(InvalidArgument, match="does not match"):
+        decode_tensor(encode_tensor(probs), expected_shape=(3, 8))
+    with pytest.raises(InvalidArgument, match="dtype"):
+        decode_tensor(common_pb2.Tensor(data=b"", dtype=common_pb2.DTYPE_UNSPECIFIED, shape=[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Example:
+    port: int = option(1, "a port")
+    names: tuple[str, ...] = option(("a",), "some names")
+    verbose: bool = option(False, "talk more")
+
+
+def test_config_flags_override_environment_override_defaults(monkeypatch):
+    assert parse_config(_Example, [], "x", "EX_") == _Example(1, ("a",), False)
+    monkeypatch.setenv("EX_PORT", "7")
+    monkeypatch.setenv("EX_NAMES", "b, c")
+    monkeypatch.setenv("EX_VERBOSE", "yes")
+    assert parse_config(_Example, [], "x", "EX_") == _Example(7, ("b", "c"), True)
+    assert parse_config(_Example, ["--port", "9"], "x", "EX_").port == 9
