@@ -107,7 +107,7 @@ async def start_stack(redis_url: str, target_model: Path, draft: str | None, **c
     from target_service.config import TargetConfig
 
     servers = []
-    t_server, _, t_addr = await target_server.start(TargetConfig(model=str(target_model)))
+    t_server, _, t_addr = await target_server.start(TargetConfig(model=str(target_model)))  # a path or "smollm2"
     servers.append(t_server)
     d_addr = None
     if draft is not None:
