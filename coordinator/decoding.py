@@ -33,6 +33,18 @@ class TurnParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
+    def as_dict(self) -> dict:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.sampling.temperature,
+            "top_k": self.sampling.top_k,
+            "top_p": self.sampling.top_p,
+            "seed": self.sampling.seed,
+            "k": self.k,
+            "stop": list(self.stop),
+            "ignore_eos": self.ignore_eos,
+        }
+
 
 @dataclass
 class Stats:
@@ -161,7 +173,12 @@ class Decoder:
         started = time.perf_counter()
         stats = Stats(k=params.k, drafter=self.draft.kind if self.draft else "none")
         tokens = list(session.tokens)
-        await self._timed_commit(stats, session.session_id, len(tokens), turn, seed=str(params.sampling.seed))
+        # The turn's prompt and parameters are committed before any token is generated, so a
+        # resumed session knows what was asked and with which seed.
+        await self._timed_commit(
+            stats, session.session_id, len(tokens), turn,
+            seed=str(params.sampling.seed), params=params.as_dict(), turn_start=len(tokens), turn_prompt_len=len(turn),
+        )
         tokens += turn
         generated: list[int] = []
         text = TextStream(self.tokenizer, params.stop)

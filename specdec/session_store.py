@@ -1,7 +1,10 @@
 """Sessions in Redis, the source of truth: committed tokens, seed, turns, status, last stats.
 
 Keys (the {id} hash tag keeps a session's keys in one Redis Cluster slot):
-    specdec:{id}:meta    hash: seed, turns, status, created, updated, stats (JSON of the last turn)
+    specdec:{id}:meta    hash: seed, turns, status, created, updated, params (JSON: the current
+                         turn's sampling parameters, k, limits, stop strings), turn_start and
+                         turn_prompt_len (where the current turn's prompt sits in tokens),
+                         stats (JSON of the last finished turn)
     specdec:{id}:tokens  string: committed token ids as little-endian int32
     specdec:{id}:lease   string: owner of the running Generate (expires if the owner dies)
 Every key carries the session TTL, renewed on each commit.
@@ -60,6 +63,8 @@ class SessionRecord:
     seed: int
     turns: int
     status: str
+    params: dict | None = None
+    stats: dict | None = None
 
 
 def _pack(tokens: Sequence[int]) -> bytes:
@@ -110,6 +115,8 @@ class SessionStore:
             seed=int(fields[b"seed"]),
             turns=int(fields[b"turns"]),
             status=fields[b"status"].decode(),
+            params=json.loads(fields[b"params"]) if b"params" in fields else None,
+            stats=json.loads(fields[b"stats"]) if b"stats" in fields else None,
         )
 
     async def commit(self, session_id: str, committed_len: int, new_tokens: Sequence[int], **fields) -> None:

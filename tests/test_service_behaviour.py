@@ -121,6 +121,17 @@ async def test_second_generate_on_a_busy_session_is_aborted(channels):
     assert failure.value.code() == grpc.StatusCode.ABORTED
     assert "already generating" in failure.value.details()
     long_call.cancel()
+    # Cancelling frees the session: the next turn goes through.
+    for _ in range(50):
+        try:
+            later = await generate(channels["none"], prompt="after", session_id=first.session_id, max_new_tokens=2)
+            break
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.ABORTED
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the session stayed busy after its call was cancelled")
+    assert later.session_id == first.session_id
 
 
 async def test_generation_survives_a_dead_draft_tier(redis_server, tiny_target, tiny_draft, target_greedy):
@@ -163,3 +174,21 @@ async def test_a_draft_model_with_another_vocabulary_is_refused(redis_server, ti
     foreign = build_tiny_model(tmp_path / "foreign", seed=3, chars="xyz0123")
     with pytest.raises(StartupError, match="does not share the target's tokenizer"):
         await start_stack(redis_server.url, tiny_target, str(foreign))
+
+
+async def test_redis_holds_the_session_with_its_parameters_and_ttl(channels, stacks, redis_server):
+    import redis.asyncio as aioredis
+
+    result = await generate(channels["model"], prompt="remember me", max_new_tokens=6, k=2, temperature=0.7,
+                            top_k=5, seed=99, stop=["zzz"])
+    store = stacks["model"].decoder.store
+    record = await store.load(result.session_id)
+    assert record.tokens == result.prompt_token_ids + result.token_ids
+    assert record.seed == 99 and record.turns == 1 and record.status == "idle"
+    assert record.params == {"max_new_tokens": 6, "temperature": pytest.approx(0.7), "top_k": 5, "top_p": 1.0,
+                             "seed": 99, "k": 2, "stop": ["zzz"], "ignore_eos": False}
+    assert record.stats["generated_tokens"] == len(result.token_ids)
+    client = aioredis.from_url(redis_server.url)
+    ttl = await client.ttl(f"specdec:{{{result.session_id}}}:tokens")
+    await client.aclose()
+    assert 0 < ttl <= 86_400
