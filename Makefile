@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos check-protos up clean
+.PHONY: setup redis-server demo test protos up clean bench
 
 setup: $(STAMP) redis-server
 
@@ -38,3 +38,8 @@ protos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache specdec.egg-info
+
+# Spec-Bench figures on this machine (see bench/RESULTS.md for the latest and their command).
+BENCH_ARGS ?=
+bench: setup
+	$(VENV)/bin/specdec bench $(BENCH_ARGS)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -167,6 +168,36 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_bench(args: argparse.Namespace) -> int:
+    from bench import report as bench_report
+    from bench.harness import BenchOptions, run_bench
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+
+    out = Path(args.out or f"bench/out/{time.strftime('%Y%m%d-%H%M%S')}")
+    options = BenchOptions(
+        prompts=Path(args.prompts), limit=args.limit,
+        categories=tuple(c.strip() for c in args.categories.split(",") if c.strip()),
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        target=args.target, drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()),
+        ks=ints(args.ks), concurrency=ints(args.concurrency), sweep_tokens=args.sweep_tokens,
+        peers=not args.no_peers, device=args.device, out=out, progress=not args.no_progress,
+    )
+    report = await run_bench(options)
+    for path in bench_report.write(report, out):
+        print(path, file=sys.stderr)
+    print(bench_report.markdown(report))
+    return 0
+
+
+def cmd_derive_draft(args: argparse.Namespace) -> int:
+    from specdec.models import derive_layer_draft
+
+    print(derive_layer_draft(args.source, args.layers, Path(args.out)))
+    return 0
+
+
 def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_MODEL, help="target model: HF folder, hub id, .gguf file, 'smollm2'")
     parser.add_argument("--draft", default="ngram", help="'ngram' or a draft model sharing the target's tokenizer")
@@ -210,11 +241,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompts", default=str(default_prompts_file()), help="Spec-Bench style JSONL file")
     demo.add_argument("--max-new-tokens", type=int, default=128)
     demo.set_defaults(run=cmd_demo)
+
+    bench = commands.add_parser("bench", help="Spec-Bench figures: our pipeline and the in-process peers, one run")
+    bench.add_argument("--prompts", default=str(default_prompts_file()), help="Spec-Bench style JSONL file")
+    bench.add_argument("--limit", type=int, default=1, help="prompts per category of the file")
+    bench.add_argument("--categories", default="", help="comma-separated categories (default: all)")
+    bench.add_argument("--max-new-tokens", type=int, default=64)
+    bench.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (then outputs are compared)")
+    bench.add_argument("--top-p", type=float, default=1.0)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--target", default=DEFAULT_MODEL, help="target model")
+    bench.add_argument("--drafters", default="ngram", help="comma-separated: 'ngram' and/or draft model paths")
+    bench.add_argument("--ks", default="4", help="comma-separated draft lengths")
+    bench.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated session counts for the sweep")
+    bench.add_argument("--sweep-tokens", type=int, default=32, help="new tokens per session in the sweep")
+    bench.add_argument("--no-peers", action="store_true", help="skip the in-process Hugging Face peers")
+    bench.add_argument("--device", default="cpu", help="torch device for every model")
+    bench.add_argument("--out", default="", help="output folder (default bench/out/<time>)")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(run=cmd_bench)
+
+    derive = commands.add_parser("derive-draft", help="write a draft model made of a model's first N layers")
+    derive.add_argument("--source", default=DEFAULT_MODEL, help="model to cut")
+    derive.add_argument("--layers", type=int, default=6, help="decoder layers to keep")
+    derive.add_argument("--out", required=True, help="folder to write")
+    derive.set_defaults(run=cmd_derive_draft)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not asyncio.iscoroutinefunction(args.run):
+        return args.run(args)
     try:
         return asyncio.run(args.run(args))
     except KeyboardInterrupt:

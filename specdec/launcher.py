@@ -57,6 +57,7 @@ class Pipeline:
     coordinator: Child | None = None
     drafts: list[Child] = field(default_factory=list)
     targets: list[Child] = field(default_factory=list)
+    extra: list[Child] = field(default_factory=list)  # further services started beside (bench)
     redis_process: asyncio.subprocess.Process | None = None
     redis_dir: str | None = None
 
@@ -71,7 +72,7 @@ class Pipeline:
 
     async def stop(self) -> None:
         """SIGTERM everything (coordinator first), wait, then SIGKILL what is left."""
-        children = ([self.coordinator] if self.coordinator else []) + self.drafts + self.targets
+        children = self.extra + ([self.coordinator] if self.coordinator else []) + self.drafts + self.targets
         processes = [c.process for c in children] + ([self.redis_process] if self.redis_process else [])
         for process in processes:
             if process.returncode is None:
@@ -116,7 +117,7 @@ async def _start_redis(pipeline: Pipeline) -> None:
     await client.aclose()
 
 
-async def _spawn(name: str, module: str, args: list[str], timeout_s: float) -> Child:
+async def spawn_service(name: str, module: str, args: list[str], timeout_s: float) -> Child:
     """Start `python -m module args` and wait for its {"listening": ...} line."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", module, *args, stdout=asyncio.subprocess.PIPE, env={**os.environ}
@@ -148,8 +149,8 @@ async def launch(options: LaunchOptions) -> Pipeline:
             await _start_redis(pipeline)
         target_args = ["--model", options.target, "--host", options.host, "--device", options.device, *threads]
         draft_args = ["--model", options.draft, "--host", options.host, "--device", options.draft_device, *threads]
-        spawns = [_spawn(f"target-{i}", "target_service", target_args, START_TIMEOUT_S) for i in range(options.target_replicas)]
-        spawns += [_spawn(f"draft-{i}", "draft_service", draft_args, START_TIMEOUT_S) for i in range(options.draft_replicas)]
+        spawns = [spawn_service(f"target-{i}", "target_service", target_args, START_TIMEOUT_S) for i in range(options.target_replicas)]
+        spawns += [spawn_service(f"draft-{i}", "draft_service", draft_args, START_TIMEOUT_S) for i in range(options.draft_replicas)]
         started = await asyncio.gather(*spawns, return_exceptions=True)  # replicas load models in parallel
         for result in started:
             if isinstance(result, Child):
@@ -166,7 +167,7 @@ async def launch(options: LaunchOptions) -> Pipeline:
             "--port", str(options.port),
             "--default-k", str(options.default_k),
         ]
-        pipeline.coordinator = await _spawn("coordinator", "coordinator", coordinator_args, START_TIMEOUT_S)
+        pipeline.coordinator = await spawn_service("coordinator", "coordinator", coordinator_args, START_TIMEOUT_S)
         for child in [pipeline.coordinator, *pipeline.drafts, *pipeline.targets]:
             await wait_healthy(child.address, 60)
         return pipeline

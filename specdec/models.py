@@ -149,3 +149,21 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 def max_context(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
+def derive_layer_draft(spec: str, layers: int, out: Path) -> Path:
+    """Write a draft model made of `spec`'s embeddings, first `layers` decoder layers, final norm
+    and LM head (an early-exit draft). It shares the tokenizer by construction."""
+    model = load_model(spec)
+    tokenizer = load_tokenizer(spec)
+    total = len(model.model.layers)
+    if not 0 < layers < total:
+        raise ValueError(f"layers must be in [1, {total - 1}] for {spec}, got {layers}")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,1 @@
+"""Benchmark harness: Spec-Bench figures for our pipeline side by side with in-process peers."""

@@ -1,0 +1,346 @@
+"""`specdec bench`: Spec-Bench prompts through our pipeline and the in-process peers, one run.
+
+Configurations, all on the same target model and prompts:
+  ours-k0                 target-only decoding through our services: the baseline
+  ours-<drafter>-k<k>     our speculative pipeline, for each drafter and each k
+  hf-plain                Hugging Face generate(), in process
+  hf-assisted-k<k>        generate(assistant_model=<draft model>), in process
+  hf-lookup-k<k>          generate(prompt_lookup_num_tokens=k), in process
+Every configuration sees the same prompt token ids (the chat template applied once, by us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+import torch
+from tqdm import tqdm
+
+from bench.figures import SPEC_BENCH_COLUMNS, PromptRun, Totals, column_of, ideal_speedup, percentile
+from specdec.launcher import LaunchOptions, Pipeline, spawn_service, default_prompts_file, launch
+from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+BASELINE = "ours-k0"
+HF_PLAIN = "hf-plain"
+
+
+@dataclass
+class BenchOptions:
+    prompts: Path = field(default_factory=default_prompts_file)
+    limit: int = 1  # prompts per category of the file
+    categories: tuple[str, ...] = ()
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    target: str = "smollm2"
+    drafters: tuple[str, ...] = ("ngram",)  # "ngram" and/or draft model paths
+    ks: tuple[int, ...] = (4,)
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    sweep_tokens: int = 32
+    peers: bool = True
+    device: str = "cpu"
+    out: Path = Path("bench/out")
+    progress: bool = True
+
+
+@dataclass
+class Prompt:
+    question_id: object
+    category: str
+    text: str
+
+
+def load_prompts(path: Path, limit: int, categories: Sequence[str]) -> list[Prompt]:
+    """The first turn of the first `limit` prompts of each category (all categories if none given)."""
+    taken: dict[str, int] = {}
+    prompts = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        category = item["category"]
+        if categories and category not in categories:
+            continue
+        if taken.get(category, 0) >= limit:
+            continue
+        taken[category] = taken.get(category, 0) + 1
+        prompts.append(Prompt(item.get("question_id"), category, item["turns"][0]))
+    if not prompts:
+        raise ValueError(f"no prompts selected from {path} (categories={list(categories) or 'all'})")
+    return prompts
+
+
+def _request(prompt: Prompt, options: BenchOptions, k: int, prompt_ids: list[int] | None = None):
+    request = coordinator_pb2.GenerateRequest(
+        max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
+        seed=options.seed, k=k,
+    )
+    if prompt_ids is not None:
+        request.prompt_token_ids.extend(prompt_ids)
+    else:
+        request.prompt = prompt.text
+    return request
+
+
+async def run_ours(stub, prompt: Prompt, options: BenchOptions, k: int, prompt_ids=None) -> tuple[PromptRun, list[int], list[float]]:
+    """One generation through the coordinator: its PromptRun, prompt ids and per-token latencies."""
+    started = last = time.perf_counter()
+    tokens: list[int] = []
+    ids: list[int] = []
+    gaps: list[float] = []
+    stats = None
+    async for message in stub.Generate(_request(prompt, options, k, prompt_ids)):
+        now = time.perf_counter()
+        if message.prompt_token_ids:
+            ids = list(message.prompt_token_ids)
+        if message.token_ids:
+            # A message carrying n tokens after a gap g counts as n tokens of latency g/n each.
+            gaps += [(now - last) / len(message.token_ids)] * len(message.token_ids)
+            last = now
+        tokens += message.token_ids
+        if message.HasField("stats"):
+            stats = message.stats
+    wall = time.perf_counter() - started
+    run = PromptRun(
+        prompt.question_id, prompt.category, tokens, wall,
+        rounds=stats.rounds, draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens,
+        accepted_per_position=list(stats.accepted_per_position), proposed_per_position=list(stats.proposed_per_position),
+        draft_s=stats.draft_s, verify_s=stats.verify_s, redis_s=stats.redis_s,
+        network_coordinator_s=stats.network_coordinator_s, prefill_tokens=stats.target_prefill_tokens,
+    )
+    return run, ids, gaps
+
+
+class HFPeers:
+    """Hugging Face generate() in this process, on the same models and prompt ids."""
+
+    def __init__(self, target: str, device: str):
+        from specdec import models
+
+        self.models = models
+        self.device = device
+        self.target = models.load_model(target, device=device)
+        self.tokenizer = models.load_tokenizer(target)
+        self.eos = models.eos_token_ids(self.target, self.tokenizer)
+        self._drafts: dict[str, object] = {}
+
+    def draft(self, spec: str):
+        if spec not in self._drafts:
+            self._drafts[spec] = self.models.load_model(spec, device=self.device)
+        return self._drafts[spec]
+
+    def generate(self, prompt: Prompt, ids: list[int], options: BenchOptions, **mode) -> PromptRun:
+        sampling = {"do_sample": False}
+        if options.temperature > 0:
+            sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p, "top_k": 0}
+            torch.manual_seed(options.seed)
+        inputs = torch.tensor([ids], device=self.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self.target.generate(
+                inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=options.max_new_tokens,
+                eos_token_id=self.eos, pad_token_id=self.eos[0], **sampling, **mode,
+            )
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+        return PromptRun(prompt.question_id, prompt.category, out[0, len(ids):].tolist(), wall)
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+        info["memory_gib"] = round(mem_kb / 1024**2, 1)
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, str]]:
+    """One target, and per drafter a draft service and a coordinator on that target."""
+    first, *others = options.drafters
+    pipeline = await launch(LaunchOptions(target=options.target, draft=first, device=options.device,
+                                          draft_device=options.device))
+    coordinators = {first: pipeline.coordinator.address}
+    targets = ",".join(c.address for c in pipeline.targets)
+    for drafter in others:
+        draft = await spawn_service(f"draft-{drafter}", "draft_service",
+                             ["--model", drafter, "--device", options.device], 600)
+        pipeline.drafts.append(draft)
+        coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [
+            "--target", targets, "--draft", draft.address, "--redis-url", pipeline.redis_url,
+            "--tokenizer", options.target,
+        ], 600)
+        pipeline.extra.append(coordinator)
+        coordinators[drafter] = coordinator.address
+    return pipeline, coordinators
+
+
+def drafter_name(spec: str) -> str:
+    return spec if spec == "ngram" else Path(spec).name or spec
+
+
+async def run_bench(options: BenchOptions) -> dict:
+    prompts = load_prompts(options.prompts, options.limit, options.categories)
+    ours_configs = [(BASELINE, options.drafters[0], 0)] + [
+        (f"ours-{drafter_name(d)}-k{k}", d, k) for d in options.drafters for k in options.ks
+    ]
+    model_drafts = [d for d in options.drafters if d != "ngram"]
+    peer_configs = []
+    if options.peers:
+        peer_configs = [(HF_PLAIN, {})]
+        peer_configs += [(f"hf-assisted-{drafter_name(d)}-k{k}", {"draft": d, "k": k}) for d in model_drafts for k in options.ks]
+        peer_configs += [(f"hf-lookup-k{k}", {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": 3}) for k in options.ks]
+    total = len(prompts) * (len(ours_configs) + len(peer_configs)) + sum(options.concurrency)
+    bar = tqdm(total=total, desc="bench", unit="gen", disable=not options.progress)
+    runs: dict[str, list[PromptRun]] = {}
+    pipeline, coordinators = await _start_pipelines(options)
+    try:
+        channels = {d: grpc.aio.insecure_channel(a) for d, a in coordinators.items()}
+        stubs = {d: coordinator_pb2_grpc.CoordinatorStub(c) for d, c in channels.items()}
+        prompt_ids: dict[int, list[int]] = {}
+        # Warm-up: the first call of each path loads lazily initialised pieces.
+        for drafter in options.drafters:
+            await run_ours(stubs[drafter], prompts[0], BenchOptions(max_new_tokens=4), 2)
+        for name, drafter, k in ours_configs:
+            bar.set_postfix_str(name)
+            runs[name] = []
+            for i, prompt in enumerate(prompts):
+                run, ids, _ = await run_ours(stubs[drafter], prompt, options, k, prompt_ids.get(i))
+                prompt_ids.setdefault(i, ids)
+                runs[name].append(run)
+                bar.update()
+        sweep = await concurrency_sweep(stubs[options.drafters[0]], prompts, prompt_ids, options, bar)
+        for channel in channels.values():
+            await channel.close()
+    finally:
+        await pipeline.stop()
+    if peer_configs:
+        peers = HFPeers(options.target, options.device)
+        peers.generate(prompts[0], prompt_ids[0], BenchOptions(max_new_tokens=4))  # warm-up
+        for name, mode in peer_configs:
+            bar.set_postfix_str(name)
+            if "draft" in mode:
+                mode = {"assistant_model": peers.draft(mode["draft"]), "num_assistant_tokens": mode["k"],
+                        "num_assistant_tokens_schedule": "constant"}
+            runs[name] = []
+            for i, prompt in enumerate(prompts):
+                runs[name].append(peers.generate(prompt, prompt_ids[i], options, **mode))
+                bar.update()
+    bar.close()
+    return build_report(options, prompts, runs, sweep, ours_configs)
+
+
+async def concurrency_sweep(stub, prompts, prompt_ids, options: BenchOptions, bar) -> list[dict]:
+    """N sessions at once for each N: aggregate tokens/s and inter-token latency percentiles."""
+    k = options.ks[0]
+    sweep_options = BenchOptions(**{**asdict(options), "max_new_tokens": options.sweep_tokens})
+    results = []
+    for level in options.concurrency:
+        bar.set_postfix_str(f"concurrency {level}")
+
+        async def one(i: int):
+            index = i % len(prompts)
+            outcome = await run_ours(stub, prompts[index], sweep_options, k, prompt_ids.get(index))
+            bar.update()
+            return outcome
+
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(one(i) for i in range(level)))
+        wall = time.perf_counter() - started
+        tokens = sum(len(run.tokens) for run, _, _ in outcomes)
+        gaps = [g for _, _, session_gaps in outcomes for g in session_gaps]
+        per_session = sorted(len(run.tokens) / run.wall_s for run, _, _ in outcomes if run.wall_s)
+        results.append({
+            "sessions": level,
+            "tokens": tokens,
+            "wall_s": wall,
+            "tokens_per_s": tokens / wall if wall else 0.0,
+            "itl_p50_ms": 1000 * (percentile(gaps, 0.5) or 0.0),
+            "itl_p95_ms": 1000 * (percentile(gaps, 0.95) or 0.0),
+            "slowest_session_tokens_per_s": per_session[0] if per_session else 0.0,
+            "median_session_tokens_per_s": percentile(per_session, 0.5) or 0.0,
+        })
+    return results
+
+
+def _figures(totals: Totals, baseline: Totals | None, hf_plain: Totals | None) -> dict:
+    return {
+        "prompts": totals.prompts,
+        "tokens": totals.tokens,
+        "wall_s": totals.wall_s,
+        "tokens_per_s": totals.tokens_per_s,
+        "speedup_vs_baseline": totals.tokens_per_s / baseline.tokens_per_s if baseline and baseline.tokens_per_s else None,
+        "speedup_vs_hf_plain": totals.tokens_per_s / hf_plain.tokens_per_s if hf_plain and hf_plain.tokens_per_s else None,
+        "mean_accepted_tokens": totals.mean_accepted_tokens,
+        "acceptance_rate": totals.acceptance_rate,
+        "acceptance_by_position": totals.acceptance_by_position,
+        "overhead_per_round_ms": totals.overhead_per_round_ms,
+        "time_split": totals.time_split(),
+    }
+
+
+def build_report(options, prompts, runs: dict[str, list[PromptRun]], sweep, ours_configs) -> dict:
+    columns = [c for c in SPEC_BENCH_COLUMNS if any(column_of(p.category) == c for p in prompts)]
+    columns += sorted({column_of(p.category) for p in prompts} - set(columns))
+
+    def totals(name: str, column: str | None = None) -> Totals | None:
+        if name not in runs:
+            return None
+        return Totals.of(r for r in runs[name] if column is None or column_of(r.category) == column)
+
+    base_all = totals(BASELINE)
+    step_s = base_all.verify_s / base_all.rounds if base_all and base_all.rounds else None
+    report = {"machine": machine_info(options.device), "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+              "prompts": len(prompts), "columns": columns, "configs": {}, "concurrency": sweep}
+    ks = {name: k for name, _, k in ours_configs}
+    for name in runs:
+        entry = {"columns": {}, "overall": _figures(totals(name), base_all, totals(HF_PLAIN))}
+        for column in columns:
+            entry["columns"][column] = _figures(totals(name, column), totals(BASELINE, column), totals(HF_PLAIN, column))
+        overall = totals(name)
+        k = ks.get(name, 0)
+        if k and overall.rounds and overall.acceptance_rate is not None and step_s:
+            draft_step_s = overall.draft_s / overall.draft_tokens if overall.draft_tokens else 0.0
+            cost_ratio = draft_step_s / step_s
+            ideal = ideal_speedup(overall.acceptance_rate, k, cost_ratio)
+            # What the measured compute alone allows: tokens per round at the measured draft and
+            # verify cost per round, against the baseline's verify cost per token.
+            compute_bound = overall.mean_accepted_tokens * step_s / ((overall.verify_s + overall.draft_s) / overall.rounds)
+            measured = entry["overall"]["speedup_vs_baseline"]
+            entry["ideal"] = {
+                "cost_ratio_c": cost_ratio,
+                "ideal_speedup": ideal,
+                "efficiency": measured / ideal if ideal else None,
+                "compute_bound_speedup": compute_bound,
+                "efficiency_vs_compute_bound": measured / compute_bound if compute_bound else None,
+            }
+        if options.temperature == 0 and name != BASELINE and BASELINE in runs:
+            mismatched = [r.question_id for r, b in zip(runs[name], runs[BASELINE]) if r.tokens != b.tokens]
+            entry["greedy_matches_baseline"] = not mismatched
+            entry["mismatched_prompts"] = mismatched
+        report["configs"][name] = entry
+    return report
