@@ -47,6 +47,7 @@ class BenchOptions:
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
     sweep_tokens: int = 32
     peers: bool = True
+    overhead: bool = True  # the stand-in-model probe of per-round overhead (bench/overhead.py)
     device: str = "cpu"
     out: Path = Path("bench/out")
     progress: bool = True
@@ -251,7 +252,14 @@ async def run_bench(options: BenchOptions) -> dict:
                 runs[name].append(peers.generate(prompt, prompt_ids[i], options, **mode))
                 bar.update()
     bar.close()
-    return build_report(options, prompts, runs, sweep, ours_configs)
+    overhead = None
+    if options.overhead:
+        from bench.overhead import measure_overhead
+
+        overhead = await measure_overhead(options.target, k=max(options.ks))
+    report = build_report(options, prompts, runs, sweep, ours_configs)
+    report["overhead_probe"] = overhead
+    return report
 
 
 async def concurrency_sweep(stub, prompts, prompt_ids, options: BenchOptions, bar) -> list[dict]:

@@ -67,6 +67,20 @@ def markdown(report: dict) -> str:
             f"| {row['sessions']} | {row['tokens_per_s']:.1f} | {row['itl_p50_ms']:.1f} ms | {row['itl_p95_ms']:.1f} ms | "
             f"{row['slowest_session_tokens_per_s']:.1f} / {row['median_session_tokens_per_s']:.1f} |"
         )
+    probe = report.get("overhead_probe")
+    if probe:
+        lines += [
+            "",
+            f"### Overhead per round, model compute excluded (random 2-layer stand-in, {probe['vocab_size']}-token "
+            f"vocabulary, n-gram drafter, k={probe['k']})",
+            "",
+            "| mode | round | network + coordinator | draft compute | verify compute | Redis |",
+            "|---|---|---|---|---|---|",
+        ]
+        for mode in ("greedy", "sampled"):
+            row = probe[mode]
+            lines.append(f"| {mode} | {row['round_ms']:.2f} ms | {row['overhead_ms']:.2f} ms | {row['draft_ms']:.2f} ms | "
+                         f"{row['verify_ms']:.2f} ms | {row['redis_ms']:.2f} ms |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from specdec.errors import InvalidArgument
 from specdec.service_base import SessionHost
+from specdec.serving import run_inline
 from specdec.tensor_codec import encode_tensor
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from specdec.wire import context_from_pb, sampling_from_pb
@@ -29,7 +30,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             self.host.table.enforce_bounds(keep=ctx.session_id)
             return proposal
 
-        timed = await self.host.worker.run(work)
+        timed = run_inline(work) if self.drafter.runs_inline else await self.host.worker.run(work)
         proposal = timed.value
         response = draft_pb2.ProposeResponse(
             timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s),

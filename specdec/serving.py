@@ -62,6 +62,13 @@ class ModelWorker:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def run_inline(fn: Callable[[], T]) -> Timed:
+    """Run cheap work on the calling thread, timed like ModelWorker.run."""
+    started = time.perf_counter()
+    value = fn()
+    return Timed(value, 0.0, time.perf_counter() - started)
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),

@@ -1,0 +1,84 @@
+"""The benchmark's arithmetic, and one small end-to-end run of the harness on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import report as bench_report
+from bench.figures import PromptRun, Totals, column_of, expected_tokens_per_step, ideal_speedup, percentile
+from bench.harness import BenchOptions, load_prompts, run_bench
+
+
+def test_leviathan_expected_tokens_and_ideal_speedup():
+    assert expected_tokens_per_step(0.0, 4) == 1.0
+    assert expected_tokens_per_step(1.0, 4) == 5.0
+    assert expected_tokens_per_step(0.5, 2) == pytest.approx(1.75)  # 1 + 0.5 + 0.25
+    # A free drafter (c = 0) turns every expected token into speedup; a costly one eats it.
+    assert ideal_speedup(0.8, 4, 0.0) == pytest.approx((1 - 0.8**5) / 0.2)
+    assert ideal_speedup(0.8, 4, 0.25) == pytest.approx((1 - 0.8**5) / 0.2 / 2)
+
+
+def test_totals_and_percentiles():
+    runs = [
+        PromptRun(1, "qa", [1, 2, 3, 4], 2.0, rounds=2, draft_tokens=4, accepted_tokens=2,
+                  accepted_per_position=[2, 0], proposed_per_position=[2, 2], network_coordinator_s=0.004),
+        PromptRun(2, "qa", [5, 6], 1.0, rounds=2, draft_tokens=2, accepted_tokens=0,
+                  accepted_per_position=[0], proposed_per_position=[2]),
+    ]
+    totals = Totals.of(runs)
+    assert totals.tokens_per_s == pytest.approx(6 / 3.0)
+    assert totals.mean_accepted_tokens == pytest.approx(6 / 4)
+    assert totals.acceptance_rate == pytest.approx(2 / 6)
+    assert totals.acceptance_by_position == [0.5, 0.0]
+    assert totals.overhead_per_round_ms == pytest.approx(1.0)
+    assert percentile([4, 1, 3, 2], 0.5) == pytest.approx(2.5)
+    assert percentile([], 0.5) is None
+    assert column_of("writing") == "Multi-turn Conversation" and column_of("rag") == "Retrieval-aug. Generation"
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"question_id": 1, "category": "qa", "turns": ["what is a cat? a cat is a cat."]},
+        {"question_id": 2, "category": "qa", "turns": ["second qa prompt"]},
+        {"question_id": 3, "category": "translation", "turns": ["translate: hallo welt, hallo welt"]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_prompt_selection(prompt_file):
+    assert [p.question_id for p in load_prompts(prompt_file, 1, ())] == [1, 3]
+    assert [p.question_id for p in load_prompts(prompt_file, 5, ("qa",))] == [1, 2]
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts(prompt_file, 1, ("rag",))
+
+
+async def test_bench_runs_every_configuration_and_writes_its_outputs(tiny_target, tiny_draft, prompt_file, tmp_path):
+    options = BenchOptions(
+        prompts=prompt_file, limit=1, max_new_tokens=8, target=str(tiny_target),
+        drafters=("ngram", str(tiny_draft)), ks=(2,), concurrency=(1, 2), sweep_tokens=6,
+        overhead=False, out=tmp_path / "out", progress=False,
+    )
+    report = await run_bench(options)
+    configs = report["configs"]
+    assert set(configs) == {"ours-k0", "ours-ngram-k2", "ours-draft-k2", "hf-plain", "hf-assisted-draft-k2",
+                            "hf-lookup-k2"}
+    assert report["columns"] == ["Translation", "Question Answering"]
+    for name, entry in configs.items():
+        if name != "ours-k0":
+            # Greedy everywhere: every configuration, ours and the peers, reproduces the baseline.
+            assert entry["greedy_matches_baseline"], f"{name} changed the output: {entry['mismatched_prompts']}"
+        assert entry["overall"]["tokens_per_s"] > 0
+    assert configs["ours-k0"]["overall"]["mean_accepted_tokens"] == pytest.approx(1.0)
+    assert configs["ours-k0"]["overall"]["speedup_vs_baseline"] == pytest.approx(1.0)
+    assert "ideal" in configs["ours-draft-k2"] and configs["ours-draft-k2"]["ideal"]["ideal_speedup"] > 0
+    assert [row["sessions"] for row in report["concurrency"]] == [1, 2]
+    written = bench_report.write(report, options.out)
+    assert {p.name for p in written} == {"results.json", "results.md", "speedup_by_category.png", "concurrency.png"}
+    markdown = (options.out / "results.md").read_text()
+    assert "| Configuration | Translation | Question Answering | Overall | #Mean accepted tokens |" in markdown
+    assert json.loads((options.out / "results.json").read_text())["machine"]["cpu_count"] >= 1
