@@ -256,7 +256,7 @@ async def run_bench(options: BenchOptions) -> dict:
     if options.overhead:
         from bench.overhead import measure_overhead
 
-        overhead = await measure_overhead(options.target, k=max(options.ks))
+        overhead = await measure_overhead(options.target, k=max(options.ks), device=options.device)
     report = build_report(options, prompts, runs, sweep, ours_configs)
     report["overhead_probe"] = overhead
     return report

@@ -36,11 +36,13 @@ def build_stand_in(tokenizer_spec: str, folder: Path) -> Path:
     return folder
 
 
-async def measure_overhead(tokenizer_spec: str, k: int = 4, generations: int = 5, new_tokens: int = 64) -> dict:
+async def measure_overhead(
+    tokenizer_spec: str, k: int = 4, generations: int = 5, new_tokens: int = 64, device: str = "cpu"
+) -> dict:
     """Per-round times for greedy and sampled decoding with the n-gram drafter."""
     with tempfile.TemporaryDirectory(prefix="specdec-overhead-") as tmp:
         model = build_stand_in(tokenizer_spec, Path(tmp) / "stand-in")
-        pipeline = await launch(LaunchOptions(target=str(model), draft="ngram"))
+        pipeline = await launch(LaunchOptions(target=str(model), draft="ngram", device=device))
         try:
             async with grpc.aio.insecure_channel(pipeline.coordinator.address) as channel:
                 stub = coordinator_pb2_grpc.CoordinatorStub(channel)
