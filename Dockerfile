@@ -51,6 +51,7 @@ COPY specdec/ specdec/
 COPY draft_service/ draft_service/
 COPY target_service/ target_service/
 COPY coordinator/ coordinator/
+COPY bench/ bench/
 COPY pyproject.toml README.md ./
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info

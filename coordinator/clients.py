@@ -43,6 +43,19 @@ class DeltaTracker:
         self.sent.pop(address, None)
 
 
+Send = Callable[[object, common_pb2.SessionContext], Awaitable[T]]
+
+
+async def _send_delta(stub, session_id: str, tokens: Sequence[int], start: int, send: Send[T]) -> T:
+    """Send the tokens from `start`; if the replica lost the prefix (FAILED_PRECONDITION), all of them."""
+    try:
+        return await send(stub, context_to_pb(session_id, tokens, start))
+    except aio.AioRpcError as err:
+        if err.code() != grpc.StatusCode.FAILED_PRECONDITION or start == 0:
+            raise
+        return await send(stub, context_to_pb(session_id, tokens, 0))
+
+
 class ReplicaSet:
     """Channels to the replicas of one tier, tried in session-affinity order."""
 
@@ -58,21 +71,13 @@ class ReplicaSet:
         first = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "little") % len(self.addresses)
         return [(first + i) % len(self.addresses) for i in range(len(self.addresses))]
 
-    async def call(
-        self, session_id: str, tokens: Sequence[int], tracker: DeltaTracker, send: Callable[[object, common_pb2.SessionContext], Awaitable[T]]
-    ) -> T:
+    async def call(self, session_id: str, tokens: Sequence[int], tracker: DeltaTracker, send: Send[T]) -> T:
         """Run `send(stub, context)` on the session's replica, falling back to the others."""
         last_error: aio.AioRpcError | None = None
         for index in self.order_for(session_id):
             address, stub = self.addresses[index], self.stubs[index]
-            start = tracker.start_for(address, len(tokens))
             try:
-                try:
-                    reply = await send(stub, context_to_pb(session_id, tokens, start))
-                except aio.AioRpcError as err:
-                    if err.code() != grpc.StatusCode.FAILED_PRECONDITION or start == 0:
-                        raise
-                    reply = await send(stub, context_to_pb(session_id, tokens, 0))  # cache miss: resend all
+                reply = await _send_delta(stub, session_id, tokens, tracker.start_for(address, len(tokens)), send)
             except aio.AioRpcError as err:
                 tracker.forget(address)
                 if err.code() not in _RETRY_ELSEWHERE:

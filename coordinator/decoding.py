@@ -189,6 +189,7 @@ class Decoder:
             room = self.limits.max_context - len(tokens)
             if room <= 0:  # only reachable when the turn itself filled the context
                 new, finish = [], CONTEXT
+                await self._commit_last(stats, session, len(tokens), new, started)
                 break
             # A round adds at most k+1 tokens and Verify needs committed + k within the context.
             k = max(0, min(params.k, remaining - 1, room - 1))
@@ -216,8 +217,6 @@ class Decoder:
             generated += new
             if finish is None:
                 yield Chunk(text.feed(generated, final=False), new)
-        if not new:
-            await self._commit_last(stats, session, len(tokens), new, started)
         yield Chunk(text.feed(generated, final=True), new, finish, stats)
 
     async def _commit_last(

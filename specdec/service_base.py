@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.kv_cache import SessionCacheTable, committed_tokens
+from specdec.kv_cache import CausalLMRunner, SessionCacheTable, committed_tokens
 from specdec.serving import ModelWorker
 from specdec.v1 import common_pb2
 from specdec.wire import ContextDelta
@@ -59,7 +59,7 @@ class SessionHost:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    runner: "object"  # CausalLMRunner
+    runner: CausalLMRunner
     facts: ModelFacts
 
 
@@ -67,7 +67,6 @@ def load_causal_lm(spec: str, kind: str, device: str, dtype: str) -> LoadedModel
     """Load model + tokenizer and describe them. Logits are cut to the tokenizer's vocabulary
     (embedding tables are often padded), so draft and target distributions line up."""
     from specdec import models
-    from specdec.kv_cache import CausalLMRunner
 
     tokenizer = models.load_tokenizer(spec)
     model = models.load_model(spec, device=device, dtype=dtype)
