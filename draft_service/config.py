@@ -14,6 +14,8 @@ class DraftConfig:
     dtype: str = option("float32", "weights dtype for a model drafter")
     cache_bytes: int = option(1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most tokens proposed in one Propose")
+    batch_window_ms: float = option(1.0, "model drafter: how long the first Propose of a batch waits for others (ms)")
+    max_batch: int = option(16, "model drafter: most sessions drafted in one forward pass")
     ngram_max: int = option(3, "n-gram drafter: longest suffix matched")
     ngram_min: int = option(1, "n-gram drafter: shortest suffix matched")
     ngram_vocab_size: int = option(0, "n-gram drafter: vocabulary size for token-id checks (0 = accept any id)")

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from specdec.batching import ForwardJob, batched_logits
 from specdec.kv_cache import CausalLMRunner, SessionCache
 from specdec.sampling import DRAFT, SamplingParams, probs_from_logits, sample, uniform
 
@@ -26,8 +27,19 @@ class Proposal:
     computed_tokens: int = 0
 
 
+@dataclass
+class ProposeJob:
+    """One Propose request: the session's cache entry, committed tokens, k and sampling."""
+
+    entry: SessionCache
+    committed: Sequence[int]
+    k: int
+    params: SamplingParams
+
+
 class ModelDrafter:
-    """Autoregressive drafting with a causal LM: k single-token steps on a cached prefix."""
+    """Autoregressive drafting with a causal LM: k single-token steps on a cached prefix, every
+    session of a batch advancing together (one forward pass per step)."""
 
     kind = "model"
     runs_inline = False
@@ -35,29 +47,36 @@ class ModelDrafter:
     def __init__(self, runner: CausalLMRunner):
         self.runner = runner
 
+    def propose_batch(self, jobs: Sequence[ProposeJob]) -> list[Proposal]:
+        tokens = [list(job.committed) for job in jobs]
+        drafted: list[list[int]] = [[] for _ in jobs]
+        rows: list[list[torch.Tensor]] = [[] for _ in jobs]
+        reused = [0] * len(jobs)
+        computed = [0] * len(jobs)
+        for step in range(max((job.k for job in jobs), default=0)):
+            active = [i for i, job in enumerate(jobs) if step < job.k]
+            forwards = [ForwardJob(jobs[i].entry, tokens[i], len(tokens[i]) - 1) for i in active]
+            for i, (logits, kept) in zip(active, batched_logits(self.runner, forwards)):
+                position = len(tokens[i])
+                if step == 0:
+                    reused[i] = kept
+                computed[i] += position - kept
+                params = jobs[i].params
+                if params.greedy:
+                    token = int(torch.argmax(logits[-1]))
+                else:
+                    q = probs_from_logits(logits[-1], params)
+                    token = sample(q, uniform(params.seed, position, DRAFT))
+                    rows[i].append(q)
+                drafted[i].append(token)
+                tokens[i].append(token)
+        return [
+            Proposal(d, torch.stack(r) if r else None, point_mass=False, reused_tokens=u, computed_tokens=c)
+            for d, r, u, c in zip(drafted, rows, reused, computed)
+        ]
+
     def propose(self, entry: SessionCache, committed: Sequence[int], k: int, params: SamplingParams) -> Proposal:
-        tokens = list(committed)
-        drafted: list[int] = []
-        rows: list[torch.Tensor] = []
-        reused = computed = 0
-        for step in range(k):
-            before = len(tokens)
-            logits, kept = self.runner.logits_from(entry, tokens, first=before - 1)
-            if step == 0:
-                reused, computed = kept, before - kept
-            else:
-                computed += before - kept
-            row = logits[-1]
-            if params.greedy:
-                token = int(torch.argmax(row))
-            else:
-                q = probs_from_logits(row, params)
-                token = sample(q, uniform(params.seed, before, DRAFT))
-                rows.append(q)
-            drafted.append(token)
-            tokens.append(token)
-        probs = torch.stack(rows) if rows else None
-        return Proposal(drafted, probs, point_mass=False, reused_tokens=reused, computed_tokens=computed)
+        return self.propose_batch([ProposeJob(entry, committed, k, params)])[0]
 
 
 def ngram_lookup(tokens: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
@@ -94,3 +113,6 @@ class NgramDrafter:
         entry.tokens = list(committed)
         drafted = ngram_lookup(committed, k, self.max_ngram, self.min_ngram)
         return Proposal(drafted, None, point_mass=True, reused_tokens=reused, computed_tokens=0)
+
+    def propose_batch(self, jobs: Sequence[ProposeJob]) -> list[Proposal]:
+        return [self.propose(job.entry, job.committed, job.k, job.params) for job in jobs]

@@ -30,7 +30,7 @@ def build_servicer(config: DraftConfig) -> DraftServicer:
         loaded = load_causal_lm(config.model, "model", config.device, config.dtype)
         facts, drafter = loaded.facts, ModelDrafter(loaded.runner)
     host = SessionHost(facts, config.cache_bytes, "draft-model")
-    return DraftServicer(host, drafter, config.max_k)
+    return DraftServicer(host, drafter, config.max_k, config.batch_window_ms / 1000, config.max_batch)
 
 
 async def start(config: DraftConfig, servicer: DraftServicer | None = None):

@@ -1,48 +1,88 @@
-"""DraftService: parse the request, run the drafter on the worker thread, encode the answer."""
+"""DraftService: parse the request, draft (in the next batch on the worker, or inline for the
+cheap n-gram lookup), encode the answer."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
+from draft_service.drafters import Proposal, ProposeJob
+from specdec.batcher import Batcher
 from specdec.errors import InvalidArgument
+from specdec.sampling import SamplingParams
 from specdec.service_base import SessionHost
 from specdec.serving import run_inline
 from specdec.tensor_codec import encode_tensor
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
-from specdec.wire import context_from_pb, sampling_from_pb
+from specdec.wire import ContextDelta, context_from_pb, sampling_from_pb
+
+
+@dataclass(frozen=True)
+class ParsedPropose:
+    context: ContextDelta
+    k: int
+    params: SamplingParams
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, host: SessionHost, drafter, max_k: int):
+    def __init__(self, host: SessionHost, drafter, max_k: int, window_s: float = 0.001, max_batch: int = 16,
+                 on_batch=None):
         self.host = host
         self.drafter = drafter
         self.max_k = max_k
+        self.batcher: Batcher[ParsedPropose, Proposal] = Batcher(
+            host.worker, self._run_batch, key=lambda r: r.context.session_id,
+            window_s=window_s, max_batch=max_batch, on_batch=on_batch,
+        )
 
-    async def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
+    def _parse(self, request: draft_pb2.ProposeRequest) -> ParsedPropose:
         facts = self.host.facts
         ctx = context_from_pb(request.context, facts.vocab_size, facts.max_context)
         if not 1 <= request.k <= self.max_k:
             raise InvalidArgument(f"k must be in [1, {self.max_k}], got {request.k}")
-        params = sampling_from_pb(request.sampling)
         k = min(request.k, facts.max_context - ctx.committed_len)
+        return ParsedPropose(ctx, k, sampling_from_pb(request.sampling))
 
-        def work():
-            entry, tokens = self.host.entry_and_tokens(ctx)
-            proposal = self.drafter.propose(entry, tokens, k, params) if k > 0 else None
-            self.host.table.enforce_bounds(keep=ctx.session_id)
-            return proposal
+    def _run_batch(self, requests: Sequence[ParsedPropose]) -> list[Proposal | BaseException]:
+        """Every request whose context resolves drafts together (one forward per draft step)."""
+        outcomes: list[Proposal | BaseException | None] = [None] * len(requests)
+        jobs, positions = [], []
+        for i, request in enumerate(requests):
+            try:
+                entry, tokens = self.host.entry_and_tokens(request.context)
+            except Exception as exc:  # noqa: BLE001 - a cache miss fails only its own request
+                outcomes[i] = exc
+                continue
+            jobs.append(ProposeJob(entry, tokens, request.k, request.params))
+            positions.append(i)
+        if jobs:
+            for i, proposal in zip(positions, self.drafter.propose_batch(jobs)):
+                outcomes[i] = proposal
+        self.host.table.enforce_bounds()
+        return outcomes  # type: ignore[return-value]
 
-        timed = run_inline(work) if self.drafter.runs_inline else await self.host.worker.run(work)
+    async def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
+        parsed = self._parse(request)
+        if self.drafter.runs_inline:
+            timed = run_inline(lambda: self._unwrap(self._run_batch([parsed])[0]))
+        else:
+            timed = await self.batcher.submit(parsed)
         proposal = timed.value
         response = draft_pb2.ProposeResponse(
+            tokens=proposal.tokens,
+            point_mass=proposal.point_mass,
             timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s),
+            cache=common_pb2.CacheUse(reused_tokens=proposal.reused_tokens, computed_tokens=proposal.computed_tokens),
         )
-        if proposal is not None:
-            response.tokens.extend(proposal.tokens)
-            response.point_mass = proposal.point_mass
-            response.cache.reused_tokens = proposal.reused_tokens
-            response.cache.computed_tokens = proposal.computed_tokens
-            if proposal.probs is not None:
-                response.probs.CopyFrom(encode_tensor(proposal.probs))
+        if proposal.probs is not None:
+            response.probs.CopyFrom(encode_tensor(proposal.probs))
         return response
+
+    @staticmethod
+    def _unwrap(outcome: Proposal | BaseException) -> Proposal:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def Release(self, request, context):
         return await self.host.release(request, context)

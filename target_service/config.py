@@ -15,5 +15,7 @@ class TargetConfig:
     dtype: str = option("float32", "weights dtype: float32, float16 or bfloat16")
     cache_bytes: int = option(2 * 1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most draft tokens accepted in one Verify")
+    batch_window_ms: float = option(1.0, "how long the first Verify of a batch waits for others (ms)")
+    max_batch: int = option(16, "most sessions verified in one forward pass")
     torch_threads: int = option(0, "torch intra-op threads (0 = torch's default)")
     log_level: str = option("INFO", "logging level")

@@ -16,7 +16,7 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 def build_servicer(config: TargetConfig) -> TargetServicer:
     loaded = load_causal_lm(config.model, "target", config.device, config.dtype)
     host = SessionHost(loaded.facts, config.cache_bytes, "target-model")
-    return TargetServicer(host, loaded.runner, config.max_k)
+    return TargetServicer(host, loaded.runner, config.max_k, config.batch_window_ms / 1000, config.max_batch)
 
 
 async def start(config: TargetConfig, servicer: TargetServicer | None = None):

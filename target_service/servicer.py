@@ -1,26 +1,43 @@
-"""TargetService: parse the request, verify on the worker thread, encode the answer."""
+"""TargetService: parse the request, verify it in the next batch on the worker, encode the answer."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
+from specdec.batcher import Batcher
 from specdec.errors import InvalidArgument
 from specdec.kv_cache import CausalLMRunner
+from specdec.sampling import SamplingParams
 from specdec.service_base import SessionHost
 from specdec.tensor_codec import encode_tensor
 from specdec.v1 import common_pb2, target_pb2, target_pb2_grpc
-from specdec.wire import check_token_ids, context_from_pb, sampling_from_pb
-from target_service.verifier import verify
+from specdec.wire import ContextDelta, check_token_ids, context_from_pb, sampling_from_pb
+from target_service.verifier import Verification, VerifyJob, verify_batch
+
+
+@dataclass(frozen=True)
+class ParsedVerify:
+    context: ContextDelta
+    drafts: tuple[int, ...]
+    params: SamplingParams
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
-    def __init__(self, host: SessionHost, runner: CausalLMRunner, max_k: int):
+    def __init__(self, host: SessionHost, runner: CausalLMRunner, max_k: int, window_s: float, max_batch: int,
+                 on_batch=None):
         self.host = host
         self.runner = runner
         self.max_k = max_k
+        self.batcher: Batcher[ParsedVerify, Verification] = Batcher(
+            host.worker, self._run_batch, key=lambda r: r.context.session_id,
+            window_s=window_s, max_batch=max_batch, on_batch=on_batch,
+        )
 
-    async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
+    def _parse(self, request: target_pb2.VerifyRequest) -> ParsedVerify:
         facts = self.host.facts
         ctx = context_from_pb(request.context, facts.vocab_size, facts.max_context)
-        drafts = list(request.draft_tokens)
+        drafts = tuple(request.draft_tokens)
         if len(drafts) > self.max_k:
             raise InvalidArgument(f"at most {self.max_k} draft tokens per Verify, got {len(drafts)}")
         if ctx.committed_len + len(drafts) > facts.max_context:
@@ -29,15 +46,28 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 f"context of {facts.max_context} tokens"
             )
         check_token_ids(drafts, facts.vocab_size, "draft_tokens")
-        params = sampling_from_pb(request.sampling)
+        return ParsedVerify(ctx, drafts, sampling_from_pb(request.sampling))
 
-        def work():
-            entry, tokens = self.host.entry_and_tokens(ctx)
-            result = verify(self.runner, entry, tokens, drafts, params)
-            self.host.table.enforce_bounds(keep=ctx.session_id)
-            return result
+    def _run_batch(self, requests: Sequence[ParsedVerify]) -> list[Verification | BaseException]:
+        """On the worker thread: one forward pass for every request whose context resolves."""
+        outcomes: list[Verification | BaseException | None] = [None] * len(requests)
+        jobs, positions = [], []
+        for i, request in enumerate(requests):
+            try:
+                entry, tokens = self.host.entry_and_tokens(request.context)
+            except Exception as exc:  # noqa: BLE001 - a cache miss fails only its own request
+                outcomes[i] = exc
+                continue
+            jobs.append(VerifyJob(entry, tokens, request.drafts, request.params))
+            positions.append(i)
+        if jobs:
+            for i, result in zip(positions, verify_batch(self.runner, jobs)):
+                outcomes[i] = result
+        self.host.table.enforce_bounds()
+        return outcomes  # type: ignore[return-value]
 
-        timed = await self.host.worker.run(work)
+    async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
+        timed = await self.batcher.submit(self._parse(request))
         result = timed.value
         response = target_pb2.VerifyResponse(
             timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s),

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from specdec.batching import ForwardJob, batched_logits
 from specdec.kv_cache import CausalLMRunner, SessionCache
 from specdec.sampling import SamplingParams, probs_from_logits
 
@@ -19,6 +20,33 @@ class Verification:
     computed_tokens: int
 
 
+@dataclass
+class VerifyJob:
+    """One Verify request: the session's cache entry, committed tokens, drafts and sampling."""
+
+    entry: SessionCache
+    committed: Sequence[int]
+    draft_tokens: Sequence[int]
+    params: SamplingParams
+
+    def forward_job(self) -> ForwardJob:
+        # Logits at committed_len - 1 .. end: row i predicts position len(committed) + i.
+        return ForwardJob(self.entry, list(self.committed) + list(self.draft_tokens), len(self.committed) - 1)
+
+
+def _verification(job: VerifyJob, logits: torch.Tensor, reused: int) -> Verification:
+    computed = len(job.committed) + len(job.draft_tokens) - reused
+    if job.params.greedy:
+        return Verification(torch.argmax(logits, dim=-1).tolist(), None, reused, computed)
+    return Verification(None, probs_from_logits(logits, job.params), reused, computed)
+
+
+def verify_batch(runner: CausalLMRunner, jobs: Sequence[VerifyJob]) -> list[Verification]:
+    """Score every job's drafts in one forward pass (k+1 distributions or argmax ids each)."""
+    results = batched_logits(runner, [job.forward_job() for job in jobs])
+    return [_verification(job, logits, reused) for job, (logits, reused) in zip(jobs, results)]
+
+
 def verify(
     runner: CausalLMRunner,
     entry: SessionCache,
@@ -28,9 +56,4 @@ def verify(
 ) -> Verification:
     """Score `draft_tokens` after `committed`: row i of the result predicts position
     len(committed) + i, for i in 0..k (the last row is the bonus position)."""
-    tokens = list(committed) + list(draft_tokens)
-    logits, reused = runner.logits_from(entry, tokens, first=len(committed) - 1)
-    computed = len(tokens) - reused
-    if params.greedy:
-        return Verification(torch.argmax(logits, dim=-1).tolist(), None, reused, computed)
-    return Verification(None, probs_from_logits(logits, params), reused, computed)
+    return verify_batch(runner, [VerifyJob(entry, committed, draft_tokens, params)])[0]

@@ -1,0 +1,98 @@
+"""Dynamic batching: requests that arrive close together run as one call on the model worker.
+
+The first request of a batch waits `window_s` for company (unless `max_batch` are already
+waiting); requests that arrive while a batch runs form the next one. A session appears at most
+once per batch (its cache cannot be extended twice in one forward).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
+
+from specdec.serving import ModelWorker, Timed
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+@dataclass
+class _Waiting(Generic[J]):
+    job: J
+    future: asyncio.Future
+    arrived: float
+
+
+class Batcher(Generic[J, R]):
+    def __init__(
+        self,
+        worker: ModelWorker,
+        run: Callable[[Sequence[J]], Sequence[R | BaseException]],
+        key: Callable[[J], Hashable],
+        window_s: float,
+        max_batch: int,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.worker = worker
+        self.run = run  # one outcome (result or exception) per job, in order
+        self.key = key
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self.on_batch = on_batch
+        self._waiting: list[_Waiting[J]] = []
+        self._drainer: asyncio.Task | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    async def submit(self, job: J) -> Timed:
+        """Run `job` in the next batch; returns its result with queue and compute times."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(job, future, time.perf_counter()))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    def _take_batch(self) -> list[_Waiting[J]]:
+        batch, keys, rest = [], set(), []
+        for waiting in self._waiting:
+            if waiting.future.cancelled():
+                continue
+            key = self.key(waiting.job)
+            if len(batch) < self.max_batch and key not in keys:
+                batch.append(waiting)
+                keys.add(key)
+            else:
+                rest.append(waiting)
+        self._waiting = rest
+        return batch
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            if self.window_s > 0 and len(self._waiting) < self.max_batch:
+                await asyncio.sleep(self.window_s)
+            batch = self._take_batch()
+            if not batch:
+                continue
+            if self.on_batch:
+                self.on_batch(len(batch))
+            started = time.perf_counter()
+            try:
+                timed = await self.worker.run(lambda: self.run([w.job for w in batch]))
+                outcomes = list(timed.value)
+            except BaseException as exc:  # noqa: BLE001 - the batch failed as a whole
+                timed, outcomes = Timed(None, 0.0, 0.0), [exc] * len(batch)
+            for waiting, outcome in zip(batch, outcomes):
+                if waiting.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    waiting.future.set_exception(outcome)
+                else:
+                    waiting.future.set_result(
+                        Timed(outcome, started - waiting.arrived + timed.queue_s, timed.compute_s)
+                    )

@@ -1,0 +1,85 @@
+"""Batched forward passes equal unbatched ones; the batcher groups concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from draft_service.drafters import ModelDrafter, ProposeJob
+from specdec import models
+from specdec.batcher import Batcher
+from specdec.batching import ForwardJob, batched_logits
+from specdec.kv_cache import CausalLMRunner, SessionCache
+from specdec.sampling import SamplingParams, probs_from_logits
+from specdec.serving import ModelWorker
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_target):
+    model = models.load_model(str(tiny_target))
+    return CausalLMRunner(model, vocab_size=model.config.vocab_size)
+
+
+def _sequences(vocab: int) -> list[list[int]]:
+    torch.manual_seed(1)
+    return [torch.randint(0, vocab, (n,)).tolist() for n in (3, 60, 17, 1)]
+
+
+def test_batched_forward_equals_one_session_at_a_time(runner):
+    """Very different lengths, different draft lengths, then a rollback: same logits, same argmax."""
+    seqs = _sequences(runner.vocab_size)
+    alone = [SessionCache() for _ in seqs]
+    together = [SessionCache() for _ in seqs]
+    steps = [
+        lambda s, i: s,  # prefill
+        lambda s, i: s + [5, 6, 7, 8][: i + 1],  # verify 1..4 draft tokens
+        lambda s, i: s[: len(s) - i] + [9],  # roll back i positions, extend by one
+    ]
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    for step in steps:
+        seqs = [step(s, i) for i, s in enumerate(seqs)]
+        firsts = [max(0, len(s) - 1 - i) for i, s in enumerate(seqs)]
+        expected = [runner.logits_from(e, s, f) for e, s, f in zip(alone, seqs, firsts)]
+        got = batched_logits(runner, [ForwardJob(e, s, f) for e, s, f in zip(together, seqs, firsts)])
+        for (want, want_kept), (have, have_kept) in zip(expected, got):
+            assert have_kept == want_kept
+            assert have.shape == want.shape
+            assert torch.equal(have.argmax(-1), want.argmax(-1))
+            assert torch.allclose(probs_from_logits(have, params), probs_from_logits(want, params), atol=1e-5)
+    for a, b in zip(alone, together):
+        assert a.tokens == b.tokens and a.kv_len == b.kv_len
+
+
+def test_batched_drafting_equals_drafting_alone(tiny_draft):
+    model = models.load_model(str(tiny_draft))
+    drafter = ModelDrafter(CausalLMRunner(model, vocab_size=model.config.vocab_size))
+    seqs = _sequences(model.config.vocab_size)
+    ks = [1, 4, 2, 3]
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=3)):
+        alone = [drafter.propose(SessionCache(), s, k, params) for s, k in zip(seqs, ks)]
+        together = drafter.propose_batch([ProposeJob(SessionCache(), s, k, params) for s, k in zip(seqs, ks)])
+        for a, b, k in zip(alone, together, ks):
+            assert a.tokens == b.tokens and len(b.tokens) == k
+            if params.greedy:
+                assert b.probs is None
+            else:
+                assert torch.allclose(a.probs, b.probs, atol=1e-5)
+
+
+async def test_batcher_groups_concurrent_jobs_and_isolates_failures():
+    batches: list[list[str]] = []
+
+    def run(jobs):
+        batches.append(list(jobs))
+        return [ValueError(f"bad {j}") if j.startswith("bad") else j.upper() for j in jobs]
+
+    batcher = Batcher(ModelWorker("test"), run, key=lambda j: j.split(":")[0], window_s=0.01, max_batch=3)
+    jobs = ["a:1", "b:1", "bad:1", "a:2", "c:1"]
+    results = await asyncio.gather(*(batcher.submit(j) for j in jobs), return_exceptions=True)
+    assert [r.value if not isinstance(r, Exception) else str(r) for r in results] == [
+        "A:1", "B:1", "bad bad:1", "A:2", "C:1"]
+    assert batches[0] == ["a:1", "b:1", "bad:1"]  # at most 3, and session "a" only once
+    assert sorted(batches[1]) == ["a:2", "c:1"]
+    assert all(r.queue_s >= 0 and r.compute_s >= 0 for r in results if not isinstance(r, Exception))
