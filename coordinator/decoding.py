@@ -15,6 +15,7 @@ import grpc
 
 from coordinator.clients import DeltaTracker, DraftClient, DraftResult, TargetClient
 from coordinator.text_stream import TextStream
+from specdec.metrics import ServiceMetrics
 from specdec.sampling import ACCEPT, SAMPLE, SamplingParams, Verdict, greedy_accept, speculative_accept, uniform
 from specdec.session_store import SessionRecord, SessionStore
 
@@ -125,6 +126,7 @@ class Decoder:
         tokenizer,
         limits: ModelLimits,
         accept_rule=speculative_accept,
+        metrics: ServiceMetrics | None = None,
     ):
         self.target = target
         self.draft = draft
@@ -132,6 +134,7 @@ class Decoder:
         self.tokenizer = tokenizer
         self.limits = limits
         self.accept_rule = accept_rule  # injectable so tests can show a wrong rule is caught
+        self.metrics = metrics or ServiceMetrics()
 
     async def _timed_commit(self, timing: Stats, session_id: str, at: int, new: Sequence[int], **fields) -> None:
         started = time.perf_counter()
@@ -150,6 +153,7 @@ class Decoder:
             reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
             log.warning("draft tier failed (%s); this round runs without a draft", reason)
             stats.draft_fallback_rounds += 1
+            self.metrics.draft_fallbacks.inc()
             return None
         stats.draft_s += result.compute_s
         return result
@@ -204,6 +208,7 @@ class Decoder:
                 stats.target_prefill_tokens = len(tokens) - verification.reused_tokens
             verdict = self._decide(draft, verification, params.sampling, len(tokens))
             stats.record_round(len(drafts), verdict)
+            self._count_round(len(drafts), verdict)
             new = list(drafts[: verdict.accepted]) + [verdict.next_token]
             new, finish = self._truncate(new, generated, params, text)
             if finish is None and len(tokens) + len(new) >= self.limits.max_context:
@@ -215,9 +220,15 @@ class Decoder:
                 await self._commit_last(stats, session, len(tokens), new, started)
             tokens += new
             generated += new
+            self.metrics.generated_tokens.inc(len(new))
             if finish is None:
                 yield Chunk(text.feed(generated, final=False), new)
         yield Chunk(text.feed(generated, final=True), new, finish, stats)
+
+    def _count_round(self, proposed: int, verdict: Verdict) -> None:
+        self.metrics.rounds.inc()
+        self.metrics.draft_tokens.inc(proposed)
+        self.metrics.accepted_tokens.inc(verdict.accepted)
 
     async def _commit_last(
         self, stats: Stats, session: SessionRecord, committed_len: int, new: Sequence[int], started: float

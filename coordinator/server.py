@@ -15,7 +15,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Decoder, ModelLimits
 from coordinator.servicer import CoordinatorServicer
 from specdec import models
-from specdec.serving import run_until_signalled, start_server
+from specdec.metrics import ServiceMetrics
+from specdec.serving import Started, run_until_signalled, start_server
 from specdec.session_store import SessionStore
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, draft_pb2_grpc, target_pb2_grpc
 
@@ -78,20 +79,17 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
         eos_token_ids=frozenset(reference.eos_token_ids),
     )
     store = SessionStore(redis_client, config.session_ttl_s)
-    return Decoder(target, draft, store, tokenizer, limits)
+    return Decoder(target, draft, store, tokenizer, limits, metrics=ServiceMetrics())
 
 
-async def start(config: CoordinatorConfig, decoder: Decoder | None = None):
+async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> Started:
     decoder = decoder or await build_decoder(config)
     servicer = CoordinatorServicer(decoder, config)
     return await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
-        [SERVICE_NAME],
-        config.host,
-        config.port,
+        [SERVICE_NAME], config.host, config.port, decoder.metrics, config.metrics_port,
     )
 
 
 async def main(config: CoordinatorConfig) -> None:
-    server, health_servicer, address = await start(config)
-    await run_until_signalled(server, health_servicer, address)
+    await run_until_signalled(await start(config))

@@ -7,7 +7,7 @@ import secrets
 from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Chunk, Decoder, Stats, TurnParams
 from coordinator.prompting import turn_tokens
-from specdec.errors import InvalidArgument
+from specdec.errors import InvalidArgument, ResourceExhausted
 from specdec.sampling import SamplingParams
 from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
 from specdec.wire import check_token_ids
@@ -48,6 +48,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, decoder: Decoder, config: CoordinatorConfig):
         self.decoder = decoder
         self.config = config
+        self.active = 0  # Generate calls in flight on this replica
 
     def _turn_tokens(self, request: coordinator_pb2.GenerateRequest, history: list[int]) -> list[int]:
         limits = self.decoder.limits
@@ -72,6 +73,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Generate(self, request: coordinator_pb2.GenerateRequest, context):
         params = turn_params(request, self.config)
+        metrics = self.decoder.metrics
+        if self.active >= self.config.max_active_sessions:
+            metrics.rejected.inc()
+            raise ResourceExhausted(
+                f"this coordinator is serving its limit of {self.config.max_active_sessions} generations; "
+                "retry later or use another coordinator replica"
+            )
+        self.active += 1
+        metrics.active_sessions.inc()
+        try:
+            async for response in self._generate(request, params):
+                yield response
+        finally:
+            self.active -= 1
+            metrics.active_sessions.dec()
+
+    async def _generate(self, request: coordinator_pb2.GenerateRequest, params: TurnParams):
         store = self.decoder.store
         if request.session_id:
             session = await store.load(request.session_id)  # NOT_FOUND before anything else

@@ -16,6 +16,8 @@ class DraftConfig:
     max_k: int = option(32, "most tokens proposed in one Propose")
     batch_window_ms: float = option(1.0, "model drafter: how long the first Propose of a batch waits for others (ms)")
     max_batch: int = option(16, "model drafter: most sessions drafted in one forward pass")
+    max_queued: int = option(256, "Propose calls waiting beyond this are refused with RESOURCE_EXHAUSTED")
+    metrics_port: int = option(0, "port of the Prometheus /metrics endpoint (0 = a free one, -1 = off)")
     ngram_max: int = option(3, "n-gram drafter: longest suffix matched")
     ngram_min: int = option(1, "n-gram drafter: shortest suffix matched")
     ngram_vocab_size: int = option(0, "n-gram drafter: vocabulary size for token-id checks (0 = accept any id)")

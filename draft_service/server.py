@@ -8,14 +8,15 @@ from draft_service.config import DraftConfig
 from draft_service.drafters import ModelDrafter, NgramDrafter
 from draft_service.servicer import DraftServicer
 from specdec.service_base import ModelFacts, SessionHost, load_causal_lm
-from specdec.serving import run_until_signalled, start_server
+from specdec.metrics import ServiceMetrics
+from specdec.serving import Started, run_until_signalled, start_server
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 NGRAM = "ngram"
 
 
-def build_servicer(config: DraftConfig) -> DraftServicer:
+def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftServicer:
     if config.model == NGRAM:
         facts = ModelFacts(
             name=NGRAM,
@@ -30,21 +31,21 @@ def build_servicer(config: DraftConfig) -> DraftServicer:
         loaded = load_causal_lm(config.model, "model", config.device, config.dtype)
         facts, drafter = loaded.facts, ModelDrafter(loaded.runner)
     host = SessionHost(facts, config.cache_bytes, "draft-model")
-    return DraftServicer(host, drafter, config.max_k, config.batch_window_ms / 1000, config.max_batch)
+    metrics.watch_cache(host.table)
+    return DraftServicer(host, drafter, config.max_k, config.batch_window_ms / 1000, config.max_batch,
+                         config.max_queued, metrics)
 
 
-async def start(config: DraftConfig, servicer: DraftServicer | None = None):
+async def start(config: DraftConfig) -> Started:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    servicer = servicer or build_servicer(config)
+    metrics = ServiceMetrics()
+    servicer = build_servicer(config, metrics)
     return await start_server(
         lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server),
-        [SERVICE_NAME],
-        config.host,
-        config.port,
+        [SERVICE_NAME], config.host, config.port, metrics, config.metrics_port,
     )
 
 
 async def main(config: DraftConfig) -> None:
-    server, health_servicer, address = await start(config)
-    await run_until_signalled(server, health_servicer, address)
+    await run_until_signalled(await start(config))

@@ -8,7 +8,8 @@ from typing import Sequence
 
 from draft_service.drafters import Proposal, ProposeJob
 from specdec.batcher import Batcher
-from specdec.errors import InvalidArgument
+from specdec.errors import InvalidArgument, ResourceExhausted
+from specdec.metrics import ServiceMetrics
 from specdec.sampling import SamplingParams
 from specdec.service_base import SessionHost
 from specdec.serving import run_inline
@@ -25,14 +26,16 @@ class ParsedPropose:
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, host: SessionHost, drafter, max_k: int, window_s: float = 0.001, max_batch: int = 16,
-                 on_batch=None):
+    def __init__(self, host: SessionHost, drafter, max_k: int, window_s: float, max_batch: int, max_queued: int,
+                 metrics: ServiceMetrics):
         self.host = host
         self.drafter = drafter
         self.max_k = max_k
+        self.max_queued = max_queued
+        self.metrics = metrics
         self.batcher: Batcher[ParsedPropose, Proposal] = Batcher(
             host.worker, self._run_batch, key=lambda r: r.context.session_id,
-            window_s=window_s, max_batch=max_batch, on_batch=on_batch,
+            window_s=window_s, max_batch=max_batch, on_batch=metrics.draft_batch_size.observe,
         )
 
     def _parse(self, request: draft_pb2.ProposeRequest) -> ParsedPropose:
@@ -66,8 +69,12 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         if self.drafter.runs_inline:
             timed = run_inline(lambda: self._unwrap(self._run_batch([parsed])[0]))
         else:
+            if self.batcher.queued >= self.max_queued:
+                self.metrics.rejected.inc()
+                raise ResourceExhausted(f"{self.batcher.queued} Propose calls are already waiting on this draft replica")
             timed = await self.batcher.submit(parsed)
         proposal = timed.value
+        self.metrics.draft_tokens.inc(len(proposal.tokens))
         response = draft_pb2.ProposeResponse(
             tokens=proposal.tokens,
             point_mass=proposal.point_mass,

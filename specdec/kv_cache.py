@@ -51,6 +51,7 @@ class SessionCacheTable:
         self.max_bytes = max_bytes
         self.max_sessions = max_sessions
         self.evictions = 0
+        self.bytes_held = 0  # as of the last enforce_bounds, for metrics read from another thread
         self._entries: OrderedDict[str, SessionCache] = OrderedDict()
 
     def __len__(self) -> int:
@@ -80,6 +81,7 @@ class SessionCacheTable:
                 continue
             total -= self._entries.pop(session_id).nbytes
             self.evictions += 1
+        self.bytes_held = total
 
 
 def committed_tokens(cached: Sequence[int], delta_start: int, delta: Sequence[int], committed_len: int) -> list[int]:

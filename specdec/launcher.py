@@ -30,6 +30,7 @@ class Child:
     name: str
     process: asyncio.subprocess.Process
     address: str = ""
+    metrics: str | None = None  # host:port of its Prometheus /metrics
 
     @property
     def pid(self) -> int:
@@ -65,9 +66,10 @@ class Pipeline:
         return {
             "coordinator": self.coordinator.address if self.coordinator else None,
             "redis": self.redis_url,
-            "draft": [{"address": c.address, "pid": c.pid} for c in self.drafts],
-            "target": [{"address": c.address, "pid": c.pid} for c in self.targets],
+            "draft": [{"address": c.address, "pid": c.pid, "metrics": c.metrics} for c in self.drafts],
+            "target": [{"address": c.address, "pid": c.pid, "metrics": c.metrics} for c in self.targets],
             "coordinator_pid": self.coordinator.pid if self.coordinator else None,
+            "coordinator_metrics": self.coordinator.metrics if self.coordinator else None,
         }
 
     async def stop(self) -> None:
@@ -131,7 +133,8 @@ async def spawn_service(name: str, module: str, args: list[str], timeout_s: floa
                 code = await process.wait()
                 raise RuntimeError(f"{name} exited with code {code} before it was ready (its log is above)")
             try:
-                child.address = json.loads(line)["listening"]
+                announced = json.loads(line)
+                child.address, child.metrics = announced["listening"], announced.get("metrics")
                 return child
             except (ValueError, KeyError, TypeError):
                 sys.stdout.write(line.decode(errors="replace"))

@@ -18,6 +18,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from specdec.errors import ErrorInterceptor
+from specdec.metrics import MetricsInterceptor, ServiceMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,11 +78,28 @@ def configure_logging(level: str) -> None:
     )
 
 
+@dataclass
+class Started:
+    """A running server: what run_until_signalled needs, and where it listens."""
+
+    server: aio.Server
+    health: health.aio.HealthServicer
+    address: str
+    metrics_address: str | None = None
+
+
 async def start_server(
-    register: Callable[[aio.Server], None], service_names: Iterable[str], host: str, port: int
-) -> tuple[aio.Server, health.aio.HealthServicer, str]:
-    """Create, register and start a server with health checking; return it and its address."""
-    server = aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+    register: Callable[[aio.Server], None],
+    service_names: Iterable[str],
+    host: str,
+    port: int,
+    metrics: ServiceMetrics | None = None,
+    metrics_port: int = -1,
+) -> Started:
+    """Create, register and start a server with health checking (and /metrics on metrics_port,
+    0 = a free port, -1 = none)."""
+    interceptors = [ErrorInterceptor()] + ([MetricsInterceptor(metrics)] if metrics else [])
+    server = aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -91,12 +109,11 @@ async def start_server(
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, health_servicer, f"{host}:{bound}"
+    metrics_address = metrics.serve(host, metrics_port) if metrics and metrics_port >= 0 else None
+    return Started(server, health_servicer, f"{host}:{bound}", metrics_address)
 
 
-async def run_until_signalled(
-    server: aio.Server, health_servicer: health.aio.HealthServicer, address: str, grace_s: float = 5.0
-) -> None:
+async def run_until_signalled(started: Started, grace_s: float = 5.0) -> None:
     """Announce the address on stdout (one JSON line), then serve until SIGTERM or SIGINT.
 
     On a signal the health status turns NOT_SERVING first, so balancers stop sending work,
@@ -106,12 +123,12 @@ async def run_until_signalled(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(json.dumps({"listening": address}), flush=True)
-    log.info("serving on %s", address)
+    print(json.dumps({"listening": started.address, "metrics": started.metrics_address}), flush=True)
+    log.info("serving on %s (metrics on %s)", started.address, started.metrics_address)
     await stop.wait()
     log.info("shutting down")
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace_s)
+    await started.health.enter_graceful_shutdown()
+    await started.server.stop(grace_s)
 
 
 async def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:

@@ -17,5 +17,7 @@ class TargetConfig:
     max_k: int = option(32, "most draft tokens accepted in one Verify")
     batch_window_ms: float = option(1.0, "how long the first Verify of a batch waits for others (ms)")
     max_batch: int = option(16, "most sessions verified in one forward pass")
+    max_queued: int = option(256, "Verify calls waiting beyond this are refused with RESOURCE_EXHAUSTED")
+    metrics_port: int = option(0, "port of the Prometheus /metrics endpoint (0 = a free one, -1 = off)")
     torch_threads: int = option(0, "torch intra-op threads (0 = torch's default)")
     log_level: str = option("INFO", "logging level")

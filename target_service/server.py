@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from specdec.service_base import SessionHost, load_causal_lm
-from specdec.serving import run_until_signalled, start_server
+from specdec.metrics import ServiceMetrics
+from specdec.serving import Started, run_until_signalled, start_server
 from specdec.v1 import target_pb2, target_pb2_grpc
 from target_service.config import TargetConfig
 from target_service.servicer import TargetServicer
@@ -13,25 +14,24 @@ from target_service.servicer import TargetServicer
 SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
 
-def build_servicer(config: TargetConfig) -> TargetServicer:
+def build_servicer(config: TargetConfig, metrics: ServiceMetrics) -> TargetServicer:
     loaded = load_causal_lm(config.model, "target", config.device, config.dtype)
     host = SessionHost(loaded.facts, config.cache_bytes, "target-model")
-    return TargetServicer(host, loaded.runner, config.max_k, config.batch_window_ms / 1000, config.max_batch)
+    metrics.watch_cache(host.table)
+    return TargetServicer(host, loaded.runner, config.max_k, config.batch_window_ms / 1000, config.max_batch,
+                          config.max_queued, metrics)
 
 
-async def start(config: TargetConfig, servicer: TargetServicer | None = None):
-    """Start serving; returns (server, health servicer, address)."""
+async def start(config: TargetConfig) -> Started:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    servicer = servicer or build_servicer(config)
+    metrics = ServiceMetrics()
+    servicer = build_servicer(config, metrics)
     return await start_server(
         lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server),
-        [SERVICE_NAME],
-        config.host,
-        config.port,
+        [SERVICE_NAME], config.host, config.port, metrics, config.metrics_port,
     )
 
 
 async def main(config: TargetConfig) -> None:
-    server, health_servicer, address = await start(config)
-    await run_until_signalled(server, health_servicer, address)
+    await run_until_signalled(await start(config))

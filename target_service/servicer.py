@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from specdec.batcher import Batcher
-from specdec.errors import InvalidArgument
+from specdec.errors import InvalidArgument, ResourceExhausted
 from specdec.kv_cache import CausalLMRunner
+from specdec.metrics import ServiceMetrics
 from specdec.sampling import SamplingParams
 from specdec.service_base import SessionHost
 from specdec.tensor_codec import encode_tensor
@@ -25,13 +26,15 @@ class ParsedVerify:
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     def __init__(self, host: SessionHost, runner: CausalLMRunner, max_k: int, window_s: float, max_batch: int,
-                 on_batch=None):
+                 max_queued: int, metrics: ServiceMetrics):
         self.host = host
         self.runner = runner
         self.max_k = max_k
+        self.max_queued = max_queued
+        self.metrics = metrics
         self.batcher: Batcher[ParsedVerify, Verification] = Batcher(
             host.worker, self._run_batch, key=lambda r: r.context.session_id,
-            window_s=window_s, max_batch=max_batch, on_batch=on_batch,
+            window_s=window_s, max_batch=max_batch, on_batch=metrics.verify_batch_size.observe,
         )
 
     def _parse(self, request: target_pb2.VerifyRequest) -> ParsedVerify:
@@ -67,7 +70,14 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         return outcomes  # type: ignore[return-value]
 
     async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
-        timed = await self.batcher.submit(self._parse(request))
+        parsed = self._parse(request)
+        if self.batcher.queued >= self.max_queued:
+            self.metrics.rejected.inc()
+            raise ResourceExhausted(
+                f"{self.batcher.queued} Verify calls are already waiting on this target replica; "
+                "retry later or add target replicas"
+            )
+        timed = await self.batcher.submit(parsed)
         result = timed.value
         response = target_pb2.VerifyResponse(
             timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s),

@@ -94,11 +94,16 @@ class Stack:
     target: str
     draft: str | None
     decoder: object
-    servers: list
+    servers: list  # targets, drafts, coordinator, in that order
+    targets: list = None
+    drafts: list = None
 
 
-async def start_stack(redis_url: str, target_model: Path, draft: str | None, **coordinator_overrides) -> Stack:
-    """Start real gRPC servers on loopback in this event loop: target, optional draft, coordinator."""
+async def start_stack(
+    redis_url: str, target_model: Path, draft: str | None, target_replicas: int = 1, draft_replicas: int = 1,
+    **coordinator_overrides,
+) -> Stack:
+    """Start real gRPC servers on loopback in this event loop: target(s), optional draft(s), coordinator."""
     from coordinator import server as coordinator_server
     from coordinator.config import CoordinatorConfig
     from draft_service import server as draft_server
@@ -106,25 +111,27 @@ async def start_stack(redis_url: str, target_model: Path, draft: str | None, **c
     from target_service import server as target_server
     from target_service.config import TargetConfig
 
-    servers = []
-    t_server, _, t_addr = await target_server.start(TargetConfig(model=str(target_model)))  # a path or "smollm2"
-    servers.append(t_server)
-    d_addr = None
+    started = [await target_server.start(TargetConfig(model=str(target_model), metrics_port=-1))
+               for _ in range(target_replicas)]
+    targets = [s.address for s in started]
+    drafts = []
     if draft is not None:
-        d_server, _, d_addr = await draft_server.start(DraftConfig(model=draft))
-        servers.append(d_server)
+        for _ in range(draft_replicas):
+            started.append(await draft_server.start(DraftConfig(model=draft, metrics_port=-1)))
+            drafts.append(started[-1].address)
     config = CoordinatorConfig(
-        target=(t_addr,),
-        draft=(d_addr,) if d_addr else (),
+        target=tuple(targets),
+        draft=tuple(drafts),
         redis_url=redis_url,
         tokenizer=str(target_model),
         startup_timeout_s=30,
+        metrics_port=-1,
         **coordinator_overrides,
     )
     decoder = await coordinator_server.build_decoder(config)
-    c_server, _, c_addr = await coordinator_server.start(config, decoder)
-    servers.append(c_server)
-    return Stack(c_addr, t_addr, d_addr, decoder, servers)
+    started.append(await coordinator_server.start(config, decoder))
+    return Stack(started[-1].address, targets[0], drafts[0] if drafts else None, decoder,
+                 [s.server for s in started], targets, drafts)
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -1,0 +1,90 @@
+"""Prometheus metrics: one registry per server (no process-wide globals), served on HTTP /metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Awaitable, Callable
+
+import grpc
+from grpc import aio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServiceMetrics:
+    """Every metric the three services export; each service updates the ones that concern it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rpc_seconds = Histogram("specdec_rpc_duration_seconds", "Server-side duration of each RPC",
+                                     ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.verify_batch_size = Histogram("specdec_verify_batch_size", "Sessions per target forward pass",
+                                           buckets=BATCH_BUCKETS, registry=r)
+        self.draft_batch_size = Histogram("specdec_draft_batch_size", "Sessions per drafting batch",
+                                          buckets=BATCH_BUCKETS, registry=r)
+        self.draft_tokens = Counter("specdec_draft_tokens", "Draft tokens proposed", registry=r)
+        self.accepted_tokens = Counter("specdec_accepted_tokens", "Draft tokens accepted by the target", registry=r)
+        self.rounds = Counter("specdec_rounds", "Decoding rounds (target steps)", registry=r)
+        self.generated_tokens = Counter("specdec_generated_tokens", "Tokens streamed to clients", registry=r)
+        self.draft_fallbacks = Counter("specdec_draft_fallback_rounds", "Rounds run target-only because drafting failed",
+                                       registry=r)
+        self.active_sessions = Gauge("specdec_active_sessions", "Generate calls in flight (coordinator) or "
+                                     "sessions held in the cache (draft, target)", registry=r)
+        self.cache_bytes = Gauge("specdec_cache_bytes", "Bytes of KV cache held", registry=r)
+        self.cache_evictions = Gauge("specdec_cache_evictions", "Sessions evicted from the cache so far", registry=r)
+        self.rejected = Counter("specdec_rejected_requests", "Requests refused with RESOURCE_EXHAUSTED", registry=r)
+
+    def watch_cache(self, table) -> None:
+        """Export a SessionCacheTable's size; read on scrape from the values the worker last stored."""
+        self.active_sessions.set_function(lambda: len(table))
+        self.cache_bytes.set_function(lambda: table.bytes_held)
+        self.cache_evictions.set_function(lambda: table.evictions)
+
+    def serve(self, host: str, port: int) -> str:
+        """Start the /metrics HTTP server (a daemon thread); returns host:port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return f"{host}:{server.server_port}"
+
+
+class MetricsInterceptor(aio.ServerInterceptor):
+    """Times every unary and server-streaming RPC into specdec_rpc_duration_seconds{method}."""
+
+    def __init__(self, metrics: ServiceMetrics):
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        histogram = self.metrics.rpc_seconds.labels(method=handler_call_details.method.rsplit("/", 1)[-1])
+        if handler.unary_unary:
+            behavior = handler.unary_unary
+
+            async def unary(request: Any, context: aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                try:
+                    return await behavior(request, context)
+                finally:
+                    histogram.observe(time.perf_counter() - started)
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            stream_behavior = handler.unary_stream
+
+            async def stream(request: Any, context: aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                try:
+                    async for response in stream_behavior(request, context):
+                        yield response
+                finally:
+                    histogram.observe(time.perf_counter() - started)
+
+            return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+        return handler
