@@ -8,14 +8,18 @@ the whole sequence.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import ipaddress
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence, TypeVar
 
 import grpc
 import torch
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec.sampling import SamplingParams
 from specdec.serving import CHANNEL_OPTIONS
@@ -56,20 +60,79 @@ async def _send_delta(stub, session_id: str, tokens: Sequence[int], start: int, 
         return await send(stub, context_to_pb(session_id, tokens, 0))
 
 
+def expand_addresses(addresses: Sequence[str]) -> list[str]:
+    """host:port entries whose host name resolves to several addresses become one entry per
+    address, so a DNS name that lists every replica (a Kubernetes headless Service) works."""
+    expanded: list[str] = []
+    for entry in addresses:
+        host, _, port = entry.rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            expanded.append(entry)  # already an address
+            continue
+        except ValueError:
+            pass
+        try:
+            found = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
+        except (OSError, ValueError):
+            found = []
+        if len(found) <= 1:
+            expanded.append(entry)  # let gRPC resolve (and report) it
+        else:
+            expanded += [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in found]
+    return list(dict.fromkeys(expanded))
+
+
 class ReplicaSet:
-    """Channels to the replicas of one tier, tried in session-affinity order."""
+    """Channels to the replicas of one tier, tried in session-affinity order, healthy ones first."""
 
     def __init__(self, addresses: Sequence[str], stub_class, timeout_s: float):
         if not addresses:
             raise ValueError("a tier needs at least one replica address")
-        self.addresses = list(addresses)
+        self.configured = list(addresses)
+        self.stub_class = stub_class
         self.timeout_s = timeout_s
-        self._channels = [aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
-        self.stubs = [stub_class(c) for c in self._channels]
+        self.addresses: list[str] = []
+        self.stubs: list = []
+        self.healthy: dict[str, bool] = {}
+        self._channels: dict[str, aio.Channel] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-resolve the configured names; open channels to replicas that appeared."""
+        current = expand_addresses(self.configured)
+        for address in current:
+            if address not in self._channels:
+                self._channels[address] = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self.healthy.setdefault(address, True)
+        self.addresses = current
+        self.stubs = [self.stub_class(self._channels[a]) for a in current]
+
+    async def check_health(self) -> None:
+        """Ask every replica's grpc.health.v1 service; unhealthy ones are tried last."""
+        async def probe(address: str) -> None:
+            try:
+                reply = await health_pb2_grpc.HealthStub(self._channels[address]).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                self.healthy[address] = reply.status == health_pb2.HealthCheckResponse.SERVING
+            except aio.AioRpcError:
+                self.healthy[address] = False
+
+        await asyncio.gather(*(probe(a) for a in self.addresses))
+
+    async def watch(self, interval_s: float) -> None:
+        """Refresh and health-check forever (a background task of the coordinator)."""
+        while True:
+            self.refresh()
+            await self.check_health()
+            await asyncio.sleep(interval_s)
 
     def order_for(self, session_id: str) -> list[int]:
-        first = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "little") % len(self.addresses)
-        return [(first + i) % len(self.addresses) for i in range(len(self.addresses))]
+        count = len(self.addresses)
+        first = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "little") % count
+        order = [(first + i) % count for i in range(count)]
+        # Affinity first, but a replica known to be down only as a last resort.
+        return sorted(order, key=lambda i: not self.healthy.get(self.addresses[i], True))
 
     async def call(self, session_id: str, tokens: Sequence[int], tracker: DeltaTracker, send: Send[T]) -> T:
         """Run `send(stub, context)` on the session's replica, falling back to the others."""
@@ -91,7 +154,7 @@ class ReplicaSet:
         raise last_error
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._channels.values():
             await channel.close()
 
 

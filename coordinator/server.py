@@ -51,9 +51,11 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     target = TargetClient(ReplicaSet(config.target, target_pb2_grpc.TargetServiceStub, config.rpc_timeout_s))
     infos = [await _info(stub, a, config.startup_timeout_s) for a, stub in zip(target.replicas.addresses, target.replicas.stubs)]
     reference = infos[0]
-    for address, info in zip(config.target, infos):
+    for address, info in zip(target.replicas.addresses, infos):
         if info.vocab_fingerprint != reference.vocab_fingerprint:
-            raise StartupError(f"target replica {address} serves a different vocabulary than {config.target[0]}")
+            raise StartupError(
+                f"target replica {address} serves a different vocabulary than {target.replicas.addresses[0]}"
+            )
     if models.vocab_fingerprint(tokenizer) != reference.vocab_fingerprint:
         raise StartupError(
             f"the coordinator's tokenizer ({config.tokenizer}) differs from the target's ({reference.name}); "
@@ -85,6 +87,8 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
 async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> Started:
     decoder = decoder or await build_decoder(config)
     servicer = CoordinatorServicer(decoder, config)
+    tiers = [decoder.target.replicas] + ([decoder.draft.replicas] if decoder.draft else [])
+    servicer.watchers = [asyncio.create_task(tier.watch(config.health_interval_s)) for tier in tiers]
     return await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
         [SERVICE_NAME], config.host, config.port, decoder.metrics, config.metrics_port,

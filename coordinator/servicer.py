@@ -49,6 +49,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.decoder = decoder
         self.config = config
         self.active = 0  # Generate calls in flight on this replica
+        self.watchers: list = []  # background health checks of the tiers (kept referenced)
 
     def _turn_tokens(self, request: coordinator_pb2.GenerateRequest, history: list[int]) -> list[int]:
         limits = self.decoder.limits

@@ -86,6 +86,7 @@ class Started:
     health: health.aio.HealthServicer
     address: str
     metrics_address: str | None = None
+    metrics: ServiceMetrics | None = None
 
 
 async def start_server(
@@ -110,7 +111,7 @@ async def start_server(
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_address = metrics.serve(host, metrics_port) if metrics and metrics_port >= 0 else None
-    return Started(server, health_servicer, f"{host}:{bound}", metrics_address)
+    return Started(server, health_servicer, f"{host}:{bound}", metrics_address, metrics)
 
 
 async def run_until_signalled(started: Started, grace_s: float = 5.0) -> None:

@@ -97,6 +97,7 @@ class Stack:
     servers: list  # targets, drafts, coordinator, in that order
     targets: list = None
     drafts: list = None
+    started: list = None  # specdec.serving.Started of each server, same order as servers
 
 
 async def start_stack(
@@ -131,7 +132,7 @@ async def start_stack(
     decoder = await coordinator_server.build_decoder(config)
     started.append(await coordinator_server.start(config, decoder))
     return Stack(started[-1].address, targets[0], drafts[0] if drafts else None, decoder,
-                 [s.server for s in started], targets, drafts)
+                 [s.server for s in started], targets, drafts, started)
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -54,6 +54,8 @@ def test_up_prints_every_service_and_they_run(running_up):
     assert len(summary["target"]) == 2 and len(summary["draft"]) == 1
     for service in summary["target"] + summary["draft"]:
         assert service["address"].startswith("127.0.0.1:") and _alive(service["pid"])
+        assert service["metrics"].startswith("127.0.0.1:")
+    assert summary["coordinator_metrics"].startswith("127.0.0.1:")
 
 
 def test_generate_json_and_continuation(running_up):
@@ -69,6 +71,12 @@ def test_generate_json_and_continuation(running_up):
                       "--max-new-tokens", "5", "--json")
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["session_id"] == result["session_id"]
+    # The coordinator's /metrics counts what it served.
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://{summary['coordinator_metrics']}/metrics", timeout=5).read().decode()
+    rounds = float(next(line.split()[1] for line in body.splitlines() if line.startswith("specdec_rounds_total ")))
+    assert rounds >= result["stats"]["rounds"]
 
 
 def test_generate_streams_text_and_reports_errors(running_up):
