@@ -46,6 +46,7 @@ class BenchOptions:
     ks: tuple[int, ...] = (4,)
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
     sweep_tokens: int = 32
+    sweep_only: bool = False  # only the concurrency sweep (no per-configuration runs, peers or probe)
     peers: bool = True
     overhead: bool = True  # the stand-in-model probe of per-round overhead (bench/overhead.py)
     device: str = "cpu"
@@ -209,9 +210,11 @@ async def run_bench(options: BenchOptions) -> dict:
     ours_configs = [(BASELINE, options.drafters[0], 0)] + [
         (f"ours-{drafter_name(d)}-k{k}", d, k) for d in options.drafters for k in options.ks
     ]
+    if options.sweep_only:
+        ours_configs = []
     model_drafts = [d for d in options.drafters if d != "ngram"]
     peer_configs = []
-    if options.peers:
+    if options.peers and not options.sweep_only:
         peer_configs = [(HF_PLAIN, {})]
         peer_configs += [(f"hf-assisted-{drafter_name(d)}-k{k}", {"draft": d, "k": k}) for d in model_drafts for k in options.ks]
         peer_configs += [(f"hf-lookup-k{k}", {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": 3}) for k in options.ks]
@@ -253,7 +256,7 @@ async def run_bench(options: BenchOptions) -> dict:
                 bar.update()
     bar.close()
     overhead = None
-    if options.overhead:
+    if options.overhead and not options.sweep_only:
         from bench.overhead import measure_overhead
 
         overhead = await measure_overhead(options.target, k=max(options.ks), device=options.device)

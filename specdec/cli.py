@@ -182,7 +182,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         target=args.target, drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()),
         ks=ints(args.ks), concurrency=ints(args.concurrency), sweep_tokens=args.sweep_tokens,
-        peers=not args.no_peers, overhead=not args.no_overhead, device=args.device, out=out,
+        sweep_only=args.sweep_only, peers=not args.no_peers, overhead=not args.no_overhead, device=args.device, out=out,
         progress=not args.no_progress,
     )
     report = await run_bench(options)
@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ks", default="4", help="comma-separated draft lengths")
     bench.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated session counts for the sweep")
     bench.add_argument("--sweep-tokens", type=int, default=32, help="new tokens per session in the sweep")
+    bench.add_argument("--sweep-only", action="store_true", help="run only the concurrency sweep")
     bench.add_argument("--no-peers", action="store_true", help="skip the in-process Hugging Face peers")
     bench.add_argument("--no-overhead", action="store_true", help="skip the per-round overhead probe")
     bench.add_argument("--device", default="cpu", help="torch device for every model")
