@@ -137,8 +137,9 @@ class ReplicaSet:
     async def call(self, session_id: str, tokens: Sequence[int], tracker: DeltaTracker, send: Send[T]) -> T:
         """Run `send(stub, context)` on the session's replica, falling back to the others."""
         last_error: aio.AioRpcError | None = None
-        for index in self.order_for(session_id):
-            address, stub = self.addresses[index], self.stubs[index]
+        # A snapshot: refresh() may change the replica list while this call awaits.
+        candidates = [(self.addresses[i], self.stubs[i]) for i in self.order_for(session_id)]
+        for address, stub in candidates:
             try:
                 reply = await _send_delta(stub, session_id, tokens, tracker.start_for(address, len(tokens)), send)
             except aio.AioRpcError as err:

@@ -48,21 +48,11 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
     def _run_batch(self, requests: Sequence[ParsedPropose]) -> list[Proposal | BaseException]:
         """Every request whose context resolves drafts together (one forward per draft step)."""
-        outcomes: list[Proposal | BaseException | None] = [None] * len(requests)
-        jobs, positions = [], []
-        for i, request in enumerate(requests):
-            try:
-                entry, tokens = self.host.entry_and_tokens(request.context)
-            except Exception as exc:  # noqa: BLE001 - a cache miss fails only its own request
-                outcomes[i] = exc
-                continue
-            jobs.append(ProposeJob(entry, tokens, request.k, request.params))
-            positions.append(i)
-        if jobs:
-            for i, proposal in zip(positions, self.drafter.propose_batch(jobs)):
-                outcomes[i] = proposal
-        self.host.table.enforce_bounds()
-        return outcomes  # type: ignore[return-value]
+        return self.host.run_batch(
+            requests,
+            lambda request, entry, tokens: ProposeJob(entry, tokens, request.k, request.params),
+            self.drafter.propose_batch,
+        )
 
     async def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
         parsed = self._parse(request)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
-from specdec.kv_cache import CausalLMRunner, SessionCacheTable, committed_tokens
+from specdec.kv_cache import CausalLMRunner, SessionCache, SessionCacheTable, committed_tokens
 from specdec.serving import ModelWorker
 from specdec.v1 import common_pb2
 from specdec.wire import ContextDelta
@@ -48,6 +49,31 @@ class SessionHost:
                 self.table.release(context.session_id)  # do not keep an empty entry for a miss
             raise
         return entry, tokens
+
+    def run_batch(
+        self,
+        requests: Sequence[Any],
+        make_job: Callable[[Any, SessionCache, list[int]], Any],
+        run_jobs: Callable[[list[Any]], Sequence[Any]],
+    ) -> list[Any]:
+        """On the worker thread: resolve each request's context (a cache miss fails only that
+        request), run the resolvable ones together, then enforce the cache bound. Returns one
+        outcome, a result or an exception, per request."""
+        outcomes: list[Any] = [None] * len(requests)
+        jobs, positions = [], []
+        for i, request in enumerate(requests):
+            try:
+                entry, tokens = self.entry_and_tokens(request.context)
+            except Exception as exc:  # noqa: BLE001 - handed back as that request's outcome
+                outcomes[i] = exc
+                continue
+            jobs.append(make_job(request, entry, tokens))
+            positions.append(i)
+        if jobs:
+            for i, result in zip(positions, run_jobs(jobs)):
+                outcomes[i] = result
+        self.table.enforce_bounds()
+        return outcomes
 
     async def release(self, request: common_pb2.ReleaseRequest, context) -> common_pb2.ReleaseResponse:
         released = (await self.worker.run(lambda: self.table.release(request.session_id))).value

@@ -90,7 +90,8 @@ class SessionStore:
         return f"{base}:meta", f"{base}:tokens", f"{base}:lease"
 
     async def create(self, seed: int) -> SessionRecord:
-        session_id = secrets.token_urlsafe(18)  # 144 random bits: unguessable
+        # 144 random bits: unguessable; hex so an id never starts with "-" (a flag on a command line).
+        session_id = secrets.token_hex(18)
         meta, tokens, _ = self._keys(session_id)
         now = time.time()
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -53,21 +53,11 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 
     def _run_batch(self, requests: Sequence[ParsedVerify]) -> list[Verification | BaseException]:
         """On the worker thread: one forward pass for every request whose context resolves."""
-        outcomes: list[Verification | BaseException | None] = [None] * len(requests)
-        jobs, positions = [], []
-        for i, request in enumerate(requests):
-            try:
-                entry, tokens = self.host.entry_and_tokens(request.context)
-            except Exception as exc:  # noqa: BLE001 - a cache miss fails only its own request
-                outcomes[i] = exc
-                continue
-            jobs.append(VerifyJob(entry, tokens, request.drafts, request.params))
-            positions.append(i)
-        if jobs:
-            for i, result in zip(positions, verify_batch(self.runner, jobs)):
-                outcomes[i] = result
-        self.host.table.enforce_bounds()
-        return outcomes  # type: ignore[return-value]
+        return self.host.run_batch(
+            requests,
+            lambda request, entry, tokens: VerifyJob(entry, tokens, request.drafts, request.params),
+            lambda jobs: verify_batch(self.runner, jobs),
+        )
 
     async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
         parsed = self._parse(request)

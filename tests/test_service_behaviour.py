@@ -192,3 +192,12 @@ async def test_redis_holds_the_session_with_its_parameters_and_ttl(channels, sta
     ttl = await client.ttl(f"specdec:{{{result.session_id}}}:tokens")
     await client.aclose()
     assert 0 < ttl <= 86_400
+
+
+async def test_session_ids_are_random_hex(stacks):
+    store = stacks["none"].decoder.store
+    ids = [(await store.create(seed=1)).session_id for _ in range(50)]
+    assert len(set(ids)) == 50
+    assert all(len(i) == 36 and all(c in "0123456789abcdef" for c in i) for i in ids)
+    for session_id in ids:
+        await store.delete(session_id)
