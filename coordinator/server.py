@@ -10,6 +10,7 @@ import grpc
 import redis.asyncio as aioredis
 from grpc import aio
 
+from coordinator.auth import ApiKeys, load_keys
 from coordinator.clients import DraftClient, ReplicaSet, TargetClient
 from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Decoder, ModelLimits
@@ -86,7 +87,10 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
 
 async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> Started:
     decoder = decoder or await build_decoder(config)
-    servicer = CoordinatorServicer(decoder, config)
+    keys = ApiKeys(load_keys(config.api_keys, config.api_keys_file))
+    if not keys.enabled:
+        log.warning("no API keys configured: every caller may start and read sessions")
+    servicer = CoordinatorServicer(decoder, config, keys)
     tiers = [decoder.target.replicas] + ([decoder.draft.replicas] if decoder.draft else [])
     servicer.watchers = [asyncio.create_task(tier.watch(config.health_interval_s)) for tier in tiers]
     return await start_server(

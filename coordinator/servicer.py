@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 
+from coordinator.auth import ApiKeys
 from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Chunk, Decoder, Stats, TurnParams
 from coordinator.prompting import turn_tokens
@@ -45,9 +46,10 @@ def stats_to_pb(stats: Stats) -> coordinator_pb2.GenerationStats:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, decoder: Decoder, config: CoordinatorConfig):
+    def __init__(self, decoder: Decoder, config: CoordinatorConfig, keys: ApiKeys | None = None):
         self.decoder = decoder
         self.config = config
+        self.keys = keys or ApiKeys(())
         self.active = 0  # Generate calls in flight on this replica
         self.watchers: list = []  # background health checks of the tiers (kept referenced)
 
@@ -73,6 +75,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return tokens
 
     async def Generate(self, request: coordinator_pb2.GenerateRequest, context):
+        caller = self.keys.identify(context)
         params = turn_params(request, self.config)
         metrics = self.decoder.metrics
         if self.active >= self.config.max_active_sessions:
@@ -84,20 +87,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.active += 1
         metrics.active_sessions.inc()
         try:
-            async for response in self._generate(request, params):
+            async for response in self._generate(request, params, caller):
                 yield response
         finally:
             self.active -= 1
             metrics.active_sessions.dec()
 
-    async def _generate(self, request: coordinator_pb2.GenerateRequest, params: TurnParams):
+    async def _generate(self, request: coordinator_pb2.GenerateRequest, params: TurnParams, caller: str):
         store = self.decoder.store
         if request.session_id:
             session = await store.load(request.session_id)  # NOT_FOUND before anything else
+            self.keys.check_owner(session, caller)
             tokens = None
         else:
             tokens = self._turn_tokens(request, [])  # validate before creating anything
-            session = await store.create(params.sampling.seed)
+            session = await store.create(params.sampling.seed, owner=caller)
         async with store.lease(session.session_id):
             if tokens is None:
                 session = await store.load(session.session_id)  # re-read under the lease
@@ -119,9 +123,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return response
 
     async def GetSession(self, request: coordinator_pb2.GetSessionRequest, context) -> coordinator_pb2.SessionInfo:
+        caller = self.keys.identify(context)
         if not request.session_id:
             raise InvalidArgument("session_id is empty")
         session = await self.decoder.store.load(request.session_id)
+        self.keys.check_owner(session, caller)
         return coordinator_pb2.SessionInfo(
             session_id=session.session_id,
             token_ids=session.tokens,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -58,12 +59,15 @@ async def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-async def stream_generate(address: str, request: coordinator_pb2.GenerateRequest, echo: bool) -> dict:
+async def stream_generate(
+    address: str, request: coordinator_pb2.GenerateRequest, echo: bool, api_key: str | None = None
+) -> dict:
     """Call Generate and collect the stream; with echo, write text to stdout as it arrives."""
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
     result = {"session_id": "", "prompt_token_ids": [], "token_ids": [], "text": "", "finish_reason": "", "stats": {}}
     async with grpc.aio.insecure_channel(address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        async for message in stub.Generate(request):
+        async for message in stub.Generate(request, metadata=metadata):
             result["session_id"] = message.session_id
             if message.prompt_token_ids:
                 result["prompt_token_ids"] = list(message.prompt_token_ids)
@@ -120,7 +124,7 @@ def _request(args: argparse.Namespace) -> coordinator_pb2.GenerateRequest:
 
 async def cmd_generate(args: argparse.Namespace) -> int:
     try:
-        result = await stream_generate(args.server, _request(args), echo=not args.json)
+        result = await stream_generate(args.server, _request(args), echo=not args.json, api_key=args.api_key)
     except grpc.aio.AioRpcError as err:
         print(f"specdec generate: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
@@ -235,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    gen.add_argument("--api-key", default=os.environ.get("SPECDEC_API_KEY"),
+                     help="API key for a coordinator that requires one [env SPECDEC_API_KEY]")
     gen.set_defaults(run=cmd_generate)
 
     demo = commands.add_parser("demo", help="start the pipeline on the defaults, answer a Spec-Bench prompt, stop")

@@ -46,6 +46,14 @@ class Aborted(SpecdecError):
     code = grpc.StatusCode.ABORTED
 
 
+class Unauthenticated(SpecdecError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(SpecdecError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class CacheMiss(FailedPrecondition):
     """The service no longer holds the prefix a delta request builds on; resend from 0."""
 

@@ -63,6 +63,7 @@ class SessionRecord:
     seed: int
     turns: int
     status: str
+    owner: str = ""  # fingerprint of the API key that created it ("" without keys)
     params: dict | None = None
     stats: dict | None = None
 
@@ -89,18 +90,19 @@ class SessionStore:
         base = f"specdec:{{{session_id}}}"
         return f"{base}:meta", f"{base}:tokens", f"{base}:lease"
 
-    async def create(self, seed: int) -> SessionRecord:
+    async def create(self, seed: int, owner: str = "") -> SessionRecord:
         # 144 random bits: unguessable; hex so an id never starts with "-" (a flag on a command line).
         session_id = secrets.token_hex(18)
         meta, tokens, _ = self._keys(session_id)
         now = time.time()
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(meta, mapping={"seed": str(seed), "turns": 0, "status": "idle", "created": now, "updated": now})
+            pipe.hset(meta, mapping={"seed": str(seed), "turns": 0, "status": "idle", "owner": owner,
+                                     "created": now, "updated": now})
             pipe.set(tokens, b"")
             pipe.expire(meta, self.ttl_s)
             pipe.expire(tokens, self.ttl_s)
             await pipe.execute()
-        return SessionRecord(session_id, [], seed, 0, "idle")
+        return SessionRecord(session_id, [], seed, 0, "idle", owner)
 
     async def load(self, session_id: str) -> SessionRecord:
         meta, tokens, _ = self._keys(session_id)
@@ -116,6 +118,7 @@ class SessionStore:
             seed=int(fields[b"seed"]),
             turns=int(fields[b"turns"]),
             status=fields[b"status"].decode(),
+            owner=fields.get(b"owner", b"").decode(),
             params=json.loads(fields[b"params"]) if b"params" in fields else None,
             stats=json.loads(fields[b"stats"]) if b"stats" in fields else None,
         )
