@@ -193,9 +193,8 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
                              ["--model", drafter, "--device", options.device], 600)
         pipeline.drafts.append(draft)
         coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [
-            "--target", targets, "--draft", draft.address, "--redis-url", pipeline.redis_url,
-            "--tokenizer", options.target,
-        ], 600)
+            "--target", targets, "--draft", draft.address, "--tokenizer", options.target,
+        ], 600, env={"SPECDEC_COORDINATOR_REDIS_URL": pipeline.redis_url})
         pipeline.extra.append(coordinator)
         coordinators[drafter] = coordinator.address
     return pipeline, coordinators

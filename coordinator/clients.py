@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from specdec.sampling import SamplingParams
 from specdec.serving import CHANNEL_OPTIONS
 from specdec.tensor_codec import decode_tensor
+from specdec.tls import open_channel
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 from specdec.wire import context_to_pb, sampling_to_pb
 
@@ -86,12 +87,14 @@ def expand_addresses(addresses: Sequence[str]) -> list[str]:
 class ReplicaSet:
     """Channels to the replicas of one tier, tried in session-affinity order, healthy ones first."""
 
-    def __init__(self, addresses: Sequence[str], stub_class, timeout_s: float):
+    def __init__(self, addresses: Sequence[str], stub_class, timeout_s: float,
+                 credentials: grpc.ChannelCredentials | None = None):
         if not addresses:
             raise ValueError("a tier needs at least one replica address")
         self.configured = list(addresses)
         self.stub_class = stub_class
         self.timeout_s = timeout_s
+        self.credentials = credentials
         self.addresses: list[str] = []
         self.stubs: list = []
         self.healthy: dict[str, bool] = {}
@@ -103,7 +106,7 @@ class ReplicaSet:
         current = expand_addresses(self.configured)
         for address in current:
             if address not in self._channels:
-                self._channels[address] = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._channels[address] = open_channel(address, self.credentials, CHANNEL_OPTIONS)
                 self.healthy.setdefault(address, True)
         self.addresses = current
         self.stubs = [self.stub_class(self._channels[a]) for a in current]

@@ -17,6 +17,7 @@ from coordinator.decoding import Decoder, ModelLimits
 from coordinator.servicer import CoordinatorServicer
 from specdec import models
 from specdec.metrics import ServiceMetrics
+from specdec.tls import channel_credentials, redact_url, server_credentials
 from specdec.serving import Started, run_until_signalled, start_server
 from specdec.session_store import SessionStore
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, draft_pb2_grpc, target_pb2_grpc
@@ -47,9 +48,12 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     try:
         await redis_client.ping()
     except Exception as exc:  # noqa: BLE001
-        raise StartupError(f"cannot reach Redis at {config.redis_url}: {exc}") from exc
+        raise StartupError(f"cannot reach Redis at {redact_url(config.redis_url)}: {exc}") from exc
     tokenizer = tokenizer or models.load_tokenizer(config.tokenizer)
-    target = TargetClient(ReplicaSet(config.target, target_pb2_grpc.TargetServiceStub, config.rpc_timeout_s))
+    tier_credentials = channel_credentials(config.tier_tls_ca, config.tier_tls_cert, config.tier_tls_key)
+    target = TargetClient(
+        ReplicaSet(config.target, target_pb2_grpc.TargetServiceStub, config.rpc_timeout_s, tier_credentials)
+    )
     infos = [await _info(stub, a, config.startup_timeout_s) for a, stub in zip(target.replicas.addresses, target.replicas.stubs)]
     reference = infos[0]
     for address, info in zip(target.replicas.addresses, infos):
@@ -64,7 +68,7 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
         )
     draft = None
     if config.draft:
-        replicas = ReplicaSet(config.draft, draft_pb2_grpc.DraftServiceStub, config.draft_timeout_s)
+        replicas = ReplicaSet(config.draft, draft_pb2_grpc.DraftServiceStub, config.draft_timeout_s, tier_credentials)
         kinds = set()
         for address, stub in zip(replicas.addresses, replicas.stubs):
             info = await _info(stub, address, config.startup_timeout_s)
@@ -96,6 +100,7 @@ async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> St
     return await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
         [SERVICE_NAME], config.host, config.port, decoder.metrics, config.metrics_port,
+        server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
     )
 
 

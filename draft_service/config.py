@@ -22,4 +22,7 @@ class DraftConfig:
     ngram_min: int = option(1, "n-gram drafter: shortest suffix matched")
     ngram_vocab_size: int = option(0, "n-gram drafter: vocabulary size for token-id checks (0 = accept any id)")
     torch_threads: int = option(0, "torch intra-op threads (0 = torch's default)")
+    tls_cert: str = option("", "PEM certificate to serve TLS with (empty: plaintext)")
+    tls_key: str = option("", "PEM private key of tls_cert")
+    tls_client_ca: str = option("", "PEM CA that client certificates must chain to (mutual TLS)")
     log_level: str = option("INFO", "logging level")

@@ -21,6 +21,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from specdec.serving import wait_healthy
+from specdec.tls import redact_url
 
 START_TIMEOUT_S = 600.0  # the first SmolLM2 load converts its GGUF file
 
@@ -65,7 +66,7 @@ class Pipeline:
     def summary(self) -> dict:
         return {
             "coordinator": self.coordinator.address if self.coordinator else None,
-            "redis": self.redis_url,
+            "redis": redact_url(self.redis_url),
             "draft": [{"address": c.address, "pid": c.pid, "metrics": c.metrics} for c in self.drafts],
             "target": [{"address": c.address, "pid": c.pid, "metrics": c.metrics} for c in self.targets],
             "coordinator_pid": self.coordinator.pid if self.coordinator else None,
@@ -119,10 +120,12 @@ async def _start_redis(pipeline: Pipeline) -> None:
     await client.aclose()
 
 
-async def spawn_service(name: str, module: str, args: list[str], timeout_s: float) -> Child:
+async def spawn_service(
+    name: str, module: str, args: list[str], timeout_s: float, env: dict[str, str] | None = None
+) -> Child:
     """Start `python -m module args` and wait for its {"listening": ...} line."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, *args, stdout=asyncio.subprocess.PIPE, env={**os.environ}
+        sys.executable, "-m", module, *args, stdout=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})}
     )
     child = Child(name, process)
     assert process.stdout is not None
@@ -164,13 +167,14 @@ async def launch(options: LaunchOptions) -> Pipeline:
         coordinator_args = [
             "--target", ",".join(c.address for c in pipeline.targets),
             "--draft", ",".join(c.address for c in pipeline.drafts),
-            "--redis-url", pipeline.redis_url,
             "--tokenizer", options.target,
             "--host", options.host,
             "--port", str(options.port),
             "--default-k", str(options.default_k),
         ]
-        pipeline.coordinator = await spawn_service("coordinator", "coordinator", coordinator_args, START_TIMEOUT_S)
+        # The Redis URL may hold a password: pass it in the environment, not on the command line.
+        pipeline.coordinator = await spawn_service("coordinator", "coordinator", coordinator_args, START_TIMEOUT_S,
+                                                   env={"SPECDEC_COORDINATOR_REDIS_URL": pipeline.redis_url})
         for child in [pipeline.coordinator, *pipeline.drafts, *pipeline.targets]:
             await wait_healthy(child.address, 60)
         return pipeline

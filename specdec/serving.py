@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from specdec.errors import ErrorInterceptor
 from specdec.metrics import MetricsInterceptor, ServiceMetrics
+from specdec.tls import open_channel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,6 +97,7 @@ async def start_server(
     port: int,
     metrics: ServiceMetrics | None = None,
     metrics_port: int = -1,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> Started:
     """Create, register and start a server with health checking (and /metrics on metrics_port,
     0 = a free port, -1 = none)."""
@@ -104,7 +106,10 @@ async def start_server(
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
@@ -132,10 +137,12 @@ async def run_until_signalled(started: Started, grace_s: float = 5.0) -> None:
     await started.server.stop(grace_s)
 
 
-async def wait_healthy(address: str, timeout_s: float, service: str = "") -> None:
+async def wait_healthy(
+    address: str, timeout_s: float, service: str = "", credentials: grpc.ChannelCredentials | None = None
+) -> None:
     """Poll the standard health service until it answers SERVING or the time runs out."""
     deadline = time.monotonic() + timeout_s
-    async with aio.insecure_channel(address) as channel:
+    async with open_channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

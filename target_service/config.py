@@ -20,4 +20,7 @@ class TargetConfig:
     max_queued: int = option(256, "Verify calls waiting beyond this are refused with RESOURCE_EXHAUSTED")
     metrics_port: int = option(0, "port of the Prometheus /metrics endpoint (0 = a free one, -1 = off)")
     torch_threads: int = option(0, "torch intra-op threads (0 = torch's default)")
+    tls_cert: str = option("", "PEM certificate to serve TLS with (empty: plaintext)")
+    tls_key: str = option("", "PEM private key of tls_cert")
+    tls_client_ca: str = option("", "PEM CA that client certificates must chain to (mutual TLS)")
     log_level: str = option("INFO", "logging level")
