@@ -31,9 +31,10 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process of the suite's own, which tests may stop and restart."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, append_only: bool = False):
         self.folder = folder
         self.port = free_port()
+        self.append_only = append_only  # AOF: committed sessions survive a restart
         self.process: subprocess.Popen | None = None
 
     @property
@@ -45,8 +46,8 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed: apt-get install redis-server (make setup does it)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder)],
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.append_only else "no", "--appendfsync", "always", "--dir", str(self.folder)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -1,0 +1,82 @@
+"""Faults: a target replica killed mid-generation, Redis restarted under a running coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from conftest import REPO, RedisServer, start_stack
+from helpers import generate
+from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+
+@pytest.fixture
+def two_targets(tiny_target):
+    """A fresh pipeline per test: each test kills one of its two target replicas."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "up", "--target", str(tiny_target), "--draft", "ngram",
+         "--target-replicas", "2", "--torch-threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+    )
+    yield json.loads(process.stdout.readline())
+    process.terminate()
+    process.wait(30)
+
+
+def _home_replica(session_id: str, count: int) -> int:
+    """The replica a session goes to first (coordinator.clients.ReplicaSet.order_for)."""
+    return int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "little") % count
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+async def test_killing_the_sessions_target_replica_changes_nothing(two_targets, stacks, temperature):
+    fields = dict(prompt="a long answer please", max_new_tokens=120, k=3, seed=5, ignore_eos=True,
+                  temperature=temperature)
+    async with grpc.aio.insecure_channel(stacks["ngram"].coordinator) as channel:
+        undisturbed = await generate(channel, **fields)
+    async with grpc.aio.insecure_channel(two_targets["coordinator"]) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        call = stub.Generate(coordinator_pb2.GenerateRequest(**fields))
+        first = await call.read()
+        victim = two_targets["target"][_home_replica(first.session_id, 2)]
+        os.kill(victim["pid"], signal.SIGKILL)
+        tokens = list(first.token_ids)
+        last = first
+        while (message := await call.read()) != grpc.aio.EOF:
+            tokens += message.token_ids
+            last = message
+    assert tokens == undisturbed.token_ids, "the other replica must produce exactly the same tokens"
+    assert last.finish_reason == coordinator_pb2.FINISH_REASON_LENGTH
+
+
+async def test_redis_restart_fails_cleanly_and_aof_keeps_sessions(tmp_path, tiny_target):
+    redis = RedisServer(tmp_path, append_only=True)
+    redis.start()
+    stack = await start_stack(redis.url, tiny_target, "ngram")
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            before = await generate(channel, prompt="remember this", max_new_tokens=8)
+            redis.stop()
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await generate(channel, prompt="redis is down", max_new_tokens=4)
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "Redis" in down.value.details()
+            redis.start()
+            await asyncio.sleep(0.2)
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            info = await stub.GetSession(coordinator_pb2.GetSessionRequest(session_id=before.session_id))
+            assert list(info.token_ids) == before.prompt_token_ids + before.token_ids
+            again = await generate(channel, prompt="and more", session_id=before.session_id, max_new_tokens=4)
+            assert again.session_id == before.session_id
+    finally:
+        for server in stack.servers:
+            await server.stop(0)
+        redis.stop()
