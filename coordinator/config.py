@@ -24,6 +24,8 @@ class CoordinatorConfig:
     max_active_sessions: int = option(64, "Generate calls served at once; more are refused with RESOURCE_EXHAUSTED")
     health_interval_s: float = option(2.0, "seconds between health checks of each draft and target replica")
     metrics_port: int = option(0, "port of the Prometheus /metrics endpoint (0 = a free one, -1 = off)")
+    session_lease_s: float = option(10.0, "a dead coordinator's session can be resumed this many seconds after "
+                                    "its last commit")
     session_ttl_s: int = option(86_400, "seconds a session lives in Redis after its last commit")
     rpc_timeout_s: float = option(60.0, "deadline of each Verify call, in seconds")
     draft_timeout_s: float = option(10.0, "deadline of each Propose call; past it the round runs target-only")

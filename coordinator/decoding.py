@@ -34,6 +34,11 @@ class TurnParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
+    @classmethod
+    def from_dict(cls, stored: dict) -> "TurnParams":
+        sampling = SamplingParams(stored["temperature"], stored["top_k"], stored["top_p"], stored["seed"])
+        return cls(stored["max_new_tokens"], sampling, stored["k"], tuple(stored["stop"]), stored["ignore_eos"])
+
     def as_dict(self) -> dict:
         return {
             "max_new_tokens": self.max_new_tokens,
@@ -176,16 +181,34 @@ class Decoder:
         """Append the turn's tokens to the session and stream the answer, round by round."""
         started = time.perf_counter()
         stats = Stats(k=params.k, drafter=self.draft.kind if self.draft else "none")
-        tokens = list(session.tokens)
         # The turn's prompt and parameters are committed before any token is generated, so a
         # resumed session knows what was asked and with which seed.
         await self._timed_commit(
-            stats, session.session_id, len(tokens), turn,
-            seed=str(params.sampling.seed), params=params.as_dict(), turn_start=len(tokens), turn_prompt_len=len(turn),
+            stats, session.session_id, len(session.tokens), turn, turn_open="1",
+            seed=str(params.sampling.seed), params=params.as_dict(), turn_start=len(session.tokens),
+            turn_prompt_len=len(turn),
         )
-        tokens += turn
-        generated: list[int] = []
         text = TextStream(self.tokenizer, params.stop)
+        async for chunk in self._decode(session, list(session.tokens) + list(turn), [], params, text, stats, started):
+            yield chunk
+
+    async def resume(self, session: SessionRecord, resume_from: int) -> AsyncIterator[Chunk]:
+        """Carry on the session's unfinished turn: first the committed output past the client's
+        `resume_from` tokens, then new rounds with the turn's stored parameters."""
+        started = time.perf_counter()
+        params = TurnParams.from_dict(session.params)
+        stats = Stats(k=params.k, drafter=self.draft.kind if self.draft else "none")
+        generated = session.tokens[session.turn_start + session.turn_prompt_len :]
+        text = TextStream(self.tokenizer, params.stop)
+        text.emitted = len(text.decode(generated[:resume_from]))
+        yield Chunk(text.feed(generated, final=False), generated[resume_from:])
+        async for chunk in self._decode(session, list(session.tokens), list(generated), params, text, stats, started):
+            yield chunk
+
+    async def _decode(
+        self, session: SessionRecord, tokens: list[int], generated: list[int], params: TurnParams,
+        text: TextStream, stats: Stats, started: float,
+    ) -> AsyncIterator[Chunk]:
         tracker = DeltaTracker()
         finish: str | None = None
         while finish is None:
@@ -213,7 +236,7 @@ class Decoder:
             new, finish = self._truncate(new, generated, params, text)
             if finish is None and len(tokens) + len(new) >= self.limits.max_context:
                 finish = CONTEXT
-            stats.generated_tokens = len(generated) + len(new)
+            stats.generated_tokens += len(new)
             if finish is None:
                 await self._timed_commit(stats, session.session_id, len(tokens), new)
             else:
@@ -236,7 +259,7 @@ class Decoder:
         """Commit the final round together with the finished turn's count and stats."""
         stats.total_s = time.perf_counter() - started
         await self._timed_commit(
-            stats, session.session_id, committed_len, new, turns=session.turns + 1, stats=stats.as_dict()
+            stats, session.session_id, committed_len, new, turns=session.turns + 1, stats=stats.as_dict(), turn_open="0"
         )
         stats.total_s = time.perf_counter() - started
 

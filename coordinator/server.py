@@ -85,7 +85,7 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
         max_context=reference.max_context,
         eos_token_ids=frozenset(reference.eos_token_ids),
     )
-    store = SessionStore(redis_client, config.session_ttl_s)
+    store = SessionStore(redis_client, config.session_ttl_s, config.session_lease_s)
     return Decoder(target, draft, store, tokenizer, limits, metrics=ServiceMetrics())
 
 

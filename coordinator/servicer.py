@@ -8,7 +8,7 @@ from coordinator.auth import ApiKeys
 from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Chunk, Decoder, Stats, TurnParams
 from coordinator.prompting import turn_tokens
-from specdec.errors import InvalidArgument, ResourceExhausted
+from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from specdec.sampling import SamplingParams
 from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
 from specdec.wire import check_token_ids
@@ -76,7 +76,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Generate(self, request: coordinator_pb2.GenerateRequest, context):
         caller = self.keys.identify(context)
-        params = turn_params(request, self.config)
+        params = None if request.resume else turn_params(request, self.config)
         metrics = self.decoder.metrics
         if self.active >= self.config.max_active_sessions:
             metrics.rejected.inc()
@@ -93,8 +93,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self.active -= 1
             metrics.active_sessions.dec()
 
-    async def _generate(self, request: coordinator_pb2.GenerateRequest, params: TurnParams, caller: str):
+    async def _generate(self, request: coordinator_pb2.GenerateRequest, params: TurnParams | None, caller: str):
         store = self.decoder.store
+        if request.resume:
+            async for response in self._resume(request, caller):
+                yield response
+            return
         if request.session_id:
             session = await store.load(request.session_id)  # NOT_FOUND before anything else
             self.keys.check_owner(session, caller)
@@ -110,6 +114,28 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             async for chunk in self.decoder.generate(session, tokens, params):
                 yield self._response(session.session_id, chunk, tokens if first else None)
                 first = False
+
+    async def _resume(self, request: coordinator_pb2.GenerateRequest, caller: str):
+        """Continue an unfinished turn from the last committed token (its coordinator died)."""
+        if not request.session_id:
+            raise InvalidArgument("resume needs the session_id of the interrupted generation")
+        if request.prompt or request.prompt_token_ids:
+            raise InvalidArgument("resume continues the interrupted turn: send no prompt")
+        store = self.decoder.store
+        self.keys.check_owner(await store.load(request.session_id), caller)
+        async with store.lease(request.session_id):
+            session = await store.load(request.session_id)
+            if not session.turn_open or session.params is None:
+                raise FailedPrecondition(
+                    f"session {session.session_id!r} has no interrupted turn to resume; send a new prompt instead"
+                )
+            produced = len(session.tokens) - session.turn_start - session.turn_prompt_len
+            if request.resume_from > produced:
+                raise InvalidArgument(
+                    f"resume_from={request.resume_from} but only {produced} tokens of the turn were committed"
+                )
+            async for chunk in self.decoder.resume(session, request.resume_from):
+                yield self._response(session.session_id, chunk, None)
 
     @staticmethod
     def _response(session_id: str, chunk: Chunk, prompt_ids: list[int] | None) -> coordinator_pb2.GenerateResponse:

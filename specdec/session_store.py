@@ -6,7 +6,8 @@ Keys (the {id} hash tag keeps a session's keys in one Redis Cluster slot):
                          turn_prompt_len (where the current turn's prompt sits in tokens),
                          stats (JSON of the last finished turn)
     specdec:{id}:tokens  string: committed token ids as little-endian int32
-    specdec:{id}:lease   string: owner of the running Generate (expires if the owner dies)
+    specdec:{id}:lease   string: owner of the running Generate; renewed by every commit, it
+                         expires lease_s after a coordinator dies, so the session can be resumed
 Every key carries the session TTL, renewed on each commit.
 """
 
@@ -64,6 +65,9 @@ class SessionRecord:
     turns: int
     status: str
     owner: str = ""  # fingerprint of the API key that created it ("" without keys)
+    turn_open: bool = False  # a turn started and did not finish (its coordinator died)
+    turn_start: int = 0  # where the current (or last) turn's prompt begins in tokens
+    turn_prompt_len: int = 0
     params: dict | None = None
     stats: dict | None = None
 
@@ -77,7 +81,7 @@ def _unpack(data: bytes | None) -> list[int]:
 
 
 class SessionStore:
-    def __init__(self, client: aioredis.Redis, ttl_s: int, lease_s: float = 60.0):
+    def __init__(self, client: aioredis.Redis, ttl_s: int, lease_s: float = 10.0):
         self.redis = client
         self.ttl_s = ttl_s
         self.lease_ms = int(lease_s * 1000)
@@ -119,6 +123,9 @@ class SessionStore:
             turns=int(fields[b"turns"]),
             status=fields[b"status"].decode(),
             owner=fields.get(b"owner", b"").decode(),
+            turn_open=fields.get(b"turn_open") == b"1",
+            turn_start=int(fields.get(b"turn_start", 0)),
+            turn_prompt_len=int(fields.get(b"turn_prompt_len", 0)),
             params=json.loads(fields[b"params"]) if b"params" in fields else None,
             stats=json.loads(fields[b"stats"]) if b"stats" in fields else None,
         )

@@ -80,3 +80,70 @@ async def test_redis_restart_fails_cleanly_and_aof_keeps_sessions(tmp_path, tiny
         for server in stack.servers:
             await server.stop(0)
         redis.stop()
+
+
+@pytest.fixture
+def fast_lease_pipeline(tiny_target):
+    env = {**os.environ, "SPECDEC_COORDINATOR_SESSION_LEASE_S": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "up", "--target", str(tiny_target), "--draft", "ngram",
+         "--torch-threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env,
+    )
+    summary = json.loads(process.stdout.readline())
+    replacement = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "--target", summary["target"][0]["address"],
+         "--draft", summary["draft"][0]["address"], "--tokenizer", str(tiny_target), "--metrics-port", "-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+        env={**env, "SPECDEC_COORDINATOR_REDIS_URL": summary["redis"]},
+    )
+    summary["replacement"] = json.loads(replacement.stdout.readline())["listening"]
+    yield summary
+    replacement.terminate()
+    replacement.wait(30)
+    process.terminate()
+    process.wait(30)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+async def test_a_killed_coordinator_is_resumed_by_another_losing_and_repeating_nothing(
+    fast_lease_pipeline, stacks, temperature
+):
+    fields = dict(prompt="tell me everything", max_new_tokens=150, k=3, seed=11, ignore_eos=True,
+                  temperature=temperature)
+    async with grpc.aio.insecure_channel(stacks["ngram"].coordinator) as channel:
+        undisturbed = await generate(channel, **fields)
+    received: list[int] = []
+    async with grpc.aio.insecure_channel(fast_lease_pipeline["coordinator"]) as channel:
+        call = coordinator_pb2_grpc.CoordinatorStub(channel).Generate(coordinator_pb2.GenerateRequest(**fields))
+        for _ in range(3):
+            message = await call.read()
+            received += message.token_ids
+        session_id = message.session_id
+        os.kill(fast_lease_pipeline["coordinator_pid"], signal.SIGKILL)
+        try:
+            while (message := await call.read()) != grpc.aio.EOF:
+                received += message.token_ids
+        except grpc.aio.AioRpcError as err:
+            assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+    assert 0 < len(received) < 150
+    async with grpc.aio.insecure_channel(fast_lease_pipeline["replacement"]) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        request = coordinator_pb2.GenerateRequest(session_id=session_id, resume=True, resume_from=len(received))
+        for _ in range(50):  # the dead coordinator's lease runs out after 1 s
+            try:
+                rest = [m async for m in stub.Generate(request)]
+                break
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.ABORTED, err.details()
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the session could not be resumed")
+    resumed = [t for m in rest for t in m.token_ids]
+    assert received + resumed == undisturbed.token_ids, "a token was lost or repeated across the failover"
+    assert rest[-1].finish_reason == coordinator_pb2.FINISH_REASON_LENGTH
+    again = coordinator_pb2.GenerateRequest(session_id=session_id, resume=True)
+    async with grpc.aio.insecure_channel(fast_lease_pipeline["replacement"]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as finished:
+            _ = [m async for m in coordinator_pb2_grpc.CoordinatorStub(channel).Generate(again)]
+    assert finished.value.code() == grpc.StatusCode.FAILED_PRECONDITION
