@@ -9,6 +9,8 @@ import grpc
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from specdec.errors import rewrap_handler
+
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -60,13 +62,9 @@ class MetricsInterceptor(aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         histogram = self.metrics.rpc_seconds.labels(method=handler_call_details.method.rsplit("/", 1)[-1])
-        if handler.unary_unary:
-            behavior = handler.unary_unary
 
+        def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def unary(request: Any, context: aio.ServicerContext) -> Any:
                 started = time.perf_counter()
                 try:
@@ -74,17 +72,17 @@ class MetricsInterceptor(aio.ServerInterceptor):
                 finally:
                     histogram.observe(time.perf_counter() - started)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            stream_behavior = handler.unary_stream
+            return unary
 
+        def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
             async def stream(request: Any, context: aio.ServicerContext) -> Any:
                 started = time.perf_counter()
                 try:
-                    async for response in stream_behavior(request, context):
+                    async for response in behavior(request, context):
                         yield response
                 finally:
                     histogram.observe(time.perf_counter() - started)
 
-            return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
-        return handler
+            return stream
+
+        return rewrap_handler(await continuation(handler_call_details), wrap_unary, wrap_stream)

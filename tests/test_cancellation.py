@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 
 from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
