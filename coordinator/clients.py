@@ -239,8 +239,5 @@ class TargetClient:
             probs = decode_tensor(reply.probs, expected_shape=(rows, vocab_size))
         return VerifyResult(argmax, probs, reply.timings.compute_s, reply.cache.reused_tokens, reply.cache.computed_tokens)
 
-    async def info(self) -> common_pb2.ModelInfo:
-        return await self.replicas.stubs[0].GetInfo(common_pb2.GetInfoRequest(), timeout=self.replicas.timeout_s)
-
     async def close(self) -> None:
         await self.replicas.close()

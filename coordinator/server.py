@@ -17,7 +17,7 @@ from coordinator.decoding import Decoder, ModelLimits
 from coordinator.servicer import CoordinatorServicer
 from specdec import models
 from specdec.metrics import ServiceMetrics
-from specdec.tls import channel_credentials, redact_url, server_credentials
+from specdec.tls import channel_credentials, redact_url
 from specdec.serving import Started, run_until_signalled, start_server
 from specdec.session_store import SessionStore
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, draft_pb2_grpc, target_pb2_grpc
@@ -99,8 +99,7 @@ async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> St
     servicer.watchers = [asyncio.create_task(tier.watch(config.health_interval_s)) for tier in tiers]
     return await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
-        [SERVICE_NAME], config.host, config.port, decoder.metrics, config.metrics_port,
-        server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
+        [SERVICE_NAME], config, decoder.metrics,
     )
 
 

@@ -9,7 +9,6 @@ from draft_service.drafters import ModelDrafter, NgramDrafter
 from draft_service.servicer import DraftServicer
 from specdec.service_base import ModelFacts, SessionHost, load_causal_lm
 from specdec.metrics import ServiceMetrics
-from specdec.tls import server_credentials
 from specdec.serving import Started, run_until_signalled, start_server
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
@@ -44,8 +43,7 @@ async def start(config: DraftConfig) -> Started:
     servicer = build_servicer(config, metrics)
     return await start_server(
         lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server),
-        [SERVICE_NAME], config.host, config.port, metrics, config.metrics_port,
-        server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
+        [SERVICE_NAME], config, metrics,
     )
 
 

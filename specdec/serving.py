@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Protocol, TypeVar
 
 import grpc
 from grpc import aio
@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from specdec.errors import ErrorInterceptor
 from specdec.metrics import MetricsInterceptor, ServiceMetrics
-from specdec.tls import open_channel
+from specdec.tls import open_channel, server_credentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,17 +90,27 @@ class Started:
     metrics: ServiceMetrics | None = None
 
 
+class ListenSettings(Protocol):
+    """The listening part of every service's config."""
+
+    host: str
+    port: int
+    metrics_port: int
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+
+
 async def start_server(
     register: Callable[[aio.Server], None],
     service_names: Iterable[str],
-    host: str,
-    port: int,
+    settings: ListenSettings,
     metrics: ServiceMetrics | None = None,
-    metrics_port: int = -1,
-    credentials: grpc.ServerCredentials | None = None,
 ) -> Started:
-    """Create, register and start a server with health checking (and /metrics on metrics_port,
-    0 = a free port, -1 = none)."""
+    """Create, register and start a server with health checking, TLS when the settings name a
+    certificate, and /metrics on settings.metrics_port (0 = a free port, -1 = none)."""
+    host, port, metrics_port = settings.host, settings.port, settings.metrics_port
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     interceptors = [ErrorInterceptor()] + ([MetricsInterceptor(metrics)] if metrics else [])
     server = aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
     register(server)

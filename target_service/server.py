@@ -6,7 +6,6 @@ import torch
 
 from specdec.service_base import SessionHost, load_causal_lm
 from specdec.metrics import ServiceMetrics
-from specdec.tls import server_credentials
 from specdec.serving import Started, run_until_signalled, start_server
 from specdec.v1 import target_pb2, target_pb2_grpc
 from target_service.config import TargetConfig
@@ -30,8 +29,7 @@ async def start(config: TargetConfig) -> Started:
     servicer = build_servicer(config, metrics)
     return await start_server(
         lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server),
-        [SERVICE_NAME], config.host, config.port, metrics, config.metrics_port,
-        server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
+        [SERVICE_NAME], config, metrics,
     )
 
 

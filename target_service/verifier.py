@@ -46,14 +46,3 @@ def verify_batch(runner: CausalLMRunner, jobs: Sequence[VerifyJob]) -> list[Veri
     results = batched_logits(runner, [job.forward_job() for job in jobs])
     return [_verification(job, logits, reused) for job, (logits, reused) in zip(jobs, results)]
 
-
-def verify(
-    runner: CausalLMRunner,
-    entry: SessionCache,
-    committed: Sequence[int],
-    draft_tokens: Sequence[int],
-    params: SamplingParams,
-) -> Verification:
-    """Score `draft_tokens` after `committed`: row i of the result predicts position
-    len(committed) + i, for i in 0..k (the last row is the bonus position)."""
-    return verify_batch(runner, [VerifyJob(entry, committed, draft_tokens, params)])[0]
