@@ -1,9 +1,12 @@
-"""gRPC clients for the draft and target tiers: replica choice, deltas, cache-miss resends.
+"""gRPC clients for the draft and target tiers: replica choice, retries, deltas, cache-miss resends.
 
-A session goes to the replica its id hashes to (so that replica keeps its cache) and falls
-back to the others when that one is unavailable. Only the committed tokens a replica has not
-been sent yet travel (a delta); a replica that lost them answers FAILED_PRECONDITION and gets
-the whole sequence.
+A session goes to the replica its id hashes to (so that replica keeps its cache). A call that
+fails for want of a replica (unavailable, past its deadline, overloaded) is retried, with
+exponential backoff and jitter, on the next replica in the session's order: Propose and Verify
+are idempotent (a replica crops its cache to the request), so a retry gives the answer the
+first try would have. A replica that failed is tried last until the health watch sees it
+serving again. Only the committed tokens a replica has not been sent yet travel (a delta); a
+replica that lost them answers FAILED_PRECONDITION and gets the whole sequence.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import random
 import socket
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence, TypeVar
@@ -32,7 +36,29 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Worth trying another replica for; anything else is the request's own fault.
-_RETRY_ELSEWHERE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_RETRY_ELSEWHERE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# The replica itself is in trouble (not merely busy): try it last until it is healthy again.
+_REPLICA_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# Reconnect quickly to a replica that restarts: the retries' backoff, not gRPC's 1 s+, sets the pace.
+TIER_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one call is retried across a tier's replicas."""
+
+    attempts: int = 4  # tries in all, the first one included
+    initial_backoff_s: float = 0.05  # wait before the first retry; doubles each retry
+    max_backoff_s: float = 1.0
+
+    def backoff_s(self, retry: int) -> float:
+        """Wait before retry number `retry` (1, 2, ...): exponential, with jitter so that the
+        sessions of a failed replica do not all come back at once."""
+        return min(self.max_backoff_s, self.initial_backoff_s * 2 ** (retry - 1)) * random.uniform(0.5, 1.0)
 
 
 @dataclass
@@ -88,12 +114,15 @@ class ReplicaSet:
     """Channels to the replicas of one tier, tried in session-affinity order, healthy ones first."""
 
     def __init__(self, addresses: Sequence[str], stub_class, timeout_s: float,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, retry: RetryPolicy = RetryPolicy()):
         if not addresses:
             raise ValueError("a tier needs at least one replica address")
+        if retry.attempts < 1:
+            raise ValueError("a call needs at least one attempt")
         self.configured = list(addresses)
         self.stub_class = stub_class
         self.timeout_s = timeout_s
+        self.retry = retry
         self.credentials = credentials
         self.addresses: list[str] = []
         self.stubs: list = []
@@ -106,7 +135,7 @@ class ReplicaSet:
         current = expand_addresses(self.configured)
         for address in current:
             if address not in self._channels:
-                self._channels[address] = open_channel(address, self.credentials, CHANNEL_OPTIONS)
+                self._channels[address] = open_channel(address, self.credentials, TIER_CHANNEL_OPTIONS)
                 self.healthy.setdefault(address, True)
         self.addresses = current
         self.stubs = [self.stub_class(self._channels[a]) for a in current]
@@ -130,6 +159,9 @@ class ReplicaSet:
             await self.check_health()
             await asyncio.sleep(interval_s)
 
+    def any_healthy(self) -> bool:
+        return any(self.healthy.get(a, True) for a in self.addresses)
+
     def order_for(self, session_id: str) -> list[int]:
         count = len(self.addresses)
         first = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "little") % count
@@ -138,18 +170,25 @@ class ReplicaSet:
         return sorted(order, key=lambda i: not self.healthy.get(self.addresses[i], True))
 
     async def call(self, session_id: str, tokens: Sequence[int], tracker: DeltaTracker, send: Send[T]) -> T:
-        """Run `send(stub, context)` on the session's replica, falling back to the others."""
+        """Run `send(stub, context)` on the session's replica; retry on the next ones in its
+        order (round and round) with backoff, up to the policy's attempts."""
         last_error: aio.AioRpcError | None = None
         # A snapshot: refresh() may change the replica list while this call awaits.
         candidates = [(self.addresses[i], self.stubs[i]) for i in self.order_for(session_id)]
-        for address, stub in candidates:
+        for attempt in range(self.retry.attempts):
+            if attempt:
+                await asyncio.sleep(self.retry.backoff_s(attempt))
+            address, stub = candidates[attempt % len(candidates)]
             try:
                 reply = await _send_delta(stub, session_id, tokens, tracker.start_for(address, len(tokens)), send)
             except aio.AioRpcError as err:
                 tracker.forget(address)
                 if err.code() not in _RETRY_ELSEWHERE:
                     raise
-                log.warning("%s failed (%s); trying another replica", address, err.code().name)
+                if err.code() in _REPLICA_DOWN:
+                    self.healthy[address] = False  # the health watch restores it
+                log.warning("%s failed (%s), attempt %d of %d", address, err.code().name, attempt + 1,
+                            self.retry.attempts)
                 last_error = err
                 continue
             tracker.sent[address] = len(tokens)

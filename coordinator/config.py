@@ -29,6 +29,12 @@ class CoordinatorConfig:
     session_ttl_s: int = option(86_400, "seconds a session lives in Redis after its last commit")
     rpc_timeout_s: float = option(60.0, "deadline of each Verify call, in seconds")
     draft_timeout_s: float = option(10.0, "deadline of each Propose call; past it the round runs target-only")
+    retry_attempts: int = option(4, "tries of each Verify in all, on the session's replica then the others")
+    retry_backoff_s: float = option(0.05, "wait before the first Verify retry, doubled each retry (with jitter)")
+    retry_max_backoff_s: float = option(1.0, "longest wait between Verify retries")
+    draft_retry_attempts: int = option(2, "tries of each Propose in all, without waiting (then the round runs "
+                                       "target-only)")
+    redis_timeout_s: float = option(5.0, "deadline of each Redis call, in seconds")
     startup_timeout_s: float = option(300.0, "how long to wait for the tiers to answer at start-up")
     tls_cert: str = option("", "PEM certificate to serve TLS with (empty: plaintext)")
     tls_key: str = option("", "PEM private key of tls_cert")

@@ -152,6 +152,12 @@ class Decoder:
         """Ask the draft tier; on any failure carry on target-only for this round."""
         if k <= 0 or self.draft is None:
             return None
+        if not self.draft.replicas.any_healthy():
+            # Every draft replica failed or fails its health check (dead or hung): do not wait on a
+            # deadline each round; the health watch brings drafting back when one answers.
+            stats.draft_fallback_rounds += 1
+            self.metrics.draft_fallbacks.inc()
+            return None
         try:
             result = await self.draft.propose(session.session_id, tokens, k, params, tracker)
         except Exception as exc:  # noqa: BLE001 - drafting failing must never fail the request

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from grpc import aio
 
 from coordinator.auth import ApiKeys, load_keys
-from coordinator.clients import DraftClient, ReplicaSet, TargetClient
+from coordinator.clients import DraftClient, ReplicaSet, RetryPolicy, TargetClient
 from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Decoder, ModelLimits
 from coordinator.servicer import CoordinatorServicer
@@ -44,7 +44,8 @@ async def _info(stub, address: str, timeout_s: float) -> common_pb2.ModelInfo:
 
 async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     """Everything the servicer needs, checked: Redis answers, vocabularies agree."""
-    redis_client = aioredis.from_url(config.redis_url)
+    redis_client = aioredis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s,
+                                     socket_connect_timeout=config.redis_timeout_s)
     try:
         await redis_client.ping()
     except Exception as exc:  # noqa: BLE001
@@ -52,7 +53,8 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     tokenizer = tokenizer or models.load_tokenizer(config.tokenizer)
     tier_credentials = channel_credentials(config.tier_tls_ca, config.tier_tls_cert, config.tier_tls_key)
     target = TargetClient(
-        ReplicaSet(config.target, target_pb2_grpc.TargetServiceStub, config.rpc_timeout_s, tier_credentials)
+        ReplicaSet(config.target, target_pb2_grpc.TargetServiceStub, config.rpc_timeout_s, tier_credentials,
+                   RetryPolicy(config.retry_attempts, config.retry_backoff_s, config.retry_max_backoff_s))
     )
     infos = [await _info(stub, a, config.startup_timeout_s) for a, stub in zip(target.replicas.addresses, target.replicas.stubs)]
     reference = infos[0]
@@ -68,7 +70,8 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
         )
     draft = None
     if config.draft:
-        replicas = ReplicaSet(config.draft, draft_pb2_grpc.DraftServiceStub, config.draft_timeout_s, tier_credentials)
+        replicas = ReplicaSet(config.draft, draft_pb2_grpc.DraftServiceStub, config.draft_timeout_s, tier_credentials,
+                              RetryPolicy(config.draft_retry_attempts, 0.0, 0.0))
         kinds = set()
         for address, stub in zip(replicas.addresses, replicas.stubs):
             info = await _info(stub, address, config.startup_timeout_s)

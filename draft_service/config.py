@@ -17,6 +17,14 @@ class DraftConfig:
     batch_window_ms: float = option(1.0, "model drafter: how long the first Propose of a batch waits for others (ms)")
     max_batch: int = option(16, "model drafter: most sessions drafted in one forward pass")
     max_queued: int = option(256, "Propose calls waiting beyond this are refused with RESOURCE_EXHAUSTED")
+    redis_url: str = option("", "Redis holding the sessions, for KV-cache snapshots (empty: none); "
+                            "rediss:// for TLS, redis://:PASSWORD@host for auth (prefer the env variable)")
+    redis_timeout_s: float = option(5.0, "deadline of each Redis call for snapshots, in seconds")
+    snapshot_max_session_bytes: int = option(256 * 1024**2, "bound on one session's KV snapshot in Redis, in bytes")
+    snapshot_max_pending_bytes: int = option(256 * 1024**2, "bound on snapshot bytes waiting to be written; "
+                                             "beyond it chunks are dropped and retried on a later round")
+    snapshot_min_chunk_tokens: int = option(16, "committed positions gathered before a snapshot chunk is written")
+    snapshot_min_restore_tokens: int = option(64, "sessions shorter than this are recomputed, not restored")
     metrics_port: int = option(0, "port of the Prometheus /metrics endpoint (0 = a free one, -1 = off)")
     ngram_max: int = option(3, "n-gram drafter: longest suffix matched")
     ngram_min: int = option(1, "n-gram drafter: shortest suffix matched")

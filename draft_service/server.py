@@ -7,7 +7,7 @@ import torch
 from draft_service.config import DraftConfig
 from draft_service.drafters import ModelDrafter, NgramDrafter
 from draft_service.servicer import DraftServicer
-from specdec.service_base import ModelFacts, SessionHost, load_causal_lm
+from specdec.service_base import ModelFacts, SessionHost, load_causal_lm, open_snapshots
 from specdec.metrics import ServiceMetrics
 from specdec.serving import Started, run_until_signalled, start_server
 from specdec.v1 import draft_pb2, draft_pb2_grpc
@@ -26,11 +26,12 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
             max_context=2**31 - 1,
             eos_token_ids=(),
         )
-        drafter = NgramDrafter(config.ngram_max, config.ngram_min)
+        drafter, snapshots = NgramDrafter(config.ngram_max, config.ngram_min), None  # no KV cache to snapshot
     else:
         loaded = load_causal_lm(config.model, "model", config.device, config.dtype)
         facts, drafter = loaded.facts, ModelDrafter(loaded.runner)
-    host = SessionHost(facts, config.cache_bytes, "draft-model")
+        snapshots = open_snapshots(config, "draft", loaded, metrics)
+    host = SessionHost(facts, config.cache_bytes, "draft-model", snapshots, metrics)
     metrics.watch_cache(host.table)
     return DraftServicer(host, drafter, config.max_k, config.batch_window_ms / 1000, config.max_batch,
                          config.max_queued, metrics)
@@ -41,10 +42,12 @@ async def start(config: DraftConfig) -> Started:
         torch.set_num_threads(config.torch_threads)
     metrics = ServiceMetrics()
     servicer = build_servicer(config, metrics)
-    return await start_server(
+    started = await start_server(
         lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server),
         [SERVICE_NAME], config, metrics,
     )
+    started.on_stop.append(servicer.host.close)
+    return started
 
 
 async def main(config: DraftConfig) -> None:

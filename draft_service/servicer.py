@@ -62,6 +62,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             if self.batcher.queued >= self.max_queued:
                 self.metrics.rejected.inc()
                 raise ResourceExhausted(f"{self.batcher.queued} Propose calls are already waiting on this draft replica")
+            await self.host.restore_if_missing(parsed.context)
             timed = await self.batcher.submit(parsed)
         proposal = timed.value
         self.metrics.draft_tokens.inc(len(proposal.tokens))

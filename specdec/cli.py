@@ -34,6 +34,7 @@ def _launch_options(args: argparse.Namespace) -> LaunchOptions:
         draft_device=args.draft_device,
         default_k=args.default_k,
         torch_threads=args.torch_threads,
+        snapshots=not args.no_kv_snapshots,
     )
 
 
@@ -215,6 +216,8 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-device", default="cpu", help="torch device of a model drafter")
     parser.add_argument("--default-k", type=int, default=4, help="draft tokens per round when a request does not say")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per service (0 = default)")
+    parser.add_argument("--no-kv-snapshots", action="store_true",
+                        help="do not write KV-cache snapshots to Redis (a failed-over replica recomputes instead)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ class SessionCache:
 
     tokens: list[int] = field(default_factory=list)
     kv: Any = None  # transformers DynamicCache covering tokens[:kv_len]
+    snapshot_len: int = 0  # committed positions handed to the Redis snapshot (kv_snapshot)
 
     @property
     def kv_len(self) -> int:
@@ -64,6 +65,11 @@ class SessionCacheTable:
         entry = self._entries.pop(session_id, None) or SessionCache()
         self._entries[session_id] = entry  # most recently used last
         return entry
+
+    def install(self, session_id: str, entry: SessionCache) -> None:
+        """Hold `entry` for the session (a restored snapshot), most recently used."""
+        self._entries.pop(session_id, None)
+        self._entries[session_id] = entry
 
     def release(self, session_id: str) -> bool:
         return self._entries.pop(session_id, None) is not None

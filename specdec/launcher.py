@@ -51,6 +51,7 @@ class LaunchOptions:
     draft_device: str = "cpu"
     default_k: int = 4
     torch_threads: int = 0
+    snapshots: bool = True  # draft and target write KV-cache snapshots to Redis
 
 
 @dataclass
@@ -155,8 +156,13 @@ async def launch(options: LaunchOptions) -> Pipeline:
             await _start_redis(pipeline)
         target_args = ["--model", options.target, "--host", options.host, "--device", options.device, *threads]
         draft_args = ["--model", options.draft, "--host", options.host, "--device", options.draft_device, *threads]
-        spawns = [spawn_service(f"target-{i}", "target_service", target_args, START_TIMEOUT_S) for i in range(options.target_replicas)]
-        spawns += [spawn_service(f"draft-{i}", "draft_service", draft_args, START_TIMEOUT_S) for i in range(options.draft_replicas)]
+        # The tiers write KV-cache snapshots to the sessions' Redis (the URL may hold a password).
+        target_env = {"SPECDEC_TARGET_REDIS_URL": pipeline.redis_url} if options.snapshots else {}
+        draft_env = {"SPECDEC_DRAFT_REDIS_URL": pipeline.redis_url} if options.snapshots else {}
+        spawns = [spawn_service(f"target-{i}", "target_service", target_args, START_TIMEOUT_S, target_env)
+                  for i in range(options.target_replicas)]
+        spawns += [spawn_service(f"draft-{i}", "draft_service", draft_args, START_TIMEOUT_S, draft_env)
+                   for i in range(options.draft_replicas)]
         started = await asyncio.gather(*spawns, return_exceptions=True)  # replicas load models in parallel
         for result in started:
             if isinstance(result, Child):

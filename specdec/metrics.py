@@ -37,6 +37,17 @@ class ServiceMetrics:
                                      "sessions held in the cache (draft, target)", registry=r)
         self.cache_bytes = Gauge("specdec_cache_bytes", "Bytes of KV cache held", registry=r)
         self.cache_evictions = Gauge("specdec_cache_evictions", "Sessions evicted from the cache so far", registry=r)
+        self.snapshot_chunks = Counter("specdec_kv_snapshot_chunks", "KV snapshot chunks by outcome: written, "
+                                       "dropped (write queue full), failed (Redis error), refused (bound, "
+                                       "session gone)", ["outcome"], registry=r)
+        self.snapshot_bytes = Counter("specdec_kv_snapshot_bytes", "KV snapshot bytes written to Redis", registry=r)
+        self.snapshot_restores = Counter("specdec_kv_snapshot_restores", "Sessions restored from a KV snapshot",
+                                         registry=r)
+        self.snapshot_restored_tokens = Counter("specdec_kv_snapshot_restored_tokens",
+                                                "Positions restored from KV snapshots instead of recomputed", registry=r)
+        self.snapshot_restore_seconds = Histogram("specdec_kv_snapshot_restore_seconds",
+                                                  "Time to fetch and rebuild a session's KV cache from Redis",
+                                                  buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("specdec_rejected_requests", "Requests refused with RESOURCE_EXHAUSTED", registry=r)
 
     def watch_cache(self, table) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from specdec.kv_cache import CausalLMRunner, SessionCache, SessionCacheTable, committed_tokens
+from specdec.kv_snapshot import Snapshot, Snapshots
 from specdec.serving import ModelWorker
 from specdec.v1 import common_pb2
 from specdec.wire import ContextDelta
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -34,10 +38,47 @@ class ModelFacts:
 class SessionHost:
     """A model worker plus the per-session caches it serves from."""
 
-    def __init__(self, facts: ModelFacts, cache_bytes: int, worker_name: str):
+    def __init__(self, facts: ModelFacts, cache_bytes: int, worker_name: str, snapshots: Snapshots | None = None,
+                 metrics=None):
         self.facts = facts
         self.table = SessionCacheTable(max_bytes=cache_bytes)
         self.worker = ModelWorker(worker_name)
+        self.snapshots = snapshots
+        self.metrics = metrics
+
+    async def close(self) -> None:
+        """Write what is queued for Redis, then stop the writer."""
+        if self.snapshots is not None:
+            await self.snapshots.writer.close()
+            await self.snapshots.store.redis.aclose()
+
+    async def restore_if_missing(self, context: ContextDelta) -> None:
+        """A session this replica does not hold gets its KV cache from the Redis snapshot, if
+        there is one, so the prefix is not recomputed. Anything wrong with it: recompute."""
+        if self.snapshots is None or context.session_id in self.table:
+            return
+        if context.committed_len < self.snapshots.settings.min_restore_tokens:
+            return
+        started = time.perf_counter()
+        snapshot = await self.snapshots.fetch(context.session_id)
+        if snapshot is not None:
+            installed = (await self.worker.run(lambda: self._install(context.session_id, snapshot))).value
+            if installed and self.metrics is not None:
+                self.metrics.snapshot_restores.inc()
+                self.metrics.snapshot_restored_tokens.inc(snapshot.length)
+                self.metrics.snapshot_restore_seconds.observe(time.perf_counter() - started)
+
+    def _install(self, session_id: str, snapshot: Snapshot) -> bool:
+        if session_id in self.table:  # a request of its own got there first
+            return False
+        try:
+            entry = self.snapshots.rebuild(snapshot)
+        except (ValueError, RuntimeError) as exc:
+            log.warning("KV snapshot of session %s is unusable (%s); recomputing instead", session_id, exc)
+            return False
+        self.table.install(session_id, entry)
+        self.table.enforce_bounds(keep=session_id)
+        return True
 
     def entry_and_tokens(self, context: ContextDelta):
         """Run on the worker thread: the session's cache entry and its full committed tokens."""
@@ -60,7 +101,7 @@ class SessionHost:
         request), run the resolvable ones together, then enforce the cache bound. Returns one
         outcome, a result or an exception, per request."""
         outcomes: list[Any] = [None] * len(requests)
-        jobs, positions = [], []
+        jobs, positions, entries = [], [], []
         for i, request in enumerate(requests):
             try:
                 entry, tokens = self.entry_and_tokens(request.context)
@@ -69,11 +110,21 @@ class SessionHost:
                 continue
             jobs.append(make_job(request, entry, tokens))
             positions.append(i)
+            entries.append(entry)
         if jobs:
             for i, result in zip(positions, run_jobs(jobs)):
                 outcomes[i] = result
+            if self.snapshots is not None:
+                self._snapshot([requests[i].context for i in positions], entries)
         self.table.enforce_bounds()
         return outcomes
+
+    def _snapshot(self, contexts: Sequence[ContextDelta], entries: Sequence[SessionCache]) -> None:
+        for context, entry in zip(contexts, entries):
+            try:
+                self.snapshots.after_forward(context.session_id, entry, context.committed_len)
+            except Exception:  # noqa: BLE001 - a snapshot is an optimisation; never fail the request
+                log.exception("KV snapshot of session %s failed", context.session_id)
 
     async def release(self, request: common_pb2.ReleaseRequest, context) -> common_pb2.ReleaseResponse:
         released = (await self.worker.run(lambda: self.table.release(request.session_id))).value
@@ -109,3 +160,38 @@ def load_causal_lm(spec: str, kind: str, device: str, dtype: str) -> LoadedModel
         eos_token_ids=tuple(models.eos_token_ids(model, tokenizer)),
     )
     return LoadedModel(CausalLMRunner(model, vocab_size), facts)
+
+
+class SnapshotOptions(Protocol):
+    """The KV-snapshot part of the draft and target configs."""
+
+    redis_url: str
+    redis_timeout_s: float
+    dtype: str
+    snapshot_max_session_bytes: int
+    snapshot_max_pending_bytes: int
+    snapshot_min_chunk_tokens: int
+    snapshot_min_restore_tokens: int
+
+
+def open_snapshots(options: SnapshotOptions, tier: str, loaded: LoadedModel, metrics) -> Snapshots | None:
+    """Snapshots to the configured Redis (None without a URL). Call inside the event loop: the
+    writer task starts here. Redis is not contacted until the first write or restore, so a
+    replica starts, and serves by recomputing, while Redis is down."""
+    if not options.redis_url:
+        return None
+    import redis.asyncio as aioredis
+
+    from specdec.kv_snapshot import SnapshotSettings, SnapshotStore
+
+    client = aioredis.from_url(options.redis_url, socket_timeout=options.redis_timeout_s,
+                               socket_connect_timeout=options.redis_timeout_s)
+    facts = loaded.facts
+    store = SnapshotStore(client, tier, f"{facts.name}|{options.dtype}|{facts.vocab_fingerprint}",
+                          options.snapshot_max_session_bytes)
+    settings = SnapshotSettings(options.snapshot_max_session_bytes, options.snapshot_max_pending_bytes,
+                                options.snapshot_min_chunk_tokens, options.snapshot_min_restore_tokens)
+    model = loaded.runner.model
+    snapshots = Snapshots(store, settings, model.config, next(model.parameters()).dtype, loaded.runner.device, metrics)
+    snapshots.writer.start()
+    return snapshots

@@ -10,8 +10,8 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Iterable, Protocol, TypeVar
 
 import grpc
 from grpc import aio
@@ -88,6 +88,7 @@ class Started:
     address: str
     metrics_address: str | None = None
     metrics: ServiceMetrics | None = None
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run after the server stops
 
 
 class ListenSettings(Protocol):
@@ -145,6 +146,8 @@ async def run_until_signalled(started: Started, grace_s: float = 5.0) -> None:
     log.info("shutting down")
     await started.health.enter_graceful_shutdown()
     await started.server.stop(grace_s)
+    for cleanup in started.on_stop:
+        await cleanup()
 
 
 async def wait_healthy(

@@ -8,6 +8,7 @@ Keys (the {id} hash tag keeps a session's keys in one Redis Cluster slot):
     specdec:{id}:tokens  string: committed token ids as little-endian int32
     specdec:{id}:lease   string: owner of the running Generate; renewed by every commit, it
                          expires lease_s after a coordinator dies, so the session can be resumed
+    specdec:{id}:kv:*    the draft and target tiers' KV-cache snapshots (specdec.kv_snapshot)
 Every key carries the session TTL, renewed on each commit.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from specdec.errors import Aborted, NotFound
+from specdec.kv_snapshot import all_snapshot_keys
 
 # Append a round atomically, only if the stored length is the one the writer saw: a round
 # is never half written, and a stale writer (a coordinator that lost its lease) cannot append.
@@ -36,6 +38,7 @@ for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
+for i = 4, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 return redis.call('STRLEN', KEYS[2])
 """
 
@@ -137,7 +140,7 @@ class SessionStore:
         args: list = [committed_len * 4, _pack(new_tokens), self.ttl_s, self.lease_ms]
         for name, value in {**fields, "updated": time.time()}.items():
             args += [name, value if isinstance(value, (str, bytes, int, float)) else json.dumps(value)]
-        result = await self._commit(keys=[meta, tokens, lease], args=args)
+        result = await self._commit(keys=[meta, tokens, lease, *all_snapshot_keys(session_id)], args=args)
         if result == -1:
             raise NotFound(f"session {session_id!r} expired or was deleted during generation")
         if result == -2:
@@ -156,4 +159,4 @@ class SessionStore:
             await self._release(keys=[lease, meta], args=[owner])
 
     async def delete(self, session_id: str) -> None:
-        await self.redis.delete(*self._keys(session_id))
+        await self.redis.delete(*self._keys(session_id), *all_snapshot_keys(session_id))

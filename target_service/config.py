@@ -18,6 +18,14 @@ class TargetConfig:
     batch_window_ms: float = option(1.0, "how long the first Verify of a batch waits for others (ms)")
     max_batch: int = option(16, "most sessions verified in one forward pass")
     max_queued: int = option(256, "Verify calls waiting beyond this are refused with RESOURCE_EXHAUSTED")
+    redis_url: str = option("", "Redis holding the sessions, for KV-cache snapshots (empty: none); "
+                            "rediss:// for TLS, redis://:PASSWORD@host for auth (prefer the env variable)")
+    redis_timeout_s: float = option(5.0, "deadline of each Redis call for snapshots, in seconds")
+    snapshot_max_session_bytes: int = option(256 * 1024**2, "bound on one session's KV snapshot in Redis, in bytes")
+    snapshot_max_pending_bytes: int = option(256 * 1024**2, "bound on snapshot bytes waiting to be written; "
+                                             "beyond it chunks are dropped and retried on a later round")
+    snapshot_min_chunk_tokens: int = option(16, "committed positions gathered before a snapshot chunk is written")
+    snapshot_min_restore_tokens: int = option(64, "sessions shorter than this are recomputed, not restored")
     metrics_port: int = option(0, "port of the Prometheus /metrics endpoint (0 = a free one, -1 = off)")
     torch_threads: int = option(0, "torch intra-op threads (0 = torch's default)")
     tls_cert: str = option("", "PEM certificate to serve TLS with (empty: plaintext)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.service_base import SessionHost, load_causal_lm
+from specdec.service_base import SessionHost, load_causal_lm, open_snapshots
 from specdec.metrics import ServiceMetrics
 from specdec.serving import Started, run_until_signalled, start_server
 from specdec.v1 import target_pb2, target_pb2_grpc
@@ -16,7 +16,8 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
 def build_servicer(config: TargetConfig, metrics: ServiceMetrics) -> TargetServicer:
     loaded = load_causal_lm(config.model, "target", config.device, config.dtype)
-    host = SessionHost(loaded.facts, config.cache_bytes, "target-model")
+    snapshots = open_snapshots(config, "target", loaded, metrics)
+    host = SessionHost(loaded.facts, config.cache_bytes, "target-model", snapshots, metrics)
     metrics.watch_cache(host.table)
     return TargetServicer(host, loaded.runner, config.max_k, config.batch_window_ms / 1000, config.max_batch,
                           config.max_queued, metrics)
@@ -27,10 +28,12 @@ async def start(config: TargetConfig) -> Started:
         torch.set_num_threads(config.torch_threads)
     metrics = ServiceMetrics()
     servicer = build_servicer(config, metrics)
-    return await start_server(
+    started = await start_server(
         lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server),
         [SERVICE_NAME], config, metrics,
     )
+    started.on_stop.append(servicer.host.close)
+    return started
 
 
 async def main(config: TargetConfig) -> None:

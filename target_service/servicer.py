@@ -67,6 +67,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 f"{self.batcher.queued} Verify calls are already waiting on this target replica; "
                 "retry later or add target replicas"
             )
+        await self.host.restore_if_missing(parsed.context)
         timed = await self.batcher.submit(parsed)
         result = timed.value
         response = target_pb2.VerifyResponse(

@@ -102,9 +102,10 @@ class Stack:
 
 async def start_stack(
     redis_url: str, target_model: Path, draft: str | None, target_replicas: int = 1, draft_replicas: int = 1,
-    **coordinator_overrides,
+    snapshots: bool = True, **coordinator_overrides,
 ) -> Stack:
-    """Start real gRPC servers on loopback in this event loop: target(s), optional draft(s), coordinator."""
+    """Start real gRPC servers on loopback in this event loop: target(s), optional draft(s), coordinator.
+    With `snapshots` the tiers write KV-cache snapshots to the same Redis, as `specdec up` does."""
     from coordinator import server as coordinator_server
     from coordinator.config import CoordinatorConfig
     from draft_service import server as draft_server
@@ -112,13 +113,14 @@ async def start_stack(
     from target_service import server as target_server
     from target_service.config import TargetConfig
 
-    started = [await target_server.start(TargetConfig(model=str(target_model), metrics_port=-1))
+    tier_redis = redis_url if snapshots else ""
+    started = [await target_server.start(TargetConfig(model=str(target_model), metrics_port=-1, redis_url=tier_redis))
                for _ in range(target_replicas)]
     targets = [s.address for s in started]
     drafts = []
     if draft is not None:
         for _ in range(draft_replicas):
-            started.append(await draft_server.start(DraftConfig(model=draft, metrics_port=-1)))
+            started.append(await draft_server.start(DraftConfig(model=draft, metrics_port=-1, redis_url=tier_redis)))
             drafts.append(started[-1].address)
     config = CoordinatorConfig(
         target=tuple(targets),

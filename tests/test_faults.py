@@ -147,3 +147,82 @@ async def test_a_killed_coordinator_is_resumed_by_another_losing_and_repeating_n
         with pytest.raises(grpc.aio.AioRpcError) as finished:
             _ = [m async for m in coordinator_pb2_grpc.CoordinatorStub(channel).Generate(again)]
     assert finished.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.fixture
+def watched_pipeline(tiny_target):
+    """A pipeline whose coordinator gives up on a Propose after 0.5 s and checks health often."""
+    env = {**os.environ, "SPECDEC_COORDINATOR_DRAFT_TIMEOUT_S": "0.5", "SPECDEC_COORDINATOR_HEALTH_INTERVAL_S": "0.2"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "up", "--target", str(tiny_target), "--draft", "ngram",
+         "--torch-threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env,
+    )
+    summary = json.loads(process.stdout.readline())
+    yield summary
+    os.kill(summary["draft"][0]["pid"], signal.SIGCONT)
+    process.terminate()
+    process.wait(30)
+
+
+async def test_a_hung_draft_replica_means_target_only_rounds_until_it_answers_again(watched_pipeline, stacks):
+    fields = dict(prompt="abc abc abc abc", max_new_tokens=40, k=3, ignore_eos=True)
+    async with grpc.aio.insecure_channel(stacks["ngram"].coordinator) as channel:
+        undisturbed = await generate(channel, **fields)
+    draft_pid = watched_pipeline["draft"][0]["pid"]
+    async with grpc.aio.insecure_channel(watched_pipeline["coordinator"]) as channel:
+        os.kill(draft_pid, signal.SIGSTOP)  # hung, not dead: its port still accepts connections
+        try:
+            hung = await generate(channel, **fields)
+        finally:
+            os.kill(draft_pid, signal.SIGCONT)
+        assert hung.token_ids == undisturbed.token_ids
+        assert hung.stats.draft_tokens == 0
+        # Every round that wanted a draft ran without one (the last drafts nothing: k = remaining - 1).
+        assert hung.stats.draft_fallback_rounds >= hung.stats.rounds - 1 > 0
+        for _ in range(50):  # the health watch sees the replica serving again within a few checks
+            back = await generate(channel, **fields)
+            if back.stats.draft_fallback_rounds == 0:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("drafting did not resume after the draft replica answered again")
+    assert back.token_ids == undisturbed.token_ids
+    assert back.stats.draft_tokens > 0
+
+
+async def test_verify_retries_with_backoff_until_a_restarted_target_answers(redis_server, tiny_target, stacks):
+    from target_service import server as target_server
+    from target_service.config import TargetConfig
+
+    fields = dict(prompt="keep going while the target restarts", max_new_tokens=120, k=3, ignore_eos=True)
+    async with grpc.aio.insecure_channel(stacks["ngram"].coordinator) as channel:
+        undisturbed = await generate(channel, **fields)
+    stack = await start_stack(redis_server.url, tiny_target, "ngram", retry_attempts=10, retry_max_backoff_s=0.5)
+    host, port = stack.target.rsplit(":", 1)
+    replacement = None
+
+    async def restart_later() -> None:
+        nonlocal replacement
+        await asyncio.sleep(0.5)
+        replacement = await target_server.start(
+            TargetConfig(model=str(tiny_target), host=host, port=int(port), metrics_port=-1, redis_url=redis_server.url))
+
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            call = coordinator_pb2_grpc.CoordinatorStub(channel).Generate(coordinator_pb2.GenerateRequest(**fields))
+            tokens = []
+            while len(tokens) < 80:  # past the snapshot's first chunks
+                tokens += (await call.read()).token_ids
+            await stack.servers[0].stop(None)  # the only target replica goes away...
+            restarting = asyncio.create_task(restart_later())  # ...and comes back on its address
+            while (message := await call.read()) != grpc.aio.EOF:
+                tokens += message.token_ids
+            await restarting
+        assert tokens == undisturbed.token_ids, "the retried rounds must give exactly the same tokens"
+        registry = replacement.metrics.registry
+        assert registry.get_sample_value("specdec_kv_snapshot_restores_total") == 1
+        assert registry.get_sample_value("specdec_kv_snapshot_restored_tokens_total") >= 64
+    finally:
+        for server in stack.servers + ([replacement.server] if replacement else []):
+            await server.stop(0)
