@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos up clean bench
+.PHONY: setup redis-server demo test protos up clean bench bench-snapshot
 
 setup: $(STAMP) redis-server
 
@@ -46,3 +46,7 @@ clean:
 BENCH_ARGS ?=
 bench: setup
 	$(VENV)/bin/specdec bench $(BENCH_ARGS)
+
+# Restoring a 1,000-token session's KV cache from Redis vs recomputing it (bench/RESULTS.md).
+bench-snapshot: setup
+	$(PY) -m bench.snapshot --tokens 1000 --reps 5

@@ -82,3 +82,12 @@ async def test_bench_runs_every_configuration_and_writes_its_outputs(tiny_target
     markdown = (options.out / "results.md").read_text()
     assert "| Configuration | Translation | Question Answering | Overall | #Mean accepted tokens |" in markdown
     assert json.loads((options.out / "results.json").read_text())["machine"]["cpu_count"] >= 1
+
+
+async def test_the_snapshot_bench_runs_and_both_paths_agree(tiny_target):
+    from bench.snapshot import measure
+
+    result = await measure(str(tiny_target), tokens=200, reps=1, device="cpu", redis_url=None)
+    # measure() itself checks that both paths give the same argmax and reuse what they should.
+    assert result["snapshot_tokens"] == 200 and result["snapshot_mib"] > 0
+    assert len(result["restore_all_s"]) == len(result["recompute_all_s"]) == 1
