@@ -294,9 +294,10 @@ def test_coordinator_addresses_name_the_tiers(compose, monkeypatch):
             assert int(port) == tier_port, f"coordinator {field} address {address}, but {host} listens on {tier_port}"
 
 
-def test_coordinator_redis_url_names_the_redis_service(compose, monkeypatch):
+@pytest.mark.parametrize("name", ["coordinator", "target", "draft"])  # sessions; the tiers' KV snapshots
+def test_redis_url_names_the_redis_service(compose, monkeypatch, name):
     services = compose["services"]
-    config = tier_config(services["coordinator"], TIERS["coordinator"], monkeypatch)
+    config = tier_config(services[name], TIERS[name], monkeypatch)
     url = urlparse(config.redis_url)
     assert url.scheme == "redis", config.redis_url
     assert url.hostname in services, f"redis_url {config.redis_url}: no service {url.hostname!r}"
