@@ -144,27 +144,36 @@ async def _stored_length(redis_url: str, session_id: str) -> int:
         await client.aclose()
 
 
-async def test_a_failed_over_target_restores_the_snapshot_and_changes_nothing(redis_server, tiny_target, stacks):
+async def test_failed_over_replicas_restore_the_snapshot_and_change_nothing(
+    redis_server, tiny_target, tiny_draft, stacks
+):
     turn1 = dict(prompt="tell me a long story about the sea", max_new_tokens=90, k=3, ignore_eos=True)
     turn2 = dict(prompt="and then?", max_new_tokens=20, k=3, ignore_eos=True)
-    async with grpc.aio.insecure_channel(stacks["ngram"].coordinator) as channel:
+    async with grpc.aio.insecure_channel(stacks["model"].coordinator) as channel:
         first = await generate(channel, **turn1)
         undisturbed = await generate(channel, session_id=first.session_id, **turn2)
 
-    stack = await start_stack(redis_server.url, tiny_target, "ngram", target_replicas=2)
+    stack = await start_stack(redis_server.url, tiny_target, str(tiny_draft), target_replicas=2, draft_replicas=2)
+    targets, drafts = stack.started[:2], stack.started[2:4]
     try:
         async with grpc.aio.insecure_channel(stack.coordinator) as channel:
             before = await generate(channel, **turn1)
             assert before.token_ids == first.token_ids
             stored = await _stored_length(redis_server.url, before.session_id)
             assert stored >= 64, "the home replica wrote the session's committed positions"
-            home = stack.decoder.target.replicas.order_for(before.session_id)[0]
-            await stack.servers[home].stop(0)  # the session's replica dies between turns
+            # The session's target and draft replicas die between turns.
+            home_target = targets[stack.decoder.target.replicas.order_for(before.session_id)[0]]
+            home_draft = drafts[stack.decoder.draft.replicas.order_for(before.session_id)[0]]
+            await home_target.server.stop(0)
+            await home_draft.server.stop(0)
             after = await generate(channel, session_id=before.session_id, **turn2)
         assert after.token_ids == undisturbed.token_ids
-        assert after.stats.target_reused_tokens == stored, "the other replica restored instead of recomputing"
+        assert after.stats.target_reused_tokens == stored, "the other target restored instead of recomputing"
         assert after.stats.target_prefill_tokens == len(before.prompt_token_ids) + len(before.token_ids) \
             + len(after.prompt_token_ids) - stored
+        other_draft = next(d for d in drafts if d is not home_draft)
+        assert other_draft.metrics.registry.get_sample_value("specdec_kv_snapshot_restores_total") == 1
+        assert after.stats.draft_fallback_rounds == 0
     finally:
         for server in stack.servers:
             await server.stop(0)

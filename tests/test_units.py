@@ -105,3 +105,13 @@ def test_config_flags_override_environment_override_defaults(monkeypatch):
     monkeypatch.setenv("EX_VERBOSE", "yes")
     assert parse_config(_Example, [], "x", "EX_") == _Example(7, ("b", "c"), True)
     assert parse_config(_Example, ["--port", "9"], "x", "EX_").port == 9
+
+
+def test_retry_backoff_doubles_with_jitter_up_to_its_cap():
+    from coordinator.clients import RetryPolicy
+
+    policy = RetryPolicy(attempts=6, initial_backoff_s=0.1, max_backoff_s=0.5)
+    for retry, full in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (5, 0.5)]:
+        waits = [policy.backoff_s(retry) for _ in range(200)]
+        assert all(full / 2 <= w <= full for w in waits), retry
+        assert max(waits) - min(waits) > full / 10, "jitter spreads the retries of many sessions"
