@@ -50,6 +50,7 @@ class BenchOptions:
     peers: bool = True
     overhead: bool = True  # the stand-in-model probe of per-round overhead (bench/overhead.py)
     device: str = "cpu"
+    kv_snapshots: bool = True  # the tiers write KV-cache snapshots to Redis, as `specdec up` does
     out: Path = Path("bench/out")
     progress: bool = True
 
@@ -185,12 +186,13 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
     """One target, and per drafter a draft service and a coordinator on that target."""
     first, *others = options.drafters
     pipeline = await launch(LaunchOptions(target=options.target, draft=first, device=options.device,
-                                          draft_device=options.device))
+                                          draft_device=options.device, snapshots=options.kv_snapshots))
     coordinators = {first: pipeline.coordinator.address}
     targets = ",".join(c.address for c in pipeline.targets)
     for drafter in others:
         draft = await spawn_service(f"draft-{drafter}", "draft_service",
-                             ["--model", drafter, "--device", options.device], 600)
+                                    ["--model", drafter, "--device", options.device], 600,
+                                    env={"SPECDEC_DRAFT_REDIS_URL": pipeline.redis_url} if options.kv_snapshots else {})
         pipeline.drafts.append(draft)
         coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [
             "--target", targets, "--draft", draft.address, "--tokenizer", options.target,

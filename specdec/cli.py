@@ -188,7 +188,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         target=args.target, drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()),
         ks=ints(args.ks), concurrency=ints(args.concurrency), sweep_tokens=args.sweep_tokens,
         sweep_only=args.sweep_only, peers=not args.no_peers, overhead=not args.no_overhead, device=args.device, out=out,
-        progress=not args.no_progress,
+        progress=not args.no_progress, kv_snapshots=not args.no_kv_snapshots,
     )
     report = await run_bench(options)
     for path in bench_report.write(report, out):
@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-peers", action="store_true", help="skip the in-process Hugging Face peers")
     bench.add_argument("--no-overhead", action="store_true", help="skip the per-round overhead probe")
     bench.add_argument("--device", default="cpu", help="torch device for every model")
+    bench.add_argument("--no-kv-snapshots", action="store_true", help="run our pipeline without KV-cache snapshots")
     bench.add_argument("--out", default="", help="output folder (default bench/out/<time>)")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=cmd_bench)

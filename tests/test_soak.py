@@ -1,6 +1,8 @@
 """Soak: 8 sessions at a time for SPECDEC_SOAK_S seconds (default 120) while target, draft and
-coordinator processes are killed (SIGKILL) and restarted at random. Every generation must end
-with exactly the tokens of an undisturbed run: nothing lost, nothing repeated."""
+coordinator processes are killed (SIGKILL) and restarted, or hung (SIGSTOP) and let go, at
+random. Targets write KV-cache snapshots, so a replica taking over restores them. Every
+generation must end with exactly the tokens of an undisturbed run: nothing lost, nothing
+repeated."""
 
 from __future__ import annotations
 
@@ -40,19 +42,23 @@ class Cluster:
         port = ["--port", str(self.ports[name]), "--metrics-port", "-1"]
         env = {}
         if kind == "target":
-            args = ["--model", self.model, "--torch-threads", "1", *port]
+            args = ["--model", self.model, "--torch-threads", "1", "--snapshot-min-chunk-tokens", "4", *port]
+            env = {"SPECDEC_TARGET_REDIS_URL": self.redis_url}
         elif kind == "draft":
             args = ["--model", "ngram", *port]
         else:
             args = ["--target", f"{self.address('target-0')},{self.address('target-1')}",
                     "--draft", f"{self.address('draft-0')},{self.address('draft-1')}",
-                    "--tokenizer", self.model, "--draft-timeout-s", "2", "--rpc-timeout-s", "10", *port]
+                    "--tokenizer", self.model, "--draft-timeout-s", "2", "--rpc-timeout-s", "3", *port]
             env = {"SPECDEC_COORDINATOR_REDIS_URL": self.redis_url, "SPECDEC_COORDINATOR_SESSION_LEASE_S": "1"}
         module = {"target": "target_service", "draft": "draft_service", "coordinator": "coordinator"}[kind]
         self.children[name] = await spawn_service(name, module, args, 120, env=env)
 
     def kill(self, name: str) -> None:
         self.children[name].process.send_signal(signal.SIGKILL)
+
+    def hang(self, name: str, hung: bool) -> None:
+        self.children[name].process.send_signal(signal.SIGSTOP if hung else signal.SIGCONT)
 
     async def stop(self) -> None:
         for child in self.children.values():
@@ -109,10 +115,16 @@ async def test_soak_with_random_kills(redis_server, tiny_target, stacks):
         while time.monotonic() < deadline:
             await asyncio.sleep(rng.uniform(2.0, 5.0))
             victim = rng.choice(sorted(cluster.ports))
-            cluster.kill(victim)
-            faults.append(victim)
-            await asyncio.sleep(rng.uniform(0.5, 2.0))
-            await cluster.start(victim)  # back on the same port
+            if rng.random() < 0.3:
+                cluster.hang(victim, True)
+                faults.append(f"hang {victim}")
+                await asyncio.sleep(rng.uniform(0.5, 4.0))  # past the deadlines, sometimes
+                cluster.hang(victim, False)
+            else:
+                cluster.kill(victim)
+                faults.append(f"kill {victim}")
+                await asyncio.sleep(rng.uniform(0.5, 2.0))
+                await cluster.start(victim)  # back on the same port
 
     async def client(prompt: str) -> None:
         while time.monotonic() < deadline:
