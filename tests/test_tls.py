@@ -95,3 +95,65 @@ def test_secrets_are_redacted_from_urls():
     assert redact_url("redis://:hunter2@redis:6379/0") == "redis://:***@redis:6379/0"
     assert redact_url("rediss://user:pw@host/1") == "rediss://user:***@host/1"
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def tls_redis(pki, tmp_path):
+    """A redis-server that speaks TLS only and wants a password."""
+    from conftest import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", "s3cret-pw",
+         "--tls-cert-file", str(pki / "server.pem"), "--tls-key-file", str(pki / "server.key"),
+         "--tls-ca-cert-file", str(pki / "ca.pem"), "--tls-auth-clients", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    yield f"rediss://:s3cret-pw@127.0.0.1:{port}/0?ssl_ca_certs={pki / 'ca.pem'}", port
+    process.terminate()
+    process.wait(10)
+
+
+async def test_sessions_and_kv_snapshots_in_a_redis_with_tls_and_a_password(tls_redis, tiny_target, caplog):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from conftest import start_stack
+    from coordinator import server as coordinator_server
+    from coordinator.config import CoordinatorConfig
+    from specdec.kv_snapshot import snapshot_keys
+
+    url, port = tls_redis
+    for _ in range(100):  # redis-server takes a moment to open its TLS port
+        try:
+            client = aioredis.from_url(url)
+            await client.ping()
+            break
+        except Exception:  # noqa: BLE001
+            await client.aclose()
+            await asyncio.sleep(0.05)
+    stack = await start_stack(url, tiny_target, "ngram")
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            result = await generate(channel, prompt="a session kept behind tls and a password", max_new_tokens=40)
+        for _ in range(50):  # the target's snapshot write is in the background
+            if await client.hget(snapshot_keys(result.session_id, "target")[1], "len"):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the target wrote no KV snapshot to the TLS Redis")
+        # Without TLS, or with a wrong password, the coordinator refuses to start and says why,
+        # without printing the password it was given.
+        for bad in (f"redis://:s3cret-pw@127.0.0.1:{port}/0", url.replace("s3cret-pw", "wrong-pw")):
+            config = CoordinatorConfig(target=(stack.target,), redis_url=bad, tokenizer=str(tiny_target),
+                                       metrics_port=-1, startup_timeout_s=5, redis_timeout_s=2)
+            with pytest.raises(coordinator_server.StartupError, match="cannot reach Redis") as refused:
+                await coordinator_server.build_decoder(config)
+            assert "pw" not in str(refused.value)
+        assert "s3cret" not in caplog.text
+    finally:
+        await client.aclose()
+        for server in stack.servers:
+            await server.stop(0)
