@@ -53,6 +53,7 @@ return {0, tonumber(ARGV[2])}
 
 APPENDED, NOT_CONTIGUOUS, FULL, SESSION_GONE, OTHER_MODEL = range(5)
 SNAPSHOT_STOPPED = 2**62  # a snapshot_len no session reaches: nothing more is written for it
+MAX_CHUNK_BYTES = 4 * 1024**2  # one write to Redis at most (a prompt's prefill is split)
 
 
 def snapshot_keys(session_id: str, tier: str) -> tuple[str, str]:
@@ -283,13 +284,25 @@ class Snapshots:
         self.metrics = metrics
 
     def after_forward(self, session_id: str, entry, committed_len: int) -> None:
-        """On the worker thread, right after entry's cache was extended past committed_len."""
+        """On the worker thread, right after entry's cache was extended past committed_len.
+        A long stretch (a prompt's prefill) goes in pieces of at most MAX_CHUNK_BYTES, so no
+        single write holds the service's event loop or Redis for long."""
         start, end = entry.snapshot_len, min(committed_len, entry.kv_len)
         if entry.kv is None or end - start < self.settings.min_chunk_tokens:
             return
-        data = encode_chunk(entry.kv, entry.tokens, start, end)
-        if self.writer.submit(PendingChunk(session_id, start, end, data, entry)):
-            entry.snapshot_len = end
+        per_token = max(1, self.bytes_per_token)
+        step = max(1, MAX_CHUNK_BYTES // per_token)
+        for piece_start in range(start, end, step):
+            piece_end = min(end, piece_start + step)
+            data = encode_chunk(entry.kv, entry.tokens, piece_start, piece_end)
+            if not self.writer.submit(PendingChunk(session_id, piece_start, piece_end, data, entry)):
+                return  # dropped: the next round starts again from here
+            entry.snapshot_len = piece_end
+
+    @property
+    def bytes_per_token(self) -> int:
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return sum(2 * shape.kv_heads * shape.head_dim * item for shape in self.shapes)
 
     async def fetch(self, session_id: str) -> Snapshot | None:
         """The session's snapshot, or None (none, too short, or Redis unreachable: recompute)."""

@@ -177,3 +177,25 @@ async def test_failed_over_replicas_restore_the_snapshot_and_change_nothing(
     finally:
         for server in stack.servers:
             await server.stop(0)
+
+
+async def test_a_long_prefill_is_written_in_bounded_pieces(redis_server, runner, monkeypatch):
+    from specdec import kv_snapshot
+
+    client = aioredis.from_url(redis_server.url)
+    try:
+        sid = (await SessionStore(client, ttl_s=600).create(seed=1)).session_id
+        snapshots = Snapshots(SnapshotStore(client, "target", "m", 1 << 30), SETTINGS, runner.model.config,
+                              torch.float32, "cpu")
+        monkeypatch.setattr(kv_snapshot, "MAX_CHUNK_BYTES", snapshots.bytes_per_token * 7)
+        snapshots.writer.start()
+        entry = _prefilled(runner, 30)
+        snapshots.after_forward(sid, entry, committed_len=30)
+        await snapshots.writer.flush()
+        snapshot = await snapshots.store.load(sid)
+        assert snapshot.length == 30 and len(snapshot.chunks) == 5  # 7 + 7 + 7 + 7 + 2 positions
+        assert all(len(c) <= snapshots.bytes_per_token * 7 + 64 for c in snapshot.chunks)
+        assert snapshots.rebuild(snapshot).tokens == entry.tokens
+        await snapshots.writer.close()
+    finally:
+        await client.aclose()
