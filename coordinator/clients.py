@@ -196,6 +196,18 @@ class ReplicaSet:
         assert last_error is not None
         raise last_error
 
+    async def release_everywhere(self, session_id: str, timeout_s: float = 2.0) -> int:
+        """Ask every replica to free the session's cache; returns how many held one. A replica
+        that does not answer keeps it until its LRU bound evicts it."""
+        async def release(stub) -> bool:
+            try:
+                reply = await stub.Release(common_pb2.ReleaseRequest(session_id=session_id), timeout=timeout_s)
+                return reply.released
+            except aio.AioRpcError:
+                return False
+
+        return sum(await asyncio.gather(*(release(stub) for stub in self.stubs)))
+
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()

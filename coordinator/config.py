@@ -12,7 +12,8 @@ class CoordinatorConfig:
     draft: tuple[str, ...] = option((), "draft replica addresses, comma-separated (empty: target only)")
     redis_url: str = option("redis://127.0.0.1:6379/0", "Redis URL holding the sessions")
     tokenizer: str = option(DEFAULT_MODEL, "tokenizer to use (the target model's: folder, hub id, .gguf, 'smollm2')")
-    api_keys: tuple[str, ...] = option((), "API keys accepted on Generate/GetSession, comma-separated (empty: no auth)")
+    api_keys: tuple[str, ...] = option((), "API keys accepted on Generate, GetSession and DeleteSession, "
+                                       "comma-separated (empty: no auth)")
     api_keys_file: str = option("", "file with one API key per line (keeps keys out of the process list)")
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(0, "port to listen on (0 picks a free one; the chosen address is printed as JSON)")

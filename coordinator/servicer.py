@@ -161,3 +161,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             turns=session.turns,
             seed=session.seed,
         )
+
+    async def DeleteSession(self, request: coordinator_pb2.DeleteSessionRequest, context):
+        caller = self.keys.identify(context)
+        if not request.session_id:
+            raise InvalidArgument("session_id is empty")
+        store = self.decoder.store
+        self.keys.check_owner(await store.load(request.session_id), caller)
+        async with store.lease(request.session_id):  # ABORTED while a Generate holds it
+            await store.delete(request.session_id)
+        tiers = [self.decoder.target.replicas] + ([self.decoder.draft.replicas] if self.decoder.draft else [])
+        released = sum([await tier.release_everywhere(request.session_id) for tier in tiers])
+        return coordinator_pb2.DeleteSessionResponse(released_replicas=released)

@@ -49,6 +49,8 @@ async def test_a_session_is_read_and_continued_only_with_the_key_that_created_it
             lambda: _generate(channel, "key-bob", prompt="let me in", session_id=session_id),
             lambda: stub.GetSession(coordinator_pb2.GetSessionRequest(session_id=session_id),
                                     metadata=(("authorization", "Bearer key-bob"),)),
+            lambda: stub.DeleteSession(coordinator_pb2.DeleteSessionRequest(session_id=session_id),
+                                       metadata=(("authorization", "Bearer key-bob"),)),
         ):
             with pytest.raises(grpc.aio.AioRpcError) as denied:
                 await call()

@@ -107,6 +107,18 @@ def test_propose_fields(services, session, committed, start, delta, k, params):
     _outcome(lambda: stub.Propose(request, timeout=30))
 
 
+@FUZZ
+@given(session=st.one_of(text, st.text(alphabet="0123456789abcdef", min_size=36, max_size=36)))
+def test_session_id_fields(services, session):
+    """GetSession and DeleteSession on the coordinator, Release on both tiers."""
+    coordinator = coordinator_pb2_grpc.CoordinatorStub(services["coordinator"])
+    _outcome(lambda: coordinator.GetSession(coordinator_pb2.GetSessionRequest(session_id=session), timeout=10))
+    _outcome(lambda: coordinator.DeleteSession(coordinator_pb2.DeleteSessionRequest(session_id=session), timeout=10))
+    for tier, stub_class in (("target", target_pb2_grpc.TargetServiceStub), ("draft", draft_pb2_grpc.DraftServiceStub)):
+        stub = stub_class(services[tier])
+        _outcome(lambda: stub.Release(common_pb2.ReleaseRequest(session_id=session), timeout=10))
+
+
 def test_malformed_bytes_and_oversized_messages(services):
     """Bytes that are not a VerifyRequest, and a 70 MB message, are refused cleanly."""
     raw = services["target"].unary_unary("/specdec.v1.TargetService/Verify")

@@ -199,3 +199,42 @@ async def test_a_long_prefill_is_written_in_bounded_pieces(redis_server, runner,
         await snapshots.writer.close()
     finally:
         await client.aclose()
+
+
+async def test_deleting_a_session_frees_redis_and_every_replica(redis_server, tiny_target, tiny_draft, stacks):
+    from specdec.kv_snapshot import all_snapshot_keys
+    from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    stack = stacks["model"]
+    client = aioredis.from_url(redis_server.url)
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            done = await generate(channel, prompt="a session to delete, long enough to snapshot", max_new_tokens=40)
+            sid = done.session_id
+            assert await _stored_length(redis_server.url, sid) > 0
+            # While it generates, it cannot be deleted.
+            call = stub.Generate(coordinator_pb2.GenerateRequest(session_id=sid, prompt="more", max_new_tokens=200,
+                                                                 ignore_eos=True))
+            await call.read()
+            with pytest.raises(grpc.aio.AioRpcError) as busy:
+                await stub.DeleteSession(coordinator_pb2.DeleteSessionRequest(session_id=sid))
+            assert busy.value.code() == grpc.StatusCode.ABORTED
+            call.cancel()
+            for _ in range(50):
+                try:
+                    reply = await stub.DeleteSession(coordinator_pb2.DeleteSessionRequest(session_id=sid))
+                    break
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.ABORTED
+                    await asyncio.sleep(0.1)
+            assert reply.released_replicas == 2  # the target's cache and the draft model's
+            assert not await client.exists(*all_snapshot_keys(sid), f"specdec:{{{sid}}}:meta",
+                                            f"specdec:{{{sid}}}:tokens")
+            for call in (stub.GetSession(coordinator_pb2.GetSessionRequest(session_id=sid)),
+                         stub.DeleteSession(coordinator_pb2.DeleteSessionRequest(session_id=sid))):
+                with pytest.raises(grpc.aio.AioRpcError) as gone:
+                    await call
+                assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await client.aclose()

@@ -114,6 +114,18 @@ class GetSessionRequest(_message.Message):
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ("released_replicas",)
+    RELEASED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    released_replicas: int
+    def __init__(self, released_replicas: _Optional[int] = ...) -> None: ...
+
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "token_ids", "status", "turns", "seed")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

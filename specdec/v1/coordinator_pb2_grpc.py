@@ -44,6 +44,11 @@ class CoordinatorStub:
                 request_serializer=specdec_dot_v1_dot_coordinator__pb2.GetSessionRequest.SerializeToString,
                 response_deserializer=specdec_dot_v1_dot_coordinator__pb2.SessionInfo.FromString,
                 _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/specdec.v1.Coordinator/DeleteSession',
+                request_serializer=specdec_dot_v1_dot_coordinator__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=specdec_dot_v1_dot_coordinator__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -64,6 +69,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteSession(self, request, context):
+        """End a session: its tokens, state and KV-cache snapshots leave Redis and
+        every draft and target replica frees its cache. ABORTED while the session
+        is generating (cancel that call first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +90,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetSession,
                     request_deserializer=specdec_dot_v1_dot_coordinator__pb2.GetSessionRequest.FromString,
                     response_serializer=specdec_dot_v1_dot_coordinator__pb2.SessionInfo.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=specdec_dot_v1_dot_coordinator__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=specdec_dot_v1_dot_coordinator__pb2.DeleteSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +151,33 @@ class Coordinator:
             '/specdec.v1.Coordinator/GetSession',
             specdec_dot_v1_dot_coordinator__pb2.GetSessionRequest.SerializeToString,
             specdec_dot_v1_dot_coordinator__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specdec.v1.Coordinator/DeleteSession',
+            specdec_dot_v1_dot_coordinator__pb2.DeleteSessionRequest.SerializeToString,
+            specdec_dot_v1_dot_coordinator__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
