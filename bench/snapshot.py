@@ -40,7 +40,8 @@ def session_tokens(tokenizer, count: int, prompts: Path) -> list[int]:
     raise ValueError(f"{prompts} holds fewer than {count} tokens")
 
 
-async def measure(model: str, tokens: int, reps: int, device: str, redis_url: str | None) -> dict:
+async def measure(model: str, tokens: int, reps: int, device: str, redis_url: str | None,
+                  prompts: Path | None = None) -> dict:
     from specdec import models
     from target_service import server as target_server
     from target_service.config import TargetConfig
@@ -52,7 +53,7 @@ async def measure(model: str, tokens: int, reps: int, device: str, redis_url: st
     started = await target_server.start(TargetConfig(model=model, device=device, metrics_port=-1,
                                                      redis_url=pipeline.redis_url))
     try:
-        ids = session_tokens(models.load_tokenizer(model), tokens, default_prompts_file())
+        ids = session_tokens(models.load_tokenizer(model), tokens, prompts or default_prompts_file())
         store = SessionStore(client, ttl_s=3600)
         session = await store.create(seed=0)
         await store.commit(session.session_id, 0, ids)
@@ -111,9 +112,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--redis-url", default=None, help="default: start a redis-server of its own")
+    parser.add_argument("--prompts", default=str(default_prompts_file()), help="Spec-Bench style JSONL file")
     parser.add_argument("--out", default="", help="write the figures to this JSON file too")
     args = parser.parse_args()
-    result = asyncio.run(measure(args.model, args.tokens, args.reps, args.device, args.redis_url))
+    result = asyncio.run(measure(args.model, args.tokens, args.reps, args.device, args.redis_url, Path(args.prompts)))
     print(f"{result['session_tokens']}-token session, {result['model']} on {result['device']}: "
           f"snapshot {result['snapshot_mib']:.1f} MiB; Verify after restore {result['restore_s'] * 1000:.0f} ms, "
           f"after recompute {result['recompute_s'] * 1000:.0f} ms ({result['speedup']:.1f}x), "

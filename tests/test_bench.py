@@ -84,10 +84,13 @@ async def test_bench_runs_every_configuration_and_writes_its_outputs(tiny_target
     assert json.loads((options.out / "results.json").read_text())["machine"]["cpu_count"] >= 1
 
 
-async def test_the_snapshot_bench_runs_and_both_paths_agree(tiny_target):
+async def test_the_snapshot_bench_runs_and_both_paths_agree(tiny_target, tmp_path):
     from bench.snapshot import measure
 
-    result = await measure(str(tiny_target), tokens=200, reps=1, device="cpu", redis_url=None)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": [f"prompt {i}: tell me about the sea and the sky"]}) + "\n"
+                               for i in range(8)))
+    result = await measure(str(tiny_target), tokens=200, reps=1, device="cpu", redis_url=None, prompts=prompts)
     # measure() itself checks that both paths give the same argmax and reuse what they should.
     assert result["snapshot_tokens"] == 200 and result["snapshot_mib"] > 0
     assert len(result["restore_all_s"]) == len(result["recompute_all_s"]) == 1

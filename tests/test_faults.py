@@ -226,3 +226,46 @@ async def test_verify_retries_with_backoff_until_a_restarted_target_answers(redi
     finally:
         for server in stack.servers + ([replacement.server] if replacement else []):
             await server.stop(0)
+
+
+@pytest.fixture
+def two_targets_short_deadline(tiny_target):
+    """Two target replicas; the coordinator gives a Verify 1.5 s before it retries elsewhere."""
+    env = {**os.environ, "SPECDEC_COORDINATOR_RPC_TIMEOUT_S": "1.5", "SPECDEC_COORDINATOR_HEALTH_INTERVAL_S": "0.2"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "up", "--target", str(tiny_target), "--draft", "ngram",
+         "--target-replicas", "2", "--torch-threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env,
+    )
+    summary = json.loads(process.stdout.readline())
+    yield summary
+    for target in summary["target"]:
+        os.kill(target["pid"], signal.SIGCONT)
+    process.terminate()
+    process.wait(30)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+async def test_a_hung_target_replica_is_abandoned_at_the_deadline_and_nothing_changes(
+    two_targets_short_deadline, stacks, temperature
+):
+    fields = dict(prompt="a long answer please", max_new_tokens=120, k=3, seed=5, ignore_eos=True,
+                  temperature=temperature)
+    async with grpc.aio.insecure_channel(stacks["ngram"].coordinator) as channel:
+        undisturbed = await generate(channel, **fields)
+    async with grpc.aio.insecure_channel(two_targets_short_deadline["coordinator"]) as channel:
+        call = coordinator_pb2_grpc.CoordinatorStub(channel).Generate(coordinator_pb2.GenerateRequest(**fields))
+        first = await call.read()
+        tokens = list(first.token_ids)
+        while len(tokens) < 40:
+            tokens += (await call.read()).token_ids
+        victim = two_targets_short_deadline["target"][_home_replica(first.session_id, 2)]
+        os.kill(victim["pid"], signal.SIGSTOP)  # hung, not dead: connections open, no answers
+        try:
+            while (message := await call.read()) != grpc.aio.EOF:
+                tokens += message.token_ids
+                last = message
+        finally:
+            os.kill(victim["pid"], signal.SIGCONT)
+    assert tokens == undisturbed.token_ids, "the other replica must produce exactly the same tokens"
+    assert last.finish_reason == coordinator_pb2.FINISH_REASON_LENGTH

@@ -107,7 +107,7 @@ async def test_soak_with_random_kills(redis_server, tiny_target, stacks):
     for name in cluster.ports:
         await cluster.start(name)
     deadline = time.monotonic() + SOAK_S
-    rng = random.Random(7)
+    rng = random.Random(28)  # its first faults kill and hang each kind of process
     faults: list[str] = []
     results = {"generations": 0, "tokens": 0, "mismatches": 0, "retries": 0}
 
