@@ -100,10 +100,23 @@ async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> St
     servicer = CoordinatorServicer(decoder, config, keys)
     tiers = [decoder.target.replicas] + ([decoder.draft.replicas] if decoder.draft else [])
     servicer.watchers = [asyncio.create_task(tier.watch(config.health_interval_s)) for tier in tiers]
-    return await start_server(
+    started = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
         [SERVICE_NAME], config, decoder.metrics,
     )
+    started.on_stop.append(lambda: _close(servicer))
+    return started
+
+
+async def _close(servicer: CoordinatorServicer) -> None:
+    """After the server stopped: end the health watches, close the tier channels and Redis."""
+    for watcher in servicer.watchers:
+        watcher.cancel()
+    decoder = servicer.decoder
+    await decoder.target.close()
+    if decoder.draft is not None:
+        await decoder.draft.close()
+    await decoder.store.redis.aclose()
 
 
 async def main(config: CoordinatorConfig) -> None:

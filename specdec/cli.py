@@ -38,15 +38,18 @@ def _launch_options(args: argparse.Namespace) -> LaunchOptions:
     )
 
 
-async def _wait_for_signal() -> None:
+def _stop_on_signal() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, installed before anything is started or announced, so
+    a signal that comes early still stops what was started."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
+    stop = _stop_on_signal()
     try:
         pipeline = await launch(_launch_options(args))
     except RuntimeError as exc:
@@ -54,7 +57,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(pipeline.summary()), flush=True)
     try:
-        await _wait_for_signal()
+        await stop.wait()
     finally:
         await pipeline.stop()
     return 0

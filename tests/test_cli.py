@@ -104,3 +104,28 @@ def test_services_document_their_flags():
                               ("coordinator", "--redis-url", "SPECDEC_COORDINATOR_REDIS_URL")]:
         out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
         assert out.returncode == 0 and flag in out.stdout and env in out.stdout
+
+
+def test_each_service_shuts_down_cleanly_on_sigterm(redis_server, tiny_target, tiny_draft):
+    """Exit code 0 and no traceback: the snapshot writers flush, the coordinator closes its
+    channels and Redis after the server stops."""
+    def spawn(module: str, *args: str, env: dict) -> tuple[subprocess.Popen, str]:
+        process = subprocess.Popen([sys.executable, "-m", module, *args, "--metrics-port", "-1"], cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, **env})
+        return process, json.loads(process.stdout.readline())["listening"]
+
+    target, target_address = spawn("target_service", "--model", str(tiny_target),
+                                   env={"SPECDEC_TARGET_REDIS_URL": redis_server.url})
+    draft, draft_address = spawn("draft_service", "--model", str(tiny_draft),
+                                 env={"SPECDEC_DRAFT_REDIS_URL": redis_server.url})
+    coordinator, address = spawn("coordinator", "--target", target_address, "--draft", draft_address,
+                                 "--tokenizer", str(tiny_target), env={"SPECDEC_COORDINATOR_REDIS_URL": redis_server.url})
+    generated = _specdec("generate", "a long enough prompt to write a snapshot, " * 3, "--server", address,
+                         "--max-new-tokens", "20")
+    assert generated.returncode == 0, generated.stderr
+    for process in (coordinator, draft, target):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        stderr = process.stderr.read()
+        assert "Traceback" not in stderr, stderr
