@@ -22,9 +22,8 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 
-from specdec.kv_snapshot import all_snapshot_keys, snapshot_keys
-from specdec.launcher import Pipeline, _start_redis, default_prompts_file
-from specdec.session_store import SessionStore
+from specdec.launcher import Pipeline, default_prompts_file, start_redis
+from specdec.session_store import SessionStore, all_snapshot_keys, snapshot_keys
 from specdec.v1 import common_pb2, target_pb2, target_pb2_grpc
 from specdec.wire import context_to_pb
 
@@ -48,7 +47,7 @@ async def measure(model: str, tokens: int, reps: int, device: str, redis_url: st
 
     pipeline = Pipeline(redis_url=redis_url or "")
     if not redis_url:
-        await _start_redis(pipeline)
+        await start_redis(pipeline)
     client = aioredis.from_url(pipeline.redis_url)
     started = await target_server.start(TargetConfig(model=model, device=device, metrics_port=-1,
                                                      redis_url=pipeline.redis_url))

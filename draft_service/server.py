@@ -31,7 +31,7 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
         loaded = load_causal_lm(config.model, "model", config.device, config.dtype)
         facts, drafter = loaded.facts, ModelDrafter(loaded.runner)
         snapshots = open_snapshots(config, "draft", loaded, metrics)
-    host = SessionHost(facts, config.cache_bytes, "draft-model", snapshots, metrics)
+    host = SessionHost(facts, config.cache_bytes, "draft-model", snapshots)
     metrics.watch_cache(host.table)
     return DraftServicer(host, drafter, config.max_k, config.batch_window_ms / 1000, config.max_batch,
                          config.max_queued, metrics)

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from redis import exceptions as redis_errors
 
+from specdec.session_store import SNAPSHOT_TIERS, session_key, snapshot_keys
+
 log = logging.getLogger(__name__)
 
-TIERS = ("target", "draft")
 _HEADER = struct.Struct("<II")  # start, end
 
 # KEYS: session meta, chunk list, snapshot meta. ARGV: start, end, chunk, model, max bytes.
@@ -56,15 +57,6 @@ SNAPSHOT_STOPPED = 2**62  # a snapshot_len no session reaches: nothing more is w
 MAX_CHUNK_BYTES = 4 * 1024**2  # one write to Redis at most (a prompt's prefill is split)
 
 
-def snapshot_keys(session_id: str, tier: str) -> tuple[str, str]:
-    base = f"specdec:{{{session_id}}}"
-    return f"{base}:kv:{tier}", f"{base}:kvmeta:{tier}"
-
-
-def all_snapshot_keys(session_id: str) -> list[str]:
-    return [key for tier in TIERS for key in snapshot_keys(session_id, tier)]
-
-
 # --- encoding: plain functions over a DynamicCache -------------------------------------------
 
 
@@ -82,10 +74,6 @@ def encode_chunk(kv, tokens: Sequence[int], start: int, end: int) -> bytes:
 class LayerShape:
     kv_heads: int
     head_dim: int
-
-
-def layer_shapes(kv) -> list[LayerShape]:
-    return [LayerShape(layer.keys.shape[1], layer.keys.shape[-1]) for layer in kv.layers]
 
 
 def decode_chunks(chunks: Sequence[bytes], shapes: Sequence[LayerShape], dtype: torch.dtype,
@@ -107,7 +95,7 @@ def decode_chunks(chunks: Sequence[bytes], shapes: Sequence[LayerShape], dtype: 
             for target in (keys, values):
                 if offset + size > len(chunk):
                     raise ValueError("snapshot chunk is shorter than the model's layers need")
-                raw = torch.frombuffer(bytearray(chunk[offset : offset + size]), dtype=torch.uint8)
+                raw = torch.frombuffer(bytearray(memoryview(chunk)[offset : offset + size]), dtype=torch.uint8)
                 target.append(raw.view(dtype).view(1, shape.kv_heads, n, shape.head_dim))
                 offset += size
         if offset != len(chunk):
@@ -137,8 +125,8 @@ class SnapshotStore:
     vocabulary): a replica of another model never reads them."""
 
     def __init__(self, client, tier: str, model: str, max_session_bytes: int):
-        if tier not in TIERS:
-            raise ValueError(f"tier must be one of {TIERS}")
+        if tier not in SNAPSHOT_TIERS:
+            raise ValueError(f"tier must be one of {SNAPSHOT_TIERS}")
         self.redis = client
         self.tier = tier
         self.model = model
@@ -149,7 +137,7 @@ class SnapshotStore:
         """(code, stored length) as the script above returns them."""
         chunks, meta = snapshot_keys(session_id, self.tier)
         code, stored = await self._append(
-            keys=[f"specdec:{{{session_id}}}:meta", chunks, meta],
+            keys=[session_key(session_id, "meta"), chunks, meta],
             args=[start, end, chunk, self.model, self.max_session_bytes],
         )
         return int(code), int(stored)
@@ -255,14 +243,11 @@ class SnapshotWriter:
             self._task.cancel()
 
 
-
-
 # --- what a service does with them --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SnapshotSettings:
-    max_session_bytes: int  # bound on one session's snapshot in Redis
     max_pending_bytes: int  # bound on chunks waiting to be written, per service
     min_chunk_tokens: int  # committed positions gathered before a chunk is written
     min_restore_tokens: int  # shorter sessions are recomputed, not restored
@@ -282,6 +267,8 @@ class Snapshots:
         self.dtype = dtype
         self.device = device
         self.metrics = metrics
+        item = torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = sum(2 * shape.kv_heads * shape.head_dim * item for shape in self.shapes)
 
     def after_forward(self, session_id: str, entry, committed_len: int) -> None:
         """On the worker thread, right after entry's cache was extended past committed_len.
@@ -290,19 +277,13 @@ class Snapshots:
         start, end = entry.snapshot_len, min(committed_len, entry.kv_len)
         if entry.kv is None or end - start < self.settings.min_chunk_tokens:
             return
-        per_token = max(1, self.bytes_per_token)
-        step = max(1, MAX_CHUNK_BYTES // per_token)
+        step = max(1, MAX_CHUNK_BYTES // max(1, self.bytes_per_token))
         for piece_start in range(start, end, step):
             piece_end = min(end, piece_start + step)
             data = encode_chunk(entry.kv, entry.tokens, piece_start, piece_end)
             if not self.writer.submit(PendingChunk(session_id, piece_start, piece_end, data, entry)):
                 return  # dropped: the next round starts again from here
             entry.snapshot_len = piece_end
-
-    @property
-    def bytes_per_token(self) -> int:
-        item = torch.empty((), dtype=self.dtype).element_size()
-        return sum(2 * shape.kv_heads * shape.head_dim * item for shape in self.shapes)
 
     async def fetch(self, session_id: str) -> Snapshot | None:
         """The session's snapshot, or None (none, too short, or Redis unreachable: recompute)."""
@@ -315,6 +296,12 @@ class Snapshots:
             return None
         return snapshot
 
+    def record_restore(self, snapshot: Snapshot, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.snapshot_restores.inc()
+            self.metrics.snapshot_restored_tokens.inc(snapshot.length)
+            self.metrics.snapshot_restore_seconds.observe(seconds)
+
     def rebuild(self, snapshot: Snapshot):
         """On the worker thread: a SessionCache holding the snapshot's positions."""
         from transformers import DynamicCache
@@ -326,3 +313,4 @@ class Snapshots:
         for index, (keys, values) in enumerate(layers):
             cache.update(keys, values, index)
         return SessionCache(tokens=tokens, kv=cache, snapshot_len=len(tokens))
+

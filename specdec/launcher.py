@@ -97,7 +97,7 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-async def _start_redis(pipeline: Pipeline) -> None:
+async def start_redis(pipeline: Pipeline) -> None:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server), or pass --redis-url")
@@ -153,7 +153,7 @@ async def launch(options: LaunchOptions) -> Pipeline:
     threads = ["--torch-threads", str(options.torch_threads)]
     try:
         if not options.redis_url:
-            await _start_redis(pipeline)
+            await start_redis(pipeline)
         target_args = ["--model", options.target, "--host", options.host, "--device", options.device, *threads]
         draft_args = ["--model", options.draft, "--host", options.host, "--device", options.draft_device, *threads]
         # The tiers write KV-cache snapshots to the sessions' Redis (the URL may hold a password).

@@ -7,13 +7,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
+import redis.asyncio as aioredis
+
 from specdec.kv_cache import CausalLMRunner, SessionCache, SessionCacheTable, committed_tokens
-from specdec.kv_snapshot import Snapshot, Snapshots
+from specdec.kv_snapshot import Snapshot, Snapshots, SnapshotSettings, SnapshotStore
 from specdec.serving import ModelWorker
 from specdec.v1 import common_pb2
 from specdec.wire import ContextDelta
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -38,13 +41,11 @@ class ModelFacts:
 class SessionHost:
     """A model worker plus the per-session caches it serves from."""
 
-    def __init__(self, facts: ModelFacts, cache_bytes: int, worker_name: str, snapshots: Snapshots | None = None,
-                 metrics=None):
+    def __init__(self, facts: ModelFacts, cache_bytes: int, worker_name: str, snapshots: Snapshots | None = None):
         self.facts = facts
         self.table = SessionCacheTable(max_bytes=cache_bytes)
         self.worker = ModelWorker(worker_name)
         self.snapshots = snapshots
-        self.metrics = metrics
 
     async def close(self) -> None:
         """Write what is queued for Redis, then stop the writer."""
@@ -63,10 +64,8 @@ class SessionHost:
         snapshot = await self.snapshots.fetch(context.session_id)
         if snapshot is not None:
             installed = (await self.worker.run(lambda: self._install(context.session_id, snapshot))).value
-            if installed and self.metrics is not None:
-                self.metrics.snapshot_restores.inc()
-                self.metrics.snapshot_restored_tokens.inc(snapshot.length)
-                self.metrics.snapshot_restore_seconds.observe(time.perf_counter() - started)
+            if installed:
+                self.snapshots.record_restore(snapshot, time.perf_counter() - started)
 
     def _install(self, session_id: str, snapshot: Snapshot) -> bool:
         if session_id in self.table:  # a request of its own got there first
@@ -180,17 +179,13 @@ def open_snapshots(options: SnapshotOptions, tier: str, loaded: LoadedModel, met
     replica starts, and serves by recomputing, while Redis is down."""
     if not options.redis_url:
         return None
-    import redis.asyncio as aioredis
-
-    from specdec.kv_snapshot import SnapshotSettings, SnapshotStore
-
     client = aioredis.from_url(options.redis_url, socket_timeout=options.redis_timeout_s,
                                socket_connect_timeout=options.redis_timeout_s)
     facts = loaded.facts
     store = SnapshotStore(client, tier, f"{facts.name}|{options.dtype}|{facts.vocab_fingerprint}",
                           options.snapshot_max_session_bytes)
-    settings = SnapshotSettings(options.snapshot_max_session_bytes, options.snapshot_max_pending_bytes,
-                                options.snapshot_min_chunk_tokens, options.snapshot_min_restore_tokens)
+    settings = SnapshotSettings(options.snapshot_max_pending_bytes, options.snapshot_min_chunk_tokens,
+                                options.snapshot_min_restore_tokens)
     model = loaded.runner.model
     snapshots = Snapshots(store, settings, model.config, next(model.parameters()).dtype, loaded.runner.device, metrics)
     snapshots.writer.start()

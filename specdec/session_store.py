@@ -25,7 +25,6 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from specdec.errors import Aborted, NotFound
-from specdec.kv_snapshot import all_snapshot_keys
 
 # Append a round atomically, only if the stored length is the one the writer saw: a round
 # is never half written, and a stale writer (a coordinator that lost its lease) cannot append.
@@ -58,6 +57,22 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+SNAPSHOT_TIERS = ("target", "draft")
+
+
+def session_key(session_id: str, name: str) -> str:
+    return f"specdec:{{{session_id}}}:{name}"
+
+
+def snapshot_keys(session_id: str, tier: str) -> tuple[str, str]:
+    """A tier's KV-snapshot chunk list and its meta hash (specdec.kv_snapshot)."""
+    return session_key(session_id, f"kv:{tier}"), session_key(session_id, f"kvmeta:{tier}")
+
+
+def all_snapshot_keys(session_id: str) -> list[str]:
+    return [key for tier in SNAPSHOT_TIERS for key in snapshot_keys(session_id, tier)]
 
 
 @dataclass
@@ -94,8 +109,7 @@ class SessionStore:
 
     @staticmethod
     def _keys(session_id: str) -> tuple[str, str, str]:
-        base = f"specdec:{{{session_id}}}"
-        return f"{base}:meta", f"{base}:tokens", f"{base}:lease"
+        return session_key(session_id, "meta"), session_key(session_id, "tokens"), session_key(session_id, "lease")
 
     async def create(self, seed: int, owner: str = "") -> SessionRecord:
         # 144 random bits: unguessable; hex so an id never starts with "-" (a flag on a command line).

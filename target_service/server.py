@@ -17,7 +17,7 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 def build_servicer(config: TargetConfig, metrics: ServiceMetrics) -> TargetServicer:
     loaded = load_causal_lm(config.model, "target", config.device, config.dtype)
     snapshots = open_snapshots(config, "target", loaded, metrics)
-    host = SessionHost(loaded.facts, config.cache_bytes, "target-model", snapshots, metrics)
+    host = SessionHost(loaded.facts, config.cache_bytes, "target-model", snapshots)
     metrics.watch_cache(host.table)
     return TargetServicer(host, loaded.runner, config.max_k, config.batch_window_ms / 1000, config.max_batch,
                           config.max_queued, metrics)

@@ -16,12 +16,11 @@ from specdec import models
 from specdec.kv_cache import CausalLMRunner, SessionCache
 from specdec.kv_snapshot import (
     APPENDED, FULL, NOT_CONTIGUOUS, OTHER_MODEL, SESSION_GONE, SNAPSHOT_STOPPED, PendingChunk, SnapshotSettings,
-    Snapshots, SnapshotStore, SnapshotWriter, decode_chunks, encode_chunk, layer_shapes, snapshot_keys,
+    Snapshots, SnapshotStore, SnapshotWriter, decode_chunks, encode_chunk, model_layer_shapes,
 )
-from specdec.session_store import SessionStore
+from specdec.session_store import SessionStore, snapshot_keys
 
-SETTINGS = SnapshotSettings(max_session_bytes=1 << 30, max_pending_bytes=1 << 30, min_chunk_tokens=1,
-                            min_restore_tokens=1)
+SETTINGS = SnapshotSettings(max_pending_bytes=1 << 30, min_chunk_tokens=1, min_restore_tokens=1)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ def test_a_cache_rebuilt_from_chunks_gives_the_same_logits(runner):
 
 def test_chunks_that_do_not_fit_the_model_are_refused(runner):
     entry = _prefilled(runner, 12)
-    shapes = layer_shapes(entry.kv)
+    shapes = model_layer_shapes(runner.model.config)
     first, second = encode_chunk(entry.kv, entry.tokens, 0, 6), encode_chunk(entry.kv, entry.tokens, 6, 12)
     with pytest.raises(ValueError, match="does not follow"):
         decode_chunks([second], shapes, torch.float32)  # a gap at the start
@@ -202,7 +201,7 @@ async def test_a_long_prefill_is_written_in_bounded_pieces(redis_server, runner,
 
 
 async def test_deleting_a_session_frees_redis_and_every_replica(redis_server, tiny_target, tiny_draft, stacks):
-    from specdec.kv_snapshot import all_snapshot_keys
+    from specdec.session_store import all_snapshot_keys
     from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
     stack = stacks["model"]

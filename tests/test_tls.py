@@ -123,7 +123,7 @@ async def test_sessions_and_kv_snapshots_in_a_redis_with_tls_and_a_password(tls_
     from conftest import start_stack
     from coordinator import server as coordinator_server
     from coordinator.config import CoordinatorConfig
-    from specdec.kv_snapshot import snapshot_keys
+    from specdec.session_store import snapshot_keys
 
     url, port = tls_redis
     for _ in range(100):  # redis-server takes a moment to open its TLS port
