@@ -256,9 +256,6 @@ class DraftClient:
             raise ValueError("a sampled Propose came back without distributions or point_mass")
         return DraftResult(drafted, probs, reply.point_mass, reply.timings.compute_s)
 
-    async def close(self) -> None:
-        await self.replicas.close()
-
 
 class TargetClient:
     def __init__(self, replicas: ReplicaSet):
@@ -289,6 +286,3 @@ class TargetClient:
         else:
             probs = decode_tensor(reply.probs, expected_shape=(rows, vocab_size))
         return VerifyResult(argmax, probs, reply.timings.compute_s, reply.cache.reused_tokens, reply.cache.computed_tokens)
-
-    async def close(self) -> None:
-        await self.replicas.close()

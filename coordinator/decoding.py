@@ -13,7 +13,7 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from coordinator.clients import DeltaTracker, DraftClient, DraftResult, TargetClient
+from coordinator.clients import DeltaTracker, DraftClient, DraftResult, ReplicaSet, TargetClient
 from coordinator.text_stream import TextStream
 from specdec.metrics import ServiceMetrics
 from specdec.sampling import ACCEPT, SAMPLE, SamplingParams, Verdict, greedy_accept, speculative_accept, uniform
@@ -155,19 +155,25 @@ class Decoder:
         if not self.draft.replicas.any_healthy():
             # Every draft replica failed or fails its health check (dead or hung): do not wait on a
             # deadline each round; the health watch brings drafting back when one answers.
-            stats.draft_fallback_rounds += 1
-            self.metrics.draft_fallbacks.inc()
-            return None
+            return self._without_draft(stats)
         try:
             result = await self.draft.propose(session.session_id, tokens, k, params, tracker)
         except Exception as exc:  # noqa: BLE001 - drafting failing must never fail the request
             reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
             log.warning("draft tier failed (%s); this round runs without a draft", reason)
-            stats.draft_fallback_rounds += 1
-            self.metrics.draft_fallbacks.inc()
-            return None
+            return self._without_draft(stats)
         stats.draft_s += result.compute_s
         return result
+
+    def _without_draft(self, stats: Stats) -> None:
+        """A round that wanted a draft runs target-only: the stats and metrics say so."""
+        stats.draft_fallback_rounds += 1
+        self.metrics.draft_fallbacks.inc()
+
+    @property
+    def replica_sets(self) -> list[ReplicaSet]:
+        """The target tier's replicas and, when there is one, the draft tier's."""
+        return [self.target.replicas] + ([self.draft.replicas] if self.draft else [])
 
     def _decide(self, draft: DraftResult | None, verification, params: SamplingParams, position: int) -> Verdict:
         drafts = draft.tokens if draft else []

@@ -98,8 +98,8 @@ async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> St
     if not keys.enabled:
         log.warning("no API keys configured: every caller may start and read sessions")
     servicer = CoordinatorServicer(decoder, config, keys)
-    tiers = [decoder.target.replicas] + ([decoder.draft.replicas] if decoder.draft else [])
-    servicer.watchers = [asyncio.create_task(tier.watch(config.health_interval_s)) for tier in tiers]
+    servicer.watchers = [asyncio.create_task(replicas.watch(config.health_interval_s))
+                         for replicas in decoder.replica_sets]
     started = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
         [SERVICE_NAME], config, decoder.metrics,
@@ -112,11 +112,9 @@ async def _close(servicer: CoordinatorServicer) -> None:
     """After the server stopped: end the health watches, close the tier channels and Redis."""
     for watcher in servicer.watchers:
         watcher.cancel()
-    decoder = servicer.decoder
-    await decoder.target.close()
-    if decoder.draft is not None:
-        await decoder.draft.close()
-    await decoder.store.redis.aclose()
+    for replicas in servicer.decoder.replica_sets:
+        await replicas.close()
+    await servicer.decoder.store.redis.aclose()
 
 
 async def main(config: CoordinatorConfig) -> None:

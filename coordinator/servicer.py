@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 from coordinator.auth import ApiKeys
@@ -170,6 +171,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.keys.check_owner(await store.load(request.session_id), caller)
         async with store.lease(request.session_id):  # ABORTED while a Generate holds it
             await store.delete(request.session_id)
-        tiers = [self.decoder.target.replicas] + ([self.decoder.draft.replicas] if self.decoder.draft else [])
-        released = sum([await tier.release_everywhere(request.session_id) for tier in tiers])
+        released = sum(await asyncio.gather(*(replicas.release_everywhere(request.session_id)
+                                              for replicas in self.decoder.replica_sets)))
         return coordinator_pb2.DeleteSessionResponse(released_replicas=released)
