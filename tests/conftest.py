@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import pytest
@@ -25,6 +29,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def specdec_up(*args: str, env: dict[str, str] | None = None) -> Iterator[dict]:
+    """`specdec up ARGS` as real processes (its own redis-server); yields the summary line it
+    prints (addresses and pids), and stops everything on exit."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "up", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env={**os.environ, **(env or {})},
+    )
+    try:
+        yield json.loads(process.stdout.readline())
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 class RedisServer:

@@ -13,22 +13,20 @@ import sys
 import grpc
 import pytest
 
-from conftest import REPO, RedisServer, start_stack
+from conftest import REPO, RedisServer, specdec_up, start_stack
 from helpers import generate
 from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+
+def _tiny_pipeline(tiny_target, *args: str) -> list[str]:
+    return ["--target", str(tiny_target), "--draft", "ngram", "--torch-threads", "1", *args]
 
 
 @pytest.fixture
 def two_targets(tiny_target):
     """A fresh pipeline per test: each test kills one of its two target replicas."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "specdec.cli", "up", "--target", str(tiny_target), "--draft", "ngram",
-         "--target-replicas", "2", "--torch-threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
-    )
-    yield json.loads(process.stdout.readline())
-    process.terminate()
-    process.wait(30)
+    with specdec_up(*_tiny_pipeline(tiny_target, "--target-replicas", "2")) as summary:
+        yield summary
 
 
 def _home_replica(session_id: str, count: int) -> int:
@@ -84,25 +82,18 @@ async def test_redis_restart_fails_cleanly_and_aof_keeps_sessions(tmp_path, tiny
 
 @pytest.fixture
 def fast_lease_pipeline(tiny_target):
-    env = {**os.environ, "SPECDEC_COORDINATOR_SESSION_LEASE_S": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "specdec.cli", "up", "--target", str(tiny_target), "--draft", "ngram",
-         "--torch-threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env,
-    )
-    summary = json.loads(process.stdout.readline())
-    replacement = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "--target", summary["target"][0]["address"],
-         "--draft", summary["draft"][0]["address"], "--tokenizer", str(tiny_target), "--metrics-port", "-1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
-        env={**env, "SPECDEC_COORDINATOR_REDIS_URL": summary["redis"]},
-    )
-    summary["replacement"] = json.loads(replacement.stdout.readline())["listening"]
-    yield summary
-    replacement.terminate()
-    replacement.wait(30)
-    process.terminate()
-    process.wait(30)
+    env = {"SPECDEC_COORDINATOR_SESSION_LEASE_S": "1"}
+    with specdec_up(*_tiny_pipeline(tiny_target), env=env) as summary:
+        replacement = subprocess.Popen(
+            [sys.executable, "-m", "coordinator", "--target", summary["target"][0]["address"],
+             "--draft", summary["draft"][0]["address"], "--tokenizer", str(tiny_target), "--metrics-port", "-1"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+            env={**os.environ, **env, "SPECDEC_COORDINATOR_REDIS_URL": summary["redis"]},
+        )
+        summary["replacement"] = json.loads(replacement.stdout.readline())["listening"]
+        yield summary
+        replacement.terminate()
+        replacement.wait(30)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
@@ -152,17 +143,10 @@ async def test_a_killed_coordinator_is_resumed_by_another_losing_and_repeating_n
 @pytest.fixture
 def watched_pipeline(tiny_target):
     """A pipeline whose coordinator gives up on a Propose after 0.5 s and checks health often."""
-    env = {**os.environ, "SPECDEC_COORDINATOR_DRAFT_TIMEOUT_S": "0.5", "SPECDEC_COORDINATOR_HEALTH_INTERVAL_S": "0.2"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "specdec.cli", "up", "--target", str(tiny_target), "--draft", "ngram",
-         "--torch-threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env,
-    )
-    summary = json.loads(process.stdout.readline())
-    yield summary
-    os.kill(summary["draft"][0]["pid"], signal.SIGCONT)
-    process.terminate()
-    process.wait(30)
+    env = {"SPECDEC_COORDINATOR_DRAFT_TIMEOUT_S": "0.5", "SPECDEC_COORDINATOR_HEALTH_INTERVAL_S": "0.2"}
+    with specdec_up(*_tiny_pipeline(tiny_target), env=env) as summary:
+        yield summary
+        os.kill(summary["draft"][0]["pid"], signal.SIGCONT)
 
 
 async def test_a_hung_draft_replica_means_target_only_rounds_until_it_answers_again(watched_pipeline, stacks):
@@ -231,18 +215,11 @@ async def test_verify_retries_with_backoff_until_a_restarted_target_answers(redi
 @pytest.fixture
 def two_targets_short_deadline(tiny_target):
     """Two target replicas; the coordinator gives a Verify 1.5 s before it retries elsewhere."""
-    env = {**os.environ, "SPECDEC_COORDINATOR_RPC_TIMEOUT_S": "1.5", "SPECDEC_COORDINATOR_HEALTH_INTERVAL_S": "0.2"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "specdec.cli", "up", "--target", str(tiny_target), "--draft", "ngram",
-         "--target-replicas", "2", "--torch-threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env,
-    )
-    summary = json.loads(process.stdout.readline())
-    yield summary
-    for target in summary["target"]:
-        os.kill(target["pid"], signal.SIGCONT)
-    process.terminate()
-    process.wait(30)
+    env = {"SPECDEC_COORDINATOR_RPC_TIMEOUT_S": "1.5", "SPECDEC_COORDINATOR_HEALTH_INTERVAL_S": "0.2"}
+    with specdec_up(*_tiny_pipeline(tiny_target, "--target-replicas", "2"), env=env) as summary:
+        yield summary
+        for target in summary["target"]:
+            os.kill(target["pid"], signal.SIGCONT)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])

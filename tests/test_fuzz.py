@@ -4,16 +4,13 @@ servers keep serving."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
 import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO
+from conftest import specdec_up
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 
 ACCEPTABLE = {
@@ -28,20 +25,13 @@ floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 
 @pytest.fixture(scope="module")
 def services(tiny_target, tiny_draft):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "specdec.cli", "up", "--target", str(tiny_target), "--draft", str(tiny_draft),
-         "--torch-threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
-    )
-    summary = json.loads(process.stdout.readline())
-    channels = {name: grpc.insecure_channel(address) for name, address in [
-        ("coordinator", summary["coordinator"]), ("target", summary["target"][0]["address"]),
-        ("draft", summary["draft"][0]["address"])]}
-    yield channels
-    for channel in channels.values():
-        channel.close()
-    process.terminate()
-    process.wait(30)
+    with specdec_up("--target", str(tiny_target), "--draft", str(tiny_draft), "--torch-threads", "1") as summary:
+        channels = {name: grpc.insecure_channel(address) for name, address in [
+            ("coordinator", summary["coordinator"]), ("target", summary["target"][0]["address"]),
+            ("draft", summary["draft"][0]["address"])]}
+        yield channels
+        for channel in channels.values():
+            channel.close()
 
 
 def _outcome(call) -> grpc.StatusCode:
