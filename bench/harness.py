@@ -192,11 +192,11 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
     for drafter in others:
         draft = await spawn_service(f"draft-{drafter}", "draft_service",
                                     ["--model", drafter, "--device", options.device], 600,
-                                    env={"SPECDEC_DRAFT_REDIS_URL": pipeline.redis_url} if options.kv_snapshots else {})
+                                    env=pipeline.env("draft_service", options.kv_snapshots))
         pipeline.drafts.append(draft)
         coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [
             "--target", targets, "--draft", draft.address, "--tokenizer", options.target,
-        ], 600, env={"SPECDEC_COORDINATOR_REDIS_URL": pipeline.redis_url})
+        ], 600, env=pipeline.env("coordinator"))
         pipeline.extra.append(coordinator)
         coordinators[drafter] = coordinator.address
     return pipeline, coordinators

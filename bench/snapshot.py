@@ -25,6 +25,8 @@ import redis.asyncio as aioredis
 from specdec.launcher import Pipeline, default_prompts_file, start_redis
 from specdec.session_store import SessionStore, all_snapshot_keys, snapshot_keys
 from specdec.v1 import common_pb2, target_pb2, target_pb2_grpc
+from specdec.access import bearer_metadata, new_token
+from specdec.prefix import CommittedTokens
 from specdec.wire import context_to_pb
 
 
@@ -39,6 +41,17 @@ def session_tokens(tokenizer, count: int, prompts: Path) -> list[int]:
     raise ValueError(f"{prompts} holds fewer than {count} tokens")
 
 
+class _Authorized:
+    """A stub whose calls carry the tier token."""
+
+    def __init__(self, stub, metadata):
+        self.stub, self.metadata = stub, metadata
+
+    def __getattr__(self, name):
+        method = getattr(self.stub, name)
+        return lambda request: method(request, metadata=self.metadata)
+
+
 async def measure(model: str, tokens: int, reps: int, device: str, redis_url: str | None,
                   prompts: Path | None = None) -> dict:
     from specdec import models
@@ -49,8 +62,9 @@ async def measure(model: str, tokens: int, reps: int, device: str, redis_url: st
     if not redis_url:
         await start_redis(pipeline)
     client = aioredis.from_url(pipeline.redis_url)
+    token = new_token()
     started = await target_server.start(TargetConfig(model=model, device=device, metrics_port=-1,
-                                                     redis_url=pipeline.redis_url))
+                                                     redis_url=pipeline.redis_url, tier_token=token))
     try:
         ids = session_tokens(models.load_tokenizer(model), tokens, prompts or default_prompts_file())
         store = SessionStore(client, ttl_s=3600)
@@ -58,8 +72,9 @@ async def measure(model: str, tokens: int, reps: int, device: str, redis_url: st
         await store.commit(session.session_id, 0, ids)
         async with grpc.aio.insecure_channel(started.address, options=[
                 ("grpc.max_receive_message_length", 64 << 20)]) as channel:
-            stub = target_pb2_grpc.TargetServiceStub(channel)
-            request = target_pb2.VerifyRequest(context=context_to_pb(session.session_id, ids, 0), draft_tokens=[ids[0]])
+            stub = _Authorized(target_pb2_grpc.TargetServiceStub(channel), bearer_metadata(token))
+            request = target_pb2.VerifyRequest(context=context_to_pb(session.session_id, CommittedTokens(ids), 0),
+                                               draft_tokens=[ids[0]])
             first = await stub.Verify(request)  # computes the prefix and writes the snapshot
             stored = await _snapshot_settled(client, session.session_id, len(ids))
             snapshot = {key: await client.dump(key) for key in all_snapshot_keys(session.session_id)}

@@ -25,6 +25,8 @@ import torch
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specdec.access import bearer_metadata
+from specdec.prefix import CommittedTokens
 from specdec.sampling import SamplingParams
 from specdec.serving import CHANNEL_OPTIONS
 from specdec.tensor_codec import decode_tensor
@@ -77,14 +79,14 @@ class DeltaTracker:
 Send = Callable[[object, common_pb2.SessionContext], Awaitable[T]]
 
 
-async def _send_delta(stub, session_id: str, tokens: Sequence[int], start: int, send: Send[T]) -> T:
+async def _send_delta(stub, session_id: str, committed: CommittedTokens, start: int, send: Send[T]) -> T:
     """Send the tokens from `start`; if the replica lost the prefix (FAILED_PRECONDITION), all of them."""
     try:
-        return await send(stub, context_to_pb(session_id, tokens, start))
+        return await send(stub, context_to_pb(session_id, committed, start))
     except aio.AioRpcError as err:
         if err.code() != grpc.StatusCode.FAILED_PRECONDITION or start == 0:
             raise
-        return await send(stub, context_to_pb(session_id, tokens, 0))
+        return await send(stub, context_to_pb(session_id, committed, 0))
 
 
 def expand_addresses(addresses: Sequence[str]) -> list[str]:
@@ -114,7 +116,8 @@ class ReplicaSet:
     """Channels to the replicas of one tier, tried in session-affinity order, healthy ones first."""
 
     def __init__(self, addresses: Sequence[str], stub_class, timeout_s: float,
-                 credentials: grpc.ChannelCredentials | None = None, retry: RetryPolicy = RetryPolicy()):
+                 credentials: grpc.ChannelCredentials | None = None, retry: RetryPolicy = RetryPolicy(),
+                 tier_token: str = ""):
         if not addresses:
             raise ValueError("a tier needs at least one replica address")
         if retry.attempts < 1:
@@ -124,6 +127,8 @@ class ReplicaSet:
         self.timeout_s = timeout_s
         self.retry = retry
         self.credentials = credentials
+        # Sent with every call but health checks: the tiers serve only holders of the tier token.
+        self.metadata = bearer_metadata(tier_token) if tier_token else None
         self.addresses: list[str] = []
         self.stubs: list = []
         self.healthy: dict[str, bool] = {}
@@ -169,7 +174,7 @@ class ReplicaSet:
         # Affinity first, but a replica known to be down only as a last resort.
         return sorted(order, key=lambda i: not self.healthy.get(self.addresses[i], True))
 
-    async def call(self, session_id: str, tokens: Sequence[int], tracker: DeltaTracker, send: Send[T]) -> T:
+    async def call(self, session_id: str, committed: CommittedTokens, tracker: DeltaTracker, send: Send[T]) -> T:
         """Run `send(stub, context)` on the session's replica; retry on the next ones in its
         order (round and round) with backoff, up to the policy's attempts."""
         last_error: aio.AioRpcError | None = None
@@ -180,7 +185,7 @@ class ReplicaSet:
                 await asyncio.sleep(self.retry.backoff_s(attempt))
             address, stub = candidates[attempt % len(candidates)]
             try:
-                reply = await _send_delta(stub, session_id, tokens, tracker.start_for(address, len(tokens)), send)
+                reply = await _send_delta(stub, session_id, committed, tracker.start_for(address, len(committed)), send)
             except aio.AioRpcError as err:
                 tracker.forget(address)
                 if err.code() not in _RETRY_ELSEWHERE:
@@ -191,7 +196,7 @@ class ReplicaSet:
                             self.retry.attempts)
                 last_error = err
                 continue
-            tracker.sent[address] = len(tokens)
+            tracker.sent[address] = len(committed)
             return reply
         assert last_error is not None
         raise last_error
@@ -201,7 +206,8 @@ class ReplicaSet:
         that does not answer keeps it until its LRU bound evicts it."""
         async def release(stub) -> bool:
             try:
-                reply = await stub.Release(common_pb2.ReleaseRequest(session_id=session_id), timeout=timeout_s)
+                reply = await stub.Release(common_pb2.ReleaseRequest(session_id=session_id), timeout=timeout_s,
+                                           metadata=self.metadata)
                 return reply.released
             except aio.AioRpcError:
                 return False
@@ -216,14 +222,18 @@ class ReplicaSet:
 @dataclass
 class DraftResult:
     tokens: list[int]
-    probs: torch.Tensor | None
+    probs: torch.Tensor | None  # q, [len(tokens), V]: the rejection rule with a model drafter only
     point_mass: bool
     compute_s: float
 
 
 @dataclass
 class VerifyResult:
-    argmax: list[int] | None
+    """What the target returns for a round: its own choice at each of the k+1 positions
+    (argmax when greedy, its coupled draw under the coupled rule), or, for the rejection rule,
+    the distributions p the choice is made from."""
+
+    tokens: list[int] | None
     probs: torch.Tensor | None
     compute_s: float
     reused_tokens: int
@@ -236,15 +246,15 @@ class DraftClient:
         self.kind = kind
 
     async def propose(
-        self, session_id: str, tokens: Sequence[int], k: int, params: SamplingParams, tracker: DeltaTracker
+        self, session_id: str, committed: CommittedTokens, k: int, params: SamplingParams, tracker: DeltaTracker
     ) -> DraftResult:
         sampling = sampling_to_pb(params)
 
         async def send(stub: draft_pb2_grpc.DraftServiceStub, ctx) -> draft_pb2.ProposeResponse:
             request = draft_pb2.ProposeRequest(context=ctx, k=k, sampling=sampling)
-            return await stub.Propose(request, timeout=self.replicas.timeout_s)
+            return await stub.Propose(request, timeout=self.replicas.timeout_s, metadata=self.replicas.metadata)
 
-        reply = await self.replicas.call(session_id, tokens, tracker, send)
+        reply = await self.replicas.call(session_id, committed, tracker, send)
         drafted = list(reply.tokens)[:k]
         probs = None
         if reply.HasField("probs"):
@@ -252,9 +262,10 @@ class DraftClient:
             if probs.dim() != 2 or probs.shape[0] != len(reply.tokens):
                 raise ValueError(f"draft probs of shape {tuple(probs.shape)} for {len(reply.tokens)} tokens")
             probs = probs[: len(drafted)]
-        if not params.greedy and probs is None and not reply.point_mass and drafted:
+        needs_q = not params.greedy and not params.coupled
+        if needs_q and probs is None and not reply.point_mass and drafted:
             raise ValueError("a sampled Propose came back without distributions or point_mass")
-        return DraftResult(drafted, probs, reply.point_mass, reply.timings.compute_s)
+        return DraftResult(drafted, probs if needs_q else None, reply.point_mass, reply.timings.compute_s)
 
 
 class TargetClient:
@@ -264,7 +275,7 @@ class TargetClient:
     async def verify(
         self,
         session_id: str,
-        tokens: Sequence[int],
+        committed: CommittedTokens,
         drafts: Sequence[int],
         params: SamplingParams,
         tracker: DeltaTracker,
@@ -274,15 +285,15 @@ class TargetClient:
 
         async def send(stub: target_pb2_grpc.TargetServiceStub, ctx) -> target_pb2.VerifyResponse:
             request = target_pb2.VerifyRequest(context=ctx, draft_tokens=list(drafts), sampling=sampling)
-            return await stub.Verify(request, timeout=self.replicas.timeout_s)
+            return await stub.Verify(request, timeout=self.replicas.timeout_s, metadata=self.replicas.metadata)
 
-        reply = await self.replicas.call(session_id, tokens, tracker, send)
+        reply = await self.replicas.call(session_id, committed, tracker, send)
         rows = len(drafts) + 1
-        argmax = probs = None
-        if params.greedy:
-            argmax = list(reply.argmax_tokens)
-            if len(argmax) != rows:
-                raise ValueError(f"target returned {len(argmax)} argmax ids for {rows} positions")
+        tokens = probs = None
+        if params.greedy or params.coupled:
+            tokens = list(reply.argmax_tokens if params.greedy else reply.sampled_tokens)
+            if len(tokens) != rows:
+                raise ValueError(f"target returned {len(tokens)} token ids for {rows} positions")
         else:
             probs = decode_tensor(reply.probs, expected_shape=(rows, vocab_size))
-        return VerifyResult(argmax, probs, reply.timings.compute_s, reply.cache.reused_tokens, reply.cache.computed_tokens)
+        return VerifyResult(tokens, probs, reply.timings.compute_s, reply.cache.reused_tokens, reply.cache.computed_tokens)

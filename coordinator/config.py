@@ -19,6 +19,9 @@ class CoordinatorConfig:
     port: int = option(0, "port to listen on (0 picks a free one; the chosen address is printed as JSON)")
     default_k: int = option(4, "draft tokens per round when a request does not say")
     max_k: int = option(16, "largest k a request may ask for")
+    default_sampling_rule: str = option("coupled", "how sampled rounds are decided when a request does not say: "
+                                        "'coupled' (drafter-invariant: a seed gives the same tokens whatever the "
+                                        "drafter, k or failures) or 'rejection' (Leviathan et al.)")
     default_max_new_tokens: int = option(256, "max_new_tokens when a request does not say")
     max_new_tokens_limit: int = option(8192, "largest max_new_tokens a request may ask for")
     max_prompt_chars: int = option(1_000_000, "longest prompt text accepted, in characters")
@@ -43,4 +46,7 @@ class CoordinatorConfig:
     tier_tls_ca: str = option("", "PEM CA that draft/target certificates chain to (TLS towards the tiers)")
     tier_tls_cert: str = option("", "PEM client certificate presented to the tiers (mutual TLS)")
     tier_tls_key: str = option("", "PEM private key of tier_tls_cert")
+    tier_token: str = option("", "shared secret sent to the draft and target tiers ('authorization: Bearer'); "
+                             "prefer the env variable or tier_token_file to the flag")
+    tier_token_file: str = option("", "file holding the tier token (its first non-comment line)")
     log_level: str = option("INFO", "logging level")

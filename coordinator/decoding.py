@@ -6,6 +6,7 @@ tested) without the Coordinator servicer around it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,15 +14,18 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from coordinator.clients import DeltaTracker, DraftClient, DraftResult, ReplicaSet, TargetClient
+from coordinator.clients import DeltaTracker, DraftClient, DraftResult, ReplicaSet, TargetClient, VerifyResult
 from coordinator.text_stream import TextStream
 from specdec.metrics import ServiceMetrics
-from specdec.sampling import ACCEPT, SAMPLE, SamplingParams, Verdict, greedy_accept, speculative_accept, uniform
+from specdec.prefix import CommittedTokens
+from specdec.sampling import (ACCEPT, REJECTION, SAMPLE, SamplingParams, Verdict, greedy_accept, speculative_accept,
+                              uniform)
 from specdec.session_store import SessionRecord, SessionStore
 
 log = logging.getLogger(__name__)
 
 EOS, LENGTH, STOP, CONTEXT = "eos", "length", "stop", "context"
+INTERRUPTED = "interrupted"  # the client went away or a dependency failed: the turn is closed
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,8 @@ class TurnParams:
 
     @classmethod
     def from_dict(cls, stored: dict) -> "TurnParams":
-        sampling = SamplingParams(stored["temperature"], stored["top_k"], stored["top_p"], stored["seed"])
+        sampling = SamplingParams(stored["temperature"], stored["top_k"], stored["top_p"], stored["seed"],
+                                  stored.get("sampling_rule", REJECTION))
         return cls(stored["max_new_tokens"], sampling, stored["k"], tuple(stored["stop"]), stored["ignore_eos"])
 
     def as_dict(self) -> dict:
@@ -46,6 +51,7 @@ class TurnParams:
             "top_k": self.sampling.top_k,
             "top_p": self.sampling.top_p,
             "seed": self.sampling.seed,
+            "sampling_rule": self.sampling.rule,
             "k": self.k,
             "stop": list(self.stop),
             "ignore_eos": self.ignore_eos,
@@ -58,6 +64,7 @@ class Stats:
 
     k: int
     drafter: str
+    sampling_rule: str = "greedy"
     rounds: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
@@ -132,13 +139,17 @@ class Decoder:
         limits: ModelLimits,
         accept_rule=speculative_accept,
         metrics: ServiceMetrics | None = None,
+        match_rule=greedy_accept,
     ):
         self.target = target
         self.draft = draft
         self.store = store
         self.tokenizer = tokenizer
         self.limits = limits
-        self.accept_rule = accept_rule  # injectable so tests can show a wrong rule is caught
+        # Injectable so tests can show that a wrong rule is caught: the rejection rule, and the rule
+        # that keeps drafts while they equal the target's own choice (greedy and coupled).
+        self.accept_rule = accept_rule
+        self.match_rule = match_rule
         self.metrics = metrics or ServiceMetrics()
 
     async def _timed_commit(self, timing: Stats, session_id: str, at: int, new: Sequence[int], **fields) -> None:
@@ -147,7 +158,8 @@ class Decoder:
         timing.redis_s += time.perf_counter() - started
 
     async def _propose(
-        self, session: SessionRecord, tokens: list[int], k: int, params: SamplingParams, tracker: DeltaTracker, stats: Stats
+        self, session: SessionRecord, committed: CommittedTokens, k: int, params: SamplingParams,
+        tracker: DeltaTracker, stats: Stats,
     ) -> DraftResult | None:
         """Ask the draft tier; on any failure carry on target-only for this round."""
         if k <= 0 or self.draft is None:
@@ -157,7 +169,7 @@ class Decoder:
             # deadline each round; the health watch brings drafting back when one answers.
             return self._without_draft(stats)
         try:
-            result = await self.draft.propose(session.session_id, tokens, k, params, tracker)
+            result = await self.draft.propose(session.session_id, committed, k, params, tracker)
         except Exception as exc:  # noqa: BLE001 - drafting failing must never fail the request
             reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
             log.warning("draft tier failed (%s); this round runs without a draft", reason)
@@ -175,10 +187,12 @@ class Decoder:
         """The target tier's replicas and, when there is one, the draft tier's."""
         return [self.target.replicas] + ([self.draft.replicas] if self.draft else [])
 
-    def _decide(self, draft: DraftResult | None, verification, params: SamplingParams, position: int) -> Verdict:
+    def _decide(self, draft: DraftResult | None, verification: VerifyResult, params: SamplingParams,
+                position: int) -> Verdict:
         drafts = draft.tokens if draft else []
-        if params.greedy:
-            return greedy_accept(drafts, verification.argmax)
+        if verification.tokens is not None:
+            # Greedy, or the coupled rule: keep drafts while they equal the target's own choice.
+            return self.match_rule(drafts, verification.tokens)
         seed = params.seed
         k = len(drafts)
         return self.accept_rule(
@@ -189,10 +203,15 @@ class Decoder:
             [uniform(seed, position + i, SAMPLE) for i in range(k + 1)],
         )
 
+    def _stats(self, params: TurnParams) -> Stats:
+        rule = "greedy" if params.sampling.greedy else params.sampling.rule
+        return Stats(k=params.k, drafter=self.draft.kind if self.draft else "none", sampling_rule=rule)
+
     async def generate(self, session: SessionRecord, turn: Sequence[int], params: TurnParams) -> AsyncIterator[Chunk]:
-        """Append the turn's tokens to the session and stream the answer, round by round."""
+        """Append the turn's tokens to the session and stream the answer, round by round. The
+        first chunk, empty, comes as soon as the turn is committed."""
         started = time.perf_counter()
-        stats = Stats(k=params.k, drafter=self.draft.kind if self.draft else "none")
+        stats = self._stats(params)
         # The turn's prompt and parameters are committed before any token is generated, so a
         # resumed session knows what was asked and with which seed.
         await self._timed_commit(
@@ -200,8 +219,10 @@ class Decoder:
             seed=str(params.sampling.seed), params=params.as_dict(), turn_start=len(session.tokens),
             turn_prompt_len=len(turn),
         )
+        yield Chunk("", [])
         text = TextStream(self.tokenizer, params.stop)
-        async for chunk in self._decode(session, list(session.tokens) + list(turn), [], params, text, stats, started):
+        committed = CommittedTokens(list(session.tokens) + list(turn))
+        async for chunk in self._closing(session, stats, started, self._decode(session, committed, [], params, text, stats, started)):
             yield chunk
 
     async def resume(self, session: SessionRecord, resume_from: int) -> AsyncIterator[Chunk]:
@@ -209,51 +230,75 @@ class Decoder:
         `resume_from` tokens, then new rounds with the turn's stored parameters."""
         started = time.perf_counter()
         params = TurnParams.from_dict(session.params)
-        stats = Stats(k=params.k, drafter=self.draft.kind if self.draft else "none")
+        stats = self._stats(params)
         generated = session.tokens[session.turn_start + session.turn_prompt_len :]
         text = TextStream(self.tokenizer, params.stop)
         text.emitted = len(text.decode(generated[:resume_from]))
         yield Chunk(text.feed(generated, final=False), generated[resume_from:])
-        async for chunk in self._decode(session, list(session.tokens), list(generated), params, text, stats, started):
+        committed = CommittedTokens(session.tokens)
+        decode = self._decode(session, committed, list(generated), params, text, stats, started)
+        async for chunk in self._closing(session, stats, started, decode):
             yield chunk
 
+    async def _closing(self, session: SessionRecord, stats: Stats, started: float,
+                       chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """Pass the chunks on; if the stream ends early (the client went away, or a dependency
+        failed), close the turn in Redis so nothing is left open for a day."""
+        finished = False
+        try:
+            async for chunk in chunks:
+                finished = chunk.finish_reason is not None
+                yield chunk
+        finally:
+            if not finished:
+                stats.total_s = time.perf_counter() - started
+                await self._close_interrupted(session, stats)
+
+    async def _close_interrupted(self, session: SessionRecord, stats: Stats) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self.store.close_turn(
+                session.session_id, turns=session.turns + 1, stats={**stats.as_dict(), "finish_reason": INTERRUPTED},
+            )), timeout=2.0)
+        except Exception as exc:  # noqa: BLE001 - best effort; the session's TTL still bounds it
+            log.warning("could not close an interrupted turn (%s)", type(exc).__name__)
+
     async def _decode(
-        self, session: SessionRecord, tokens: list[int], generated: list[int], params: TurnParams,
+        self, session: SessionRecord, committed: CommittedTokens, generated: list[int], params: TurnParams,
         text: TextStream, stats: Stats, started: float,
     ) -> AsyncIterator[Chunk]:
         tracker = DeltaTracker()
         finish: str | None = None
         while finish is None:
             remaining = params.max_new_tokens - len(generated)
-            room = self.limits.max_context - len(tokens)
+            room = self.limits.max_context - len(committed)
             if room <= 0:  # only reachable when the turn itself filled the context
                 new, finish = [], CONTEXT
-                await self._commit_last(stats, session, len(tokens), new, started)
+                await self._commit_last(stats, session, len(committed), new, started)
                 break
             # A round adds at most k+1 tokens and Verify needs committed + k within the context.
             k = max(0, min(params.k, remaining - 1, room - 1))
-            draft = await self._propose(session, tokens, k, params.sampling, tracker, stats)
+            draft = await self._propose(session, committed, k, params.sampling, tracker, stats)
             drafts = draft.tokens if draft else []
             verification = await self.target.verify(
-                session.session_id, tokens, drafts, params.sampling, tracker, self.limits.vocab_size
+                session.session_id, committed, drafts, params.sampling, tracker, self.limits.vocab_size
             )
             stats.verify_s += verification.compute_s
             if stats.rounds == 0:
                 stats.target_reused_tokens = verification.reused_tokens
-                stats.target_prefill_tokens = len(tokens) - verification.reused_tokens
-            verdict = self._decide(draft, verification, params.sampling, len(tokens))
+                stats.target_prefill_tokens = len(committed) - verification.reused_tokens
+            verdict = self._decide(draft, verification, params.sampling, len(committed))
             stats.record_round(len(drafts), verdict)
             self._count_round(len(drafts), verdict)
             new = list(drafts[: verdict.accepted]) + [verdict.next_token]
             new, finish = self._truncate(new, generated, params, text)
-            if finish is None and len(tokens) + len(new) >= self.limits.max_context:
+            if finish is None and len(committed) + len(new) >= self.limits.max_context:
                 finish = CONTEXT
             stats.generated_tokens += len(new)
             if finish is None:
-                await self._timed_commit(stats, session.session_id, len(tokens), new)
+                await self._timed_commit(stats, session.session_id, len(committed), new)
             else:
-                await self._commit_last(stats, session, len(tokens), new, started)
-            tokens += new
+                await self._commit_last(stats, session, len(committed), new, started)
+            committed.extend(new)
             generated += new
             self.metrics.generated_tokens.inc(len(new))
             if finish is None:

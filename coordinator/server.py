@@ -7,10 +7,9 @@ import logging
 import time
 
 import grpc
-import redis.asyncio as aioredis
 from grpc import aio
 
-from coordinator.auth import ApiKeys, load_keys
+from coordinator.auth import api_keys
 from coordinator.clients import DraftClient, ReplicaSet, RetryPolicy, TargetClient
 from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Decoder, ModelLimits
@@ -18,24 +17,23 @@ from coordinator.servicer import CoordinatorServicer
 from specdec import models
 from specdec.metrics import ServiceMetrics
 from specdec.tls import channel_credentials, redact_url
-from specdec.serving import Started, run_until_signalled, start_server
-from specdec.session_store import SessionStore
+from specdec.access import read_keys
+from specdec.serving import Started, StartupError, run_until_signalled, start_server
+from specdec.sampling import RULES
+from specdec.session_store import SessionStore, redis_client
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, draft_pb2_grpc, target_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
-class StartupError(RuntimeError):
-    """The coordinator cannot serve with this configuration; the message says why."""
-
-
-async def _info(stub, address: str, timeout_s: float) -> common_pb2.ModelInfo:
+async def _info(replicas: ReplicaSet, index: int, timeout_s: float) -> common_pb2.ModelInfo:
     """GetInfo from one replica, waiting for it to come up."""
+    stub, address = replicas.stubs[index], replicas.addresses[index]
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return await stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5.0)
+            return await stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5.0, metadata=replicas.metadata)
         except aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                 raise StartupError(f"{address} did not answer GetInfo: {err.details()}") from err
@@ -44,19 +42,21 @@ async def _info(stub, address: str, timeout_s: float) -> common_pb2.ModelInfo:
 
 async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     """Everything the servicer needs, checked: Redis answers, vocabularies agree."""
-    redis_client = aioredis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s,
-                                     socket_connect_timeout=config.redis_timeout_s)
+    if config.default_sampling_rule not in RULES:
+        raise StartupError(f"--default-sampling-rule must be one of {', '.join(RULES)}")
+    redis = redis_client(config.redis_url, config.redis_timeout_s)
     try:
-        await redis_client.ping()
+        await redis.ping()
     except Exception as exc:  # noqa: BLE001
         raise StartupError(f"cannot reach Redis at {redact_url(config.redis_url)}: {exc}") from exc
     tokenizer = tokenizer or models.load_tokenizer(config.tokenizer)
     tier_credentials = channel_credentials(config.tier_tls_ca, config.tier_tls_cert, config.tier_tls_key)
+    tier_token = next(iter(read_keys([config.tier_token], config.tier_token_file)), "")
     target = TargetClient(
         ReplicaSet(config.target, target_pb2_grpc.TargetServiceStub, config.rpc_timeout_s, tier_credentials,
-                   RetryPolicy(config.retry_attempts, config.retry_backoff_s, config.retry_max_backoff_s))
+                   RetryPolicy(config.retry_attempts, config.retry_backoff_s, config.retry_max_backoff_s), tier_token)
     )
-    infos = [await _info(stub, a, config.startup_timeout_s) for a, stub in zip(target.replicas.addresses, target.replicas.stubs)]
+    infos = [await _info(target.replicas, i, config.startup_timeout_s) for i in range(len(target.replicas.addresses))]
     reference = infos[0]
     for address, info in zip(target.replicas.addresses, infos):
         if info.vocab_fingerprint != reference.vocab_fingerprint:
@@ -71,10 +71,10 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     draft = None
     if config.draft:
         replicas = ReplicaSet(config.draft, draft_pb2_grpc.DraftServiceStub, config.draft_timeout_s, tier_credentials,
-                              RetryPolicy(config.draft_retry_attempts, 0.0, 0.0))
+                              RetryPolicy(config.draft_retry_attempts, 0.0, 0.0), tier_token)
         kinds = set()
-        for address, stub in zip(replicas.addresses, replicas.stubs):
-            info = await _info(stub, address, config.startup_timeout_s)
+        for index, address in enumerate(replicas.addresses):
+            info = await _info(replicas, index, config.startup_timeout_s)
             if info.vocab_fingerprint and info.vocab_fingerprint != reference.vocab_fingerprint:
                 raise StartupError(
                     f"draft model {info.name} at {address} does not share the target's tokenizer "
@@ -88,13 +88,13 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
         max_context=reference.max_context,
         eos_token_ids=frozenset(reference.eos_token_ids),
     )
-    store = SessionStore(redis_client, config.session_ttl_s, config.session_lease_s)
+    store = SessionStore(redis, config.session_ttl_s, config.session_lease_s)
     return Decoder(target, draft, store, tokenizer, limits, metrics=ServiceMetrics())
 
 
 async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> Started:
     decoder = decoder or await build_decoder(config)
-    keys = ApiKeys(load_keys(config.api_keys, config.api_keys_file))
+    keys = api_keys(read_keys(config.api_keys, config.api_keys_file))
     if not keys.enabled:
         log.warning("no API keys configured: every caller may start and read sessions")
     servicer = CoordinatorServicer(decoder, config, keys)
@@ -102,7 +102,7 @@ async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> St
                          for replicas in decoder.replica_sets]
     started = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
-        [SERVICE_NAME], config, decoder.metrics,
+        [SERVICE_NAME], config, decoder.metrics, keys,
     )
     started.on_stop.append(lambda: _close(servicer))
     return started

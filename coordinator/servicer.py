@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import secrets
 
-from coordinator.auth import ApiKeys
+from coordinator.auth import api_keys, caller, check_owner
 from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Chunk, Decoder, Stats, TurnParams
 from coordinator.prompting import turn_tokens
+from specdec.access import KeyRing
 from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from specdec.sampling import SamplingParams
 from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
-from specdec.wire import check_token_ids
+from specdec.wire import check_session_id, check_token_ids, rule_from_pb
 
 FINISH_REASONS = {
     "eos": coordinator_pb2.FINISH_REASON_EOS,
@@ -36,6 +38,7 @@ def turn_params(request: coordinator_pb2.GenerateRequest, config: CoordinatorCon
         top_k=request.top_k,
         top_p=request.top_p if request.HasField("top_p") else 1.0,
         seed=seed,
+        rule=rule_from_pb(request.sampling_rule) or config.default_sampling_rule,
     ).validate()
     if len(request.stop) > 16 or any(len(s) > 256 for s in request.stop):
         raise InvalidArgument("at most 16 stop strings of at most 256 characters each")
@@ -47,14 +50,21 @@ def stats_to_pb(stats: Stats) -> coordinator_pb2.GenerationStats:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, decoder: Decoder, config: CoordinatorConfig, keys: ApiKeys | None = None):
+    def __init__(self, decoder: Decoder, config: CoordinatorConfig, keys: KeyRing | None = None):
         self.decoder = decoder
         self.config = config
-        self.keys = keys or ApiKeys(())
+        self.keys = keys or api_keys(())
         self.active = 0  # Generate calls in flight on this replica
         self.watchers: list = []  # background health checks of the tiers (kept referenced)
+        # Tokenizing a long prompt takes a while: on a thread of its own, never on the event loop.
+        # One thread, since a fast tokenizer must not be used by two threads at once.
+        self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+        # No token covers more characters than the longest vocabulary entry: a prompt longer
+        # than context x that cannot fit, and is refused without tokenizing it.
+        longest = max((len(t) for t in decoder.tokenizer.get_vocab()), default=1)
+        self._max_fitting_chars = decoder.limits.max_context * max(1, longest)
 
-    def _turn_tokens(self, request: coordinator_pb2.GenerateRequest, history: list[int]) -> list[int]:
+    async def _turn_tokens(self, request: coordinator_pb2.GenerateRequest, history: list[int]) -> list[int]:
         limits = self.decoder.limits
         if request.prompt_token_ids:
             if request.prompt:
@@ -64,9 +74,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         else:
             if not request.prompt.strip():
                 raise InvalidArgument("prompt is empty; send the text to continue or answer")
-            if len(request.prompt) > self.config.max_prompt_chars:
-                raise InvalidArgument(f"prompt has {len(request.prompt)} characters; the limit is {self.config.max_prompt_chars}")
-            tokens = turn_tokens(self.decoder.tokenizer, request.prompt, request.raw, history, limits.eos_token_ids)
+            limit = min(self.config.max_prompt_chars, self._max_fitting_chars)
+            if len(request.prompt) > limit:
+                raise InvalidArgument(
+                    f"prompt has {len(request.prompt)} characters; the limit is {limit} (the model's context is "
+                    f"{limits.max_context} tokens)"
+                )
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizer_thread, turn_tokens, self.decoder.tokenizer, request.prompt, request.raw, history,
+                limits.eos_token_ids)
         total = len(history) + len(tokens)
         if total >= limits.max_context:
             raise InvalidArgument(
@@ -76,7 +92,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return tokens
 
     async def Generate(self, request: coordinator_pb2.GenerateRequest, context):
-        caller = self.keys.identify(context)
+        caller_id = caller(self.keys, context)
+        if request.session_id:
+            check_session_id(request.session_id)
         params = None if request.resume else turn_params(request, self.config)
         metrics = self.decoder.metrics
         if self.active >= self.config.max_active_sessions:
@@ -88,48 +106,46 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.active += 1
         metrics.active_sessions.inc()
         try:
-            async for response in self._generate(request, params, caller):
+            async for response in self._generate(request, params, caller_id):
                 yield response
         finally:
             self.active -= 1
             metrics.active_sessions.dec()
 
-    async def _generate(self, request: coordinator_pb2.GenerateRequest, params: TurnParams | None, caller: str):
+    async def _generate(self, request: coordinator_pb2.GenerateRequest, params: TurnParams | None, caller_id: str):
         store = self.decoder.store
         if request.resume:
-            async for response in self._resume(request, caller):
+            async for response in self._resume(request, caller_id):
                 yield response
             return
         if request.session_id:
             session = await store.load(request.session_id)  # NOT_FOUND before anything else
-            self.keys.check_owner(session, caller)
+            check_owner(session, caller_id)
             tokens = None
         else:
-            tokens = self._turn_tokens(request, [])  # validate before creating anything
-            session = await store.create(params.sampling.seed, owner=caller)
+            tokens = await self._turn_tokens(request, [])  # validate before creating anything
+            session = await store.create(params.sampling.seed, owner=caller_id)
         async with store.lease(session.session_id):
             if tokens is None:
                 session = await store.load(session.session_id)  # re-read under the lease
-                tokens = self._turn_tokens(request, session.tokens)
+                tokens = await self._turn_tokens(request, session.tokens)
             first = True
             async for chunk in self.decoder.generate(session, tokens, params):
                 yield self._response(session.session_id, chunk, tokens if first else None)
                 first = False
 
-    async def _resume(self, request: coordinator_pb2.GenerateRequest, caller: str):
+    async def _resume(self, request: coordinator_pb2.GenerateRequest, caller_id: str):
         """Continue an unfinished turn from the last committed token (its coordinator died)."""
         if not request.session_id:
             raise InvalidArgument("resume needs the session_id of the interrupted generation")
         if request.prompt or request.prompt_token_ids:
             raise InvalidArgument("resume continues the interrupted turn: send no prompt")
         store = self.decoder.store
-        self.keys.check_owner(await store.load(request.session_id), caller)
+        check_owner(await store.load(request.session_id), caller_id)
         async with store.lease(request.session_id):
             session = await store.load(request.session_id)
             if not session.turn_open or session.params is None:
-                raise FailedPrecondition(
-                    f"session {session.session_id!r} has no interrupted turn to resume; send a new prompt instead"
-                )
+                raise FailedPrecondition("the session has no interrupted turn to resume; send a new prompt instead")
             produced = len(session.tokens) - session.turn_start - session.turn_prompt_len
             if request.resume_from > produced:
                 raise InvalidArgument(
@@ -150,11 +166,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return response
 
     async def GetSession(self, request: coordinator_pb2.GetSessionRequest, context) -> coordinator_pb2.SessionInfo:
-        caller = self.keys.identify(context)
-        if not request.session_id:
-            raise InvalidArgument("session_id is empty")
-        session = await self.decoder.store.load(request.session_id)
-        self.keys.check_owner(session, caller)
+        caller_id = caller(self.keys, context)
+        session = await self.decoder.store.load(check_session_id(request.session_id))
+        check_owner(session, caller_id)
         return coordinator_pb2.SessionInfo(
             session_id=session.session_id,
             token_ids=session.tokens,
@@ -164,11 +178,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         )
 
     async def DeleteSession(self, request: coordinator_pb2.DeleteSessionRequest, context):
-        caller = self.keys.identify(context)
-        if not request.session_id:
-            raise InvalidArgument("session_id is empty")
+        caller_id = caller(self.keys, context)
         store = self.decoder.store
-        self.keys.check_owner(await store.load(request.session_id), caller)
+        check_owner(await store.load(check_session_id(request.session_id)), caller_id)
         async with store.lease(request.session_id):  # ABORTED while a Generate holds it
             await store.delete(request.session_id)
         released = sum(await asyncio.gather(*(replicas.release_everywhere(request.session_id)

@@ -1,13 +1,18 @@
 """python -m draft_service: host a drafter (n-gram lookup or a causal LM) behind DraftService.Propose."""
 
 import asyncio
+import sys
 
 from draft_service.config import DraftConfig
 from draft_service.server import main
 from specdec.config import parse_config
-from specdec.serving import configure_logging
+from specdec.serving import StartupError, configure_logging
 
 if __name__ == "__main__":
     config = parse_config(DraftConfig, None, __doc__, "SPECDEC_DRAFT_", prog="python -m draft_service")
     configure_logging(config.log_level)
-    asyncio.run(main(config))
+    try:
+        asyncio.run(main(config))
+    except StartupError as exc:
+        print(f"draft_service: {exc}", file=sys.stderr)
+        sys.exit(2)

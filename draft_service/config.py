@@ -33,4 +33,10 @@ class DraftConfig:
     tls_cert: str = option("", "PEM certificate to serve TLS with (empty: plaintext)")
     tls_key: str = option("", "PEM private key of tls_cert")
     tls_client_ca: str = option("", "PEM CA that client certificates must chain to (mutual TLS)")
+    tier_token: str = option("", "shared secret the coordinators send ('authorization: Bearer'); other callers are "
+                             "UNAUTHENTICATED. Prefer the env variable or tier_token_file to the flag")
+    tier_token_file: str = option("", "file holding the tier token (first non-comment line; more lines: also "
+                                  "accepted, for rotation)")
+    allow_unauthenticated: bool = option(False, "serve callers that bring neither the tier token nor a client "
+                                         "certificate (only on a private test network)")
     log_level: str = option("INFO", "logging level")

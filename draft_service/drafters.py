@@ -15,13 +15,13 @@ import torch
 
 from specdec.batching import ForwardJob, batched_logits
 from specdec.kv_cache import CausalLMRunner, SessionCache
-from specdec.sampling import DRAFT, SamplingParams, probs_from_logits, sample, uniform
+from specdec.sampling import DRAFT, SamplingParams, coupled_draws, probs_from_logits, sample, uniform
 
 
 @dataclass
 class Proposal:
     tokens: list[int]
-    probs: torch.Tensor | None  # [len(tokens), V]; None when greedy or point mass
+    probs: torch.Tensor | None  # [len(tokens), V]; None when greedy, coupled or point mass
     point_mass: bool
     reused_tokens: int = 0
     computed_tokens: int = 0
@@ -64,6 +64,8 @@ class ModelDrafter:
                 params = jobs[i].params
                 if params.greedy:
                     token = int(torch.argmax(logits[-1]))
+                elif params.coupled:  # the target's noise at this position: no q travels
+                    token = coupled_draws(probs_from_logits(logits[-1:], params), params.seed, position)[0]
                 else:
                     q = probs_from_logits(logits[-1], params)
                     token = sample(q, uniform(params.seed, position, DRAFT))

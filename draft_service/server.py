@@ -7,7 +7,7 @@ import torch
 from draft_service.config import DraftConfig
 from draft_service.drafters import ModelDrafter, NgramDrafter
 from draft_service.servicer import DraftServicer
-from specdec.service_base import ModelFacts, SessionHost, load_causal_lm, open_snapshots
+from specdec.service_base import ModelFacts, SessionHost, load_causal_lm, open_snapshots, tier_keys
 from specdec.metrics import ServiceMetrics
 from specdec.serving import Started, run_until_signalled, start_server
 from specdec.v1 import draft_pb2, draft_pb2_grpc
@@ -40,11 +40,12 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
 async def start(config: DraftConfig) -> Started:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    keys = tier_keys(config, "draft")
     metrics = ServiceMetrics()
     servicer = build_servicer(config, metrics)
     started = await start_server(
         lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server),
-        [SERVICE_NAME], config, metrics,
+        [SERVICE_NAME], config, metrics, keys,
     )
     started.on_stop.append(servicer.host.close)
     return started

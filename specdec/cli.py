@@ -35,6 +35,7 @@ def _launch_options(args: argparse.Namespace) -> LaunchOptions:
         default_k=args.default_k,
         torch_threads=args.torch_threads,
         snapshots=not args.no_kv_snapshots,
+        tier_token_file=args.tier_token_file,
     )
 
 
@@ -221,6 +222,9 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per service (0 = default)")
     parser.add_argument("--no-kv-snapshots", action="store_true",
                         help="do not write KV-cache snapshots to Redis (a failed-over replica recomputes instead)")
+    parser.add_argument("--tier-token-file", default="",
+                        help="the token the coordinator sends to the tiers (default: a fresh random one per run); "
+                             "give one to call the tiers yourself")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import torch
 
 from specdec.errors import CacheMiss, InvalidArgument
+from specdec.prefix import PrefixDigest
+from specdec.wire import ContextDelta
 
 
 @dataclass
@@ -24,6 +26,7 @@ class SessionCache:
     tokens: list[int] = field(default_factory=list)
     kv: Any = None  # transformers DynamicCache covering tokens[:kv_len]
     snapshot_len: int = 0  # committed positions handed to the Redis snapshot (kv_snapshot)
+    digest: PrefixDigest | None = None  # of the committed prefix last proven, tokens[:digest.length]
 
     @property
     def kv_len(self) -> int:
@@ -90,23 +93,33 @@ class SessionCacheTable:
         self.bytes_held = total
 
 
-def committed_tokens(cached: Sequence[int], delta_start: int, delta: Sequence[int], committed_len: int) -> list[int]:
-    """The full committed sequence a request describes: cached[:delta_start] + delta.
+def committed_tokens(entry: "SessionCache", context: ContextDelta) -> list[int]:
+    """The full committed sequence a request describes, cached[:delta_start] + delta, proven
+    against the request's prefix digest before it is used.
 
-    Raises CacheMiss when the cache holds fewer than delta_start tokens (evicted, restarted or
-    another replica served the session): the caller resends with delta_start = 0.
+    Raises CacheMiss when this replica does not hold that prefix (evicted, restarted, another
+    replica served the session, or its cached tokens are not the session's): the caller resends
+    with delta_start = 0. The message says nothing of what the replica holds.
     """
-    if delta_start + len(delta) != committed_len:
+    start, delta = context.delta_start, context.delta_tokens
+    if start + len(delta) != context.committed_len:
         raise InvalidArgument(
-            f"context says committed_len={committed_len} but delta_start={delta_start} "
-            f"+ {len(delta)} delta tokens = {delta_start + len(delta)}"
+            f"context says committed_len={context.committed_len} but delta_start={start} "
+            f"+ {len(delta)} delta tokens = {start + len(delta)}"
         )
-    if delta_start > len(cached):
-        raise CacheMiss(
-            f"this replica holds {len(cached)} tokens of the session but the request starts at "
-            f"{delta_start}; resend the context with delta_start=0"
-        )
-    return list(cached[:delta_start]) + list(delta)
+    miss = CacheMiss("this replica does not hold the session's committed prefix; resend the context with delta_start=0")
+    if start > len(entry.tokens):
+        raise miss
+    if entry.digest is not None and entry.digest.length == start:
+        proof = entry.digest.copy().extend(delta)
+    else:
+        proof = PrefixDigest(entry.tokens[:start]).extend(delta)
+    if proof.digest() != context.prefix_digest:
+        if start == 0:
+            raise InvalidArgument("context.prefix_digest is not the digest of the committed tokens sent")
+        raise miss
+    entry.digest = proof
+    return list(entry.tokens[:start]) + list(delta)
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

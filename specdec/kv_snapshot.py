@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from redis import exceptions as redis_errors
 
-from specdec.session_store import SNAPSHOT_TIERS, session_key, snapshot_keys
+from specdec.session_store import SNAPSHOT_TIERS, log_id, session_key, snapshot_keys
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class SnapshotWriter:
             code, stored = await self.store.append(chunk.session_id, chunk.start, chunk.end, chunk.data)
         except (redis_errors.RedisError, OSError) as exc:
             log.warning("KV snapshot of session %s not written (%s); the next round retries it",
-                        chunk.session_id, type(exc).__name__)
+                        log_id(chunk.session_id), type(exc).__name__)
             chunk.entry.snapshot_len = min(chunk.entry.snapshot_len, chunk.start)
             self._count("failed")
             return
@@ -290,7 +290,8 @@ class Snapshots:
         try:
             snapshot = await self.store.load(session_id)
         except (redis_errors.RedisError, OSError) as exc:
-            log.warning("KV snapshot of session %s not read (%s); recomputing instead", session_id, type(exc).__name__)
+            log.warning("KV snapshot of session %s not read (%s); recomputing instead", log_id(session_id),
+                        type(exc).__name__)
             return None
         if snapshot is None or snapshot.length < self.settings.min_restore_tokens:
             return None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from specdec.access import new_token, read_keys
 from specdec.serving import wait_healthy
 from specdec.tls import redact_url
 
@@ -52,11 +53,13 @@ class LaunchOptions:
     default_k: int = 4
     torch_threads: int = 0
     snapshots: bool = True  # draft and target write KV-cache snapshots to Redis
+    tier_token_file: str = ""  # the tier token to use; empty: a fresh one for this run
 
 
 @dataclass
 class Pipeline:
     redis_url: str
+    tier_token: str = ""  # the tiers serve only callers that send it (the coordinators)
     coordinator: Child | None = None
     drafts: list[Child] = field(default_factory=list)
     targets: list[Child] = field(default_factory=list)
@@ -73,6 +76,17 @@ class Pipeline:
             "coordinator_pid": self.coordinator.pid if self.coordinator else None,
             "coordinator_metrics": self.coordinator.metrics if self.coordinator else None,
         }
+
+    def env(self, service: str, snapshots: bool = True) -> dict[str, str]:
+        """Secrets for a service of this pipeline, passed in the environment (never on a command
+        line): the tier token, and the Redis URL (it may hold a password) for the coordinator and,
+        with snapshots, the tiers."""
+        prefix = {"target_service": "SPECDEC_TARGET_", "draft_service": "SPECDEC_DRAFT_",
+                  "coordinator": "SPECDEC_COORDINATOR_"}[service]
+        env = {prefix + "TIER_TOKEN": self.tier_token}
+        if service == "coordinator" or snapshots:
+            env[prefix + "REDIS_URL"] = self.redis_url
+        return env
 
     async def stop(self) -> None:
         """SIGTERM everything (coordinator first), wait, then SIGKILL what is left."""
@@ -149,16 +163,18 @@ async def spawn_service(
 
 async def launch(options: LaunchOptions) -> Pipeline:
     """Start everything and wait until every service is healthy. On failure, stop what started."""
-    pipeline = Pipeline(redis_url=options.redis_url or "")
+    token = read_keys([], options.tier_token_file)[:1] if options.tier_token_file else [new_token()]
+    if not token:
+        raise RuntimeError(f"{options.tier_token_file} holds no tier token")
+    pipeline = Pipeline(redis_url=options.redis_url or "", tier_token=token[0])
     threads = ["--torch-threads", str(options.torch_threads)]
     try:
         if not options.redis_url:
             await start_redis(pipeline)
         target_args = ["--model", options.target, "--host", options.host, "--device", options.device, *threads]
         draft_args = ["--model", options.draft, "--host", options.host, "--device", options.draft_device, *threads]
-        # The tiers write KV-cache snapshots to the sessions' Redis (the URL may hold a password).
-        target_env = {"SPECDEC_TARGET_REDIS_URL": pipeline.redis_url} if options.snapshots else {}
-        draft_env = {"SPECDEC_DRAFT_REDIS_URL": pipeline.redis_url} if options.snapshots else {}
+        target_env = pipeline.env("target_service", options.snapshots)
+        draft_env = pipeline.env("draft_service", options.snapshots)
         spawns = [spawn_service(f"target-{i}", "target_service", target_args, START_TIMEOUT_S, target_env)
                   for i in range(options.target_replicas)]
         spawns += [spawn_service(f"draft-{i}", "draft_service", draft_args, START_TIMEOUT_S, draft_env)
@@ -178,9 +194,8 @@ async def launch(options: LaunchOptions) -> Pipeline:
             "--port", str(options.port),
             "--default-k", str(options.default_k),
         ]
-        # The Redis URL may hold a password: pass it in the environment, not on the command line.
         pipeline.coordinator = await spawn_service("coordinator", "coordinator", coordinator_args, START_TIMEOUT_S,
-                                                   env={"SPECDEC_COORDINATOR_REDIS_URL": pipeline.redis_url})
+                                                   env=pipeline.env("coordinator"))
         for child in [pipeline.coordinator, *pipeline.drafts, *pipeline.targets]:
             await wait_healthy(child.address, 60)
         return pipeline

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import time
-from typing import Any, Awaitable, Callable
-
-import grpc
-from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from specdec.errors import rewrap_handler
 
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -60,40 +54,3 @@ class ServiceMetrics:
         """Start the /metrics HTTP server (a daemon thread); returns host:port."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return f"{host}:{server.server_port}"
-
-
-class MetricsInterceptor(aio.ServerInterceptor):
-    """Times every unary and server-streaming RPC into specdec_rpc_duration_seconds{method}."""
-
-    def __init__(self, metrics: ServiceMetrics):
-        self.metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        histogram = self.metrics.rpc_seconds.labels(method=handler_call_details.method.rsplit("/", 1)[-1])
-
-        def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def unary(request: Any, context: aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                try:
-                    return await behavior(request, context)
-                finally:
-                    histogram.observe(time.perf_counter() - started)
-
-            return unary
-
-        def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def stream(request: Any, context: aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                finally:
-                    histogram.observe(time.perf_counter() - started)
-
-            return stream
-
-        return rewrap_handler(await continuation(handler_call_details), wrap_unary, wrap_stream)

@@ -6,13 +6,19 @@ M_p gives p_1..p_{k+1} in one forward pass. Token x_i is kept with probability
 min(1, p_i(x_i) / q_i(x_i)); at the first rejection the replacement is drawn from
 norm(max(0, p_i - q_i)); if all k are kept, a bonus token is drawn from p_{k+1}. The output then
 has exactly the distribution p (after the same logits processing applied to both).
+
+A second, drafter-invariant rule couples draft and target through shared noise (Gumbel-max;
+Daliri et al. 2024, "Coupling without communication and drafter-invariant speculative
+decoding"): at position t both draw x_t = argmax_v p_t(v) / E_t(v), with E_t(v) ~ Exp(1) a pure
+function of (seed, t), which is a draw from p_t (argmax of log p + Gumbel). A draft token is kept
+when it equals the target's draw, so the output is the target's own draws, whatever was drafted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -25,29 +31,48 @@ DRAFT = "draft"  # the drafter sampling x_i ~ q_i
 ACCEPT = "accept"  # the acceptance test of x_i
 SAMPLE = "sample"  # the replacement / bonus / target-only token
 
+# Sampling rules (SamplingRule in common.proto).
+REJECTION = "rejection"
+COUPLED = "coupled"
+RULES = (REJECTION, COUPLED)
+# Below this, a temperature is treated as greedy (as vLLM does): logits divided by 1e-45 overflow
+# float32, and no distribution is left to sample from.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How a next-token distribution is shaped. temperature == 0 means greedy."""
+    """How a next-token distribution is shaped, and which rule decides sampled rounds.
+    temperature == 0 means greedy."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    rule: str = REJECTION
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def coupled(self) -> bool:
+        return self.rule == COUPLED and not self.greedy
+
     def validate(self) -> "SamplingParams":
+        """These parameters checked, with a temperature below MIN_TEMPERATURE made greedy."""
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.rule not in RULES:
+            raise InvalidArgument(f"the sampling rule must be one of {', '.join(RULES)}")
         if self.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidArgument(f"top_p must lie in (0, 1] (1 disables it), got {self.top_p}")
         if not 0 <= self.seed < 2**64:
             raise InvalidArgument(f"seed must be an unsigned 64-bit integer, got {self.seed}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            return replace(self, temperature=0.0)
         return self
 
 
@@ -101,6 +126,25 @@ def sample(probs: torch.Tensor, u: float) -> int:
     if index >= row.shape[0]:  # u * total rounded up to total: take the last token with mass
         index = int(np.flatnonzero(row > 0)[-1])
     return index
+
+
+def coupling_noise(seed: int, position: int, vocab: int) -> np.ndarray:
+    """E_t(v) ~ Exp(1) for every token v, float32 [vocab]: a pure function of (seed, position t).
+
+    Philox keyed by a hash of (seed, t); 24-bit uniforms u give E = -log u. Computed on the CPU
+    the same way whatever device the model runs on, so every replica draws the same noise.
+    """
+    key = int.from_bytes(hashlib.blake2b(f"{seed}:{position}:coupling".encode(), digest_size=16).digest(), "little")
+    raw = np.random.Philox(key=key).random_raw((vocab + 1) // 2).view(np.uint32)[:vocab]
+    u = ((raw >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
+    return -np.log(u)
+
+
+def coupled_draws(probs: torch.Tensor, seed: int, first_position: int) -> list[int]:
+    """The coupled rule's draw at each row: row i (a distribution over the vocabulary, [n, V]) is
+    drawn with the noise of position first_position + i: argmax_v p(v) / E(v), a sample of p."""
+    rows = probs.detach().float().cpu().numpy()
+    return [int(np.argmax(row / coupling_noise(seed, first_position + i, row.shape[-1]))) for i, row in enumerate(rows)]
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
-import redis.asyncio as aioredis
-
+from specdec.access import KeyRing, read_keys
 from specdec.kv_cache import CausalLMRunner, SessionCache, SessionCacheTable, committed_tokens
 from specdec.kv_snapshot import Snapshot, Snapshots, SnapshotSettings, SnapshotStore
-from specdec.serving import ModelWorker
+from specdec.serving import ModelWorker, StartupError
+from specdec.session_store import log_id, redis_client
 from specdec.v1 import common_pb2
 from specdec.wire import ContextDelta
 
@@ -73,7 +73,7 @@ class SessionHost:
         try:
             entry = self.snapshots.rebuild(snapshot)
         except (ValueError, RuntimeError) as exc:
-            log.warning("KV snapshot of session %s is unusable (%s); recomputing instead", session_id, exc)
+            log.warning("KV snapshot of session %s is unusable (%s); recomputing instead", log_id(session_id), exc)
             return False
         self.table.install(session_id, entry)
         self.table.enforce_bounds(keep=session_id)
@@ -83,7 +83,7 @@ class SessionHost:
         """Run on the worker thread: the session's cache entry and its full committed tokens."""
         entry = self.table.get_or_create(context.session_id)
         try:
-            tokens = committed_tokens(entry.tokens, context.delta_start, context.delta_tokens, context.committed_len)
+            tokens = committed_tokens(entry, context)
         except Exception:
             if not entry.tokens:
                 self.table.release(context.session_id)  # do not keep an empty entry for a miss
@@ -123,7 +123,7 @@ class SessionHost:
             try:
                 self.snapshots.after_forward(context.session_id, entry, context.committed_len)
             except Exception:  # noqa: BLE001 - a snapshot is an optimisation; never fail the request
-                log.exception("KV snapshot of session %s failed", context.session_id)
+                log.exception("KV snapshot of session %s failed", log_id(context.session_id))
 
     async def release(self, request: common_pb2.ReleaseRequest, context) -> common_pb2.ReleaseResponse:
         released = (await self.worker.run(lambda: self.table.release(request.session_id))).value
@@ -179,8 +179,7 @@ def open_snapshots(options: SnapshotOptions, tier: str, loaded: LoadedModel, met
     replica starts, and serves by recomputing, while Redis is down."""
     if not options.redis_url:
         return None
-    client = aioredis.from_url(options.redis_url, socket_timeout=options.redis_timeout_s,
-                               socket_connect_timeout=options.redis_timeout_s)
+    client = redis_client(options.redis_url, options.redis_timeout_s)
     facts = loaded.facts
     store = SnapshotStore(client, tier, f"{facts.name}|{options.dtype}|{facts.vocab_fingerprint}",
                           options.snapshot_max_session_bytes)
@@ -190,3 +189,29 @@ def open_snapshots(options: SnapshotOptions, tier: str, loaded: LoadedModel, met
     snapshots = Snapshots(store, settings, model.config, next(model.parameters()).dtype, loaded.runner.device, metrics)
     snapshots.writer.start()
     return snapshots
+
+
+class TierAccessOptions(Protocol):
+    """Who may call a draft or target replica (the tier part of their configs)."""
+
+    tier_token: str
+    tier_token_file: str
+    tls_client_ca: str
+    allow_unauthenticated: bool
+
+
+def tier_keys(options: TierAccessOptions, tier: str) -> KeyRing:
+    """The keys a tier accepts. A tier that would serve anyone (no token, no client certificates)
+    refuses to start unless told it is on a private network."""
+    tokens = read_keys([options.tier_token], options.tier_token_file)
+    if not tokens and not options.tls_client_ca:
+        if not options.allow_unauthenticated:
+            raise StartupError(
+                f"the {tier} tier has no tier token and no client CA, so anyone who reaches its port could read "
+                "and change sessions. Give it the coordinators' token (--tier-token-file, or the "
+                "SPECDEC_*_TIER_TOKEN variable), demand client certificates (--tls-client-ca), or pass "
+                "--allow-unauthenticated on a private test network"
+            )
+        log.warning("the %s tier serves any caller (--allow-unauthenticated)", tier)
+    return KeyRing(tokens, f"this {tier} replica serves only coordinators: send the tier token as "
+                           "'authorization: Bearer <token>'")

@@ -17,8 +17,9 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from specdec.errors import ErrorInterceptor
-from specdec.metrics import MetricsInterceptor, ServiceMetrics
+from specdec.access import KeyRing
+from specdec.interceptor import ServiceInterceptor
+from specdec.metrics import ServiceMetrics
 from specdec.tls import open_channel, server_credentials
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+class StartupError(RuntimeError):
+    """A service cannot start with this configuration; the message says why and what to set."""
 
 
 @dataclass(frozen=True)
@@ -107,13 +112,14 @@ async def start_server(
     service_names: Iterable[str],
     settings: ListenSettings,
     metrics: ServiceMetrics | None = None,
+    keys: KeyRing | None = None,
 ) -> Started:
     """Create, register and start a server with health checking, TLS when the settings name a
-    certificate, and /metrics on settings.metrics_port (0 = a free port, -1 = none)."""
+    certificate, callers checked against `keys` (when given and not empty), and /metrics on
+    settings.metrics_port (0 = a free port, -1 = none)."""
     host, port, metrics_port = settings.host, settings.port, settings.metrics_port
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    interceptors = [ErrorInterceptor()] + ([MetricsInterceptor(metrics)] if metrics else [])
-    server = aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+    server = aio.server(interceptors=[ServiceInterceptor(metrics, keys)], options=CHANNEL_OPTIONS)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

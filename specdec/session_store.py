@@ -9,11 +9,13 @@ Keys (the {id} hash tag keeps a session's keys in one Redis Cluster slot):
     specdec:{id}:lease   string: owner of the running Generate; renewed by every commit, it
                          expires lease_s after a coordinator dies, so the session can be resumed
     specdec:{id}:kv:*    the draft and target tiers' KV-cache snapshots (specdec.kv_snapshot)
-Every key carries the session TTL, renewed on each commit.
+The session's own keys carry the session TTL, renewed on each commit; the KV snapshots have a
+shorter TTL of their own (specdec.kv_snapshot).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -24,21 +26,39 @@ from typing import AsyncIterator, Sequence
 import numpy as np
 import redis.asyncio as aioredis
 
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from specdec.errors import Aborted, NotFound
 
 # Append a round atomically, only if the stored length is the one the writer saw: a round
 # is never half written, and a stale writer (a coordinator that lost its lease) cannot append.
 # The lease is renewed in the same script, so a round costs one round trip to Redis.
+# A retry of a commit whose reply was lost (the connection dropped after Redis applied it) finds
+# exactly its own bytes at its place, and succeeds again instead of failing as a stale writer.
 _COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[1]) then return -2 end
-redis.call('APPEND', KEYS[2], ARGV[2])
+local at = tonumber(ARGV[1])
+local stored = redis.call('STRLEN', KEYS[2])
+if stored == at then
+  redis.call('APPEND', KEYS[2], ARGV[2])
+elseif stored ~= at + string.len(ARGV[2]) or redis.call('GETRANGE', KEYS[2], at, stored - 1) ~= ARGV[2] then
+  return -2
+end
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
-for i = 4, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 return redis.call('STRLEN', KEYS[2])
+"""
+
+# Close a turn that ended early (the client went away, a dependency failed): it can no longer be
+# resumed, and its stats say why it ended.
+_CLOSE_TURN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
 """
 
 _ACQUIRE_LEASE = """
@@ -60,6 +80,19 @@ return 0
 
 
 SNAPSHOT_TIERS = ("target", "draft")
+
+
+def redis_client(url: str, timeout_s: float) -> aioredis.Redis:
+    """A Redis client whose calls have a deadline, and which reconnects once before it gives up:
+    after a Redis restart, the first call on a pooled connection finds it closed, and must not
+    fail when Redis is up again."""
+    return aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                             retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+
+
+def log_id(session_id: str) -> str:
+    """What logs say instead of a session id (ids are bearer-like secrets): a short digest."""
+    return "s:" + hashlib.sha256(session_id.encode()).hexdigest()[:10]
 
 
 def session_key(session_id: str, name: str) -> str:
@@ -104,6 +137,7 @@ class SessionStore:
         self.ttl_s = ttl_s
         self.lease_ms = int(lease_s * 1000)
         self._commit = client.register_script(_COMMIT)
+        self._close_turn = client.register_script(_CLOSE_TURN)
         self._acquire = client.register_script(_ACQUIRE_LEASE)
         self._release = client.register_script(_RELEASE_LEASE)
 
@@ -132,7 +166,7 @@ class SessionStore:
             pipe.get(tokens)
             fields, data = await pipe.execute()
         if not fields:
-            raise NotFound(f"session {session_id!r} does not exist or has expired; start a new one")
+            raise NotFound("the session does not exist or has expired; start a new one")
         return SessionRecord(
             session_id=session_id,
             tokens=_unpack(data),
@@ -154,11 +188,17 @@ class SessionStore:
         args: list = [committed_len * 4, _pack(new_tokens), self.ttl_s, self.lease_ms]
         for name, value in {**fields, "updated": time.time()}.items():
             args += [name, value if isinstance(value, (str, bytes, int, float)) else json.dumps(value)]
-        result = await self._commit(keys=[meta, tokens, lease, *all_snapshot_keys(session_id)], args=args)
+        result = await self._commit(keys=[meta, tokens, lease], args=args)
         if result == -1:
-            raise NotFound(f"session {session_id!r} expired or was deleted during generation")
+            raise NotFound("the session expired or was deleted during generation")
         if result == -2:
-            raise Aborted(f"session {session_id!r} was changed by another writer; reload it and retry")
+            raise Aborted("the session was changed by another writer; reload it and retry")
+
+    async def close_turn(self, session_id: str, turns: int, stats: dict) -> None:
+        """Mark the open turn finished (it ended early), with its stats."""
+        meta, _, _ = self._keys(session_id)
+        await self._close_turn(keys=[meta], args=["turn_open", "0", "turns", turns, "stats", json.dumps(stats),
+                                                 "updated", time.time()])
 
     @asynccontextmanager
     async def lease(self, session_id: str) -> AsyncIterator[None]:
@@ -166,7 +206,7 @@ class SessionStore:
         meta, _, lease = self._keys(session_id)
         owner = secrets.token_hex(8)
         if not await self._acquire(keys=[lease, meta], args=[owner, self.lease_ms]):
-            raise Aborted(f"session {session_id!r} is already generating in another call; wait for it to finish")
+            raise Aborted("the session is already generating in another call; wait for it to finish")
         try:
             yield
         finally:

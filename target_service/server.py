@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.service_base import SessionHost, load_causal_lm, open_snapshots
+from specdec.service_base import SessionHost, load_causal_lm, open_snapshots, tier_keys
 from specdec.metrics import ServiceMetrics
 from specdec.serving import Started, run_until_signalled, start_server
 from specdec.v1 import target_pb2, target_pb2_grpc
@@ -26,11 +26,12 @@ def build_servicer(config: TargetConfig, metrics: ServiceMetrics) -> TargetServi
 async def start(config: TargetConfig) -> Started:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    keys = tier_keys(config, "target")
     metrics = ServiceMetrics()
     servicer = build_servicer(config, metrics)
     started = await start_server(
         lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server),
-        [SERVICE_NAME], config, metrics,
+        [SERVICE_NAME], config, metrics, keys,
     )
     started.on_stop.append(servicer.host.close)
     return started

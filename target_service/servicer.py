@@ -74,10 +74,12 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s),
             cache=common_pb2.CacheUse(reused_tokens=result.reused_tokens, computed_tokens=result.computed_tokens),
         )
-        if result.argmax is not None:
-            response.argmax_tokens.extend(result.argmax)
-        else:
+        if result.probs is not None:
             response.probs.CopyFrom(encode_tensor(result.probs))
+        elif parsed.params.greedy:
+            response.argmax_tokens.extend(result.tokens)
+        else:
+            response.sampled_tokens.extend(result.tokens)
         return response
 
     async def Release(self, request, context):

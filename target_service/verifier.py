@@ -9,13 +9,16 @@ import torch
 
 from specdec.batching import ForwardJob, batched_logits
 from specdec.kv_cache import CausalLMRunner, SessionCache
-from specdec.sampling import SamplingParams, probs_from_logits
+from specdec.sampling import SamplingParams, coupled_draws, probs_from_logits
 
 
 @dataclass
 class Verification:
-    argmax: list[int] | None  # greedy: k+1 ids
-    probs: torch.Tensor | None  # sampled: [k+1, V]
+    """The target's answer: its own choice at the k+1 positions (argmax when greedy, its coupled
+    draw under the coupled rule), or the distributions p (rejection rule)."""
+
+    tokens: list[int] | None  # k+1 ids
+    probs: torch.Tensor | None  # [k+1, V]
     reused_tokens: int
     computed_tokens: int
 
@@ -38,7 +41,10 @@ def _verification(job: VerifyJob, logits: torch.Tensor, reused: int) -> Verifica
     computed = len(job.committed) + len(job.draft_tokens) - reused
     if job.params.greedy:
         return Verification(torch.argmax(logits, dim=-1).tolist(), None, reused, computed)
-    return Verification(None, probs_from_logits(logits, job.params), reused, computed)
+    probs = probs_from_logits(logits, job.params)
+    if job.params.coupled:
+        return Verification(coupled_draws(probs, job.params.seed, len(job.committed)), None, reused, computed)
+    return Verification(None, probs, reused, computed)
 
 
 def verify_batch(runner: CausalLMRunner, jobs: Sequence[VerifyJob]) -> list[Verification]:

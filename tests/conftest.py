@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# The tier token of every test pipeline: the tiers serve only callers that send it.
+TIER_TOKEN = "test-tier-token-0123456789"
+TIER_METADATA = (("authorization", f"Bearer {TIER_TOKEN}"),)
+
+
+@pytest.fixture(scope="session")
+def tier_token_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "tier-token"
+    path.write_text(TIER_TOKEN + "\n")
+    return path
 
 
 def free_port() -> int:
@@ -33,10 +44,12 @@ def free_port() -> int:
 
 @contextmanager
 def specdec_up(*args: str, env: dict[str, str] | None = None) -> Iterator[dict]:
-    """`specdec up ARGS` as real processes (its own redis-server); yields the summary line it
-    prints (addresses and pids), and stops everything on exit."""
+    """`specdec up ARGS` as real processes (its own redis-server) with TIER_TOKEN as the tier
+    token; yields the summary line it prints (addresses and pids), and stops everything on exit."""
+    token_file = Path(tempfile.mkdtemp(prefix="specdec-test-")) / "tier-token"
+    token_file.write_text(TIER_TOKEN)
     process = subprocess.Popen(
-        [sys.executable, "-m", "specdec.cli", "up", *args],
+        [sys.executable, "-m", "specdec.cli", "up", "--tier-token-file", str(token_file), *args],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env={**os.environ, **(env or {})},
     )
     try:
@@ -133,13 +146,14 @@ async def start_stack(
     from target_service.config import TargetConfig
 
     tier_redis = redis_url if snapshots else ""
-    started = [await target_server.start(TargetConfig(model=str(target_model), metrics_port=-1, redis_url=tier_redis))
+    tier = dict(metrics_port=-1, redis_url=tier_redis, tier_token=TIER_TOKEN)
+    started = [await target_server.start(TargetConfig(model=str(target_model), **tier))
                for _ in range(target_replicas)]
     targets = [s.address for s in started]
     drafts = []
     if draft is not None:
         for _ in range(draft_replicas):
-            started.append(await draft_server.start(DraftConfig(model=draft, metrics_port=-1, redis_url=tier_redis)))
+            started.append(await draft_server.start(DraftConfig(model=draft, **tier)))
             drafts.append(started[-1].address)
     config = CoordinatorConfig(
         target=tuple(targets),
@@ -148,6 +162,7 @@ async def start_stack(
         tokenizer=str(target_model),
         startup_timeout_s=30,
         metrics_port=-1,
+        tier_token=TIER_TOKEN,
         **coordinator_overrides,
     )
     decoder = await coordinator_server.build_decoder(config)

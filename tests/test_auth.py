@@ -7,7 +7,7 @@ import pytest
 import pytest_asyncio
 
 from conftest import start_stack
-from coordinator.auth import fingerprint
+from specdec.access import fingerprint
 from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 

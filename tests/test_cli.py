@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import TIER_TOKEN, REPO
 
 
 def _alive(pid: int) -> bool:
@@ -116,11 +116,14 @@ def test_each_service_shuts_down_cleanly_on_sigterm(redis_server, tiny_target, t
         return process, json.loads(process.stdout.readline())["listening"]
 
     target, target_address = spawn("target_service", "--model", str(tiny_target),
-                                   env={"SPECDEC_TARGET_REDIS_URL": redis_server.url})
+                                   env={"SPECDEC_TARGET_REDIS_URL": redis_server.url,
+                                        "SPECDEC_TARGET_TIER_TOKEN": TIER_TOKEN})
     draft, draft_address = spawn("draft_service", "--model", str(tiny_draft),
-                                 env={"SPECDEC_DRAFT_REDIS_URL": redis_server.url})
+                                 env={"SPECDEC_DRAFT_REDIS_URL": redis_server.url, "SPECDEC_DRAFT_TIER_TOKEN": TIER_TOKEN})
     coordinator, address = spawn("coordinator", "--target", target_address, "--draft", draft_address,
-                                 "--tokenizer", str(tiny_target), env={"SPECDEC_COORDINATOR_REDIS_URL": redis_server.url})
+                                 "--tokenizer", str(tiny_target),
+                                 env={"SPECDEC_COORDINATOR_REDIS_URL": redis_server.url,
+                                      "SPECDEC_COORDINATOR_TIER_TOKEN": TIER_TOKEN})
     generated = _specdec("generate", "a long enough prompt to write a snapshot, " * 3, "--server", address,
                          "--max-new-tokens", "20")
     assert generated.returncode == 0, generated.stderr

@@ -13,7 +13,7 @@ import sys
 import grpc
 import pytest
 
-from conftest import REPO, RedisServer, specdec_up, start_stack
+from conftest import REPO, TIER_TOKEN, RedisServer, specdec_up, start_stack
 from helpers import generate
 from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -88,7 +88,8 @@ def fast_lease_pipeline(tiny_target):
             [sys.executable, "-m", "coordinator", "--target", summary["target"][0]["address"],
              "--draft", summary["draft"][0]["address"], "--tokenizer", str(tiny_target), "--metrics-port", "-1"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
-            env={**os.environ, **env, "SPECDEC_COORDINATOR_REDIS_URL": summary["redis"]},
+            env={**os.environ, **env, "SPECDEC_COORDINATOR_REDIS_URL": summary["redis"],
+                 "SPECDEC_COORDINATOR_TIER_TOKEN": TIER_TOKEN},
         )
         summary["replacement"] = json.loads(replacement.stdout.readline())["listening"]
         yield summary
@@ -190,7 +191,8 @@ async def test_verify_retries_with_backoff_until_a_restarted_target_answers(redi
         nonlocal replacement
         await asyncio.sleep(0.5)
         replacement = await target_server.start(
-            TargetConfig(model=str(tiny_target), host=host, port=int(port), metrics_port=-1, redis_url=redis_server.url))
+            TargetConfig(model=str(tiny_target), host=host, port=int(port), metrics_port=-1, redis_url=redis_server.url,
+                         tier_token=TIER_TOKEN))
 
     try:
         async with grpc.aio.insecure_channel(stack.coordinator) as channel:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import specdec_up
+from conftest import TIER_METADATA, specdec_up
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 
 ACCEPTABLE = {
@@ -85,7 +85,7 @@ def test_verify_fields(services, session, committed, start, delta, drafts, param
     stub = target_pb2_grpc.TargetServiceStub(services["target"])
     request = target_pb2.VerifyRequest(context=_context(session, committed, start, delta), draft_tokens=drafts,
                                        sampling=params)
-    _outcome(lambda: stub.Verify(request, timeout=30))
+    _outcome(lambda: stub.Verify(request, timeout=30, metadata=TIER_METADATA))
 
 
 @FUZZ
@@ -94,7 +94,7 @@ def test_verify_fields(services, session, committed, start, delta, drafts, param
 def test_propose_fields(services, session, committed, start, delta, k, params):
     stub = draft_pb2_grpc.DraftServiceStub(services["draft"])
     request = draft_pb2.ProposeRequest(context=_context(session, committed, start, delta), k=k, sampling=params)
-    _outcome(lambda: stub.Propose(request, timeout=30))
+    _outcome(lambda: stub.Propose(request, timeout=30, metadata=TIER_METADATA))
 
 
 @FUZZ
@@ -106,7 +106,8 @@ def test_session_id_fields(services, session):
     _outcome(lambda: coordinator.DeleteSession(coordinator_pb2.DeleteSessionRequest(session_id=session), timeout=10))
     for tier, stub_class in (("target", target_pb2_grpc.TargetServiceStub), ("draft", draft_pb2_grpc.DraftServiceStub)):
         stub = stub_class(services[tier])
-        _outcome(lambda: stub.Release(common_pb2.ReleaseRequest(session_id=session), timeout=10))
+        _outcome(lambda: stub.Release(common_pb2.ReleaseRequest(session_id=session), timeout=10,
+                                       metadata=TIER_METADATA))
 
 
 def test_malformed_bytes_and_oversized_messages(services):

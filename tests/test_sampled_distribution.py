@@ -19,7 +19,8 @@ import torch
 from conftest import start_stack
 from helpers import generate
 from specdec import models
-from specdec.sampling import SamplingParams, Verdict, probs_from_logits, sample, speculative_accept
+from specdec.sampling import SamplingParams, Verdict, greedy_accept, probs_from_logits, sample, speculative_accept
+from specdec.v1 import common_pb2
 from stats import chi_square_pvalue
 from tiny_models import build_tiny_model
 
@@ -66,7 +67,7 @@ def exact_law(small_models):
     return law
 
 
-async def _sample_pairs(stack, samples: int) -> Counter:
+async def _sample_pairs(stack, samples: int, rule: int) -> Counter:
     counts: Counter = Counter()
     async with grpc.aio.insecure_channel(stack.coordinator) as channel:
         semaphore = asyncio.Semaphore(16)
@@ -75,7 +76,7 @@ async def _sample_pairs(stack, samples: int) -> Counter:
             async with semaphore:
                 result = await generate(
                     channel, prompt_token_ids=PROMPT, max_new_tokens=2, k=3, seed=seed, ignore_eos=True,
-                    temperature=PARAMS.temperature, top_k=PARAMS.top_k, top_p=PARAMS.top_p,
+                    temperature=PARAMS.temperature, top_k=PARAMS.top_k, top_p=PARAMS.top_p, sampling_rule=rule,
                 )
             counts[tuple(result.token_ids)] += 1
 
@@ -84,24 +85,34 @@ async def _sample_pairs(stack, samples: int) -> Counter:
 
 
 def _accept_everything(draft_tokens, draft_probs, target_probs, accept_u, sample_u):
-    """A wrong rule: keep every draft token (the output then follows the drafter)."""
+    """A wrong rejection rule: keep every draft token (the output then follows the drafter)."""
     return Verdict(len(draft_tokens), sample(target_probs[len(draft_tokens)], sample_u[-1]))
 
 
+def _match_everything(draft_tokens, target_tokens):
+    """A wrong coupled rule: keep every draft token whether or not it is the target's draw."""
+    return Verdict(len(draft_tokens), target_tokens[len(draft_tokens)])
+
+
+RULES = {"rejection": common_pb2.SAMPLING_RULE_REJECTION, "coupled": common_pb2.SAMPLING_RULE_COUPLED}
+
+
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("drafter", ["model", "ngram"])
-async def test_first_two_tokens_follow_the_target_law(small_stacks, exact_law, drafter):
-    counts = await _sample_pairs(small_stacks[drafter], SAMPLES)
+async def test_first_two_tokens_follow_the_target_law(small_stacks, exact_law, drafter, rule):
+    counts = await _sample_pairs(small_stacks[drafter], SAMPLES, RULES[rule])
     assert sum(counts.values()) == SAMPLES
     p_value = chi_square_pvalue(counts, exact_law)
-    assert p_value > 1e-3, f"{drafter}: sampled pairs do not follow the target (p={p_value:.2e}): {counts}"
+    assert p_value > 1e-3, f"{drafter}, {rule}: sampled pairs do not follow the target (p={p_value:.2e}): {counts}"
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("drafter", ["model", "ngram"])
-async def test_the_same_check_rejects_a_wrong_rule(small_stacks, exact_law, drafter):
+async def test_the_same_check_rejects_a_wrong_rule(small_stacks, exact_law, drafter, rule):
     decoder = small_stacks[drafter].decoder
-    decoder.accept_rule = _accept_everything
+    decoder.accept_rule, decoder.match_rule = _accept_everything, _match_everything
     try:
-        counts = await _sample_pairs(small_stacks[drafter], 300)
+        counts = await _sample_pairs(small_stacks[drafter], 300, RULES[rule])
     finally:
-        decoder.accept_rule = speculative_accept
+        decoder.accept_rule, decoder.match_rule = speculative_accept, greedy_accept
     assert chi_square_pvalue(counts, exact_law) < 1e-4

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from conftest import start_stack
+from conftest import TIER_TOKEN, start_stack
 from coordinator.clients import expand_addresses
 from helpers import generate
 from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -100,7 +100,8 @@ async def test_evicted_sessions_are_rebuilt_and_stay_exact(redis_server, tiny_ta
     from target_service.config import TargetConfig
 
     # Room for about one session's cache: every other session is evicted and rebuilt.
-    small = await target_server.start(TargetConfig(model=str(tiny_target), cache_bytes=20_000, metrics_port=0))
+    small = await target_server.start(TargetConfig(model=str(tiny_target), cache_bytes=20_000, metrics_port=0,
+                                                   tier_token=TIER_TOKEN))
     stack = await start_stack(redis_server.url, tiny_target, None)
     stack.decoder.target.replicas.configured = [small.address]
     stack.decoder.target.replicas.refresh()

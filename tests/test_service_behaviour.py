@@ -9,11 +9,12 @@ import grpc
 import pytest
 import torch
 
-from conftest import start_stack
+from conftest import TIER_METADATA, start_stack
 from coordinator.clients import DeltaTracker
 from coordinator.server import StartupError
 from helpers import generate
 from specdec import models
+from specdec.prefix import CommittedTokens
 from specdec.sampling import SamplingParams
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, target_pb2_grpc
 from tiny_models import build_tiny_model
@@ -156,18 +157,19 @@ async def test_a_replica_that_lost_the_session_is_sent_everything(stacks):
     decoder = stacks["none"].decoder
     target = decoder.target
     address = target.replicas.addresses[0]
-    tokens = [5, 6, 7, 8, 9, 10]
+    tokens = CommittedTokens([5, 6, 7, 8, 9, 10])
     tracker = DeltaTracker()
     params = SamplingParams()
     first = await target.verify("miss-test", tokens, [], params, tracker, decoder.limits.vocab_size)
     assert tracker.sent[address] == len(tokens)
     await target_pb2_grpc.TargetServiceStub(grpc.aio.insecure_channel(address)).Release(
-        common_pb2.ReleaseRequest(session_id="miss-test"))
+        common_pb2.ReleaseRequest(session_id="miss-test"), metadata=TIER_METADATA)
     # The tracker believes the replica holds 6 tokens; it does not, answers FAILED_PRECONDITION,
     # and the client resends the whole sequence: same answer, no error.
-    again = await target.verify("miss-test", tokens + [11], [], params, tracker, decoder.limits.vocab_size)
-    fresh = await target.verify("miss-fresh", tokens + [11], [], params, DeltaTracker(), decoder.limits.vocab_size)
-    assert again.argmax == fresh.argmax and first.argmax is not None
+    tokens.extend([11])
+    again = await target.verify("miss-test", tokens, [], params, tracker, decoder.limits.vocab_size)
+    fresh = await target.verify("miss-fresh", tokens, [], params, DeltaTracker(), decoder.limits.vocab_size)
+    assert again.tokens == fresh.tokens and first.tokens is not None
 
 
 async def test_a_draft_model_with_another_vocabulary_is_refused(redis_server, tiny_target, tmp_path):
@@ -186,7 +188,7 @@ async def test_redis_holds_the_session_with_its_parameters_and_ttl(channels, sta
     assert record.tokens == result.prompt_token_ids + result.token_ids
     assert record.seed == 99 and record.turns == 1 and record.status == "idle"
     assert record.params == {"max_new_tokens": 6, "temperature": pytest.approx(0.7), "top_k": 5, "top_p": 1.0,
-                             "seed": 99, "k": 2, "stop": ["zzz"], "ignore_eos": False}
+                             "seed": 99, "sampling_rule": "coupled", "k": 2, "stop": ["zzz"], "ignore_eos": False}
     assert record.stats["generated_tokens"] == len(result.token_ids)
     client = aioredis.from_url(redis_server.url)
     ttl = await client.ttl(f"specdec:{{{result.session_id}}}:tokens")

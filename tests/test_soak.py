@@ -14,7 +14,7 @@ import time
 
 import grpc
 
-from conftest import free_port
+from conftest import TIER_TOKEN, free_port
 from helpers import generate
 from specdec.launcher import spawn_service
 from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -43,14 +43,16 @@ class Cluster:
         env = {}
         if kind == "target":
             args = ["--model", self.model, "--torch-threads", "1", "--snapshot-min-chunk-tokens", "4", *port]
-            env = {"SPECDEC_TARGET_REDIS_URL": self.redis_url}
+            env = {"SPECDEC_TARGET_REDIS_URL": self.redis_url, "SPECDEC_TARGET_TIER_TOKEN": TIER_TOKEN}
         elif kind == "draft":
             args = ["--model", "ngram", *port]
+            env = {"SPECDEC_DRAFT_TIER_TOKEN": TIER_TOKEN}
         else:
             args = ["--target", f"{self.address('target-0')},{self.address('target-1')}",
                     "--draft", f"{self.address('draft-0')},{self.address('draft-1')}",
                     "--tokenizer", self.model, "--draft-timeout-s", "2", "--rpc-timeout-s", "3", *port]
-            env = {"SPECDEC_COORDINATOR_REDIS_URL": self.redis_url, "SPECDEC_COORDINATOR_SESSION_LEASE_S": "1"}
+            env = {"SPECDEC_COORDINATOR_REDIS_URL": self.redis_url, "SPECDEC_COORDINATOR_SESSION_LEASE_S": "1",
+                   "SPECDEC_COORDINATOR_TIER_TOKEN": TIER_TOKEN}
         module = {"target": "target_service", "draft": "draft_service", "coordinator": "coordinator"}[kind]
         self.children[name] = await spawn_service(name, module, args, 120, env=env)
 

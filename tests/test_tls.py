@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import TIER_TOKEN
 from helpers import generate
 from specdec.tls import channel_credentials, redact_url
 
@@ -80,7 +81,7 @@ async def test_a_coordinator_without_the_tiers_ca_cannot_start(redis_server, tin
     from target_service import server as target_server
     from target_service.config import TargetConfig
 
-    target = await target_server.start(TargetConfig(model=str(tiny_target), metrics_port=-1,
+    target = await target_server.start(TargetConfig(model=str(tiny_target), metrics_port=-1, tier_token=TIER_TOKEN,
                                                     tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key")))
     try:
         config = CoordinatorConfig(target=(target.address,), redis_url=redis_server.url, tokenizer=str(tiny_target),

@@ -12,6 +12,8 @@ from specdec import models
 from specdec.config import option, parse_config
 from specdec.errors import CacheMiss, InvalidArgument
 from specdec.kv_cache import CausalLMRunner, SessionCache, SessionCacheTable, committed_tokens
+from specdec.prefix import prefix_digest
+from specdec.wire import ContextDelta
 from specdec.tensor_codec import decode_tensor, encode_tensor
 from specdec.v1 import common_pb2
 from coordinator.text_stream import TextStream
@@ -49,12 +51,36 @@ def test_crop_and_extend_equals_a_fresh_forward(runner):
     assert entry.tokens == branch_b and entry.kv_len == len(branch_b)
 
 
+def _context(committed: list[int], start: int, digest_of: list[int] | None = None) -> ContextDelta:
+    return ContextDelta("s", len(committed), start, tuple(committed[start:]), prefix_digest(digest_of or committed))
+
+
 def test_delta_builds_on_the_cached_prefix_or_asks_for_everything():
-    assert committed_tokens([1, 2, 3, 99], 3, (4, 5), 5) == [1, 2, 3, 4, 5]  # 99 was a draft token
-    with pytest.raises(CacheMiss, match="delta_start=0"):
-        committed_tokens([1, 2], 3, (4,), 4)
+    entry = SessionCache(tokens=[1, 2, 3, 99])  # 99 was a draft token
+    assert committed_tokens(entry, _context([1, 2, 3, 4, 5], 3)) == [1, 2, 3, 4, 5]
+    assert entry.digest.length == 5 and entry.digest.digest() == prefix_digest([1, 2, 3, 4, 5])
+    with pytest.raises(CacheMiss, match="delta_start=0") as miss:
+        committed_tokens(SessionCache(tokens=[1, 2]), _context([1, 2, 3, 4], 3))
+    assert "2" not in str(miss.value), "a miss must not say how much the replica holds"
     with pytest.raises(InvalidArgument):
-        committed_tokens([1, 2, 3], 1, (4,), 7)
+        committed_tokens(SessionCache(tokens=[1, 2, 3]), ContextDelta("s", 7, 1, (4,), prefix_digest([1, 4])))
+
+
+def test_a_cache_whose_tokens_are_not_the_sessions_is_a_miss_not_trusted():
+    poisoned = SessionCache(tokens=[1, 2, 7, 8])  # someone else's tokens under this session's id
+    with pytest.raises(CacheMiss):
+        committed_tokens(poisoned, _context([1, 2, 3, 4, 5], 4))
+    # The whole sequence, with its digest, is always accepted (and proves the new prefix)...
+    assert committed_tokens(poisoned, _context([1, 2, 3, 4, 5], 0)) == [1, 2, 3, 4, 5]
+    # ...but not a digest that does not match the tokens sent.
+    with pytest.raises(InvalidArgument, match="prefix_digest"):
+        committed_tokens(SessionCache(), _context([1, 2, 3], 0, digest_of=[9, 9, 9]))
+    # A cache proven earlier is extended without rehashing, and still checked.
+    entry = SessionCache(tokens=[1, 2, 3])
+    committed_tokens(entry, _context([1, 2, 3], 0))
+    entry.tokens = [1, 2, 3, 50]
+    with pytest.raises(CacheMiss):
+        committed_tokens(entry, _context([1, 2, 3, 4], 3, digest_of=[1, 2, 4, 4]))
 
 
 def test_cache_table_evicts_least_recently_used():

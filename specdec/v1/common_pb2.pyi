@@ -14,11 +14,20 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_INT32: _ClassVar[DType]
     DTYPE_INT64: _ClassVar[DType]
+
+class SamplingRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SAMPLING_RULE_UNSPECIFIED: _ClassVar[SamplingRule]
+    SAMPLING_RULE_REJECTION: _ClassVar[SamplingRule]
+    SAMPLING_RULE_COUPLED: _ClassVar[SamplingRule]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_INT32: DType
 DTYPE_INT64: DType
+SAMPLING_RULE_UNSPECIFIED: SamplingRule
+SAMPLING_RULE_REJECTION: SamplingRule
+SAMPLING_RULE_COUPLED: SamplingRule
 
 class Tensor(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -31,28 +40,32 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    __slots__ = ("temperature", "top_k", "top_p", "seed", "rule")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
     seed: int
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    rule: SamplingRule
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., rule: _Optional[_Union[SamplingRule, str]] = ...) -> None: ...
 
 class SessionContext(_message.Message):
-    __slots__ = ("session_id", "committed_len", "delta_start", "delta_tokens")
+    __slots__ = ("session_id", "committed_len", "delta_start", "delta_tokens", "prefix_digest")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     DELTA_START_FIELD_NUMBER: _ClassVar[int]
     DELTA_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_DIGEST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed_len: int
     delta_start: int
     delta_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., delta_start: _Optional[int] = ..., delta_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefix_digest: bytes
+    def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., delta_start: _Optional[int] = ..., delta_tokens: _Optional[_Iterable[int]] = ..., prefix_digest: _Optional[bytes] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_s", "compute_s")

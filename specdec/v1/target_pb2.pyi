@@ -18,13 +18,15 @@ class VerifyRequest(_message.Message):
     def __init__(self, context: _Optional[_Union[_common_pb2.SessionContext, _Mapping]] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("argmax_tokens", "probs", "timings", "cache")
+    __slots__ = ("argmax_tokens", "probs", "timings", "cache", "sampled_tokens")
     ARGMAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     argmax_tokens: _containers.RepeatedScalarFieldContainer[int]
     probs: _common_pb2.Tensor
     timings: _common_pb2.Timings
     cache: _common_pb2.CacheUse
-    def __init__(self, argmax_tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., cache: _Optional[_Union[_common_pb2.CacheUse, _Mapping]] = ...) -> None: ...
+    sampled_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, argmax_tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., cache: _Optional[_Union[_common_pb2.CacheUse, _Mapping]] = ..., sampled_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
