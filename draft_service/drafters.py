@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from specdec.batching import ForwardJob, batched_logits
-from specdec.kv_cache import CausalLMRunner, SessionCache
+from specdec.kv_cache import SessionCache
+from specdec.runner import ForwardJob, ModelRunner
 from specdec.sampling import DRAFT, SamplingParams, coupled_draws, probs_from_logits, sample, uniform
 
 
@@ -44,7 +44,7 @@ class ModelDrafter:
     kind = "model"
     runs_inline = False
 
-    def __init__(self, runner: CausalLMRunner):
+    def __init__(self, runner: ModelRunner):
         self.runner = runner
 
     def propose_batch(self, jobs: Sequence[ProposeJob]) -> list[Proposal]:
@@ -56,7 +56,8 @@ class ModelDrafter:
         for step in range(max((job.k for job in jobs), default=0)):
             active = [i for i, job in enumerate(jobs) if step < job.k]
             forwards = [ForwardJob(jobs[i].entry, tokens[i], len(tokens[i]) - 1) for i in active]
-            for i, (logits, kept) in zip(active, batched_logits(self.runner, forwards)):
+            for i, result in zip(active, self.runner.forward(forwards)):
+                logits, kept = result.logits, result.reused
                 position = len(tokens[i])
                 if step == 0:
                     reused[i] = kept

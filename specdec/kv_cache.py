@@ -2,15 +2,19 @@
 
 A service keeps, for each session, the token ids whose keys/values it holds. A request names
 the committed tokens (as a delta) and maybe draft tokens after them; the cache is cropped to
-the longest common prefix with that sequence and the rest is run through the model. Rollback
-after a rejection is the same operation, so a retried request gives the same answer.
+the longest common prefix with that sequence and the rest is run through the model
+(specdec.runner). Rollback after a rejection is the same operation, so a retried request gives
+the same answer.
+
+Keys and values live in one preallocated buffer per session (SessionKV), grown by doubling: a
+round writes its new positions in place, and a rollback moves a length, not data.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -18,30 +22,93 @@ from specdec.errors import CacheMiss, InvalidArgument
 from specdec.prefix import PrefixDigest
 from specdec.wire import ContextDelta
 
+BLOCK = 64  # positions per attention block; capacities are multiples of it (specdec.runner)
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What one session's cache holds per position: layers x (keys, values) x heads x head_dim."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+class SessionKV:
+    """Keys and values of positions [0, length) of one session, in a buffer of `capacity`
+    positions: data[layer, 0 = keys | 1 = values, head, position, dim]."""
+
+    def __init__(self, shape: KVShape, capacity: int = BLOCK):
+        self.shape = shape
+        self.length = 0
+        self.data = torch.zeros((shape.layers, 2, shape.kv_heads, _blocks(capacity), shape.head_dim),
+                                dtype=shape.dtype, device=shape.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions, growing the buffer (doubling) when it is too small."""
+        if length <= self.capacity:
+            return
+        grown = torch.zeros(self.data.shape[:3] + (_blocks(max(length, 2 * self.capacity)), self.data.shape[4]),
+                            dtype=self.data.dtype, device=self.data.device)
+        grown[:, :, :, : self.length] = self.data[:, :, :, : self.length]
+        self.data = grown
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """[heads, capacity, dim] view; positions >= length hold stale values."""
+        return self.data[layer, 0]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.data[layer, 1]
+
+    def span(self, start: int, end: int) -> torch.Tensor:
+        """Positions [start, end) of every layer: [layers, 2, heads, end - start, dim]."""
+        return self.data[:, :, :, start:end]
+
+    @classmethod
+    def from_span(cls, shape: KVShape, span: torch.Tensor) -> "SessionKV":
+        kv = cls(shape, span.shape[3])
+        kv.data[:, :, :, : span.shape[3]] = span.to(device=shape.device, dtype=shape.dtype)
+        kv.length = span.shape[3]
+        return kv
+
+
+def _blocks(positions: int) -> int:
+    return max(BLOCK, -(-positions // BLOCK) * BLOCK)
+
 
 @dataclass
 class SessionCache:
     """What a service holds for one session: token ids and (for a model) their KV cache."""
 
     tokens: list[int] = field(default_factory=list)
-    kv: Any = None  # transformers DynamicCache covering tokens[:kv_len]
+    kv: SessionKV | None = None  # covers tokens[:kv.length]
     snapshot_len: int = 0  # committed positions handed to the Redis snapshot (kv_snapshot)
     digest: PrefixDigest | None = None  # of the committed prefix last proven, tokens[:digest.length]
 
     @property
     def kv_len(self) -> int:
-        return 0 if self.kv is None else int(self.kv.get_seq_length())
+        return 0 if self.kv is None else self.kv.length
 
     @property
     def nbytes(self) -> int:
-        if self.kv is None:
-            return 8 * len(self.tokens)
-        total = 0
-        for layer in getattr(self.kv, "layers", []):
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total + 8 * len(self.tokens)
+        return (0 if self.kv is None else self.kv.nbytes) + 8 * len(self.tokens)
 
 
 class SessionCacheTable:
@@ -93,7 +160,7 @@ class SessionCacheTable:
         self.bytes_held = total
 
 
-def committed_tokens(entry: "SessionCache", context: ContextDelta) -> list[int]:
+def committed_tokens(entry: SessionCache, context: ContextDelta) -> list[int]:
     """The full committed sequence a request describes, cached[:delta_start] + delta, proven
     against the request's prefix digest before it is used.
 
@@ -128,35 +195,3 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-class CausalLMRunner:
-    """Runs a Hugging Face causal LM over a session's cache. Not thread-safe: one caller at a time."""
-
-    def __init__(self, model, vocab_size: int):
-        self.model = model
-        self.vocab_size = vocab_size
-        self.device = next(model.parameters()).device
-
-    @torch.inference_mode()
-    def logits_from(self, entry: SessionCache, tokens: Sequence[int], first: int) -> tuple[torch.Tensor, int]:
-        """Logits [len(tokens) - first, V] at input positions first..len(tokens)-1.
-
-        Row j predicts tokens[first + j + 1]. The cache is cropped to the longest prefix it
-        shares with `tokens` (at most `first`, since those positions must be recomputed to
-        get their logits) and extended with the rest. Returns (logits, reused token count).
-        """
-        from transformers import DynamicCache
-
-        if not 0 <= first < len(tokens):
-            raise ValueError(f"first={first} outside 0..{len(tokens) - 1}")
-        keep = min(common_prefix_len(entry.tokens[: entry.kv_len], tokens), first)
-        if entry.kv is None or keep == 0:
-            entry.kv = DynamicCache(config=self.model.config)
-            keep = 0
-        elif entry.kv_len > keep:
-            entry.kv.crop(keep - entry.kv_len)  # negative: number of positions to drop
-        new = torch.tensor([list(tokens[keep:])], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=new, cache=entry.kv, use_cache=True, logits_to_keep=len(tokens) - first)
-        entry.tokens = list(tokens)
-        return out.logits[0, :, : self.vocab_size].float(), keep

@@ -4,13 +4,22 @@ session's keys/values instead of recomputing the prefix.
 Keys, next to the session's own (same {id} hash tag, so one Redis Cluster slot):
     specdec:{id}:kv:<tier>      list of chunks, each covering committed positions [start, end)
     specdec:{id}:kvmeta:<tier>  hash: len (positions stored), bytes, model (who may read them)
-<tier> is "target" or "draft". Only committed positions are written, and only once: the stored
-length is checked by the appending script, so chunks stay contiguous whoever writes them (a
-failed-over replica carries on where the dead one stopped). The keys take the session's TTL on
-every append, and SessionStore.commit renews them with the session's.
+<tier> is "target" or "draft". Only committed positions are written, and only once: the
+appending script checks the stored length (chunks stay contiguous whoever writes them: a
+failed-over replica carries on where the dead one stopped) and that the chunk's token ids are
+the session's committed tokens in Redis (a replica whose cache was not the session's cannot
+write it). Snapshots live --snapshot-ttl-s after their last append (at most the session's own
+TTL), shorter than the session.
 
-A chunk is bytes: a header (start, end), the token ids, then per layer the keys and values of
-those positions in the model's dtype, [1, kv_heads, end - start, head_dim] each.
+Bounded across sessions too: every append is accounted in
+    specdec:{specdec-kv}:index  sorted set "<tier>:<id>" -> time of its last append (ms)
+    specdec:{specdec-kv}:bytes  hash "<tier>:<id>" -> bytes stored
+    specdec:{specdec-kv}:total  bytes stored in all
+and when the total passes --snapshot-max-total-bytes the least recently written snapshots are
+deleted (entries older than the TTL leave the accounts as their keys expire).
+
+A chunk is bytes: a header (start, end), the token ids, then keys and values of those positions
+in the model's dtype, [layers, 2, kv_heads, end - start, head_dim].
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import asyncio
 import logging
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,62 +36,86 @@ import numpy as np
 import torch
 from redis import exceptions as redis_errors
 
-from specdec.session_store import SNAPSHOT_TIERS, log_id, session_key, snapshot_keys
+from specdec.kv_cache import KVShape, SessionCache, SessionKV
+from specdec.session_store import (SNAPSHOT_ACCOUNT_KEYS, SNAPSHOT_TIERS, log_id, session_key, snapshot_keys,
+                                   snapshot_member)
 
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<II")  # start, end
 
-# KEYS: session meta, chunk list, snapshot meta. ARGV: start, end, chunk, model, max bytes.
+# KEYS: session meta, session tokens, chunk list, snapshot meta.
+# ARGV: start, end, chunk, model, max bytes, ttl ms, the chunk's token ids (int32 LE bytes).
 # Returns {code, stored length}: 0 appended, 1 not contiguous (nothing written), 2 over the
-# size bound, 3 session gone, 4 written by another model.
+# size bound, 3 session gone, 4 written by another model, 5 not the session's committed tokens.
 _APPEND = """
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl == -2 then return {3, 0} end
-local model = redis.call('HGET', KEYS[3], 'model')
-local stored = tonumber(redis.call('HGET', KEYS[3], 'len') or '0')
+local model = redis.call('HGET', KEYS[4], 'model')
+local stored = tonumber(redis.call('HGET', KEYS[4], 'len') or '0')
 if model and model ~= ARGV[4] then return {4, stored} end
 if stored ~= tonumber(ARGV[1]) then return {1, stored} end
-local size = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0') + string.len(ARGV[3])
+local first, last = 4 * tonumber(ARGV[1]), 4 * tonumber(ARGV[2]) - 1
+if redis.call('GETRANGE', KEYS[2], first, last) ~= ARGV[7] then return {5, stored} end
+local size = tonumber(redis.call('HGET', KEYS[4], 'bytes') or '0') + string.len(ARGV[3])
 if size > tonumber(ARGV[5]) then return {2, stored} end
-redis.call('RPUSH', KEYS[2], ARGV[3])
-redis.call('HSET', KEYS[3], 'len', ARGV[2], 'bytes', size, 'model', ARGV[4])
-for _, key in ipairs({KEYS[2], KEYS[3]}) do
-  if ttl > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
-end
+redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('HSET', KEYS[4], 'len', ARGV[2], 'bytes', size, 'model', ARGV[4])
+local keep = tonumber(ARGV[6])
+if ttl > 0 and ttl < keep then keep = ttl end
+redis.call('PEXPIRE', KEYS[3], keep)
+redis.call('PEXPIRE', KEYS[4], keep)
 return {0, tonumber(ARGV[2])}
 """
 
-APPENDED, NOT_CONTIGUOUS, FULL, SESSION_GONE, OTHER_MODEL = range(5)
+# KEYS: index, bytes, total. ARGV: member, bytes added, now ms, ttl ms, max total bytes.
+# Records the append, drops entries whose keys have expired, and returns the members whose
+# snapshots must be deleted (least recently written first) to bring the total under the bound.
+_ACCOUNT = """
+local member, now, ttl, limit = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('ZADD', KEYS[1], now, member)
+redis.call('HINCRBY', KEYS[2], member, ARGV[2])
+local total = redis.call('INCRBY', KEYS[3], ARGV[2])
+local victims = {}
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)) do
+  total = redis.call('DECRBY', KEYS[3], tonumber(redis.call('HGET', KEYS[2], old) or '0'))
+  redis.call('ZREM', KEYS[1], old)
+  redis.call('HDEL', KEYS[2], old)
+end
+while total > limit do
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+  if not oldest or oldest == member then break end
+  total = redis.call('DECRBY', KEYS[3], tonumber(redis.call('HGET', KEYS[2], oldest) or '0'))
+  redis.call('ZREM', KEYS[1], oldest)
+  redis.call('HDEL', KEYS[2], oldest)
+  table.insert(victims, oldest)
+end
+return victims
+"""
+
+APPENDED, NOT_CONTIGUOUS, FULL, SESSION_GONE, OTHER_MODEL, NOT_COMMITTED = range(6)
 SNAPSHOT_STOPPED = 2**62  # a snapshot_len no session reaches: nothing more is written for it
 MAX_CHUNK_BYTES = 4 * 1024**2  # one write to Redis at most (a prompt's prefill is split)
 
 
-# --- encoding: plain functions over a DynamicCache -------------------------------------------
+# --- encoding: plain functions over a SessionKV -------------------------------------------------
 
 
-def encode_chunk(kv, tokens: Sequence[int], start: int, end: int) -> bytes:
-    """Positions [start, end) of a batch-1 DynamicCache, with their token ids, as bytes."""
-    parts = [_HEADER.pack(start, end), np.asarray(tokens[start:end], dtype="<i4").tobytes()]
-    for layer in kv.layers:
-        for tensor in (layer.keys, layer.values):
-            part = tensor[..., start:end, :].contiguous().cpu()
-            parts.append(part.view(torch.uint8).numpy().tobytes())
-    return b"".join(parts)
+def encode_chunk(kv: SessionKV, tokens: Sequence[int], start: int, end: int) -> bytes:
+    """Positions [start, end) of a session's cache, with their token ids, as bytes."""
+    span = kv.span(start, end).contiguous().cpu()
+    return b"".join([_HEADER.pack(start, end), _token_bytes(tokens[start:end]), span.view(torch.uint8).numpy().tobytes()])
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    kv_heads: int
-    head_dim: int
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    return np.asarray(tokens, dtype="<i4").tobytes()
 
 
-def decode_chunks(chunks: Sequence[bytes], shapes: Sequence[LayerShape], dtype: torch.dtype,
-                  device: torch.device | str = "cpu") -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Chunks (in order, contiguous from 0) -> token ids and per layer (keys, values) tensors."""
-    item = torch.empty((), dtype=dtype).element_size()
+def decode_chunks(chunks: Sequence[bytes], shape: KVShape) -> tuple[list[int], torch.Tensor]:
+    """Chunks (in order, contiguous from 0) -> token ids and the span [layers, 2, heads, n, dim]."""
+    item = torch.empty((), dtype=shape.dtype).element_size()
     tokens: list[int] = []
-    per_layer: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in shapes]
+    spans: list[torch.Tensor] = []
     for chunk in chunks:
         start, end = _HEADER.unpack_from(chunk)
         if start != len(tokens) or end <= start:
@@ -90,25 +124,14 @@ def decode_chunks(chunks: Sequence[bytes], shapes: Sequence[LayerShape], dtype: 
         offset = _HEADER.size
         tokens += np.frombuffer(chunk, dtype="<i4", count=n, offset=offset).tolist()
         offset += 4 * n
-        for shape, (keys, values) in zip(shapes, per_layer):
-            size = shape.kv_heads * n * shape.head_dim * item
-            for target in (keys, values):
-                if offset + size > len(chunk):
-                    raise ValueError("snapshot chunk is shorter than the model's layers need")
-                raw = torch.frombuffer(bytearray(memoryview(chunk)[offset : offset + size]), dtype=torch.uint8)
-                target.append(raw.view(dtype).view(1, shape.kv_heads, n, shape.head_dim))
-                offset += size
-        if offset != len(chunk):
+        size = shape.layers * 2 * shape.kv_heads * n * shape.head_dim * item
+        if offset + size > len(chunk):
+            raise ValueError("snapshot chunk is shorter than the model's layers need")
+        if offset + size < len(chunk):
             raise ValueError("snapshot chunk is longer than the model's layers need")
-    layers = [(torch.cat(k, dim=2).to(device), torch.cat(v, dim=2).to(device)) for k, v in per_layer]
-    return tokens, layers
-
-
-def model_layer_shapes(config) -> list[LayerShape]:
-    """What a DynamicCache of this Hugging Face config holds per layer (no forward needed)."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return [LayerShape(heads, head_dim)] * config.num_hidden_layers
+        raw = torch.frombuffer(bytearray(memoryview(chunk)[offset:]), dtype=torch.uint8)
+        spans.append(raw.view(shape.dtype).view(shape.layers, 2, shape.kv_heads, n, shape.head_dim))
+    return tokens, torch.cat(spans, dim=3)
 
 
 # --- Redis ------------------------------------------------------------------------------------
@@ -124,22 +147,34 @@ class SnapshotStore:
     """Appends and reads one tier's snapshots. `model` names who wrote them (name, dtype,
     vocabulary): a replica of another model never reads them."""
 
-    def __init__(self, client, tier: str, model: str, max_session_bytes: int):
+    def __init__(self, client, tier: str, model: str, max_session_bytes: int, ttl_s: float = 3600.0,
+                 max_total_bytes: int = 2**62):
         if tier not in SNAPSHOT_TIERS:
             raise ValueError(f"tier must be one of {SNAPSHOT_TIERS}")
         self.redis = client
         self.tier = tier
         self.model = model
         self.max_session_bytes = max_session_bytes
+        self.ttl_ms = int(ttl_s * 1000)
+        self.max_total_bytes = max_total_bytes
         self._append = client.register_script(_APPEND)
+        self._account = client.register_script(_ACCOUNT)
 
-    async def append(self, session_id: str, start: int, end: int, chunk: bytes) -> tuple[int, int]:
-        """(code, stored length) as the script above returns them."""
+    async def append(self, session_id: str, start: int, end: int, chunk: bytes, tokens: bytes) -> tuple[int, int]:
+        """(code, stored length) as the script above returns them; an appended chunk is accounted
+        and, past the total bound, the least recently written snapshots are deleted."""
         chunks, meta = snapshot_keys(session_id, self.tier)
         code, stored = await self._append(
-            keys=[session_key(session_id, "meta"), chunks, meta],
-            args=[start, end, chunk, self.model, self.max_session_bytes],
+            keys=[session_key(session_id, "meta"), session_key(session_id, "tokens"), chunks, meta],
+            args=[start, end, chunk, self.model, self.max_session_bytes, self.ttl_ms, tokens],
         )
+        if int(code) == APPENDED:
+            victims = await self._account(keys=SNAPSHOT_ACCOUNT_KEYS, args=[
+                snapshot_member(self.tier, session_id), len(chunk), int(time.time() * 1000), self.ttl_ms,
+                self.max_total_bytes])
+            for victim in victims:
+                tier, _, victim_id = victim.decode().partition(":")
+                await self.redis.delete(*snapshot_keys(victim_id, tier))
         return int(code), int(stored)
 
     async def load(self, session_id: str) -> Snapshot | None:
@@ -159,7 +194,8 @@ class PendingChunk:
     start: int
     end: int
     data: bytes
-    entry: object  # the SessionCache whose snapshot_len the outcome corrects
+    tokens: bytes  # the chunk's token ids, checked against the session's committed tokens
+    entry: SessionCache  # whose snapshot_len the outcome corrects
 
 
 class SnapshotWriter:
@@ -210,7 +246,7 @@ class SnapshotWriter:
 
     async def _write(self, chunk: PendingChunk) -> None:
         try:
-            code, stored = await self.store.append(chunk.session_id, chunk.start, chunk.end, chunk.data)
+            code, stored = await self.store.append(chunk.session_id, chunk.start, chunk.end, chunk.data, chunk.tokens)
         except (redis_errors.RedisError, OSError) as exc:
             log.warning("KV snapshot of session %s not written (%s); the next round retries it",
                         log_id(chunk.session_id), type(exc).__name__)
@@ -221,6 +257,10 @@ class SnapshotWriter:
             self._count("written", len(chunk.data))
         elif code == NOT_CONTIGUOUS:
             chunk.entry.snapshot_len = stored  # resynchronise: the next chunk starts where Redis is
+        elif code == NOT_COMMITTED:
+            # Not (yet) the session's committed tokens in Redis: try again from here next round.
+            chunk.entry.snapshot_len = min(chunk.entry.snapshot_len, chunk.start)
+            self._count("refused")
         else:  # full, session gone or another model's: stop snapshotting this session here
             chunk.entry.snapshot_len = SNAPSHOT_STOPPED
             self._count("refused")
@@ -257,20 +297,15 @@ class Snapshots:
     """A service's side: after each forward, hand new committed positions to the writer; for a
     session it does not hold, fetch the snapshot and rebuild the cache from it."""
 
-    def __init__(self, store: SnapshotStore, settings: SnapshotSettings, model_config, dtype: torch.dtype,
-                 device: torch.device | str, metrics=None):
+    def __init__(self, store: SnapshotStore, settings: SnapshotSettings, shape: KVShape, metrics=None):
         self.store = store
         self.settings = settings
         self.writer = SnapshotWriter(store, settings.max_pending_bytes, metrics)
-        self.model_config = model_config
-        self.shapes = model_layer_shapes(model_config)
-        self.dtype = dtype
-        self.device = device
+        self.shape = shape
         self.metrics = metrics
-        item = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = sum(2 * shape.kv_heads * shape.head_dim * item for shape in self.shapes)
+        self.bytes_per_token = shape.bytes_per_token
 
-    def after_forward(self, session_id: str, entry, committed_len: int) -> None:
+    def after_forward(self, session_id: str, entry: SessionCache, committed_len: int) -> None:
         """On the worker thread, right after entry's cache was extended past committed_len.
         A long stretch (a prompt's prefill) goes in pieces of at most MAX_CHUNK_BYTES, so no
         single write holds the service's event loop or Redis for long."""
@@ -281,7 +316,9 @@ class Snapshots:
         for piece_start in range(start, end, step):
             piece_end = min(end, piece_start + step)
             data = encode_chunk(entry.kv, entry.tokens, piece_start, piece_end)
-            if not self.writer.submit(PendingChunk(session_id, piece_start, piece_end, data, entry)):
+            pending = PendingChunk(session_id, piece_start, piece_end, data,
+                                   _token_bytes(entry.tokens[piece_start:piece_end]), entry)
+            if not self.writer.submit(pending):
                 return  # dropped: the next round starts again from here
             entry.snapshot_len = piece_end
 
@@ -303,15 +340,7 @@ class Snapshots:
             self.metrics.snapshot_restored_tokens.inc(snapshot.length)
             self.metrics.snapshot_restore_seconds.observe(seconds)
 
-    def rebuild(self, snapshot: Snapshot):
+    def rebuild(self, snapshot: Snapshot) -> SessionCache:
         """On the worker thread: a SessionCache holding the snapshot's positions."""
-        from transformers import DynamicCache
-
-        from specdec.kv_cache import SessionCache
-
-        tokens, layers = decode_chunks(snapshot.chunks, self.shapes, self.dtype, self.device)
-        cache = DynamicCache(config=self.model_config)
-        for index, (keys, values) in enumerate(layers):
-            cache.update(keys, values, index)
-        return SessionCache(tokens=tokens, kv=cache, snapshot_len=len(tokens))
-
+        tokens, span = decode_chunks(snapshot.chunks, self.shape)
+        return SessionCache(tokens=tokens, kv=SessionKV.from_span(self.shape, span), snapshot_len=len(tokens))

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from specdec.access import KeyRing, read_keys
-from specdec.kv_cache import CausalLMRunner, SessionCache, SessionCacheTable, committed_tokens
+from specdec.kv_cache import SessionCache, SessionCacheTable, committed_tokens
+from specdec.runner import ModelRunner, UnsupportedModel
 from specdec.kv_snapshot import Snapshot, Snapshots, SnapshotSettings, SnapshotStore
 from specdec.serving import ModelWorker, StartupError
 from specdec.session_store import log_id, redis_client
@@ -135,7 +136,7 @@ class SessionHost:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    runner: CausalLMRunner
+    runner: ModelRunner
     facts: ModelFacts
 
 
@@ -158,7 +159,11 @@ def load_causal_lm(spec: str, kind: str, device: str, dtype: str) -> LoadedModel
         max_context=models.max_context(model),
         eos_token_ids=tuple(models.eos_token_ids(model, tokenizer)),
     )
-    return LoadedModel(CausalLMRunner(model, vocab_size), facts)
+    try:
+        runner = ModelRunner(model, vocab_size)
+    except UnsupportedModel as exc:
+        raise StartupError(f"{spec}: {exc}") from None
+    return LoadedModel(runner, facts)
 
 
 class SnapshotOptions(Protocol):
@@ -168,6 +173,8 @@ class SnapshotOptions(Protocol):
     redis_timeout_s: float
     dtype: str
     snapshot_max_session_bytes: int
+    snapshot_max_total_bytes: int
+    snapshot_ttl_s: float
     snapshot_max_pending_bytes: int
     snapshot_min_chunk_tokens: int
     snapshot_min_restore_tokens: int
@@ -182,11 +189,10 @@ def open_snapshots(options: SnapshotOptions, tier: str, loaded: LoadedModel, met
     client = redis_client(options.redis_url, options.redis_timeout_s)
     facts = loaded.facts
     store = SnapshotStore(client, tier, f"{facts.name}|{options.dtype}|{facts.vocab_fingerprint}",
-                          options.snapshot_max_session_bytes)
+                          options.snapshot_max_session_bytes, options.snapshot_ttl_s, options.snapshot_max_total_bytes)
     settings = SnapshotSettings(options.snapshot_max_pending_bytes, options.snapshot_min_chunk_tokens,
                                 options.snapshot_min_restore_tokens)
-    model = loaded.runner.model
-    snapshots = Snapshots(store, settings, model.config, next(model.parameters()).dtype, loaded.runner.device, metrics)
+    snapshots = Snapshots(store, settings, loaded.runner.kv_shape, metrics)
     snapshots.writer.start()
     return snapshots
 

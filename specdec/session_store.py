@@ -8,7 +8,8 @@ Keys (the {id} hash tag keeps a session's keys in one Redis Cluster slot):
     specdec:{id}:tokens  string: committed token ids as little-endian int32
     specdec:{id}:lease   string: owner of the running Generate; renewed by every commit, it
                          expires lease_s after a coordinator dies, so the session can be resumed
-    specdec:{id}:kv:*    the draft and target tiers' KV-cache snapshots (specdec.kv_snapshot)
+    specdec:{id}:kv:*    the draft and target tiers' KV-cache snapshots (specdec.kv_snapshot), with
+                         their accounts across sessions under specdec:{specdec-kv}:*
 The session's own keys carry the session TTL, renewed on each commit; the KV snapshots have a
 shorter TTL of their own (specdec.kv_snapshot).
 """
@@ -80,6 +81,23 @@ return 0
 
 
 SNAPSHOT_TIERS = ("target", "draft")
+# The KV snapshots' accounts across sessions (specdec.kv_snapshot): one hash tag of their own.
+SNAPSHOT_ACCOUNT_KEYS = ["specdec:{specdec-kv}:index", "specdec:{specdec-kv}:bytes", "specdec:{specdec-kv}:total"]
+
+# KEYS: the accounts. ARGV: members ("<tier>:<id>"). Takes deleted snapshots out of them.
+_FORGET_SNAPSHOTS = """
+for _, member in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    redis.call('DECRBY', KEYS[3], tonumber(redis.call('HGET', KEYS[2], member) or '0'))
+  end
+  redis.call('HDEL', KEYS[2], member)
+end
+return 0
+"""
+
+
+def snapshot_member(tier: str, session_id: str) -> str:
+    return f"{tier}:{session_id}"
 
 
 def redis_client(url: str, timeout_s: float) -> aioredis.Redis:
@@ -138,6 +156,7 @@ class SessionStore:
         self.lease_ms = int(lease_s * 1000)
         self._commit = client.register_script(_COMMIT)
         self._close_turn = client.register_script(_CLOSE_TURN)
+        self._forget_snapshots = client.register_script(_FORGET_SNAPSHOTS)
         self._acquire = client.register_script(_ACQUIRE_LEASE)
         self._release = client.register_script(_RELEASE_LEASE)
 
@@ -214,3 +233,5 @@ class SessionStore:
 
     async def delete(self, session_id: str) -> None:
         await self.redis.delete(*self._keys(session_id), *all_snapshot_keys(session_id))
+        await self._forget_snapshots(keys=SNAPSHOT_ACCOUNT_KEYS,
+                                     args=[snapshot_member(tier, session_id) for tier in SNAPSHOT_TIERS])

@@ -22,6 +22,10 @@ class TargetConfig:
                             "rediss:// for TLS, redis://:PASSWORD@host for auth (prefer the env variable)")
     redis_timeout_s: float = option(5.0, "deadline of each Redis call for snapshots, in seconds")
     snapshot_max_session_bytes: int = option(256 * 1024**2, "bound on one session's KV snapshot in Redis, in bytes")
+    snapshot_max_total_bytes: int = option(1024**3, "bound on all KV snapshots in Redis (both tiers), in bytes; "
+                                           "past it the least recently written are deleted")
+    snapshot_ttl_s: float = option(3600.0, "a KV snapshot is deleted this long after its last write (at most "
+                                   "the session's own TTL)")
     snapshot_max_pending_bytes: int = option(256 * 1024**2, "bound on snapshot bytes waiting to be written; "
                                              "beyond it chunks are dropped and retried on a later round")
     snapshot_min_chunk_tokens: int = option(16, "committed positions gathered before a snapshot chunk is written")

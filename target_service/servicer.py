@@ -7,7 +7,7 @@ from typing import Sequence
 
 from specdec.batcher import Batcher
 from specdec.errors import InvalidArgument, ResourceExhausted
-from specdec.kv_cache import CausalLMRunner
+from specdec.runner import ModelRunner
 from specdec.metrics import ServiceMetrics
 from specdec.sampling import SamplingParams
 from specdec.service_base import SessionHost
@@ -25,7 +25,7 @@ class ParsedVerify:
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
-    def __init__(self, host: SessionHost, runner: CausalLMRunner, max_k: int, window_s: float, max_batch: int,
+    def __init__(self, host: SessionHost, runner: ModelRunner, max_k: int, window_s: float, max_batch: int,
                  max_queued: int, metrics: ServiceMetrics):
         self.host = host
         self.runner = runner

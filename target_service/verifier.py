@@ -7,8 +7,8 @@ from typing import Sequence
 
 import torch
 
-from specdec.batching import ForwardJob, batched_logits
-from specdec.kv_cache import CausalLMRunner, SessionCache
+from specdec.kv_cache import SessionCache
+from specdec.runner import ForwardJob, ModelRunner
 from specdec.sampling import SamplingParams, coupled_draws, probs_from_logits
 
 
@@ -47,8 +47,8 @@ def _verification(job: VerifyJob, logits: torch.Tensor, reused: int) -> Verifica
     return Verification(None, probs, reused, computed)
 
 
-def verify_batch(runner: CausalLMRunner, jobs: Sequence[VerifyJob]) -> list[Verification]:
+def verify_batch(runner: ModelRunner, jobs: Sequence[VerifyJob]) -> list[Verification]:
     """Score every job's drafts in one forward pass (k+1 distributions or argmax ids each)."""
-    results = batched_logits(runner, [job.forward_job() for job in jobs])
-    return [_verification(job, logits, reused) for job, (logits, reused) in zip(jobs, results)]
+    results = runner.forward([job.forward_job() for job in jobs])
+    return [_verification(job, result.logits, result.reused) for job, result in zip(jobs, results)]
 

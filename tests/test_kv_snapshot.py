@@ -10,15 +10,16 @@ import pytest
 import redis.asyncio as aioredis
 import torch
 
-from conftest import start_stack
+from conftest import RedisServer, start_stack
 from helpers import generate
 from specdec import models
-from specdec.kv_cache import CausalLMRunner, SessionCache
+from specdec.kv_cache import SessionCache
 from specdec.kv_snapshot import (
-    APPENDED, FULL, NOT_CONTIGUOUS, OTHER_MODEL, SESSION_GONE, SNAPSHOT_STOPPED, PendingChunk, SnapshotSettings,
-    Snapshots, SnapshotStore, SnapshotWriter, decode_chunks, encode_chunk, model_layer_shapes,
+    APPENDED, FULL, NOT_COMMITTED, NOT_CONTIGUOUS, OTHER_MODEL, SESSION_GONE, SNAPSHOT_STOPPED, PendingChunk,
+    SnapshotSettings, Snapshots, SnapshotStore, SnapshotWriter, decode_chunks, encode_chunk,
 )
-from specdec.session_store import SessionStore, snapshot_keys
+from specdec.runner import ForwardJob, ModelRunner
+from specdec.session_store import SNAPSHOT_ACCOUNT_KEYS, SessionStore, snapshot_keys
 
 SETTINGS = SnapshotSettings(max_pending_bytes=1 << 30, min_chunk_tokens=1, min_restore_tokens=1)
 
@@ -26,83 +27,124 @@ SETTINGS = SnapshotSettings(max_pending_bytes=1 << 30, min_chunk_tokens=1, min_r
 @pytest.fixture(scope="module")
 def runner(tiny_target):
     model = models.load_model(str(tiny_target))
-    return CausalLMRunner(model, vocab_size=model.config.vocab_size)
+    return ModelRunner(model, vocab_size=model.config.vocab_size)
+
+
+def _tokens(runner, length: int, seed: int = 0) -> list[int]:
+    torch.manual_seed(seed)
+    return torch.randint(0, runner.vocab_size, (length,)).tolist()
 
 
 def _prefilled(runner, length: int, seed: int = 0) -> SessionCache:
-    torch.manual_seed(seed)
-    tokens = torch.randint(0, runner.vocab_size, (length,)).tolist()
     entry = SessionCache()
-    runner.logits_from(entry, tokens, first=length - 1)
+    runner.forward([ForwardJob(entry, _tokens(runner, length, seed), length - 1)])
     return entry
+
+
+def _ids(tokens) -> bytes:
+    import numpy as np
+
+    return np.asarray(tokens, dtype="<i4").tobytes()
+
+
+async def _session(client, tokens: list[int], ttl_s: int = 600) -> str:
+    """A session in Redis whose committed tokens are `tokens`."""
+    store = SessionStore(client, ttl_s=ttl_s)
+    session_id = (await store.create(seed=1)).session_id
+    await store.commit(session_id, 0, tokens)
+    return session_id
 
 
 def test_a_cache_rebuilt_from_chunks_gives_the_same_logits(runner):
     entry = _prefilled(runner, 40)
     chunks = [encode_chunk(entry.kv, entry.tokens, 0, 17), encode_chunk(entry.kv, entry.tokens, 17, 40)]
-    snapshots = Snapshots(None, SETTINGS, runner.model.config, torch.float32, "cpu")
+    snapshots = Snapshots(None, SETTINGS, runner.kv_shape)
     restored = snapshots.rebuild(type("Snap", (), {"chunks": chunks, "length": 40})())
     assert restored.tokens == entry.tokens and restored.kv_len == 40 and restored.snapshot_len == 40
-    for mine, theirs in zip(restored.kv.layers, entry.kv.layers):
-        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    assert torch.equal(restored.kv.span(0, 40), entry.kv.span(0, 40))
     more = entry.tokens + [5, 6, 7]
-    from_snapshot, reused = runner.logits_from(restored, more, first=40)
-    recomputed, _ = runner.logits_from(SessionCache(), more, first=40)
-    assert reused == 40
-    assert torch.allclose(from_snapshot, recomputed, atol=1e-5)
+    from_snapshot = runner.forward([ForwardJob(restored, more, 40)])[0]
+    recomputed = runner.forward([ForwardJob(SessionCache(), more, 40)])[0]
+    assert from_snapshot.reused == 40
+    assert torch.equal(from_snapshot.logits, recomputed.logits)
 
 
 def test_chunks_that_do_not_fit_the_model_are_refused(runner):
+    from dataclasses import replace
+
     entry = _prefilled(runner, 12)
-    shapes = model_layer_shapes(runner.model.config)
+    shape = runner.kv_shape
     first, second = encode_chunk(entry.kv, entry.tokens, 0, 6), encode_chunk(entry.kv, entry.tokens, 6, 12)
     with pytest.raises(ValueError, match="does not follow"):
-        decode_chunks([second], shapes, torch.float32)  # a gap at the start
+        decode_chunks([second], shape)  # a gap at the start
     with pytest.raises(ValueError, match="shorter"):
-        decode_chunks([first[:-8]], shapes, torch.float32)  # truncated
+        decode_chunks([first[:-8]], shape)  # truncated
     with pytest.raises(ValueError, match="longer"):
-        decode_chunks([first], shapes[:-1], torch.float32)  # another model's layers
-    tokens, layers = decode_chunks([first, second], shapes, torch.float32)
-    assert tokens == entry.tokens and layers[0][0].shape[2] == 12
+        decode_chunks([first], replace(shape, layers=shape.layers - 1))  # another model's layers
+    tokens, span = decode_chunks([first, second], shape)
+    assert tokens == entry.tokens and span.shape[3] == 12
 
 
-async def test_appends_are_contiguous_bounded_and_take_the_sessions_ttl(redis_server):
+async def test_appends_are_contiguous_bounded_committed_and_expire_before_the_session(redis_server):
     client = aioredis.from_url(redis_server.url)
     try:
-        session = await SessionStore(client, ttl_s=600).create(seed=1)
-        sid = session.session_id
-        store = SnapshotStore(client, "target", "model-a", max_session_bytes=100)
-        assert await store.append(sid, 0, 4, b"x" * 40) == (APPENDED, 4)
-        assert await store.append(sid, 0, 4, b"x" * 40) == (NOT_CONTIGUOUS, 4)  # a retry writes nothing twice
-        assert await store.append(sid, 6, 8, b"y" * 20) == (NOT_CONTIGUOUS, 4)  # a gap is refused
-        assert await store.append(sid, 4, 8, b"z" * 70) == (FULL, 4)  # 110 bytes > 100
-        assert await store.append(sid, 4, 6, b"w" * 20) == (APPENDED, 6)
+        committed = [1, 2, 3, 4, 5, 6, 7, 8]
+        sid = await _session(client, committed)
+        store = SnapshotStore(client, "target", "model-a", max_session_bytes=100, ttl_s=300)
+        assert await store.append(sid, 0, 4, b"x" * 40, _ids(committed[:4])) == (APPENDED, 4)
+        assert await store.append(sid, 0, 4, b"x" * 40, _ids(committed[:4])) == (NOT_CONTIGUOUS, 4)  # no twice
+        assert await store.append(sid, 6, 8, b"y" * 20, _ids(committed[6:8])) == (NOT_CONTIGUOUS, 4)  # a gap
+        assert await store.append(sid, 4, 8, b"z" * 70, _ids(committed[4:8])) == (FULL, 4)  # 110 bytes > 100
+        # Positions whose tokens are not the session's committed ones are never written.
+        assert await store.append(sid, 4, 6, b"w" * 20, _ids([9, 9])) == (NOT_COMMITTED, 4)
+        assert await store.append(sid, 4, 6, b"w" * 20, _ids(committed[4:6])) == (APPENDED, 6)
         snapshot = await store.load(sid)
         assert snapshot.length == 6 and snapshot.chunks == [b"x" * 40, b"w" * 20]
         chunks_key, meta_key = snapshot_keys(sid, "target")
-        assert 590 < await client.ttl(chunks_key) <= 600 and 590 < await client.ttl(meta_key) <= 600
+        # The snapshot's own TTL, shorter than the session's (600 s), and not renewed by commits.
+        assert 290 < await client.ttl(chunks_key) <= 300 and 290 < await client.ttl(meta_key) <= 300
+        await SessionStore(client, ttl_s=600).commit(sid, 8, [9])
+        assert await client.ttl(chunks_key) <= 300
         other = SnapshotStore(client, "target", "model-b", max_session_bytes=100)
-        assert (await other.append(sid, 6, 7, b"v"))[0] == OTHER_MODEL
+        assert (await other.append(sid, 6, 7, b"v", _ids(committed[6:7])))[0] == OTHER_MODEL
         assert await other.load(sid) is None  # another model never reads them
-        assert (await store.append("no-such-session", 0, 1, b"v"))[0] == SESSION_GONE
-        # The session's commits renew the snapshot's TTL with the session's own.
-        await client.expire(chunks_key, 5)
-        await SessionStore(client, ttl_s=600).commit(sid, 0, [1, 2])
-        assert await client.ttl(chunks_key) > 590
+        assert (await store.append("no-such-session", 0, 1, b"v", _ids([1])))[0] == SESSION_GONE
         await SessionStore(client, ttl_s=600).delete(sid)
         assert not await client.exists(chunks_key, meta_key)
     finally:
         await client.aclose()
 
 
+async def test_all_snapshots_together_stay_under_their_bound(tmp_path):
+    redis = RedisServer(tmp_path)  # its own: other tests' snapshots must not count here
+    redis.start()
+    client = aioredis.from_url(redis.url)
+    try:
+        store = SnapshotStore(client, "target", "m", max_session_bytes=10_000, max_total_bytes=250)
+        sessions = []
+        for i in range(6):  # 6 x 100 bytes into a bound of 250: the oldest go
+            sid = await _session(client, [i, i, i])
+            assert (await store.append(sid, 0, 3, bytes([i]) * 100, _ids([i, i, i])))[0] == APPENDED
+            sessions.append(sid)
+        kept = [sid for sid in sessions if await client.exists(snapshot_keys(sid, "target")[0])]
+        assert kept == sessions[-2:], "the least recently written snapshots are deleted first"
+        assert int(await client.get(SNAPSHOT_ACCOUNT_KEYS[2])) == 200
+        await SessionStore(client, ttl_s=600).delete(sessions[-1])  # a deleted session leaves the accounts
+        assert int(await client.get(SNAPSHOT_ACCOUNT_KEYS[2])) == 100
+        assert await client.zcard(SNAPSHOT_ACCOUNT_KEYS[0]) == 1
+    finally:
+        await client.aclose()
+        redis.stop()
+
+
 async def test_the_writer_resynchronises_and_stops_where_redis_says(redis_server, runner):
     client = aioredis.from_url(redis_server.url)
     try:
-        sid = (await SessionStore(client, ttl_s=600).create(seed=1)).session_id
-        store = SnapshotStore(client, "target", "m", max_session_bytes=1 << 30)
-        snapshots = Snapshots(store, SETTINGS, runner.model.config, torch.float32, "cpu")
-        snapshots.writer.start()
         entry = _prefilled(runner, 30)
+        sid = await _session(client, entry.tokens)
+        store = SnapshotStore(client, "target", "m", max_session_bytes=1 << 30)
+        snapshots = Snapshots(store, SETTINGS, runner.kv_shape)
+        snapshots.writer.start()
         snapshots.after_forward(sid, entry, committed_len=20)
         assert entry.snapshot_len == 20  # handed to the writer
         await snapshots.writer.flush()
@@ -117,9 +159,15 @@ async def test_the_writer_resynchronises_and_stops_where_redis_says(redis_server
         snapshots.after_forward("no-such-session", gone, committed_len=8)
         await snapshots.writer.flush()
         assert gone.snapshot_len == SNAPSHOT_STOPPED
+        # A cache whose tokens are not the session's (poisoned) writes nothing, and tries again later.
+        stranger = _prefilled(runner, 30, seed=9)
+        other_sid = await _session(client, entry.tokens)
+        snapshots.after_forward(other_sid, stranger, committed_len=30)
+        await snapshots.writer.flush()
+        assert stranger.snapshot_len == 0 and await store.load(other_sid) is None
         tiny = SnapshotWriter(store, max_pending_bytes=10)
         tiny.start()
-        assert not tiny.submit(PendingChunk(sid, 30, 31, b"x" * 11, entry))  # over the bound: dropped
+        assert not tiny.submit(PendingChunk(sid, 30, 31, b"x" * 11, b"", entry))  # over the bound: dropped
         await tiny.close()
         await snapshots.writer.close()
     finally:
@@ -183,12 +231,11 @@ async def test_a_long_prefill_is_written_in_bounded_pieces(redis_server, runner,
 
     client = aioredis.from_url(redis_server.url)
     try:
-        sid = (await SessionStore(client, ttl_s=600).create(seed=1)).session_id
-        snapshots = Snapshots(SnapshotStore(client, "target", "m", 1 << 30), SETTINGS, runner.model.config,
-                              torch.float32, "cpu")
+        entry = _prefilled(runner, 30)
+        sid = await _session(client, entry.tokens)
+        snapshots = Snapshots(SnapshotStore(client, "target", "m", 1 << 30), SETTINGS, runner.kv_shape)
         monkeypatch.setattr(kv_snapshot, "MAX_CHUNK_BYTES", snapshots.bytes_per_token * 7)
         snapshots.writer.start()
-        entry = _prefilled(runner, 30)
         snapshots.after_forward(sid, entry, committed_len=30)
         await snapshots.writer.flush()
         snapshot = await snapshots.store.load(sid)

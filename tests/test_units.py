@@ -11,7 +11,8 @@ from draft_service.drafters import ngram_lookup
 from specdec import models
 from specdec.config import option, parse_config
 from specdec.errors import CacheMiss, InvalidArgument
-from specdec.kv_cache import CausalLMRunner, SessionCache, SessionCacheTable, committed_tokens
+from specdec.kv_cache import SessionCache, SessionCacheTable, committed_tokens
+from specdec.runner import ForwardJob, ModelRunner
 from specdec.prefix import prefix_digest
 from specdec.wire import ContextDelta
 from specdec.tensor_codec import decode_tensor, encode_tensor
@@ -31,7 +32,7 @@ def test_ngram_lookup_copies_what_followed_the_latest_match():
 @pytest.fixture(scope="module")
 def runner(tiny_target):
     model = models.load_model(str(tiny_target))
-    return CausalLMRunner(model, vocab_size=model.config.vocab_size)
+    return ModelRunner(model, vocab_size=model.config.vocab_size)
 
 
 def test_crop_and_extend_equals_a_fresh_forward(runner):
@@ -40,15 +41,24 @@ def test_crop_and_extend_equals_a_fresh_forward(runner):
     branch_a = prefix + [5, 6, 7, 8]
     branch_b = prefix + [5, 9, 10]
     entry = SessionCache()
-    runner.logits_from(entry, branch_a, first=29)
-    rolled_back, reused = runner.logits_from(entry, branch_b, first=29)  # rejection: roll back to prefix+[5]
-    assert reused == 29  # capped at `first`: positions whose logits are needed are recomputed
-    fresh, _ = runner.logits_from(SessionCache(), branch_b, first=29)
-    assert torch.allclose(rolled_back, fresh, atol=1e-5)
-    with torch.inference_mode():
-        full = runner.model(torch.tensor([branch_b])).logits[0, 29:]
-    assert torch.allclose(fresh, full, atol=1e-5)
+    runner.forward([ForwardJob(entry, branch_a, 29)])
+    capacity = entry.kv.capacity
+    rolled_back = runner.forward([ForwardJob(entry, branch_b, 29)])[0]  # rejection: roll back to prefix+[5]
+    assert rolled_back.reused == 29  # capped at `first`: positions whose logits are needed are recomputed
+    assert entry.kv.capacity == capacity, "a rollback moves a length, it does not reallocate"
+    fresh = runner.forward([ForwardJob(SessionCache(), branch_b, 29)])[0]
+    assert torch.equal(rolled_back.logits, fresh.logits)
     assert entry.tokens == branch_b and entry.kv_len == len(branch_b)
+
+
+def test_a_session_cache_grows_by_doubling_and_keeps_its_positions(runner):
+    kv = runner.new_kv(10)
+    assert kv.capacity == 64 and kv.nbytes == kv.data.numel() * 4
+    kv.data[..., :5, :] = 1.0
+    kv.length = 5
+    kv.reserve(65)
+    assert kv.capacity == 128 and kv.length == 5
+    assert torch.equal(kv.span(0, 5), torch.ones_like(kv.span(0, 5)))
 
 
 def _context(committed: list[int], start: int, digest_of: list[int] | None = None) -> ContextDelta:

@@ -1,0 +1,259 @@
+"""One forward path for every model a service hosts: the target's verify, a model drafter's steps,
+over a batch of sessions' caches (specdec.kv_cache.SessionKV).
+
+Supported: decoder-only models with the Llama layout (Llama, Mistral without a sliding window,
+Qwen2, Qwen3, SmolLM); their Hugging Face modules give the weights, the norms and the rotary
+tables, and this module runs them.
+
+Batch- and chunk-invariant numbers. A position's keys, values and logits are bitwise the same
+however it was computed: alone or batched with other sessions, in a prompt's prefill or one
+round at a time, after a rollback, or rebuilt on another replica from a snapshot plus a
+recomputed tail. Seeded sampling then gives the same tokens after any failover. It holds
+because every reduction is done the same way whatever the batch:
+  * matrix products see a row count padded to a multiple of ROWS: the BLAS picks other kernels
+    (with other rounding) for some small row counts;
+  * attention runs per session over fixed blocks of BLOCK key positions, aligned to absolute
+    positions, and adds the blocks' contributions in order (a running sum); blocks past a
+    query's position contribute exact zeros, so the number of blocks (the session's current
+    length) does not change the sums;
+  * rotary tables are computed once per position, not per call.
+tests/test_invariance.py checks it on every path; its cost is measured in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from specdec.kv_cache import BLOCK, KVShape, SessionCache, SessionKV, common_prefix_len
+
+ROWS = 4  # row counts of matrix products are padded to a multiple of this
+MAX_CHUNK = 256  # new positions of one session per pass; a longer prefill takes several passes
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModel(ValueError):
+    """The model's architecture is not one this runner implements."""
+
+
+@dataclass
+class ForwardJob:
+    """One session's part of a pass: logits at input positions first..len(tokens)-1."""
+
+    entry: SessionCache
+    tokens: Sequence[int]
+    first: int
+
+
+@dataclass
+class ForwardResult:
+    logits: torch.Tensor  # float32 [len(tokens) - first, vocab]; row j predicts tokens[first + j + 1]
+    reused: int  # cached positions kept
+
+
+@dataclass(frozen=True)
+class _Layer:
+    input_norm: torch.nn.Module
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.nn.Module | None
+    k_norm: torch.nn.Module | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.nn.Module
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    act: torch.nn.Module
+
+
+def _padded_rows(count: int) -> int:
+    return max(ROWS, -(-count // ROWS) * ROWS)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [n, in] @ weight.T, computed on a row count padded to ROWS (see the module's docstring)."""
+    rows = x.shape[0]
+    padded = _padded_rows(rows)
+    if padded != rows:
+        x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
+    return F.linear(x, weight, bias)[:rows]
+
+
+def _cat_bias(*linears) -> torch.Tensor | None:
+    biases = [linear.bias for linear in linears]
+    return None if all(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+
+
+class ModelRunner:
+    """Runs a causal LM over sessions' caches. Not thread-safe: one caller at a time (the
+    service's model worker)."""
+
+    def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK):
+        config = model.config
+        model_type = getattr(config, "model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(
+                f"model type {model_type!r} is not supported; specdec runs models with the Llama layout "
+                f"({', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+            raise UnsupportedModel(f"sliding-window attention ({window} positions) is not supported")
+        self.config = config
+        self.vocab_size = vocab_size
+        self.max_chunk = max_chunk
+        decoder = model.get_decoder()
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim**-0.5
+        self.embed = decoder.embed_tokens
+        self.norm = decoder.norm
+        self.lm_head = model.get_output_embeddings().weight.detach()
+        self.rotary = decoder.rotary_emb
+        self.layers = [self._fuse(layer) for layer in decoder.layers]
+        self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
+        self._cos = self._sin = torch.empty(0, self.head_dim, device=self.device)
+
+    @staticmethod
+    def _fuse(layer) -> _Layer:
+        attention, mlp = layer.self_attn, layer.mlp
+        with torch.no_grad():
+            return _Layer(
+                input_norm=layer.input_layernorm,
+                qkv=torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]).detach(),
+                qkv_bias=_cat_bias(attention.q_proj, attention.k_proj, attention.v_proj),
+                q_norm=getattr(attention, "q_norm", None),
+                k_norm=getattr(attention, "k_norm", None),
+                o=attention.o_proj.weight.detach(),
+                o_bias=None if attention.o_proj.bias is None else attention.o_proj.bias.detach(),
+                post_norm=layer.post_attention_layernorm,
+                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                gate_up_bias=_cat_bias(mlp.gate_proj, mlp.up_proj),
+                down=mlp.down_proj.weight.detach(),
+                down_bias=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
+                act=mlp.act_fn,
+            )
+
+    def new_kv(self, capacity: int = BLOCK) -> SessionKV:
+        return SessionKV(self.kv_shape, capacity)
+
+    # --- the forward pass ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, jobs: Sequence[ForwardJob]) -> list[ForwardResult]:
+        """Logits for each job, its cache cropped to what it shares with job.tokens (at most
+        job.first positions, since those whose logits are wanted are recomputed) and extended."""
+        starts = []
+        for job in jobs:
+            if not 0 <= job.first < len(job.tokens):
+                raise ValueError(f"first={job.first} outside 0..{len(job.tokens) - 1}")
+            entry = job.entry
+            if entry.kv is None:
+                entry.kv = self.new_kv(len(job.tokens))
+            keep = min(common_prefix_len(entry.tokens[: entry.kv.length], job.tokens), job.first)
+            entry.kv.crop(keep)
+            entry.kv.reserve(len(job.tokens))
+            entry.tokens = list(job.tokens[: entry.kv.length])
+            starts.append(keep)
+        pieces: list[list[torch.Tensor]] = [[] for _ in jobs]
+        done = list(starts)
+        while any(d < len(job.tokens) for d, job in zip(done, jobs)):
+            spans = [(i, d, min(len(job.tokens), d + self.max_chunk))
+                     for i, (d, job) in enumerate(zip(done, jobs)) if d < len(job.tokens)]
+            for (i, _, _), logits in zip(spans, self._pass([(jobs[i], a, b) for i, a, b in spans])):
+                pieces[i].append(logits)
+            for i, _, end in spans:
+                done[i] = end
+        return [ForwardResult(torch.cat(p).float()[:, : self.vocab_size], keep) for p, keep in zip(pieces, starts)]
+
+    def _pass(self, spans: list[tuple[ForwardJob, int, int]]) -> list[torch.Tensor]:
+        """One pass over positions [start, end) of each job's tokens; returns, per job, logits of
+        the positions >= job.first among them ([0, V] when none)."""
+        ids = torch.tensor([t for job, a, b in spans for t in job.tokens[a:b]], device=self.device)
+        positions = torch.cat([torch.arange(a, b, device=self.device) for _, a, b in spans])
+        cos, sin = self._rotary(positions, max(b for _, _, b in spans))
+        x = self.embed(ids)
+        for index, layer in enumerate(self.layers):
+            x = x + self._attention(index, layer, layer.input_norm(x), cos, sin, spans)
+            h = layer.post_norm(x)
+            gate, up = _linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            x = x + _linear(layer.act(gate) * up, layer.down, layer.down_bias)
+        wanted, row = [], 0
+        for job, a, b in spans:
+            wanted.append(torch.arange(row + min(b - a, max(0, job.first - a)), row + b - a, device=self.device))
+            row += b - a
+        rows = torch.cat(wanted)
+        logits = _linear(self.norm(x[rows]), self.lm_head) if len(rows) else x.new_zeros(0, self.lm_head.shape[0])
+        return list(logits.split([len(w) for w in wanted]))
+
+    def _attention(self, index: int, layer: _Layer, h: torch.Tensor, cos, sin, spans) -> torch.Tensor:
+        n = h.shape[0]
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = _linear(h, layer.qkv, layer.qkv_bias).split([q_width, kv_width, kv_width], dim=-1)
+        q = q.reshape(n, self.heads, self.head_dim)
+        k = k.reshape(n, self.kv_heads, self.head_dim)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        v = v.reshape(n, self.kv_heads, self.head_dim)
+        out, row = [], 0
+        for job, a, b in spans:
+            kv = job.entry.kv
+            kv.keys(index)[:, a:b] = k[row : row + b - a].transpose(0, 1)
+            kv.values(index)[:, a:b] = v[row : row + b - a].transpose(0, 1)
+            out.append(self._attend(q[row : row + b - a], kv, index, a, b))
+            row += b - a
+        if index == len(self.layers) - 1:
+            for job, a, b in spans:
+                job.entry.kv.length = b
+                job.entry.tokens = list(job.tokens[:b])
+        return _linear(torch.cat(out), layer.o, layer.o_bias)
+
+    def _attend(self, q: torch.Tensor, kv: SessionKV, layer: int, start: int, end: int) -> torch.Tensor:
+        """Causal attention of queries at positions [start, end) (q: [n, heads, dim]) over the
+        session's keys [0, end), block by block (see the module's docstring)."""
+        n, group = end - start, self.heads // self.kv_heads
+        rows = group * n
+        padded = _padded_rows(rows)
+        # Rows ordered (head in group, position): [kv_heads, group * n, dim], padded.
+        queries = q.reshape(n, self.kv_heads, group, self.head_dim).permute(1, 2, 0, 3).reshape(self.kv_heads, rows, -1)
+        if padded != rows:
+            queries = torch.cat([queries, queries.new_zeros(self.kv_heads, padded - rows, self.head_dim)], dim=1)
+        blocks = -(-end // BLOCK)
+        keys = kv.keys(layer)[:, : blocks * BLOCK].reshape(self.kv_heads, blocks, BLOCK, self.head_dim)
+        values = kv.values(layer)[:, : blocks * BLOCK].reshape(self.kv_heads, blocks, BLOCK, self.head_dim)
+        scores = torch.matmul(queries[:, None], keys.transpose(-1, -2)).float() * self.scale  # [h, blocks, rows, BLOCK]
+        query_at = torch.arange(start, end, device=q.device).repeat(group)
+        query_at = torch.cat([query_at, query_at.new_full((padded - rows,), start)])
+        key_at = torch.arange(blocks * BLOCK, device=q.device).reshape(blocks, 1, BLOCK)
+        scores = scores.masked_fill(key_at > query_at[None, :, None], float("-inf"))
+        weights = torch.exp(scores - scores.amax(dim=(1, 3), keepdim=True))
+        # Across blocks, a running sum (cumsum adds block by block, in order, whatever the row's
+        # index or the row count); torch's sum over that dimension is not row-invariant.
+        total = weights.sum(-1).cumsum(1)[:, -1]  # [h, rows]
+        mixed = torch.matmul(weights.to(values.dtype), values).cumsum(1)[:, -1]  # [h, rows, dim]
+        out = (mixed.float() / total[..., None]).to(q.dtype)[:, :rows]
+        return out.reshape(self.kv_heads, group, n, self.head_dim).permute(2, 0, 1, 3).reshape(n, -1)
+
+    def _rotary(self, positions: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [len(positions), head_dim] from per-position tables, grown on demand."""
+        if upto > self._cos.shape[0]:
+            size = max(upto, 2 * self._cos.shape[0], 1024)
+            every = torch.arange(size, device=self.device)[None]
+            cos, sin = self.rotary(torch.empty(1, dtype=self.dtype, device=self.device), every)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos[positions], self._sin[positions]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

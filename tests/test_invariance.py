@@ -1,0 +1,118 @@
+"""Bitwise-equal numbers however a cache was built (specdec.runner): a position's logits and
+keys/values are the same computed in one prefill, one token at a time, in chunks batched with
+other sessions of other lengths, after a rollback, or restored from a snapshot plus a recomputed
+tail. Seeded sampling after a failover depends on it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from specdec import models
+from specdec.kv_cache import SessionCache
+from specdec.kv_snapshot import decode_chunks, encode_chunk
+from specdec.kv_cache import SessionKV
+from specdec.runner import ForwardJob, ModelRunner
+
+LENGTH = 150
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_target):
+    model = models.load_model(str(tiny_target))
+    return ModelRunner(model, model.config.vocab_size, max_chunk=32)
+
+
+def _sequence(vocab: int, length: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (length,), generator=generator).tolist()
+
+
+def _one_prefill(runner: ModelRunner, tokens: list[int]) -> tuple[torch.Tensor, SessionCache]:
+    entry = SessionCache()
+    return runner.forward([ForwardJob(entry, tokens, 0)])[0].logits, entry
+
+
+def _assert_same_cache(a: SessionCache, b: SessionCache) -> None:
+    assert a.kv_len == b.kv_len
+    assert torch.equal(a.kv.span(0, a.kv_len), b.kv.span(0, b.kv_len))
+
+
+def test_one_token_at_a_time_equals_one_prefill(runner):
+    tokens = _sequence(runner.vocab_size, LENGTH, 0)
+    whole, reference = _one_prefill(runner, tokens)
+    entry = SessionCache()
+    rows = [runner.forward([ForwardJob(entry, tokens[:n], n - 1)])[0].logits for n in range(1, LENGTH + 1)]
+    assert torch.equal(torch.cat(rows), whole)
+    _assert_same_cache(entry, reference)
+
+
+def test_random_chunks_batched_with_other_sessions_equal_one_prefill(runner):
+    rng = random.Random(7)
+    tokens = _sequence(runner.vocab_size, LENGTH, 1)
+    whole, reference = _one_prefill(runner, tokens)
+    others = [(SessionCache(), _sequence(runner.vocab_size, n, 10 + n)) for n in (3, 64, 97, 200)]
+    entry, rows, done = SessionCache(), [], 0
+    while done < LENGTH:
+        end = min(LENGTH, done + rng.choice([1, 2, 3, 5, 7, 13, 40]))
+        company = rng.sample(others, rng.randint(0, len(others)))
+        jobs = [ForwardJob(entry, tokens[:end], done)]
+        for other, sequence in company:
+            upto = min(len(sequence), other.kv_len + rng.randint(1, 9))
+            jobs.append(ForwardJob(other, sequence[:upto], max(0, upto - rng.randint(1, 4))))
+        rng.shuffle(jobs)
+        results = runner.forward(jobs)
+        rows.append(next(r.logits for j, r in zip(jobs, results) if j.entry is entry))
+        done = end
+    assert torch.equal(torch.cat(rows), whole)
+    _assert_same_cache(entry, reference)
+
+
+def test_rolled_back_drafts_leave_no_trace(runner):
+    tokens = _sequence(runner.vocab_size, LENGTH, 2)
+    whole, _ = _one_prefill(runner, tokens)
+    entry = SessionCache()
+    runner.forward([ForwardJob(entry, tokens[:100], 99)])
+    runner.forward([ForwardJob(entry, tokens[:100] + [5, 6, 7, 8, 9], 99)])  # drafts, all rejected
+    again = runner.forward([ForwardJob(entry, tokens, 100)])[0]
+    assert again.reused == 100
+    assert torch.equal(again.logits, whole[100:])
+
+
+def test_a_snapshot_plus_a_recomputed_tail_equals_the_original(runner):
+    tokens = _sequence(runner.vocab_size, LENGTH, 3)
+    whole, original = _one_prefill(runner, tokens)
+    chunks = [encode_chunk(original.kv, tokens, 0, 70), encode_chunk(original.kv, tokens, 70, 90)]
+    restored_tokens, span = decode_chunks(chunks, runner.kv_shape)
+    restored = SessionCache(tokens=restored_tokens, kv=SessionKV.from_span(runner.kv_shape, span))
+    tail = runner.forward([ForwardJob(restored, tokens, 90)])[0]
+    assert tail.reused == 90
+    assert torch.equal(tail.logits, whole[90:])
+    _assert_same_cache(restored, original)
+
+
+def test_the_runner_computes_what_hugging_face_computes(runner, tiny_target):
+    model = models.load_model(str(tiny_target))
+    tokens = _sequence(runner.vocab_size, 60, 4)
+    with torch.inference_mode():
+        expected = model(torch.tensor([tokens])).logits[0].float()
+    ours, _ = _one_prefill(runner, tokens)
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+@pytest.mark.smollm2
+def test_smollm2_logits_do_not_depend_on_chunking_or_company():
+    model = models.load_model("smollm2")
+    runner = ModelRunner(model, len(models.load_tokenizer("smollm2")))
+    tokens = _sequence(runner.vocab_size, 300, 5)
+    whole, reference = _one_prefill(runner, tokens)
+    entry, other = SessionCache(), SessionCache()
+    runner.forward([ForwardJob(entry, tokens[:257], 256), ForwardJob(other, tokens[::-1][:40], 39)])
+    rows = [whole[:256]]
+    for n in range(258, 301, 3):
+        rows.append(runner.forward([ForwardJob(entry, tokens[:n], len(torch.cat(rows))),
+                                    ForwardJob(other, tokens[::-1][: 40 + n % 7], 39)])[0].logits)
+    assert torch.equal(torch.cat(rows), whole)
+    _assert_same_cache(entry, reference)
