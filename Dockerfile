@@ -58,9 +58,10 @@ RUN pip install --no-deps . \
 
 # Unprivileged user; /cache holds the converted models (GGUF -> safetensors, done once) and the
 # Hugging Face hub cache. Mount a volume there so the conversion survives restarts and is shared.
+# /run/specdec holds the tier token (docker-compose.yml's tier-secret volume takes its owner).
 RUN useradd --create-home --uid 10001 --user-group specdec \
-    && mkdir -p /cache/huggingface \
-    && chown -R specdec:specdec /cache
+    && mkdir -p /cache/huggingface /run/specdec \
+    && chown -R specdec:specdec /cache /run/specdec
 VOLUME ["/cache"]
 USER specdec
 

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos up clean bench bench-snapshot
+.PHONY: setup redis-server demo test protos up clean bench bench-snapshot soak
 
 setup: $(STAMP) redis-server
 
@@ -50,3 +50,8 @@ bench: setup
 # Restoring a 1,000-token session's KV cache from Redis vs recomputing it (bench/RESULTS.md).
 bench-snapshot: setup
 	$(PY) -m bench.snapshot --tokens 1000 --reps 5
+
+# The long soak: at least 100 injected faults (kills, hangs, Redis pauses and restarts) with
+# greedy and seeded sessions; every output must equal the undisturbed one (tests/test_soak.py).
+soak: setup
+	SPECDEC_SOAK_S=420 SPECDEC_SOAK_MIN_FAULTS=100 $(PY) -m pytest -q -s tests/test_soak.py

@@ -25,7 +25,7 @@ from specdec.session_store import SessionRecord, SessionStore
 log = logging.getLogger(__name__)
 
 EOS, LENGTH, STOP, CONTEXT = "eos", "length", "stop", "context"
-INTERRUPTED = "interrupted"  # the client went away or a dependency failed: the turn is closed
+INTERRUPTED = "interrupted"  # the client went away: the turn is closed
 
 
 @dataclass(frozen=True)
@@ -242,17 +242,16 @@ class Decoder:
 
     async def _closing(self, session: SessionRecord, stats: Stats, started: float,
                        chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        """Pass the chunks on; if the stream ends early (the client went away, or a dependency
-        failed), close the turn in Redis so nothing is left open for a day."""
-        finished = False
+        """Pass the chunks on; if the client goes away (its stream is cancelled), close the turn
+        in Redis so nothing is left open. A turn that fails for want of a dependency stays open:
+        the client can resume it (resume=true) once the dependency is back."""
         try:
             async for chunk in chunks:
-                finished = chunk.finish_reason is not None
                 yield chunk
-        finally:
-            if not finished:
-                stats.total_s = time.perf_counter() - started
-                await self._close_interrupted(session, stats)
+        except (asyncio.CancelledError, GeneratorExit):
+            stats.total_s = time.perf_counter() - started
+            await self._close_interrupted(session, stats)
+            raise
 
     async def _close_interrupted(self, session: SessionRecord, stats: Stats) -> None:
         try:

@@ -201,6 +201,22 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tier_token(args: argparse.Namespace) -> int:
+    """Write a new random tier token to a file readable by its owner only, unless one is there."""
+    from specdec.access import new_token, read_keys
+
+    path = Path(args.path)
+    if path.is_file() and read_keys([], str(path)):
+        print(f"{path} already holds a tier token", file=sys.stderr)
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(new_token() + "\n")
+    print(f"wrote a new tier token to {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_derive_draft(args: argparse.Namespace) -> int:
     from specdec.models import derive_layer_draft
 
@@ -280,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="", help="output folder (default bench/out/<time>)")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=cmd_bench)
+
+    token = commands.add_parser("tier-token", help="write a random tier token to a file (if it holds none yet)")
+    token.add_argument("path", help="file to write; give it to the tiers and coordinators as --tier-token-file")
+    token.set_defaults(run=cmd_tier_token)
 
     derive = commands.add_parser("derive-draft", help="write a draft model made of a model's first N layers")
     derive.add_argument("--source", default=DEFAULT_MODEL, help="model to cut")

@@ -73,3 +73,25 @@ def parse_config(
         )
     args = parser.parse_args(argv)
     return cls(**vars(args))
+
+
+def flag_table(cls: type, env_prefix: str) -> str:
+    """The README's markdown table of a config's flags (`python -m specdec.config` prints all)."""
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        rows.append(f"| `--{f.name.replace('_', '-')}` | `{env_name(env_prefix, f.name)}` | `{shown}` | "
+                    f"{f.metadata.get('help', '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    from coordinator.config import CoordinatorConfig
+    from draft_service.config import DraftConfig
+    from target_service.config import TargetConfig
+
+    for title, config, prefix in (("coordinator", CoordinatorConfig, "SPECDEC_COORDINATOR_"),
+                                  ("target_service", TargetConfig, "SPECDEC_TARGET_"),
+                                  ("draft_service", DraftConfig, "SPECDEC_DRAFT_")):
+        print(f"#### `python -m {title}`\n\n{flag_table(config, prefix)}\n")

@@ -155,16 +155,16 @@ async def start_stack(
         for _ in range(draft_replicas):
             started.append(await draft_server.start(DraftConfig(model=draft, **tier)))
             drafts.append(started[-1].address)
-    config = CoordinatorConfig(
-        target=tuple(targets),
-        draft=tuple(drafts),
-        redis_url=redis_url,
-        tokenizer=str(target_model),
-        startup_timeout_s=30,
-        metrics_port=-1,
-        tier_token=TIER_TOKEN,
+    config = CoordinatorConfig(**{
+        "target": tuple(targets),
+        "draft": tuple(drafts),
+        "redis_url": redis_url,
+        "tokenizer": str(target_model),
+        "startup_timeout_s": 30,
+        "metrics_port": -1,
+        "tier_token": TIER_TOKEN,
         **coordinator_overrides,
-    )
+    })
     decoder = await coordinator_server.build_decoder(config)
     started.append(await coordinator_server.start(config, decoder))
     return Stack(started[-1].address, targets[0], drafts[0] if drafts else None, decoder,

@@ -239,10 +239,43 @@ def test_depends_on_waits_for_healthy_services(compose):
         assert isinstance(depends, dict), f"{name}.depends_on is a list: it waits for start, not health"
         for dependency, rule in depends.items():
             assert dependency in services, f"{name} depends on unknown service {dependency}"
-            assert (rule or {}).get("condition") == "service_healthy", (
+            condition = (rule or {}).get("condition")
+            if services[dependency].get("restart") == "no":  # a one-shot job: wait for it to finish
+                assert condition == "service_completed_successfully", f"{name} -> {dependency}: {rule}"
+                continue
+            assert condition == "service_healthy", (
                 f"{name} -> {dependency}: condition must be service_healthy, is {rule}"
             )
             assert services[dependency].get("healthcheck"), f"{dependency} has no health check to wait for"
+
+
+def test_tiers_serve_only_the_coordinator_with_a_generated_token(compose, monkeypatch, tmp_path):
+    """The tier-token job writes the secret into a volume; the tiers demand it, the coordinator
+    sends it, and none of them serves callers without it."""
+    services = compose["services"]
+    job = services["tier-token"]
+    argv = as_argv(job["command"])
+    assert python_modules(argv) == ["specdec.cli"] and argv[argv.index("specdec.cli") + 1] == "tier-token"
+    token_path = argv[-1]
+    volume = next(v.split(":")[0] for v in job["volumes"] if v.split(":")[1] == str(Path(token_path).parent))
+    assert volume in (compose.get("volumes") or {})
+    for name in TIERS:
+        config = tier_config(services[name], TIERS[name], monkeypatch)
+        assert config.tier_token_file == token_path, f"{name} does not read the generated token"
+        assert f"{volume}:{Path(token_path).parent}:ro" in services[name]["volumes"]
+        assert services[name]["depends_on"]["tier-token"]["condition"] == "service_completed_successfully"
+        if name != "coordinator":
+            assert not config.allow_unauthenticated and not config.tier_token
+    # The job's command works: it writes a token once, readable by its owner only, and keeps it.
+    target = tmp_path / "secret" / "tier-token"
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "specdec.cli", "tier-token", str(target)], cwd=REPO,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        if _ == 0:
+            first = target.read_text()
+    assert target.read_text() == first and len(first.strip()) >= 40
+    assert (target.stat().st_mode & 0o777) == 0o600
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, TIER_TOKEN, RedisServer, specdec_up, start_stack
 from helpers import generate
-from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
+from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 
 def _tiny_pipeline(tiny_target, *args: str) -> list[str]:
@@ -78,6 +78,60 @@ async def test_redis_restart_fails_cleanly_and_aof_keeps_sessions(tmp_path, tiny
         for server in stack.servers:
             await server.stop(0)
         redis.stop()
+
+
+async def test_the_first_request_after_a_clean_redis_restart_succeeds(tmp_path, tiny_target):
+    """The pooled connections died with the old Redis: the client reconnects once instead of
+    answering UNAVAILABLE while Redis is up."""
+    redis = RedisServer(tmp_path, append_only=True)
+    redis.start()
+    stack = await start_stack(redis.url, tiny_target, "ngram")
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            before = await generate(channel, prompt="remember this", max_new_tokens=8)
+            redis.stop()
+            redis.start()
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            info = await stub.GetSession(coordinator_pb2.GetSessionRequest(session_id=before.session_id))
+            assert list(info.token_ids) == before.prompt_token_ids + before.token_ids
+            redis.stop()
+            redis.start()
+            again = await generate(channel, prompt="and more", session_id=before.session_id, max_new_tokens=4)
+            assert len(again.token_ids) == 4
+    finally:
+        for server in stack.servers:
+            await server.stop(0)
+        redis.stop()
+
+
+async def test_seeded_output_depends_on_neither_k_nor_a_dead_draft_tier(redis_server, tiny_target, tiny_draft, stacks):
+    """The coupled rule: the same seed gives the same tokens at k = 0, 2 and 5, with a model or an
+    n-gram drafter, and when the draft tier dies mid-generation."""
+    fields = dict(prompt="roll the dice", max_new_tokens=60, seed=21, temperature=0.8, ignore_eos=True,
+                  sampling_rule=common_pb2.SAMPLING_RULE_COUPLED)
+    async with grpc.aio.insecure_channel(stacks["none"].coordinator) as channel:
+        reference = await generate(channel, k=0, **fields)
+    for drafter in ("model", "ngram"):
+        async with grpc.aio.insecure_channel(stacks[drafter].coordinator) as channel:
+            for k in (2, 5):
+                assert (await generate(channel, k=k, **fields)).token_ids == reference.token_ids, (drafter, k)
+    stack = await start_stack(redis_server.url, tiny_target, str(tiny_draft), draft_timeout_s=1.0)
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            call = coordinator_pb2_grpc.CoordinatorStub(channel).Generate(
+                coordinator_pb2.GenerateRequest(k=4, **fields))
+            tokens = []
+            while len(tokens) < 20:
+                tokens += (await call.read()).token_ids
+            await stack.servers[1].stop(0)  # the only draft replica dies
+            while (message := await call.read()) != grpc.aio.EOF:
+                tokens += message.token_ids
+                last = message
+        assert last.stats.draft_fallback_rounds > 0
+        assert tokens == reference.token_ids
+    finally:
+        for server in stack.servers:
+            await server.stop(0)
 
 
 @pytest.fixture
