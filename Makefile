@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos up clean bench bench-snapshot soak
+.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step soak
 
 setup: $(STAMP) redis-server
 
@@ -55,3 +55,11 @@ bench-snapshot: setup
 # greedy and seeded sessions; every output must equal the undisturbed one (tests/test_soak.py).
 soak: setup
 	SPECDEC_SOAK_S=420 SPECDEC_SOAK_MIN_FAULTS=100 $(PY) -m pytest -q -s tests/test_soak.py
+
+# 3,000 garbage, fuzzed and unauthenticated calls across every service: status codes and memory.
+bench-hostile: setup
+	$(PY) -m bench.hostile --calls 3000
+
+# One SmolLM2 step in process, 1-8 new tokens: our batch-invariant runner vs Hugging Face's forward.
+bench-step: setup
+	$(PY) -m bench.step --context 400

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from bench.figures import SPEC_BENCH_COLUMNS, PromptRun, Totals, column_of, ideal_speedup, percentile
 from specdec.launcher import LaunchOptions, Pipeline, spawn_service, default_prompts_file, launch
-from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
+from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 BASELINE = "ours-k0"
 HF_PLAIN = "hf-plain"
@@ -39,6 +39,7 @@ class BenchOptions:
     categories: tuple[str, ...] = ()
     max_new_tokens: int = 64
     temperature: float = 0.0
+    sampling_rules: tuple[str, ...] = ("coupled",)  # sampled runs: one configuration per rule
     top_p: float = 1.0
     seed: int = 0
     target: str = "smollm2"
@@ -82,10 +83,14 @@ def load_prompts(path: Path, limit: int, categories: Sequence[str]) -> list[Prom
     return prompts
 
 
-def _request(prompt: Prompt, options: BenchOptions, k: int, prompt_ids: list[int] | None = None):
+RULES = {"rejection": common_pb2.SAMPLING_RULE_REJECTION, "coupled": common_pb2.SAMPLING_RULE_COUPLED}
+
+
+def _request(prompt: Prompt, options: BenchOptions, k: int, prompt_ids: list[int] | None = None,
+             rule: str | None = None):
     request = coordinator_pb2.GenerateRequest(
         max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
-        seed=options.seed, k=k,
+        seed=options.seed, k=k, sampling_rule=RULES[rule or options.sampling_rules[0]],
     )
     if prompt_ids is not None:
         request.prompt_token_ids.extend(prompt_ids)
@@ -94,14 +99,15 @@ def _request(prompt: Prompt, options: BenchOptions, k: int, prompt_ids: list[int
     return request
 
 
-async def run_ours(stub, prompt: Prompt, options: BenchOptions, k: int, prompt_ids=None) -> tuple[PromptRun, list[int], list[float]]:
+async def run_ours(stub, prompt: Prompt, options: BenchOptions, k: int, prompt_ids=None,
+                   rule: str | None = None) -> tuple[PromptRun, list[int], list[float]]:
     """One generation through the coordinator: its PromptRun, prompt ids and per-token latencies."""
     started = last = time.perf_counter()
     tokens: list[int] = []
     ids: list[int] = []
     gaps: list[float] = []
     stats = None
-    async for message in stub.Generate(_request(prompt, options, k, prompt_ids)):
+    async for message in stub.Generate(_request(prompt, options, k, prompt_ids, rule)):
         now = time.perf_counter()
         if message.prompt_token_ids:
             ids = list(message.prompt_token_ids)
@@ -208,8 +214,11 @@ def drafter_name(spec: str) -> str:
 
 async def run_bench(options: BenchOptions) -> dict:
     prompts = load_prompts(options.prompts, options.limit, options.categories)
-    ours_configs = [(BASELINE, options.drafters[0], 0)] + [
-        (f"ours-{drafter_name(d)}-k{k}", d, k) for d in options.drafters for k in options.ks
+    rules = options.sampling_rules if options.temperature > 0 else options.sampling_rules[:1]
+    suffix = (lambda rule: f"-{rule}") if len(rules) > 1 else (lambda rule: "")
+    ours_configs = [(BASELINE, options.drafters[0], 0, rules[0])] + [
+        (f"ours-{drafter_name(d)}-k{k}{suffix(rule)}", d, k, rule)
+        for d in options.drafters for k in options.ks for rule in rules
     ]
     if options.sweep_only:
         ours_configs = []
@@ -230,11 +239,11 @@ async def run_bench(options: BenchOptions) -> dict:
         # Warm-up: the first call of each path loads lazily initialised pieces.
         for drafter in options.drafters:
             await run_ours(stubs[drafter], prompts[0], BenchOptions(max_new_tokens=4), 2)
-        for name, drafter, k in ours_configs:
+        for name, drafter, k, rule in ours_configs:
             bar.set_postfix_str(name)
             runs[name] = []
             for i, prompt in enumerate(prompts):
-                run, ids, _ = await run_ours(stubs[drafter], prompt, options, k, prompt_ids.get(i))
+                run, ids, _ = await run_ours(stubs[drafter], prompt, options, k, prompt_ids.get(i), rule)
                 prompt_ids.setdefault(i, ids)
                 runs[name].append(run)
                 bar.update()
@@ -328,7 +337,7 @@ def build_report(options, prompts, runs: dict[str, list[PromptRun]], sweep, ours
     step_s = base_all.verify_s / base_all.rounds if base_all and base_all.rounds else None
     report = {"machine": machine_info(options.device), "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
               "prompts": len(prompts), "columns": columns, "configs": {}, "concurrency": sweep}
-    ks = {name: k for name, _, k in ours_configs}
+    ks = {name: k for name, _, k, _ in ours_configs}
     for name in runs:
         entry = {"columns": {}, "overall": _figures(totals(name), base_all, totals(HF_PLAIN))}
         for column in columns:

@@ -189,6 +189,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         prompts=Path(args.prompts), limit=args.limit,
         categories=tuple(c.strip() for c in args.categories.split(",") if c.strip()),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        sampling_rules=tuple(r.strip() for r in args.sampling_rules.split(",") if r.strip()),
         target=args.target, drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()),
         ks=ints(args.ks), concurrency=ints(args.concurrency), sweep_tokens=args.sweep_tokens,
         sweep_only=args.sweep_only, peers=not args.no_peers, overhead=not args.no_overhead, device=args.device, out=out,
@@ -282,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (then outputs are compared)")
     bench.add_argument("--top-p", type=float, default=1.0)
+    bench.add_argument("--sampling-rules", default="coupled",
+                       help="sampled runs: comma-separated rules (coupled, rejection), one configuration each")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--target", default=DEFAULT_MODEL, help="target model")
     bench.add_argument("--drafters", default="ngram", help="comma-separated: 'ngram' and/or draft model paths")

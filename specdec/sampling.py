@@ -131,12 +131,17 @@ def sample(probs: torch.Tensor, u: float) -> int:
 def coupling_noise(seed: int, position: int, vocab: int) -> np.ndarray:
     """E_t(v) ~ Exp(1) for every token v, float32 [vocab]: a pure function of (seed, position t).
 
-    Philox keyed by a hash of (seed, t); 24-bit uniforms u give E = -log u. Computed on the CPU
-    the same way whatever device the model runs on, so every replica draws the same noise.
+    Philox keyed by a hash of (seed, t). Computed on the CPU the same way whatever device the
+    model runs on, so every replica draws the same noise.
     """
     key = int.from_bytes(hashlib.blake2b(f"{seed}:{position}:coupling".encode(), digest_size=16).digest(), "little")
-    raw = np.random.Philox(key=key).random_raw((vocab + 1) // 2).view(np.uint32)[:vocab]
-    u = ((raw >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
+    return exponentials(np.random.Philox(key=key).random_raw((vocab + 1) // 2).view(np.uint32)[:vocab])
+
+
+def exponentials(raw: np.ndarray) -> np.ndarray:
+    """Exp(1) draws from uint32 words: u = (23 high bits + 1/2) / 2^23 lies strictly inside (0, 1)
+    and is exact in float32 (24 bits would round the top value up to 1, and E to 0)."""
+    u = ((raw >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)
     return -np.log(u)
 
 

@@ -14,7 +14,7 @@ from specdec.kv_snapshot import Snapshot, Snapshots, SnapshotSettings, SnapshotS
 from specdec.serving import ModelWorker, StartupError
 from specdec.session_store import log_id, redis_client
 from specdec.v1 import common_pb2
-from specdec.wire import ContextDelta
+from specdec.wire import ContextDelta, check_session_id
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ class SessionHost:
                 log.exception("KV snapshot of session %s failed", log_id(context.session_id))
 
     async def release(self, request: common_pb2.ReleaseRequest, context) -> common_pb2.ReleaseResponse:
-        released = (await self.worker.run(lambda: self.table.release(request.session_id))).value
+        session_id = check_session_id(request.session_id)
+        released = (await self.worker.run(lambda: self.table.release(session_id))).value
         return common_pb2.ReleaseResponse(released=bool(released))
 
     async def get_info(self, request, context) -> common_pb2.ModelInfo:

@@ -13,6 +13,7 @@ import urllib.request
 import grpc
 import pytest
 
+from bench.hostile import call_raw
 from conftest import TIER_METADATA
 from coordinator import servicer as coordinator_servicer
 from helpers import generate
@@ -44,27 +45,13 @@ SERVICES = {
 UNDECODABLE = [b"\x0a\x02\xff\xfe", b"\x0a\x7fshort", b"\x00\x01", b"\x08\xff\xff\xff"]
 
 
-async def _call(channel, path: str, streaming: bool, payload: bytes, metadata=None) -> grpc.StatusCode:
-    identity = dict(request_serializer=None, response_deserializer=None)
-    try:
-        if streaming:
-            async for _ in channel.unary_stream(path, **identity)(payload, timeout=10, metadata=metadata):
-                pass
-        else:
-            await channel.unary_unary(path, **identity)(payload, timeout=10, metadata=metadata)
-        return grpc.StatusCode.OK
-    except grpc.aio.AioRpcError as err:
-        assert len(err.details() or "") <= 1000
-        return err.code()
-
-
 async def test_the_tiers_serve_only_callers_with_the_tier_token(stacks):
     stack = stacks["model"]
     for name, address in (("target", stack.target), ("draft", stack.draft)):
         async with grpc.aio.insecure_channel(address) as channel:
             for path, streaming, _ in SERVICES[name]:
                 for metadata in (None, (("authorization", "Bearer guessed-token"),)):
-                    code = await _call(channel, path, streaming, b"", metadata)
+                    code = await call_raw(channel, path, streaming, b"", metadata)
                     assert code == grpc.StatusCode.UNAUTHENTICATED, f"{path} answered {code} to a stranger"
             # Health probes need no token.
             from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -81,11 +68,11 @@ async def test_undecodable_requests_are_invalid_arguments_after_authentication(s
         async with grpc.aio.insecure_channel(address) as channel:
             for path, streaming, has_fields in SERVICES[name]:
                 for payload in UNDECODABLE:
-                    code = await _call(channel, path, streaming, payload, metadata)
+                    code = await call_raw(channel, path, streaming, payload, metadata)
                     expected = {grpc.StatusCode.INVALID_ARGUMENT} | (set() if has_fields else {grpc.StatusCode.OK})
                     assert code in expected, f"{path} answered {code}"
                     if metadata is not None:
-                        assert await _call(channel, path, streaming, payload) == grpc.StatusCode.UNAUTHENTICATED
+                        assert await call_raw(channel, path, streaming, payload) == grpc.StatusCode.UNAUTHENTICATED
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "garbage must not log errors"
 
 
@@ -99,7 +86,7 @@ async def test_random_garbage_never_gets_unknown_or_internal(stacks):
             for path, streaming, _ in SERVICES[name]:
                 for _ in range(25):
                     payload = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
-                    codes.append(await _call(channel, path, streaming, payload, metadata))
+                    codes.append(await call_raw(channel, path, streaming, payload, metadata))
     assert set(codes) <= CLIENT_SIDE | {grpc.StatusCode.OK}, set(codes) - CLIENT_SIDE
 
 
@@ -159,9 +146,9 @@ async def test_unknown_methods_add_no_metric_series(redis_server, tiny_target):
         before = urllib.request.urlopen(metrics, timeout=5).read()
         async with grpc.aio.insecure_channel(stack.coordinator) as channel:
             for i in range(300):
-                assert await _call(channel, f"/specdec.v1.Coordinator/Nope{i}", False, b"") == \
+                assert await call_raw(channel, f"/specdec.v1.Coordinator/Nope{i}", False, b"") == \
                     grpc.StatusCode.UNIMPLEMENTED
-                assert await _call(channel, f"/x{i}.Y/Z", False, b"") == grpc.StatusCode.UNIMPLEMENTED
+                assert await call_raw(channel, f"/x{i}.Y/Z", False, b"") == grpc.StatusCode.UNIMPLEMENTED
         after = urllib.request.urlopen(metrics, timeout=5).read()
         assert b"Nope" not in after and abs(len(after) - len(before)) < 2000
     finally:

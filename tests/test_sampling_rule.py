@@ -144,3 +144,17 @@ def test_output_has_target_distribution_and_a_wrong_rule_is_caught(point_mass):
     assert chi_square_pvalue(right, truth) > 1e-3
     wrong = _first_token_counts(_wrong_rule_resamples_from_p, p, q, 6000, point_mass)
     assert chi_square_pvalue(wrong, truth) < 1e-6
+
+
+def test_coupling_noise_is_strictly_positive_and_finite_at_the_extremes():
+    import numpy as np
+
+    from specdec.sampling import coupling_noise, exponentials
+
+    extremes = exponentials(np.array([0, 1, 511, 512, 2**31, 2**32 - 513, 2**32 - 1], dtype=np.uint32))
+    assert np.all(extremes > 0) and np.all(np.isfinite(extremes))
+    noise = coupling_noise(seed=3, position=17, vocab=49152)
+    assert noise.shape == (49152,) and np.all(noise > 0) and np.all(np.isfinite(noise))
+    assert abs(float(noise.mean()) - 1.0) < 0.02  # Exp(1)
+    assert np.array_equal(noise, coupling_noise(seed=3, position=17, vocab=49152))  # a pure function
+    assert not np.array_equal(noise, coupling_noise(seed=3, position=18, vocab=49152))

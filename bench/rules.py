@@ -1,0 +1,94 @@
+"""Acceptance of the two sampling rules on the same positions, without path noise.
+
+    python -m bench.rules --draft /path/to/draft --temperature 0.7      # make bench-rules
+
+For Spec-Bench prompts (first turn, --limit per category), the target writes --tokens tokens;
+at every position the target's p and the drafter's q are computed on the same prefix (after the
+same temperature / top-p processing). Then, per position:
+  rejection: P(accept) = sum_v min(p(v), q(v))                       (Leviathan et al., exact)
+  coupled:   P(accept) = P(argmax p/E = argmax q/E), E ~ Exp(1)      (Monte Carlo, --draws noises)
+and for a point-mass drafter (n-gram: it proposes the token that followed the suffix's last
+match) both rules accept x with probability p(x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import numpy as np
+import torch
+
+from bench.harness import load_prompts
+from draft_service.drafters import ngram_lookup
+from specdec import models
+from specdec.launcher import default_prompts_file
+from specdec.sampling import SamplingParams, probs_from_logits
+
+
+def coupled_agreement(p: np.ndarray, q: np.ndarray, draws: int, rng: np.random.Generator) -> float:
+    """Monte Carlo estimate of P(argmax p/E = argmax q/E) over draws of E ~ Exp(1)^V; only tokens
+    with mass under either distribution can win, so the rest are left out."""
+    support = np.flatnonzero((p > 0) | (q > 0))
+    p, q = p[support], q[support]
+    noise = rng.exponential(size=(draws, len(support)))
+    return float(np.mean(np.argmax(p / noise, axis=1) == np.argmax(q / noise, axis=1)))
+
+
+def measure(target: str, draft: str, prompts, tokens: int, params: SamplingParams, draws: int) -> dict:
+    tokenizer = models.load_tokenizer(target)
+    vocab = len(tokenizer)
+    target_model, draft_model = models.load_model(target), models.load_model(draft)
+    rng = np.random.default_rng(0)
+    rejection, coupled, point_mass = [], [], []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], add_generation_prompt=True,
+                                             tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        with torch.inference_mode():
+            out = target_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        max_new_tokens=tokens, do_sample=True, temperature=params.temperature,
+                                        top_p=params.top_p, top_k=0)
+            sequence = out[0].tolist()
+            positions = range(len(ids) - 1, len(sequence) - 1)
+            p_all = probs_from_logits(target_model(out).logits[0, :, :vocab], params)
+            q_all = probs_from_logits(draft_model(out).logits[0, :, :vocab], params)
+        for t in positions:
+            p, q = p_all[t].double().numpy(), q_all[t].double().numpy()
+            rejection.append(float(np.minimum(p, q).sum()))
+            coupled.append(coupled_agreement(p, q, draws, rng))
+            guess = ngram_lookup(sequence[: t + 1], 1)
+            if guess:
+                point_mass.append(float(p[guess[0]]))
+    return {
+        "positions": len(rejection),
+        "rejection_acceptance": statistics.mean(rejection),
+        "coupled_acceptance": statistics.mean(coupled),
+        "coupled_over_rejection": statistics.mean(coupled) / statistics.mean(rejection),
+        "ngram_acceptance_either_rule": statistics.mean(point_mass) if point_mass else None,
+        "ngram_positions": len(point_mass),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--draft", required=True, help="a draft model sharing the target's tokenizer")
+    parser.add_argument("--prompts", default=str(default_prompts_file()))
+    parser.add_argument("--limit", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--draws", type=int, default=400)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    prompts = load_prompts(args.prompts, args.limit, ())
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    result = measure(args.target, args.draft, prompts, args.tokens, params, args.draws)
+    print(json.dumps({"target": args.target, "draft": args.draft, "temperature": args.temperature,
+                      "prompts": len(prompts), **result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""One target step, in process: our batch-invariant runner against Hugging Face's own forward
+pass with its DynamicCache, for 1 to 8 new tokens after a cached context.
+
+    python -m bench.step --context 400          # make bench-step
+
+Median of --reps timed steps after a warm-up, each a crop back to the context and a forward of
+the new tokens (what a verify of k + 1 = n tokens costs). The ratio is what bitwise invariance
+(row counts padded to a multiple of 4, blockwise attention) costs, or saves, per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from specdec import models
+from specdec.kv_cache import SessionCache
+from specdec.runner import ForwardJob, ModelRunner
+
+
+def _ours(runner: ModelRunner, tokens: list[int], context: int, n: int, reps: int) -> float:
+    entry = SessionCache()
+    runner.forward([ForwardJob(entry, tokens[:context], context - 1)])
+    times = []
+    for _ in range(reps + 2):
+        started = time.perf_counter()
+        runner.forward([ForwardJob(entry, tokens[: context + n], context)])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[2:])
+
+
+@torch.inference_mode()
+def _hugging_face(model, tokens: list[int], context: int, n: int, reps: int) -> float:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([tokens[:context]]), cache=cache, use_cache=True, logits_to_keep=1)
+    times = []
+    for _ in range(reps + 2):
+        if cache.get_seq_length() > context:
+            cache.crop(context - cache.get_seq_length())
+        started = time.perf_counter()
+        model(input_ids=torch.tensor([tokens[context : context + n]]), cache=cache, use_cache=True, logits_to_keep=n)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[2:])
+
+
+def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...]) -> list[dict]:
+    model = models.load_model(model_spec)
+    vocab = len(models.load_tokenizer(model_spec))
+    runner = ModelRunner(model, vocab)
+    tokens = torch.randint(0, vocab, (context + max(sizes),), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = []
+    for n in sizes:
+        ours, theirs = _ours(runner, tokens, context, n, reps), _hugging_face(model, tokens, context, n, reps)
+        rows.append({"new_tokens": n, "ours_ms": round(1000 * ours, 1), "hf_ms": round(1000 * theirs, 1),
+                     "ours_vs_hf": round(ours / theirs, 2)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--context", type=int, default=400)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--sizes", default="1,2,3,4,5,6,8")
+    args = parser.parse_args()
+    rows = measure(args.model, args.context, args.reps, tuple(int(s) for s in args.sizes.split(",")))
+    print(json.dumps({"model": args.model, "context": args.context, "torch_threads": torch.get_num_threads(),
+                      "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
