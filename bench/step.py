@@ -38,13 +38,13 @@ def _hugging_face(model, tokens: list[int], context: int, n: int, reps: int) -> 
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([tokens[:context]]), cache=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=torch.tensor([tokens[:context]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
     times = []
     for _ in range(reps + 2):
         if cache.get_seq_length() > context:
             cache.crop(context - cache.get_seq_length())
         started = time.perf_counter()
-        model(input_ids=torch.tensor([tokens[context : context + n]]), cache=cache, use_cache=True, logits_to_keep=n)
+        model(input_ids=torch.tensor([tokens[context : context + n]]), past_key_values=cache, use_cache=True, logits_to_keep=n)
         times.append(time.perf_counter() - started)
     return statistics.median(times[2:])
 

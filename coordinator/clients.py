@@ -29,7 +29,7 @@ from specdec.access import bearer_metadata
 from specdec.prefix import CommittedTokens
 from specdec.sampling import SamplingParams
 from specdec.serving import CHANNEL_OPTIONS
-from specdec.tensor_codec import decode_tensor
+from specdec.tensor_codec import decode_tensor, encode_tensor
 from specdec.tls import open_channel
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 from specdec.wire import context_to_pb, sampling_to_pb
@@ -225,6 +225,7 @@ class DraftResult:
     probs: torch.Tensor | None  # q, [len(tokens), V]: the rejection rule with a model drafter only
     point_mass: bool
     compute_s: float
+    features_from: int | None = None  # a feature drafter lacking the target's features from here
 
 
 @dataclass
@@ -238,20 +239,25 @@ class VerifyResult:
     compute_s: float
     reused_tokens: int
     computed_tokens: int
+    features: torch.Tensor | None = None  # float16 [positions from the requested start, width]
 
 
 class DraftClient:
-    def __init__(self, replicas: ReplicaSet, kind: str):
+    def __init__(self, replicas: ReplicaSet, kind: str, feature_layers: Sequence[int] = ()):
         self.replicas = replicas
         self.kind = kind
+        self.feature_layers = tuple(feature_layers)  # a feature drafter's: the target layers it reads
 
     async def propose(
-        self, session_id: str, committed: CommittedTokens, k: int, params: SamplingParams, tracker: DeltaTracker
+        self, session_id: str, committed: CommittedTokens, k: int, params: SamplingParams, tracker: DeltaTracker,
+        features: torch.Tensor | None = None, features_start: int = 0,
     ) -> DraftResult:
         sampling = sampling_to_pb(params)
+        relayed = encode_tensor(features) if features is not None else None
 
         async def send(stub: draft_pb2_grpc.DraftServiceStub, ctx) -> draft_pb2.ProposeResponse:
-            request = draft_pb2.ProposeRequest(context=ctx, k=k, sampling=sampling)
+            request = draft_pb2.ProposeRequest(context=ctx, k=k, sampling=sampling, features=relayed,
+                                               features_start=features_start)
             return await stub.Propose(request, timeout=self.replicas.timeout_s, metadata=self.replicas.metadata)
 
         reply = await self.replicas.call(session_id, committed, tracker, send)
@@ -265,7 +271,8 @@ class DraftClient:
         needs_q = not params.greedy and not params.coupled
         if needs_q and probs is None and not reply.point_mass and drafted:
             raise ValueError("a sampled Propose came back without distributions or point_mass")
-        return DraftResult(drafted, probs if needs_q else None, reply.point_mass, reply.timings.compute_s)
+        return DraftResult(drafted, probs if needs_q else None, reply.point_mass, reply.timings.compute_s,
+                           reply.features_from if reply.HasField("features_from") else None)
 
 
 class TargetClient:
@@ -280,11 +287,16 @@ class TargetClient:
         params: SamplingParams,
         tracker: DeltaTracker,
         vocab_size: int,
+        feature_layers: Sequence[int] = (),
+        feature_start: int = 0,
     ) -> VerifyResult:
         sampling = sampling_to_pb(params)
 
         async def send(stub: target_pb2_grpc.TargetServiceStub, ctx) -> target_pb2.VerifyResponse:
             request = target_pb2.VerifyRequest(context=ctx, draft_tokens=list(drafts), sampling=sampling)
+            if feature_layers:
+                request.feature_start = feature_start
+                request.feature_layers.extend(feature_layers)
             return await stub.Verify(request, timeout=self.replicas.timeout_s, metadata=self.replicas.metadata)
 
         reply = await self.replicas.call(session_id, committed, tracker, send)
@@ -296,4 +308,10 @@ class TargetClient:
                 raise ValueError(f"target returned {len(tokens)} token ids for {rows} positions")
         else:
             probs = decode_tensor(reply.probs, expected_shape=(rows, vocab_size))
-        return VerifyResult(tokens, probs, reply.timings.compute_s, reply.cache.reused_tokens, reply.cache.computed_tokens)
+        features = None
+        if feature_layers:
+            features = decode_tensor(reply.features)
+            if features.dim() != 2 or features.shape[0] != len(committed) + len(drafts) - feature_start:
+                raise ValueError(f"target returned features of shape {tuple(features.shape)}")
+        return VerifyResult(tokens, probs, reply.timings.compute_s, reply.cache.reused_tokens,
+                            reply.cache.computed_tokens, features)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 import grpc
+import torch
 
 from coordinator.clients import DeltaTracker, DraftClient, DraftResult, ReplicaSet, TargetClient, VerifyResult
 from coordinator.text_stream import TextStream
@@ -122,6 +123,39 @@ class Chunk:
     stats: Stats | None = None
 
 
+@dataclass
+class FeatureRelay:
+    """The target's features of committed positions on their way from Verify to the feature
+    drafter: those of positions [start, start + len(rows)) not yet delivered, and where the next
+    Verify should start its features (a drafter that lacks some says from where)."""
+
+    layers: tuple[int, ...]
+    rows: torch.Tensor | None = None
+    start: int = 0
+    wanted_from: int | None = None
+
+    def verify_start(self, committed_len: int) -> int:
+        """Features from here on: what the drafter lacks, else the first position Verify computes."""
+        start = committed_len - 1 if self.wanted_from is None else min(self.wanted_from, committed_len - 1)
+        self.wanted_from = None
+        return start
+
+    def keep(self, features: torch.Tensor, start: int, committed_len: int) -> None:
+        """After a round: keep the rows of positions now committed (all but the newest token's,
+        which the target computes next round)."""
+        rows = features[: max(0, committed_len - 1 - start)]
+        if self.rows is not None and start == self.start + self.rows.shape[0]:
+            self.rows = torch.cat([self.rows, rows])
+        else:
+            self.rows, self.start = rows, start
+
+    def delivered(self, features_from: int | None) -> None:
+        if features_from is None:
+            self.rows = None  # the drafter holds them now
+        else:
+            self.wanted_from = features_from
+
+
 @dataclass(frozen=True)
 class ModelLimits:
     vocab_size: int
@@ -159,7 +193,7 @@ class Decoder:
 
     async def _propose(
         self, session: SessionRecord, committed: CommittedTokens, k: int, params: SamplingParams,
-        tracker: DeltaTracker, stats: Stats,
+        tracker: DeltaTracker, stats: Stats, relay: FeatureRelay | None,
     ) -> DraftResult | None:
         """Ask the draft tier; on any failure carry on target-only for this round."""
         if k <= 0 or self.draft is None:
@@ -168,13 +202,16 @@ class Decoder:
             # Every draft replica failed or fails its health check (dead or hung): do not wait on a
             # deadline each round; the health watch brings drafting back when one answers.
             return self._without_draft(stats)
+        features, start = (relay.rows, relay.start) if relay is not None else (None, 0)
         try:
-            result = await self.draft.propose(session.session_id, committed, k, params, tracker)
+            result = await self.draft.propose(session.session_id, committed, k, params, tracker, features, start)
         except Exception as exc:  # noqa: BLE001 - drafting failing must never fail the request
             reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
             log.warning("draft tier failed (%s); this round runs without a draft", reason)
             return self._without_draft(stats)
         stats.draft_s += result.compute_s
+        if relay is not None:
+            relay.delivered(result.features_from)
         return result
 
     def _without_draft(self, stats: Stats) -> None:
@@ -266,6 +303,7 @@ class Decoder:
         text: TextStream, stats: Stats, started: float,
     ) -> AsyncIterator[Chunk]:
         tracker = DeltaTracker()
+        relay = FeatureRelay(self.draft.feature_layers) if self.draft is not None and self.draft.feature_layers else None
         finish: str | None = None
         while finish is None:
             remaining = params.max_new_tokens - len(generated)
@@ -276,10 +314,12 @@ class Decoder:
                 break
             # A round adds at most k+1 tokens and Verify needs committed + k within the context.
             k = max(0, min(params.k, remaining - 1, room - 1))
-            draft = await self._propose(session, committed, k, params.sampling, tracker, stats)
+            draft = await self._propose(session, committed, k, params.sampling, tracker, stats, relay)
             drafts = draft.tokens if draft else []
+            feature_start = relay.verify_start(len(committed)) if relay is not None else 0
             verification = await self.target.verify(
-                session.session_id, committed, drafts, params.sampling, tracker, self.limits.vocab_size
+                session.session_id, committed, drafts, params.sampling, tracker, self.limits.vocab_size,
+                relay.layers if relay is not None else (), feature_start,
             )
             stats.verify_s += verification.compute_s
             if stats.rounds == 0:
@@ -298,6 +338,8 @@ class Decoder:
             else:
                 await self._commit_last(stats, session, len(committed), new, started)
             committed.extend(new)
+            if relay is not None:
+                relay.keep(verification.features, feature_start, len(committed))
             generated += new
             self.metrics.generated_tokens.inc(len(new))
             if finish is None:

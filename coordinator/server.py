@@ -72,9 +72,15 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     if config.draft:
         replicas = ReplicaSet(config.draft, draft_pb2_grpc.DraftServiceStub, config.draft_timeout_s, tier_credentials,
                               RetryPolicy(config.draft_retry_attempts, 0.0, 0.0), tier_token)
-        kinds = set()
+        kinds, layers = set(), set()
         for index, address in enumerate(replicas.addresses):
             info = await _info(replicas, index, config.startup_timeout_s)
+            layers.add(tuple(info.feature_layers))
+            if info.feature_layers and info.feature_hidden_size != reference.feature_hidden_size:
+                raise StartupError(
+                    f"the feature drafter at {address} was trained for a target of hidden size "
+                    f"{info.feature_hidden_size}, but {reference.name} has {reference.feature_hidden_size}"
+                )
             if info.vocab_fingerprint and info.vocab_fingerprint != reference.vocab_fingerprint:
                 raise StartupError(
                     f"draft model {info.name} at {address} does not share the target's tokenizer "
@@ -82,7 +88,9 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
                     "words. Use a draft model from the target's family, or the ngram drafter."
                 )
             kinds.add(info.kind)
-        draft = DraftClient(replicas, "/".join(sorted(kinds)))
+        if len(layers) > 1:
+            raise StartupError("the draft replicas read different target layers: run one drafter in a tier")
+        draft = DraftClient(replicas, "/".join(sorted(kinds)), layers.pop())
     limits = ModelLimits(
         vocab_size=reference.vocab_size,
         max_context=reference.max_context,

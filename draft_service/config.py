@@ -7,7 +7,10 @@ from specdec.config import option
 
 @dataclass(frozen=True)
 class DraftConfig:
-    model: str = option("ngram", "'ngram' (prompt lookup, no model), or a draft model: HF folder, hub id, .gguf file")
+    model: str = option("ngram", "'ngram' (prompt lookup, no model), a feature drafter folder (specdec train-draft), "
+                        "or a draft model: HF folder, hub id, .gguf file")
+    feature_target: str = option("", "a feature drafter's target model, whose embeddings it reads (default: the one "
+                                 "it was trained for, from its config.json)")
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(0, "port to listen on (0 picks a free one; the chosen address is printed as JSON)")
     device: str = option("cpu", "torch device for a model drafter")

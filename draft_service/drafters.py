@@ -1,14 +1,15 @@
 """Drafters: what proposes tokens. Plain classes, testable without a server.
 
-Both take the session's SessionCache and the full committed token list and return a Proposal.
-Randomness for the draft draws is keyed by (seed, position, DRAFT), so a retried request
-proposes the same tokens.
+Every drafter (n-gram, model, feature) implements the Drafter protocol: a batch of ProposeJobs
+(the session's SessionCache, its full committed token list, k, sampling, and for a feature
+drafter the target's features) in, one Proposal each out. Randomness for the draft draws is keyed
+by (seed, position), so a retried request proposes the same tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -25,16 +26,29 @@ class Proposal:
     point_mass: bool
     reused_tokens: int = 0
     computed_tokens: int = 0
+    features_from: int | None = None  # a feature drafter lacking the target's features from here
 
 
 @dataclass
 class ProposeJob:
-    """One Propose request: the session's cache entry, committed tokens, k and sampling."""
+    """One Propose request: the session's cache entry, committed tokens, k and sampling, and the
+    target's features of committed positions [features_start, ...) for a feature drafter."""
 
     entry: SessionCache
     committed: Sequence[int]
     k: int
     params: SamplingParams
+    features: torch.Tensor | None = None
+    features_start: int = 0
+
+
+class Drafter(Protocol):
+    """What the draft service hosts."""
+
+    kind: str  # "ngram", "model" or "eagle3", reported in ModelInfo and the stats
+    runs_inline: bool  # cheap enough to run on the event loop, without batching
+
+    def propose_batch(self, jobs: Sequence[ProposeJob]) -> list[Proposal]: ...
 
 
 class ModelDrafter:

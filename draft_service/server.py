@@ -6,6 +6,10 @@ import torch
 
 from draft_service.config import DraftConfig
 from draft_service.drafters import ModelDrafter, NgramDrafter
+from draft_service.feature_drafter import FeatureDrafter
+from specdec import models
+from specdec.eagle import is_drafter_folder
+from specdec.serving import StartupError
 from draft_service.servicer import DraftServicer
 from specdec.service_base import ModelFacts, SessionHost, load_causal_lm, open_snapshots, tier_keys
 from specdec.metrics import ServiceMetrics
@@ -27,6 +31,18 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
             eos_token_ids=(),
         )
         drafter, snapshots = NgramDrafter(config.ngram_max, config.ngram_min), None  # no KV cache to snapshot
+    elif is_drafter_folder(config.model):
+        drafter = FeatureDrafter.load(config.model, config.feature_target, config.device)
+        target = config.feature_target or drafter.config.target
+        tokenizer = models.load_tokenizer(target)
+        if models.vocab_fingerprint(tokenizer) != drafter.config.vocab_fingerprint:
+            raise StartupError(f"{config.model} was trained for another vocabulary than {target}'s")
+        facts = ModelFacts(
+            name=config.model, kind=drafter.kind, vocab_size=drafter.config.target_vocab_size,
+            vocab_fingerprint=drafter.config.vocab_fingerprint, max_context=drafter.config.max_position_embeddings,
+            eos_token_ids=(), feature_layers=drafter.feature_layers, feature_hidden_size=drafter.config.hidden_size,
+        )
+        snapshots = None  # its cache is rebuilt from the target's features, cheaply
     else:
         loaded = load_causal_lm(config.model, "model", config.device, config.dtype)
         facts, drafter = loaded.facts, ModelDrafter(loaded.runner)

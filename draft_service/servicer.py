@@ -6,14 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from draft_service.drafters import Proposal, ProposeJob
+import torch
+
+from draft_service.drafters import Drafter, Proposal, ProposeJob
 from specdec.batcher import Batcher
 from specdec.errors import InvalidArgument, ResourceExhausted
 from specdec.metrics import ServiceMetrics
 from specdec.sampling import SamplingParams
 from specdec.service_base import SessionHost
 from specdec.serving import run_inline
-from specdec.tensor_codec import encode_tensor
+from specdec.tensor_codec import decode_tensor, encode_tensor
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from specdec.wire import ContextDelta, context_from_pb, sampling_from_pb
 
@@ -23,10 +25,12 @@ class ParsedPropose:
     context: ContextDelta
     k: int
     params: SamplingParams
+    features: torch.Tensor | None = None
+    features_start: int = 0
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, host: SessionHost, drafter, max_k: int, window_s: float, max_batch: int, max_queued: int,
+    def __init__(self, host: SessionHost, drafter: Drafter, max_k: int, window_s: float, max_batch: int, max_queued: int,
                  metrics: ServiceMetrics):
         self.host = host
         self.drafter = drafter
@@ -44,13 +48,24 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         if not 1 <= request.k <= self.max_k:
             raise InvalidArgument(f"k must be in [1, {self.max_k}], got {request.k}")
         k = min(request.k, facts.max_context - ctx.committed_len)
-        return ParsedPropose(ctx, k, sampling_from_pb(request.sampling))
+        features = None
+        if request.HasField("features"):
+            if not facts.feature_layers:
+                raise InvalidArgument("this drafter reads no target features; send none")
+            features = decode_tensor(request.features)
+            width = len(facts.feature_layers) * facts.feature_hidden_size
+            if features.dim() != 2 or features.shape[1] != width:
+                raise InvalidArgument(f"features must be [positions, {width}], got {tuple(features.shape)}")
+            if request.features_start + features.shape[0] > ctx.committed_len:
+                raise InvalidArgument("features may cover committed positions only")
+        return ParsedPropose(ctx, k, sampling_from_pb(request.sampling), features, request.features_start)
 
     def _run_batch(self, requests: Sequence[ParsedPropose]) -> list[Proposal | BaseException]:
         """Every request whose context resolves drafts together (one forward per draft step)."""
         return self.host.run_batch(
             requests,
-            lambda request, entry, tokens: ProposeJob(entry, tokens, request.k, request.params),
+            lambda request, entry, tokens: ProposeJob(entry, tokens, request.k, request.params, request.features,
+                                                      request.features_start),
             self.drafter.propose_batch,
         )
 
@@ -74,6 +89,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         )
         if proposal.probs is not None:
             response.probs.CopyFrom(encode_tensor(proposal.probs))
+        if proposal.features_from is not None:
+            response.features_from = proposal.features_from
         return response
 
     @staticmethod

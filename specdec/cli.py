@@ -202,6 +202,14 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    from specdec.train_draft import options_from, train
+
+    train(options_from(args), log=lambda line: print(line, file=sys.stderr))
+    print(args.out)
+    return 0
+
+
 def cmd_tier_token(args: argparse.Namespace) -> int:
     """Write a new random tier token to a file readable by its owner only, unless one is there."""
     from specdec.access import new_token, read_keys
@@ -299,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="", help="output folder (default bench/out/<time>)")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=cmd_bench)
+
+    from specdec.train_draft import add_arguments as add_training_arguments
+
+    train = commands.add_parser("train-draft", help="train a feature drafter (EAGLE-3) for a target, on data the "
+                                "target writes itself")
+    add_training_arguments(train)
+    train.set_defaults(run=cmd_train_draft)
 
     token = commands.add_parser("tier-token", help="write a random tier token to a file (if it holds none yet)")
     token.add_argument("path", help="file to write; give it to the tiers and coordinators as --tier-token-file")

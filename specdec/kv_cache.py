@@ -93,6 +93,43 @@ def _blocks(positions: int) -> int:
     return max(BLOCK, -(-positions // BLOCK) * BLOCK)
 
 
+class FeatureBuffer:
+    """A session's target features (outputs of some layers, float16) for positions [lo, hi), kept
+    so that a feature drafter that lost them can get them again without a recompute."""
+
+    def __init__(self, layers: tuple[int, ...], width: int, device: torch.device, capacity: int = BLOCK):
+        self.layers = layers
+        self.lo = self.hi = 0
+        self.data = torch.zeros((_blocks(capacity), width), dtype=torch.float16, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def covers(self, start: int, end: int) -> bool:
+        return self.lo <= start and end <= self.hi
+
+    def crop(self, length: int) -> None:
+        self.hi = min(self.hi, length)
+        self.lo = min(self.lo, self.hi)
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        """Features of positions [start, start + len(rows)), which must touch what is held."""
+        end = start + rows.shape[0]
+        if not self.lo <= start <= self.hi:  # a gap: keep only the new stretch
+            self.lo = start
+        if end > self.data.shape[0]:
+            grown = torch.zeros((_blocks(max(end, 2 * self.data.shape[0])), self.data.shape[1]),
+                                dtype=self.data.dtype, device=self.data.device)
+            grown[: self.hi] = self.data[: self.hi]
+            self.data = grown
+        self.data[start:end] = rows.to(self.data.dtype)
+        self.hi = end
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        return self.data[start:end]
+
+
 @dataclass
 class SessionCache:
     """What a service holds for one session: token ids and (for a model) their KV cache."""
@@ -101,6 +138,7 @@ class SessionCache:
     kv: SessionKV | None = None  # covers tokens[:kv.length]
     snapshot_len: int = 0  # committed positions handed to the Redis snapshot (kv_snapshot)
     digest: PrefixDigest | None = None  # of the committed prefix last proven, tokens[:digest.length]
+    features: FeatureBuffer | None = None  # target features, when a feature drafter asks for them
 
     @property
     def kv_len(self) -> int:
@@ -108,7 +146,8 @@ class SessionCache:
 
     @property
     def nbytes(self) -> int:
-        return (0 if self.kv is None else self.kv.nbytes) + 8 * len(self.tokens)
+        held = [self.kv, self.features]
+        return sum(part.nbytes for part in held if part is not None) + 8 * len(self.tokens)
 
 
 class SessionCacheTable:

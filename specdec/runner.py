@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from specdec.kv_cache import BLOCK, KVShape, SessionCache, SessionKV, common_prefix_len
+from specdec.kv_cache import BLOCK, FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 
 ROWS = 4  # row counts of matrix products are padded to a multiple of this
 MAX_CHUNK = 256  # new positions of one session per pass; a longer prefill takes several passes
@@ -41,17 +41,22 @@ class UnsupportedModel(ValueError):
 
 @dataclass
 class ForwardJob:
-    """One session's part of a pass: logits at input positions first..len(tokens)-1."""
+    """One session's part of a pass: logits at input positions first..len(tokens)-1, and, when
+    feature_layers is set, the outputs of those layers (features) at positions
+    features_from..len(tokens)-1."""
 
     entry: SessionCache
     tokens: Sequence[int]
     first: int
+    feature_layers: tuple[int, ...] = ()  # hidden-state indices: 0 = embeddings, i = layer i's output
+    features_from: int = 0
 
 
 @dataclass
 class ForwardResult:
     logits: torch.Tensor  # float32 [len(tokens) - first, vocab]; row j predicts tokens[first + j + 1]
     reused: int  # cached positions kept
+    features: torch.Tensor | None = None  # float16 [len(tokens) - features_from, layers * hidden]
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,8 @@ class ModelRunner:
             if entry.kv is None:
                 entry.kv = self.new_kv(len(job.tokens))
             keep = min(common_prefix_len(entry.tokens[: entry.kv.length], job.tokens), job.first)
+            if job.feature_layers:
+                keep = self._features_kept(job, keep)
             entry.kv.crop(keep)
             entry.kv.reserve(len(job.tokens))
             entry.tokens = list(job.tokens[: entry.kv.length])
@@ -172,7 +179,26 @@ class ModelRunner:
                 pieces[i].append(logits)
             for i, _, end in spans:
                 done[i] = end
-        return [ForwardResult(torch.cat(p).float()[:, : self.vocab_size], keep) for p, keep in zip(pieces, starts)]
+        return [ForwardResult(torch.cat(p).float()[:, : self.vocab_size], keep,
+                              job.entry.features.read(job.features_from, len(job.tokens)) if job.feature_layers else None)
+                for p, keep, job in zip(pieces, starts, jobs)]
+
+    def feature_width(self, layers: Sequence[int]) -> int:
+        return len(layers) * self.config.hidden_size
+
+    def _features_kept(self, job: ForwardJob, keep: int) -> int:
+        """How much of the cache a job that wants features can keep: positions whose features are
+        wanted but not held are recomputed."""
+        if not all(0 <= layer <= len(self.layers) for layer in job.feature_layers):
+            raise ValueError(f"feature layers {job.feature_layers} outside 0..{len(self.layers)}")
+        held = job.entry.features
+        if held is None or held.layers != job.feature_layers:
+            held = job.entry.features = FeatureBuffer(job.feature_layers, self.feature_width(job.feature_layers),
+                                                      self.device, len(job.tokens))
+        held.crop(keep)
+        if not held.covers(min(job.features_from, keep), keep):
+            keep = min(keep, job.features_from)
+        return keep
 
     def _pass(self, spans: list[tuple[ForwardJob, int, int]]) -> list[torch.Tensor]:
         """One pass over positions [start, end) of each job's tokens; returns, per job, logits of
@@ -180,12 +206,22 @@ class ModelRunner:
         ids = torch.tensor([t for job, a, b in spans for t in job.tokens[a:b]], device=self.device)
         positions = torch.cat([torch.arange(a, b, device=self.device) for _, a, b in spans])
         cos, sin = self._rotary(positions, max(b for _, _, b in spans))
+        wanted_layers = sorted({layer for job, _, _ in spans for layer in job.feature_layers})
         x = self.embed(ids)
+        outputs = {0: x} if 0 in wanted_layers else {}
         for index, layer in enumerate(self.layers):
             x = x + self._attention(index, layer, layer.input_norm(x), cos, sin, spans)
             h = layer.post_norm(x)
             gate, up = _linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
             x = x + _linear(layer.act(gate) * up, layer.down, layer.down_bias)
+            if index + 1 in wanted_layers:
+                outputs[index + 1] = x
+        row = 0
+        for job, a, b in spans:
+            if job.feature_layers:
+                job.entry.features.write(a, torch.cat([outputs[layer][row : row + b - a] for layer in job.feature_layers],
+                                                      dim=-1))
+            row += b - a
         wanted, row = [], 0
         for job, a, b in spans:
             wanted.append(torch.arange(row + min(b - a, max(0, job.first - a)), row + b - a, device=self.device))

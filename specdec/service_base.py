@@ -27,6 +27,8 @@ class ModelFacts:
     vocab_fingerprint: str
     max_context: int
     eos_token_ids: tuple[int, ...]
+    feature_layers: tuple[int, ...] = ()  # a feature drafter's target layers
+    feature_hidden_size: int = 0
 
     def to_pb(self) -> common_pb2.ModelInfo:
         return common_pb2.ModelInfo(
@@ -36,6 +38,8 @@ class ModelFacts:
             vocab_fingerprint=self.vocab_fingerprint,
             max_context=self.max_context,
             eos_token_ids=list(self.eos_token_ids),
+            feature_layers=list(self.feature_layers),
+            feature_hidden_size=self.feature_hidden_size,
         )
 
 
@@ -159,6 +163,7 @@ def load_causal_lm(spec: str, kind: str, device: str, dtype: str) -> LoadedModel
         vocab_fingerprint=models.vocab_fingerprint(tokenizer),
         max_context=models.max_context(model),
         eos_token_ids=tuple(models.eos_token_ids(model, tokenizer)),
+        feature_hidden_size=model.config.hidden_size,
     )
     try:
         runner = ModelRunner(model, vocab_size)

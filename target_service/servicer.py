@@ -22,6 +22,8 @@ class ParsedVerify:
     context: ContextDelta
     drafts: tuple[int, ...]
     params: SamplingParams
+    feature_layers: tuple[int, ...] = ()
+    feature_start: int = 0
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
@@ -49,13 +51,22 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 f"context of {facts.max_context} tokens"
             )
         check_token_ids(drafts, facts.vocab_size, "draft_tokens")
-        return ParsedVerify(ctx, drafts, sampling_from_pb(request.sampling))
+        layers, start = (), 0
+        if request.HasField("feature_start"):
+            layers, start = tuple(request.feature_layers), request.feature_start
+            depth = len(self.runner.layers)
+            if not layers or len(layers) > 8 or not all(0 <= layer <= depth for layer in layers):
+                raise InvalidArgument(f"feature_layers must name 1 to 8 layers in 0..{depth} (0 = the embeddings)")
+            if start >= ctx.committed_len + len(drafts):
+                raise InvalidArgument("feature_start must be a position this Verify computes or holds")
+        return ParsedVerify(ctx, drafts, sampling_from_pb(request.sampling), layers, start)
 
     def _run_batch(self, requests: Sequence[ParsedVerify]) -> list[Verification | BaseException]:
         """On the worker thread: one forward pass for every request whose context resolves."""
         return self.host.run_batch(
             requests,
-            lambda request, entry, tokens: VerifyJob(entry, tokens, request.drafts, request.params),
+            lambda request, entry, tokens: VerifyJob(entry, tokens, request.drafts, request.params,
+                                                     request.feature_layers, request.feature_start),
             lambda jobs: verify_batch(self.runner, jobs),
         )
 
@@ -74,6 +85,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s),
             cache=common_pb2.CacheUse(reused_tokens=result.reused_tokens, computed_tokens=result.computed_tokens),
         )
+        if result.features is not None:
+            response.features.CopyFrom(encode_tensor(result.features))
         if result.probs is not None:
             response.probs.CopyFrom(encode_tensor(result.probs))
         elif parsed.params.greedy:

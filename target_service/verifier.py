@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from specdec.kv_cache import SessionCache
-from specdec.runner import ForwardJob, ModelRunner
+from specdec.runner import ForwardJob, ForwardResult, ModelRunner
 from specdec.sampling import SamplingParams, coupled_draws, probs_from_logits
 
 
@@ -21,6 +21,7 @@ class Verification:
     probs: torch.Tensor | None  # [k+1, V]
     reused_tokens: int
     computed_tokens: int
+    features: torch.Tensor | None = None  # float16 [positions from feature_start, layers * hidden]
 
 
 @dataclass
@@ -31,24 +32,29 @@ class VerifyJob:
     committed: Sequence[int]
     draft_tokens: Sequence[int]
     params: SamplingParams
+    feature_layers: tuple[int, ...] = ()
+    feature_start: int = 0
 
     def forward_job(self) -> ForwardJob:
         # Logits at committed_len - 1 .. end: row i predicts position len(committed) + i.
-        return ForwardJob(self.entry, list(self.committed) + list(self.draft_tokens), len(self.committed) - 1)
+        return ForwardJob(self.entry, list(self.committed) + list(self.draft_tokens), len(self.committed) - 1,
+                          self.feature_layers, self.feature_start)
 
 
-def _verification(job: VerifyJob, logits: torch.Tensor, reused: int) -> Verification:
+def _verification(job: VerifyJob, result: ForwardResult) -> Verification:
+    logits, reused, features = result.logits, result.reused, result.features
     computed = len(job.committed) + len(job.draft_tokens) - reused
     if job.params.greedy:
-        return Verification(torch.argmax(logits, dim=-1).tolist(), None, reused, computed)
+        return Verification(torch.argmax(logits, dim=-1).tolist(), None, reused, computed, features)
     probs = probs_from_logits(logits, job.params)
     if job.params.coupled:
-        return Verification(coupled_draws(probs, job.params.seed, len(job.committed)), None, reused, computed)
-    return Verification(None, probs, reused, computed)
+        return Verification(coupled_draws(probs, job.params.seed, len(job.committed)), None, reused, computed,
+                            features)
+    return Verification(None, probs, reused, computed, features)
 
 
 def verify_batch(runner: ModelRunner, jobs: Sequence[VerifyJob]) -> list[Verification]:
     """Score every job's drafts in one forward pass (k+1 distributions or argmax ids each)."""
     results = runner.forward([job.forward_job() for job in jobs])
-    return [_verification(job, result.logits, result.reused) for job, result in zip(jobs, results)]
+    return [_verification(job, result) for job, result in zip(jobs, results)]
 

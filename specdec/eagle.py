@@ -1,0 +1,211 @@
+"""The feature drafter (EAGLE-3; Li et al. 2025): one decoder layer that predicts the target's next
+token from the target's own features.
+
+At position p its input is the next token's embedding e(t_p) (the target's embedding table,
+frozen) beside a hidden state: the fused target features g_{p-1} = fc([low, mid, high]) of the
+position before, or, when drafting further than the target has computed, the drafter's own
+output h_{p-1} at that position. Both are RMS-normalised and concatenated, go through one Llama
+decoder layer (attention over the drafter's own KV cache, MLP), and a final norm and an LM head
+over a reduced draft vocabulary (the target's most frequent output tokens; `d2t` maps them back
+to target ids) give q. Outside the draft vocabulary q is zero, which the sampling rules allow.
+
+Training unrolls a few drafting steps ("training-time test"): step j feeds the drafter its own
+step-(j-1) outputs, and attends to what inference would hold (`ttt_mask`).
+
+A drafter is a folder: config.json (this module's DrafterConfig, with "specdec_drafter":
+"eagle3"), model.safetensors (float16 weights and d2t) and README.md (its card).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KIND = "eagle3"
+
+
+@dataclass
+class DrafterConfig:
+    target: str  # the target model it was trained for (spec: folder, hub id, .gguf, 'smollm2')
+    vocab_fingerprint: str  # the target tokenizer's (specdec.models.vocab_fingerprint)
+    feature_layers: list[int]  # target hidden-state indices fused (0 = embeddings, i = layer i's output)
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    target_vocab_size: int
+    draft_vocab_size: int
+    rope_scaling: dict | None = None
+    specdec_drafter: str = KIND
+    training: dict = field(default_factory=dict)  # what the card reports (data, steps, device, ...)
+
+    @classmethod
+    def for_target(cls, target_config, target: str, fingerprint: str, vocab: int, draft_vocab: int,
+                   feature_layers: list[int]) -> "DrafterConfig":
+        heads = target_config.num_attention_heads
+        return cls(
+            target=target, vocab_fingerprint=fingerprint, feature_layers=list(feature_layers),
+            hidden_size=target_config.hidden_size, intermediate_size=target_config.intermediate_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(target_config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(target_config, "head_dim", None) or target_config.hidden_size // heads,
+            rms_norm_eps=target_config.rms_norm_eps,
+            rope_theta=float(getattr(target_config, "rope_theta", None) or
+                             (getattr(target_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+            max_position_embeddings=target_config.max_position_embeddings, target_vocab_size=vocab,
+            draft_vocab_size=draft_vocab, rope_scaling=getattr(target_config, "rope_scaling", None),
+        )
+
+    def save(self, folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> "DrafterConfig":
+        return cls(**json.loads((Path(folder) / "config.json").read_text()))
+
+
+def is_drafter_folder(spec: str) -> bool:
+    config = Path(spec) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("specdec_drafter") == KIND
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class EagleDrafter(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
+                                             config.num_key_value_heads, config.head_dim)
+        self.fc = nn.Linear(len(config.feature_layers) * hidden, hidden, bias=False)
+        self.input_norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.hidden_norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.q_proj = nn.Linear(2 * hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.post_norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(hidden, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=False)
+        self.norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    # --- pieces -------------------------------------------------------------------------------
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features [..., layers * hidden] -> g [..., hidden]."""
+        return self.fc(features.to(self.fc.weight.dtype))
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos(), angles.sin()
+
+    def qkv(self, embeddings: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor):
+        """Queries, keys and values of inputs [..., n, hidden] at positions [..., n]:
+        q [..., heads, n, dim], k and v [..., kv_heads, n, dim]."""
+        c = self.config
+        x = torch.cat([self.input_norm(embeddings), self.hidden_norm(hidden)], dim=-1)
+        shape = x.shape[:-1]
+        q = self.q_proj(x).view(*shape, c.num_attention_heads, c.head_dim).transpose(-2, -3)
+        k = self.k_proj(x).view(*shape, c.num_key_value_heads, c.head_dim).transpose(-2, -3)
+        v = self.v_proj(x).view(*shape, c.num_key_value_heads, c.head_dim).transpose(-2, -3)
+        cos, sin = self.rotary(positions)
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def finish(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The layer's output h from its residual input and the attention output [..., heads, n, dim]."""
+        attended = attended.transpose(-2, -3).flatten(-2)
+        x = hidden + self.o_proj(attended)
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits [..., draft_vocab] of outputs h."""
+        return self.lm_head(self.norm(h))
+
+    # --- training ---------------------------------------------------------------------------
+
+    def unrolled(self, embeddings: torch.Tensor, features: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """Training-time test over whole sequences. embeddings [B, T, H] of tokens t_0..t_{T-1},
+        features [B, T, layers*H] of the target at those positions. Step 1 reads the target's
+        g_{p-1}; step j > 1 reads the drafter's own step-(j-1) output at p-1 and attends as drafting
+        would (ttt_mask). Returns the draft-vocabulary logits of every step, [B, T, Vd] each; row p
+        predicts t_{p+1}."""
+        batch, length, _ = embeddings.shape
+        positions = torch.arange(length, device=embeddings.device).expand(batch, length)
+        previous = F.pad(self.fuse(features), (0, 0, 1, 0))[:, :-1]  # g_{p-1}, zeros at p = 0
+        keys, values, outputs = [], [], []
+        for step in range(1, steps + 1):
+            q, k, v = self.qkv(embeddings, previous, positions)
+            keys.append(k)
+            values.append(v)
+            mask = ttt_mask(length, step, embeddings.device)
+            attended = F.scaled_dot_product_attention(q, torch.cat(keys, dim=-2), torch.cat(values, dim=-2),
+                                                      attn_mask=mask, enable_gqa=True)
+            h = self.finish(previous, attended)
+            outputs.append(self.logits(h))
+            previous = F.pad(h, (0, 0, 1, 0))[:, :-1]  # own output at p-1 feeds step + 1 at p
+        return outputs
+
+    # --- files ------------------------------------------------------------------------------
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: (t.detach().half() if t.is_floating_point() else t.detach()).contiguous().cpu()
+                   for name, t in self.state_dict().items()}
+        save_file(tensors, str(folder / "model.safetensors"))
+        self.config.save(folder)
+
+    @classmethod
+    def load(cls, folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "EagleDrafter":
+        from safetensors.torch import load_file
+
+        model = cls(DrafterConfig.load(folder))
+        state = load_file(str(Path(folder) / "model.safetensors"))
+        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+        return model.to(device).eval()
+
+
+def ttt_mask(length: int, step: int, device) -> torch.Tensor:
+    """Which keys a step-`step` query at position p sees, [T, step * T] (True = attend): the
+    step-1 keys (computed from target features) at positions <= p - step + 1, then for each later
+    step i the one key at position p - step + i, which is what the drafter's cache holds when it
+    drafts position p after starting from position p - step + 1."""
+    rows = torch.arange(length, device=device)[:, None]
+    cols = torch.arange(length, device=device)[None, :]
+    blocks = [cols <= rows - step + 1]
+    blocks += [cols == rows - step + i for i in range(2, step + 1)]
+    return torch.cat(blocks, dim=1)
