@@ -52,6 +52,7 @@ COPY draft_service/ draft_service/
 COPY target_service/ target_service/
 COPY coordinator/ coordinator/
 COPY bench/ bench/
+COPY drafters/ drafters/
 COPY pyproject.toml README.md ./
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info

@@ -25,7 +25,9 @@ import torch
 from tqdm import tqdm
 
 from bench.figures import SPEC_BENCH_COLUMNS, PromptRun, Totals, column_of, ideal_speedup, percentile
+from specdec.eagle import is_drafter_folder
 from specdec.launcher import LaunchOptions, Pipeline, spawn_service, default_prompts_file, launch
+from specdec.models import AUTO_DRAFTER, default_drafter
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 BASELINE = "ours-k0"
@@ -43,7 +45,7 @@ class BenchOptions:
     top_p: float = 1.0
     seed: int = 0
     target: str = "smollm2"
-    drafters: tuple[str, ...] = ("ngram",)  # "ngram" and/or draft model paths
+    drafters: tuple[str, ...] = ("auto", "ngram")  # "auto", "ngram", drafter folders (PATH+ngramN), draft models
     ks: tuple[int, ...] = (4,)
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
     sweep_tokens: int = 32
@@ -188,16 +190,27 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def drafter_service(spec: str, target: str) -> tuple[str, tuple[str, ...]]:
+    """A --drafters entry as a draft service's model and flags: 'auto' is the drafter shipped for
+    the target, 'PATH+ngramN' a feature drafter in hybrid with N-token prompt lookup."""
+    model, _, hybrid = spec.partition("+ngram")
+    model = default_drafter(target) if model == AUTO_DRAFTER else model
+    return model, (("--hybrid-ngram", hybrid) if hybrid else ())
+
+
 async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, str]]:
     """One target, and per drafter a draft service and a coordinator on that target."""
     first, *others = options.drafters
-    pipeline = await launch(LaunchOptions(target=options.target, draft=first, device=options.device,
-                                          draft_device=options.device, snapshots=options.kv_snapshots))
+    model, flags = drafter_service(first, options.target)
+    pipeline = await launch(LaunchOptions(target=options.target, draft=model, device=options.device,
+                                          draft_device=options.device, snapshots=options.kv_snapshots,
+                                          draft_flags=flags))
     coordinators = {first: pipeline.coordinator.address}
     targets = ",".join(c.address for c in pipeline.targets)
     for drafter in others:
-        draft = await spawn_service(f"draft-{drafter}", "draft_service",
-                                    ["--model", drafter, "--device", options.device], 600,
+        model, flags = drafter_service(drafter, options.target)
+        draft = await spawn_service(f"draft-{drafter_name(drafter)}", "draft_service",
+                                    ["--model", model, "--device", options.device, *flags], 600,
                                     env=pipeline.env("draft_service", options.kv_snapshots))
         pipeline.drafts.append(draft)
         coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [
@@ -209,7 +222,10 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
 
 
 def drafter_name(spec: str) -> str:
-    return spec if spec == "ngram" else Path(spec).name or spec
+    if spec in ("ngram", AUTO_DRAFTER):
+        return "eagle3" if spec == AUTO_DRAFTER else spec
+    model, _, hybrid = spec.partition("+ngram")
+    return (Path(model).name or model) + (f"+ngram{hybrid}" if hybrid else "")
 
 
 async def run_bench(options: BenchOptions) -> dict:
@@ -222,7 +238,8 @@ async def run_bench(options: BenchOptions) -> dict:
     ]
     if options.sweep_only:
         ours_configs = []
-    model_drafts = [d for d in options.drafters if d != "ngram"]
+    model_drafts = [d for d in options.drafters
+                    if d not in ("ngram", AUTO_DRAFTER) and "+" not in d and not is_drafter_folder(d)]
     peer_configs = []
     if options.peers and not options.sweep_only:
         peer_configs = [(HF_PLAIN, {})]

@@ -9,6 +9,8 @@ from specdec.config import option
 class DraftConfig:
     model: str = option("ngram", "'ngram' (prompt lookup, no model), a feature drafter folder (specdec train-draft), "
                         "or a draft model: HF folder, hub id, .gguf file")
+    hybrid_ngram: int = option(0, "feature drafter: where the context repeats its last N tokens, propose what followed "
+                               "them (prompt lookup) instead (0 = never)")
     feature_target: str = option("", "a feature drafter's target model, whose embeddings it reads (default: the one "
                                  "it was trained for, from its config.json)")
     host: str = option("127.0.0.1", "address to listen on")

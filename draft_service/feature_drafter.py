@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from draft_service.drafters import Proposal, ProposeJob
+from draft_service.drafters import Proposal, ProposeJob, ngram_lookup
 from specdec.eagle import KIND, EagleDrafter
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import DRAFT, SamplingParams, coupling_noise, probs_from_logits, sample, uniform
@@ -28,8 +28,11 @@ class FeatureDrafter:
     kind = KIND
     runs_inline = False
 
-    def __init__(self, head: EagleDrafter, embeddings: torch.Tensor):
+    def __init__(self, head: EagleDrafter, embeddings: torch.Tensor, hybrid_ngram: int = 0):
         self.head = head
+        # Hybrid: where the context repeats its last `hybrid_ngram` tokens, propose what followed
+        # them (prompt lookup) instead of the head's guess. 0 = never.
+        self.hybrid_ngram = hybrid_ngram
         self.config = head.config
         self.embeddings = embeddings  # the target's input embedding table [vocab, hidden], frozen
         self.device = embeddings.device
@@ -41,14 +44,21 @@ class FeatureDrafter:
         self.d2t_list = d2t.tolist()
 
     @classmethod
-    def load(cls, folder: str, target: str = "", device: str = "cpu") -> "FeatureDrafter":
+    def load(cls, folder: str, target: str = "", device: str = "cpu", hybrid_ngram: int = 0) -> "FeatureDrafter":
         """The head in `folder`, reading the embeddings of `target` (default: the model it was
         trained for)."""
         from specdec import models
 
         head = EagleDrafter.load(Path(folder), device=device)
         model = models.load_model(target or head.config.target, device=device)
-        return cls(head, model.get_input_embeddings().weight.detach().float())
+        return cls(head, model.get_input_embeddings().weight.detach().float(), hybrid_ngram)
+
+    def _lookup(self, job: ProposeJob) -> list[int]:
+        """The hybrid's n-gram proposal, if the context repeats a long enough suffix (never for the
+        rejection rule, whose q the point masses would not fit)."""
+        if not self.hybrid_ngram or (not job.params.greedy and not job.params.coupled):
+            return []
+        return ngram_lookup(job.committed, job.k, max_ngram=max(self.hybrid_ngram, 8), min_ngram=self.hybrid_ngram)
 
     # --- one session's state --------------------------------------------------------------
 
@@ -128,8 +138,11 @@ class FeatureDrafter:
             start = entry.kv.length
             tokens = torch.tensor(job.committed[start:c], device=self.device)
             h = self._layer(entry, tokens, self._fused(entry, start - 1, c - 1), start)
-            proposals.append(Proposal([], None, point_mass=False, reused_tokens=start, computed_tokens=c - start))
-            active.append((i, job, h[-1:]))
+            copied = self._lookup(job)
+            proposals.append(Proposal(copied, None, point_mass=bool(copied), reused_tokens=start,
+                                      computed_tokens=c - start))
+            if not copied:
+                active.append((i, job, h[-1:]))
         rows: dict[int, list[torch.Tensor]] = {i: [] for i, _, _ in active}
         for step in range(max((job.k for _, job, _ in active), default=0)):
             logits = self.head.logits(torch.cat([h for _, _, h in active])) if active else None

@@ -32,7 +32,7 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
         )
         drafter, snapshots = NgramDrafter(config.ngram_max, config.ngram_min), None  # no KV cache to snapshot
     elif is_drafter_folder(config.model):
-        drafter = FeatureDrafter.load(config.model, config.feature_target, config.device)
+        drafter = FeatureDrafter.load(config.model, config.feature_target, config.device, config.hybrid_ngram)
         target = config.feature_target or drafter.config.target
         tokenizer = models.load_tokenizer(target)
         if models.vocab_fingerprint(tokenizer) != drafter.config.vocab_fingerprint:

@@ -235,7 +235,8 @@ def cmd_derive_draft(args: argparse.Namespace) -> int:
 
 def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_MODEL, help="target model: HF folder, hub id, .gguf file, 'smollm2'")
-    parser.add_argument("--draft", default="ngram", help="'ngram' or a draft model sharing the target's tokenizer")
+    parser.add_argument("--draft", default="auto", help="'auto' (the feature drafter shipped for the default target, "
+                        "else ngram), 'ngram', a feature drafter folder, or a draft model sharing the target's tokenizer")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting a redis-server")
     parser.add_argument("--host", default="127.0.0.1", help="address the services listen on")
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0 = a free one)")
@@ -295,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sampled runs: comma-separated rules (coupled, rejection), one configuration each")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--target", default=DEFAULT_MODEL, help="target model")
-    bench.add_argument("--drafters", default="ngram", help="comma-separated: 'ngram' and/or draft model paths")
+    bench.add_argument("--drafters", default="auto,ngram",
+                       help="comma-separated: 'auto' (the drafter shipped for the target), 'ngram', feature drafter "
+                            "folders (PATH+ngramN: hybrid with N-token prompt lookup), draft model paths")
     bench.add_argument("--ks", default="4", help="comma-separated draft lengths")
     bench.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated session counts for the sweep")
     bench.add_argument("--sweep-tokens", type=int, default=32, help="new tokens per session in the sweep")

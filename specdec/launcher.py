@@ -21,6 +21,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from specdec.access import new_token, read_keys
+from specdec.models import AUTO_DRAFTER, default_drafter
 from specdec.serving import wait_healthy
 from specdec.tls import redact_url
 
@@ -54,6 +55,7 @@ class LaunchOptions:
     torch_threads: int = 0
     snapshots: bool = True  # draft and target write KV-cache snapshots to Redis
     tier_token_file: str = ""  # the tier token to use; empty: a fresh one for this run
+    draft_flags: tuple[str, ...] = ()  # more flags for the draft services
 
 
 @dataclass
@@ -172,7 +174,9 @@ async def launch(options: LaunchOptions) -> Pipeline:
         if not options.redis_url:
             await start_redis(pipeline)
         target_args = ["--model", options.target, "--host", options.host, "--device", options.device, *threads]
-        draft_args = ["--model", options.draft, "--host", options.host, "--device", options.draft_device, *threads]
+        draft = default_drafter(options.target) if options.draft == AUTO_DRAFTER else options.draft
+        draft_args = ["--model", draft, "--host", options.host, "--device", options.draft_device, *threads,
+                      *options.draft_flags]
         target_env = pipeline.env("target_service", options.snapshots)
         draft_env = pipeline.env("draft_service", options.snapshots)
         spawns = [spawn_service(f"target-{i}", "target_service", target_args, START_TIMEOUT_S, target_env)

@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+AUTO_DRAFTER = "auto"
+# Drafters trained for a target and shipped in the repository (specdec train-draft).
+SHIPPED_DRAFTERS = {DEFAULT_MODEL: Path(__file__).resolve().parent.parent / "drafters" / "smollm2-eagle3"}
+
+
+def default_drafter(target: str) -> str:
+    """The drafter `specdec up` uses when none is named: the one shipped for this target, else
+    n-gram lookup (which fits any target)."""
+    shipped = SHIPPED_DRAFTERS.get(target or DEFAULT_MODEL)
+    return str(shipped) if shipped is not None and (shipped / "config.json").is_file() else "ngram"
 
 
 @dataclass(frozen=True)

@@ -380,7 +380,7 @@ def train(options: TrainOptions, log=print) -> dict:
         spent = time.perf_counter() - tick
         state.trained_s += spent
         bar.update(min(spent, bar.total - bar.n))
-        bar.set_postfix_str(f"step {state.step} loss {float(loss):.3f}")
+        bar.set_postfix_str(f"step {state.step} loss {state.losses[-1]:.3f}")
         if time.monotonic() - last_checkpoint > options.checkpoint_s:
             _save_checkpoint(checkpoint_file, drafter, optimizer, state, rng)
             last_checkpoint = time.monotonic()
@@ -469,3 +469,10 @@ def options_from(args: argparse.Namespace) -> TrainOptions:
         seed=args.seed, checkpoint_s=args.checkpoint_s, resume=args.resume, data=args.data,
         progress=not args.no_progress,
     )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m specdec.train_draft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    train(options_from(parser.parse_args()), log=lambda line: print(line, flush=True))

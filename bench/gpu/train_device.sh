@@ -26,7 +26,7 @@ if [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD SPECDEC_CACHE_DIR=/tmp/specdec-cache
 WORK=/tmp/drafter
-python3 -m specdec.cli train-draft --target "$STORE/$name" --out "$WORK" --device cuda --no-progress \
+python3 -m specdec.train_draft --target "$STORE/$name" --out "$WORK" --device cuda --no-progress \
   ${TRAIN_ARGS:---data-minutes 3 --conversations 25000 --batch-conversations 768 --minutes 3.5 --ttt-steps 4 --batch-tokens 32768} \
   2>&1 | tee "$OUTDIR/train.log" | grep -v "^data:" || true
 cp "$WORK/config.json" "$WORK/README.md" "$OUTDIR/"

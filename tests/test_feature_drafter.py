@@ -1,0 +1,213 @@
+"""The feature drafter (EAGLE-3): `specdec train-draft` end to end on a tiny target, the drafter
+through the real services (greedy equals the target's own output, the sampling law holds with
+both rules), features relayed from Verify to Propose, and a draft replica that loses a session's
+features getting them back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+import torch
+
+from conftest import REPO, TIER_METADATA, start_stack
+from helpers import generate
+from specdec import models
+from specdec.eagle import DrafterConfig, EagleDrafter, ttt_mask
+from specdec.prefix import CommittedTokens
+from specdec.sampling import SamplingParams, probs_from_logits
+from specdec.train_draft import TrainOptions, train
+from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
+from specdec.wire import context_to_pb
+from stats import chi_square_pvalue
+from tiny_models import build_tiny_model
+
+
+def _train(target: Path, out: Path, **overrides) -> dict:
+    settings = dict(target=str(target), out=out, minutes=0.15, conversations=24, batch_conversations=12,
+                    answer_tokens=40, draft_vocab=24, batch_tokens=2048, checkpoint_s=2.0, progress=False)
+    return train(TrainOptions(**{**settings, **overrides}), log=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def feature_drafter(tiny_target, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("drafter") / "tiny-eagle3"
+    _train(tiny_target, out)
+    return out
+
+
+def test_train_draft_end_to_end_writes_a_drafter_with_its_card(tiny_target, tmp_path):
+    out = tmp_path / "drafter"
+    done = subprocess.run(
+        [sys.executable, "-m", "specdec.cli", "train-draft", "--target", str(tiny_target), "--out", str(out),
+         "--minutes", "0.1", "--conversations", "16", "--batch-conversations", "8", "--answer-tokens", "24",
+         "--draft-vocab", "20", "--batch-tokens", "1024", "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = DrafterConfig.load(out)
+    assert config.draft_vocab_size == 20 and config.feature_layers and config.specdec_drafter == "eagle3"
+    heldout = config.training["heldout"]
+    assert len(heldout["acceptance_by_position"]) == 5 and heldout["starts"] > 0
+    assert config.training["steps"] > 0 and config.training["conversations"] == 16
+    card = (out / "README.md").read_text()
+    assert "held-out acceptance by position" in card and "cpu" in card
+    head = EagleDrafter.load(out)
+    assert len(set(head.d2t.tolist())) == 20  # draft ids map to distinct target ids
+    # Resumable: a longer budget goes on from the checkpoint and the saved data.
+    resumed = subprocess.run(
+        [sys.executable, "-m", "specdec.cli", "train-draft", "--target", str(tiny_target), "--out", str(out),
+         "--minutes", "0.2", "--draft-vocab", "20", "--batch-tokens", "1024", "--resume", "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at step" in resumed.stderr
+    assert DrafterConfig.load(out).training["steps"] > config.training["steps"]
+
+
+def test_the_training_mask_sees_what_drafting_holds():
+    mask = ttt_mask(5, 3, "cpu")
+    # Step 3 at position 4 started drafting at position 2: target-feature keys 0..2, then its own
+    # step-2 key at 3 and step-3 key at 4.
+    assert mask[4].tolist() == [True, True, True, False, False] + [False] * 3 + [True, False] + [False] * 4 + [True]
+    assert mask[0, :5].sum() == 0 and mask[0, 10] and mask[0].sum() == 1  # nothing before position 0
+
+
+@pytest_asyncio.fixture(scope="module")
+async def feature_stack(redis_server, tiny_target, feature_drafter):
+    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), draft_replicas=2)
+    yield stack
+    for server in stack.servers:
+        await server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def target_greedy(tiny_target):
+    model = models.load_model(str(tiny_target))
+
+    def greedy(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, len(prompt_ids):].tolist()
+
+    return greedy
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+async def test_greedy_with_the_feature_drafter_equals_the_targets_generate(feature_stack, target_greedy, k):
+    async with grpc.aio.insecure_channel(feature_stack.coordinator) as channel:
+        result = await generate(channel, prompt="hello there, how are you doing?", max_new_tokens=48, k=k,
+                                ignore_eos=True)
+    assert result.stats.drafter == "eagle3"
+    assert result.token_ids == target_greedy(result.prompt_token_ids, 48)
+    assert result.stats.draft_tokens > 0 and result.stats.accepted_tokens > 0
+
+
+async def test_a_new_turn_and_a_lost_draft_replica_get_their_features_back(
+    redis_server, tiny_target, feature_drafter, target_greedy
+):
+    """The draft replica holding a session dies between turns: the other one lacks its features,
+    says so, gets them from the target through the coordinator, and drafts again at once."""
+    fields = dict(max_new_tokens=40, k=4, ignore_eos=True)
+    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), draft_replicas=2)
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            first = await generate(channel, prompt="tell me about the sea", **fields)
+            replicas = stack.decoder.draft.replicas
+            home = replicas.order_for(first.session_id)[0]
+            await stack.started[1 + home].server.stop(0)
+            replicas.healthy[replicas.addresses[home]] = False
+            second = await generate(channel, prompt="and the mountains?", session_id=first.session_id, **fields)
+    finally:
+        for server in stack.servers:
+            await server.stop(0)
+    history = first.prompt_token_ids + first.token_ids + second.prompt_token_ids
+    assert second.token_ids == target_greedy(history, 40)
+    # The turn's first round drafts nothing (its prompt has no features yet); drafting resumes after it.
+    assert second.stats.rounds - second.stats.proposed_per_position[0] <= 3  # the prefill, the last round, one more
+    assert second.stats.accepted_tokens > 0
+
+
+async def test_verify_returns_the_features_the_drafter_reads(feature_stack, feature_drafter):
+    """Features for positions the replica holds come from its buffer, bitwise the recomputed ones."""
+    config = DrafterConfig.load(feature_drafter)
+    layers = config.feature_layers
+    tokens = CommittedTokens([4, 5, 6, 7, 8, 9, 10, 11, 12, 13])
+    stub = target_pb2_grpc.TargetServiceStub(grpc.aio.insecure_channel(feature_stack.target))
+
+    async def verify(session: str, start: int) -> torch.Tensor:
+        request = target_pb2.VerifyRequest(context=context_to_pb(session, tokens, 0), draft_tokens=[5],
+                                           feature_start=start, feature_layers=layers)
+        from specdec.tensor_codec import decode_tensor
+
+        return decode_tensor((await stub.Verify(request, metadata=TIER_METADATA)).features)
+
+    fresh = await verify("features-a", 0)
+    assert fresh.shape == (11, len(layers) * config.hidden_size) and fresh.dtype == torch.float16
+    again = await verify("features-a", 2)  # from the buffer this time
+    assert torch.equal(again, fresh[2:])
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        request = target_pb2.VerifyRequest(context=context_to_pb("features-b", tokens, 0), feature_start=0,
+                                           feature_layers=[99])
+        await stub.Verify(request, metadata=TIER_METADATA)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A draft replica without them says from where it needs them, and drafts nothing.
+    draft = draft_pb2_grpc.DraftServiceStub(grpc.aio.insecure_channel(feature_stack.draft))
+    reply = await draft.Propose(draft_pb2.ProposeRequest(context=context_to_pb("features-c", tokens, 0), k=3),
+                                metadata=TIER_METADATA)
+    assert reply.HasField("features_from") and reply.features_from == 0 and not reply.tokens
+
+
+# --- the sampling law with the feature drafter ------------------------------------------------
+
+CHARS = "abcd"
+PROMPT = [4, 5, 6, 4, 5]
+PARAMS = SamplingParams(temperature=1.0, top_k=6, top_p=0.95)
+RULES = {"rejection": common_pb2.SAMPLING_RULE_REJECTION, "coupled": common_pb2.SAMPLING_RULE_COUPLED}
+
+
+@pytest_asyncio.fixture(scope="module")
+async def small_feature_stack(redis_server, tmp_path_factory):
+    root = tmp_path_factory.mktemp("small-feature")
+    target = build_tiny_model(root / "target", seed=10, chars=CHARS, logit_scale=3.0)
+    drafter = root / "drafter"
+    _train(target, drafter, draft_vocab=6)  # a draft vocabulary smaller than the target's: q is 0 elsewhere
+    stack = await start_stack(redis_server.url, target, str(drafter))
+    model = models.load_model(str(target))
+    with torch.inference_mode():
+        first = probs_from_logits(model(torch.tensor([PROMPT])).logits[0, -1], PARAMS)
+        law = {}
+        for x1 in range(first.shape[0]):
+            if first[x1] > 0:
+                second = probs_from_logits(model(torch.tensor([PROMPT + [x1]])).logits[0, -1], PARAMS)
+                for x2 in range(second.shape[0]):
+                    if second[x2] > 0:
+                        law[(x1, x2)] = float(first[x1] * second[x2])
+    yield stack, law
+    for server in stack.servers:
+        await server.stop(0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rule):
+    import asyncio
+
+    stack, law = small_feature_stack
+    counts: Counter = Counter()
+    async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+        semaphore = asyncio.Semaphore(16)
+
+        async def one(seed: int) -> None:
+            async with semaphore:
+                result = await generate(channel, prompt_token_ids=PROMPT, max_new_tokens=3, k=3, seed=seed,
+                                        ignore_eos=True, temperature=PARAMS.temperature, top_k=PARAMS.top_k,
+                                        top_p=PARAMS.top_p, sampling_rule=RULES[rule])
+            counts[tuple(result.token_ids[:2])] += 1
+            assert result.stats.drafter == "eagle3"
+
+        await asyncio.gather(*(one(seed) for seed in range(600)))
+    assert chi_square_pvalue(counts, law) > 1e-3, counts
