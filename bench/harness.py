@@ -42,6 +42,7 @@ class BenchOptions:
     max_new_tokens: int = 64
     temperature: float = 0.0
     sampling_rules: tuple[str, ...] = ("coupled",)  # sampled runs: one configuration per rule
+    peer_ks: tuple[int, ...] = ()  # ks of the Hugging Face prompt-lookup peer (default: ks)
     top_p: float = 1.0
     seed: int = 0
     target: str = "smollm2"
@@ -190,10 +191,17 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def drafter_ks(spec: str) -> tuple[int, ...]:
+    """The ks a --drafters entry names after '@' (k1/k2/...), or () for --ks."""
+    _, _, ks = spec.partition("@")
+    return tuple(int(k) for k in ks.split("/") if k)
+
+
 def drafter_service(spec: str, target: str) -> tuple[str, tuple[str, ...]]:
     """A --drafters entry as a draft service's model and flags: 'auto' is the drafter shipped for
-    the target, 'PATH+ngramN' a feature drafter in hybrid with N-token prompt lookup."""
-    model, _, hybrid = spec.partition("+ngram")
+    the target, 'PATH+ngramN' a feature drafter in hybrid with N-token prompt lookup, '@k1/k2'
+    the ks to run it at."""
+    model, _, hybrid = spec.partition("@")[0].partition("+ngram")
     model = default_drafter(target) if model == AUTO_DRAFTER else model
     return model, (("--hybrid-ngram", hybrid) if hybrid else ())
 
@@ -222,6 +230,7 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
 
 
 def drafter_name(spec: str) -> str:
+    spec = spec.partition("@")[0]
     if spec in ("ngram", AUTO_DRAFTER):
         return "eagle3" if spec == AUTO_DRAFTER else spec
     model, _, hybrid = spec.partition("+ngram")
@@ -234,17 +243,18 @@ async def run_bench(options: BenchOptions) -> dict:
     suffix = (lambda rule: f"-{rule}") if len(rules) > 1 else (lambda rule: "")
     ours_configs = [(BASELINE, options.drafters[0], 0, rules[0])] + [
         (f"ours-{drafter_name(d)}-k{k}{suffix(rule)}", d, k, rule)
-        for d in options.drafters for k in options.ks for rule in rules
+        for d in options.drafters for k in (drafter_ks(d) or options.ks) for rule in rules
     ]
     if options.sweep_only:
         ours_configs = []
-    model_drafts = [d for d in options.drafters
-                    if d not in ("ngram", AUTO_DRAFTER) and "+" not in d and not is_drafter_folder(d)]
+    model_drafts = [d.partition("@")[0] for d in options.drafters if d.partition("@")[0] not in ("ngram", AUTO_DRAFTER)
+                    and "+" not in d and not is_drafter_folder(d.partition("@")[0])]
     peer_configs = []
     if options.peers and not options.sweep_only:
         peer_configs = [(HF_PLAIN, {})]
         peer_configs += [(f"hf-assisted-{drafter_name(d)}-k{k}", {"draft": d, "k": k}) for d in model_drafts for k in options.ks]
-        peer_configs += [(f"hf-lookup-k{k}", {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": 3}) for k in options.ks]
+        peer_configs += [(f"hf-lookup-k{k}", {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": 3})
+                         for k in (options.peer_ks or options.ks)]
     total = len(prompts) * (len(ours_configs) + len(peer_configs)) + sum(options.concurrency)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=not options.progress)
     runs: dict[str, list[PromptRun]] = {}

@@ -190,6 +190,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         categories=tuple(c.strip() for c in args.categories.split(",") if c.strip()),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         sampling_rules=tuple(r.strip() for r in args.sampling_rules.split(",") if r.strip()),
+        peer_ks=ints(args.peer_ks),
         target=args.target, drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()),
         ks=ints(args.ks), concurrency=ints(args.concurrency), sweep_tokens=args.sweep_tokens,
         sweep_only=args.sweep_only, peers=not args.no_peers, overhead=not args.no_overhead, device=args.device, out=out,
@@ -299,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--drafters", default="auto,ngram",
                        help="comma-separated: 'auto' (the drafter shipped for the target), 'ngram', feature drafter "
                             "folders (PATH+ngramN: hybrid with N-token prompt lookup), draft model paths")
-    bench.add_argument("--ks", default="4", help="comma-separated draft lengths")
+    bench.add_argument("--ks", default="4", help="comma-separated draft lengths (a drafter's own: DRAFTER@k1/k2)")
+    bench.add_argument("--peer-ks", default="", help="ks of the Hugging Face prompt-lookup peer (default: --ks)")
     bench.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated session counts for the sweep")
     bench.add_argument("--sweep-tokens", type=int, default=32, help="new tokens per session in the sweep")
     bench.add_argument("--sweep-only", action="store_true", help="run only the concurrency sweep")
