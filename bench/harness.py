@@ -43,6 +43,7 @@ class BenchOptions:
     temperature: float = 0.0
     sampling_rules: tuple[str, ...] = ("coupled",)  # sampled runs: one configuration per rule
     peer_ks: tuple[int, ...] = ()  # ks of the Hugging Face prompt-lookup peer (default: ks)
+    adaptive: bool = True  # also run each drafter with adaptive k (up to the largest of ks)
     top_p: float = 1.0
     seed: int = 0
     target: str = "smollm2"
@@ -89,11 +90,16 @@ def load_prompts(path: Path, limit: int, categories: Sequence[str]) -> list[Prom
 RULES = {"rejection": common_pb2.SAMPLING_RULE_REJECTION, "coupled": common_pb2.SAMPLING_RULE_COUPLED}
 
 
+ADAPTIVE = -1  # a configuration's k: choose each round's k, up to the largest of --ks
+
+
 def _request(prompt: Prompt, options: BenchOptions, k: int, prompt_ids: list[int] | None = None,
              rule: str | None = None):
+    adaptive = k == ADAPTIVE
     request = coordinator_pb2.GenerateRequest(
         max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
-        seed=options.seed, k=k, sampling_rule=RULES[rule or options.sampling_rules[0]],
+        seed=options.seed, k=max(options.ks) if adaptive else k, fixed_k=not adaptive,
+        sampling_rule=RULES[rule or options.sampling_rules[0]],
     )
     if prompt_ids is not None:
         request.prompt_token_ids.extend(prompt_ids)
@@ -245,6 +251,9 @@ async def run_bench(options: BenchOptions) -> dict:
         (f"ours-{drafter_name(d)}-k{k}{suffix(rule)}", d, k, rule)
         for d in options.drafters for k in (drafter_ks(d) or options.ks) for rule in rules
     ]
+    if options.adaptive:
+        ours_configs += [(f"ours-{drafter_name(d)}-adaptive{suffix(rule)}", d, ADAPTIVE, rule)
+                         for d in options.drafters for rule in rules]
     if options.sweep_only:
         ours_configs = []
     model_drafts = [d.partition("@")[0] for d in options.drafters if d.partition("@")[0] not in ("ngram", AUTO_DRAFTER)
@@ -304,7 +313,7 @@ async def run_bench(options: BenchOptions) -> dict:
 
 async def concurrency_sweep(stub, prompts, prompt_ids, options: BenchOptions, bar) -> list[dict]:
     """N sessions at once for each N: aggregate tokens/s and inter-token latency percentiles."""
-    k = options.ks[0]
+    k = ADAPTIVE if options.adaptive else options.ks[0]
     sweep_options = BenchOptions(**{**asdict(options), "max_new_tokens": options.sweep_tokens})
     results = []
     for level in options.concurrency:
@@ -371,7 +380,7 @@ def build_report(options, prompts, runs: dict[str, list[PromptRun]], sweep, ours
             entry["columns"][column] = _figures(totals(name, column), totals(BASELINE, column), totals(HF_PLAIN, column))
         overall = totals(name)
         k = ks.get(name, 0)
-        if k and overall.rounds and overall.acceptance_rate is not None and step_s:
+        if k > 0 and overall.rounds and overall.acceptance_rate is not None and step_s:
             draft_step_s = overall.draft_s / overall.draft_tokens if overall.draft_tokens else 0.0
             cost_ratio = draft_step_s / step_s
             ideal = ideal_speedup(overall.acceptance_rate, k, cost_ratio)

@@ -18,11 +18,6 @@ def api_keys(keys: Iterable[str]) -> KeyRing:
     return KeyRing(keys, "this coordinator needs an API key: send metadata 'authorization: Bearer <key>'")
 
 
-def caller(keys: KeyRing, context) -> str:
-    """The calling key's fingerprint ("" without keys)."""
-    return keys.identify(context.invocation_metadata())
-
-
 def check_owner(session: SessionRecord, caller_id: str) -> None:
     if session.owner != caller_id:
         raise PermissionDenied("this session was created with another API key; only that key can read or continue it")

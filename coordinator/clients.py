@@ -26,6 +26,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec.access import bearer_metadata
+from specdec.tracing import client_span, with_trace
 from specdec.prefix import CommittedTokens
 from specdec.sampling import SamplingParams
 from specdec.serving import CHANNEL_OPTIONS
@@ -133,11 +134,16 @@ class ReplicaSet:
         self.stubs: list = []
         self.healthy: dict[str, bool] = {}
         self._channels: dict[str, aio.Channel] = {}
-        self.refresh()
+        self.refresh(expand_addresses(self.configured))
 
-    def refresh(self) -> None:
-        """Re-resolve the configured names; open channels to replicas that appeared."""
-        current = expand_addresses(self.configured)
+    async def resolve(self) -> None:
+        """Re-resolve the configured names, on a thread (a slow DNS answer must not stall the
+        event loop and every stream on it), and open channels to replicas that appeared."""
+        self.refresh(await asyncio.to_thread(expand_addresses, self.configured))
+
+    def refresh(self, current: list[str] | None = None) -> None:
+        """Use these resolved addresses (default: resolve the configured names now, blocking)."""
+        current = expand_addresses(self.configured) if current is None else current
         for address in current:
             if address not in self._channels:
                 self._channels[address] = open_channel(address, self.credentials, TIER_CHANNEL_OPTIONS)
@@ -157,11 +163,14 @@ class ReplicaSet:
 
         await asyncio.gather(*(probe(a) for a in self.addresses))
 
-    async def watch(self, interval_s: float) -> None:
-        """Refresh and health-check forever (a background task of the coordinator)."""
+    async def watch(self, interval_s: float, on_change=None) -> None:
+        """Re-resolve and health-check forever (a background task of the coordinator); call
+        `on_change` after each check."""
         while True:
-            self.refresh()
+            await self.resolve()
             await self.check_health()
+            if on_change is not None:
+                await on_change()
             await asyncio.sleep(interval_s)
 
     def any_healthy(self) -> bool:
@@ -185,7 +194,9 @@ class ReplicaSet:
                 await asyncio.sleep(self.retry.backoff_s(attempt))
             address, stub = candidates[attempt % len(candidates)]
             try:
-                reply = await _send_delta(stub, session_id, committed, tracker.start_for(address, len(committed)), send)
+                with client_span(self.stub_class.__name__.removesuffix("Stub"), replica=address):
+                    reply = await _send_delta(stub, session_id, committed, tracker.start_for(address, len(committed)),
+                                              send)
             except aio.AioRpcError as err:
                 tracker.forget(address)
                 if err.code() not in _RETRY_ELSEWHERE:
@@ -250,15 +261,16 @@ class DraftClient:
 
     async def propose(
         self, session_id: str, committed: CommittedTokens, k: int, params: SamplingParams, tracker: DeltaTracker,
-        features: torch.Tensor | None = None, features_start: int = 0,
+        features: torch.Tensor | None = None, features_start: int = 0, provisional: Sequence[int] = (),
     ) -> DraftResult:
         sampling = sampling_to_pb(params)
         relayed = encode_tensor(features) if features is not None else None
 
         async def send(stub: draft_pb2_grpc.DraftServiceStub, ctx) -> draft_pb2.ProposeResponse:
             request = draft_pb2.ProposeRequest(context=ctx, k=k, sampling=sampling, features=relayed,
-                                               features_start=features_start)
-            return await stub.Propose(request, timeout=self.replicas.timeout_s, metadata=self.replicas.metadata)
+                                               features_start=features_start, provisional_tokens=list(provisional))
+            return await stub.Propose(request, timeout=self.replicas.timeout_s,
+                                      metadata=with_trace(self.replicas.metadata))
 
         reply = await self.replicas.call(session_id, committed, tracker, send)
         drafted = list(reply.tokens)[:k]
@@ -297,7 +309,8 @@ class TargetClient:
             if feature_layers:
                 request.feature_start = feature_start
                 request.feature_layers.extend(feature_layers)
-            return await stub.Verify(request, timeout=self.replicas.timeout_s, metadata=self.replicas.metadata)
+            return await stub.Verify(request, timeout=self.replicas.timeout_s,
+                                     metadata=with_trace(self.replicas.metadata))
 
         reply = await self.replicas.call(session_id, committed, tracker, send)
         rows = len(drafts) + 1

@@ -17,8 +17,12 @@ class CoordinatorConfig:
     api_keys_file: str = option("", "file with one API key per line (keeps keys out of the process list)")
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(0, "port to listen on (0 picks a free one; the chosen address is printed as JSON)")
-    default_k: int = option(4, "draft tokens per round when a request does not say")
+    default_k: int = option(6, "the most draft tokens per round when a request does not say; each round's k is "
+                            "chosen up to it from measured acceptance and costs (adaptive k)")
     max_k: int = option(16, "largest k a request may ask for")
+    draft_ahead: str = option("auto", "propose round r+1 while round r is verified, on the hypothesis that r keeps "
+                              "all its drafts: 'on', 'off', or 'auto' (on for the n-gram drafter, whose drafting "
+                              "costs nothing, off for drafters that share the target's processors)")
     default_sampling_rule: str = option("coupled", "how sampled rounds are decided when a request does not say: "
                                         "'coupled' (drafter-invariant: a seed gives the same tokens whatever the "
                                         "drafter, k or failures) or 'rejection' (Leviathan et al.)")
@@ -28,6 +32,8 @@ class CoordinatorConfig:
     max_active_sessions: int = option(64, "Generate calls served at once; more are refused with RESOURCE_EXHAUSTED")
     health_interval_s: float = option(2.0, "seconds between health checks of each draft and target replica")
     metrics_port: int = option(0, "port of the Prometheus /metrics endpoint (0 = a free one, -1 = off)")
+    http_port: int = option(0, "port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                            "/v1/models) on the coordinator's host (0 = a free one, -1 = off)")
     session_lease_s: float = option(10.0, "a dead coordinator's session can be resumed this many seconds after "
                                     "its last commit")
     session_ttl_s: int = option(86_400, "seconds a session lives in Redis after its last commit")
@@ -49,4 +55,11 @@ class CoordinatorConfig:
     tier_token: str = option("", "shared secret sent to the draft and target tiers ('authorization: Bearer'); "
                              "prefer the env variable or tier_token_file to the flag")
     tier_token_file: str = option("", "file holding the tier token (its first non-comment line)")
+    drain_grace_s: float = option(30.0, "on SIGTERM: health turns NOT_SERVING, then calls in flight get this long "
+                                  "to finish before the server stops")
+    trace_exporter: str = option("none", "OpenTelemetry spans: 'none', 'console', or 'otlp' (to otlp_endpoint; needs "
+                                 "opentelemetry-exporter-otlp-proto-grpc)")
+    otlp_endpoint: str = option("", "OTLP/gRPC collector for trace_exporter otlp, e.g. http://collector:4317")
     log_level: str = option("INFO", "logging level")
+    log_format: str = option("text", "'text' or 'json' (one object a line, with the session's digest on every line "
+                             "about a session)")

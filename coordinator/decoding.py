@@ -1,7 +1,10 @@
-"""The decoding loop: draft, verify, accept/reject, commit to Redis, then stream.
+"""The decoding loop: rounds of plan, propose, verify, decide, commit, stream (coordinator.rounds).
 
-Plain asyncio code over the two tier clients and the session store, so it can be read (and
-tested) without the Coordinator servicer around it.
+Rounds overlap where they can without changing a token: round r's Redis commit and its stream
+run beside round r+1's calls (tokens still reach the client only once committed), and with
+draft-ahead the draft for round r+1 is proposed while round r is verified, on the hypothesis that
+round r keeps all its drafts, and used only when it did. Plain asyncio code over the two tier
+clients and the session store, so it can be read (and tested) without the servicer around it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 import grpc
-import torch
 
-from coordinator.clients import DeltaTracker, DraftClient, DraftResult, ReplicaSet, TargetClient, VerifyResult
+from coordinator.clients import DeltaTracker, DraftClient, DraftResult, ReplicaSet, TargetClient
+from coordinator.rounds import FeatureRelay, KPlanner, Round, RoundCosts, ceiling_for
 from coordinator.text_stream import TextStream
 from specdec.metrics import ServiceMetrics
 from specdec.prefix import CommittedTokens
@@ -35,15 +38,18 @@ class TurnParams:
 
     max_new_tokens: int
     sampling: SamplingParams
-    k: int
+    k: int  # the ceiling, or every round's k when fixed_k
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    fixed_k: bool = False
+    logprobs: bool = False  # the chosen tokens' log-probabilities go with the chunks (rejection rule)
 
     @classmethod
     def from_dict(cls, stored: dict) -> "TurnParams":
         sampling = SamplingParams(stored["temperature"], stored["top_k"], stored["top_p"], stored["seed"],
                                   stored.get("sampling_rule", REJECTION))
-        return cls(stored["max_new_tokens"], sampling, stored["k"], tuple(stored["stop"]), stored["ignore_eos"])
+        return cls(stored["max_new_tokens"], sampling, stored["k"], tuple(stored["stop"]), stored["ignore_eos"],
+                   stored.get("fixed_k", True))
 
     def as_dict(self) -> dict:
         return {
@@ -54,6 +60,7 @@ class TurnParams:
             "seed": self.sampling.seed,
             "sampling_rule": self.sampling.rule,
             "k": self.k,
+            "fixed_k": self.fixed_k,
             "stop": list(self.stop),
             "ignore_eos": self.ignore_eos,
         }
@@ -79,6 +86,10 @@ class Stats:
     redis_s: float = 0.0
     total_s: float = 0.0
     draft_fallback_rounds: int = 0
+    k_per_round: list[int] = field(default_factory=list)
+    draft_ahead_hits: int = 0
+    draft_ahead_misses: int = 0
+    draft_waited_s: float = 0.0  # not in the proto: the part of network_coordinator_s spent waiting for drafts
 
     def __post_init__(self) -> None:
         self.accepted_per_position = [0] * self.k
@@ -94,10 +105,11 @@ class Stats:
 
     @property
     def network_coordinator_s(self) -> float:
-        return max(0.0, self.total_s - self.draft_s - self.verify_s - self.redis_s)
+        return max(0.0, self.total_s - self.verify_s - self.redis_s)
 
-    def record_round(self, proposed: int, verdict: Verdict) -> None:
+    def record_round(self, planned_k: int, proposed: int, verdict: Verdict) -> None:
         self.rounds += 1
+        self.k_per_round.append(planned_k)
         self.draft_tokens += proposed
         self.accepted_tokens += verdict.accepted
         for i in range(proposed):
@@ -106,7 +118,7 @@ class Stats:
 
     def as_dict(self) -> dict:
         return {
-            **{name: getattr(self, name) for name in self.__dataclass_fields__},
+            **{name: getattr(self, name) for name in self.__dataclass_fields__ if name != "draft_waited_s"},
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length,
             "network_coordinator_s": self.network_coordinator_s,
@@ -121,39 +133,7 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None
     stats: Stats | None = None
-
-
-@dataclass
-class FeatureRelay:
-    """The target's features of committed positions on their way from Verify to the feature
-    drafter: those of positions [start, start + len(rows)) not yet delivered, and where the next
-    Verify should start its features (a drafter that lacks some says from where)."""
-
-    layers: tuple[int, ...]
-    rows: torch.Tensor | None = None
-    start: int = 0
-    wanted_from: int | None = None
-
-    def verify_start(self, committed_len: int) -> int:
-        """Features from here on: what the drafter lacks, else the first position Verify computes."""
-        start = committed_len - 1 if self.wanted_from is None else min(self.wanted_from, committed_len - 1)
-        self.wanted_from = None
-        return start
-
-    def keep(self, features: torch.Tensor, start: int, committed_len: int) -> None:
-        """After a round: keep the rows of positions now committed (all but the newest token's,
-        which the target computes next round)."""
-        rows = features[: max(0, committed_len - 1 - start)]
-        if self.rows is not None and start == self.start + self.rows.shape[0]:
-            self.rows = torch.cat([self.rows, rows])
-        else:
-            self.rows, self.start = rows, start
-
-    def delivered(self, features_from: int | None) -> None:
-        if features_from is None:
-            self.rows = None  # the drafter holds them now
-        else:
-            self.wanted_from = features_from
+    logprobs: list[float] | None = None  # of token_ids under the target's p, when asked
 
 
 @dataclass(frozen=True)
@@ -174,6 +154,8 @@ class Decoder:
         accept_rule=speculative_accept,
         metrics: ServiceMetrics | None = None,
         match_rule=greedy_accept,
+        max_k: int = 16,
+        draft_ahead: bool = False,
     ):
         self.target = target
         self.draft = draft
@@ -185,60 +167,16 @@ class Decoder:
         self.accept_rule = accept_rule
         self.match_rule = match_rule
         self.metrics = metrics or ServiceMetrics()
-
-    async def _timed_commit(self, timing: Stats, session_id: str, at: int, new: Sequence[int], **fields) -> None:
-        started = time.perf_counter()
-        await self.store.commit(session_id, at, new, **fields)
-        timing.redis_s += time.perf_counter() - started
-
-    async def _propose(
-        self, session: SessionRecord, committed: CommittedTokens, k: int, params: SamplingParams,
-        tracker: DeltaTracker, stats: Stats, relay: FeatureRelay | None,
-    ) -> DraftResult | None:
-        """Ask the draft tier; on any failure carry on target-only for this round."""
-        if k <= 0 or self.draft is None:
-            return None
-        if not self.draft.replicas.any_healthy():
-            # Every draft replica failed or fails its health check (dead or hung): do not wait on a
-            # deadline each round; the health watch brings drafting back when one answers.
-            return self._without_draft(stats)
-        features, start = (relay.rows, relay.start) if relay is not None else (None, 0)
-        try:
-            result = await self.draft.propose(session.session_id, committed, k, params, tracker, features, start)
-        except Exception as exc:  # noqa: BLE001 - drafting failing must never fail the request
-            reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
-            log.warning("draft tier failed (%s); this round runs without a draft", reason)
-            return self._without_draft(stats)
-        stats.draft_s += result.compute_s
-        if relay is not None:
-            relay.delivered(result.features_from)
-        return result
-
-    def _without_draft(self, stats: Stats) -> None:
-        """A round that wanted a draft runs target-only: the stats and metrics say so."""
-        stats.draft_fallback_rounds += 1
-        self.metrics.draft_fallbacks.inc()
+        self.max_k = max_k
+        self.draft_ahead = draft_ahead and draft is not None
+        self.costs = RoundCosts(max_k)
 
     @property
     def replica_sets(self) -> list[ReplicaSet]:
         """The target tier's replicas and, when there is one, the draft tier's."""
         return [self.target.replicas] + ([self.draft.replicas] if self.draft else [])
 
-    def _decide(self, draft: DraftResult | None, verification: VerifyResult, params: SamplingParams,
-                position: int) -> Verdict:
-        drafts = draft.tokens if draft else []
-        if verification.tokens is not None:
-            # Greedy, or the coupled rule: keep drafts while they equal the target's own choice.
-            return self.match_rule(drafts, verification.tokens)
-        seed = params.seed
-        k = len(drafts)
-        return self.accept_rule(
-            drafts,
-            None if draft is None or draft.point_mass else draft.probs,
-            verification.probs,
-            [uniform(seed, position + i, ACCEPT) for i in range(k)],
-            [uniform(seed, position + i, SAMPLE) for i in range(k + 1)],
-        )
+    # --- a call -------------------------------------------------------------------------------
 
     def _stats(self, params: TurnParams) -> Stats:
         rule = "greedy" if params.sampling.greedy else params.sampling.rule
@@ -259,7 +197,8 @@ class Decoder:
         yield Chunk("", [])
         text = TextStream(self.tokenizer, params.stop)
         committed = CommittedTokens(list(session.tokens) + list(turn))
-        async for chunk in self._closing(session, stats, started, self._decode(session, committed, [], params, text, stats, started)):
+        decode = self._decode(session, committed, [], params, text, stats, started)
+        async for chunk in self._closing(session, stats, started, decode):
             yield chunk
 
     async def resume(self, session: SessionRecord, resume_from: int) -> AsyncIterator[Chunk]:
@@ -298,68 +237,194 @@ class Decoder:
         except Exception as exc:  # noqa: BLE001 - best effort; the session's TTL still bounds it
             log.warning("could not close an interrupted turn (%s)", type(exc).__name__)
 
+    # --- the rounds ---------------------------------------------------------------------------
+
     async def _decode(
         self, session: SessionRecord, committed: CommittedTokens, generated: list[int], params: TurnParams,
         text: TextStream, stats: Stats, started: float,
     ) -> AsyncIterator[Chunk]:
         tracker = DeltaTracker()
-        relay = FeatureRelay(self.draft.feature_layers) if self.draft is not None and self.draft.feature_layers else None
-        finish: str | None = None
-        while finish is None:
-            remaining = params.max_new_tokens - len(generated)
+        layers = self.draft.feature_layers if self.draft is not None else ()
+        relay = FeatureRelay(layers) if layers else None
+        planner = KPlanner(self.max_k, self.costs, self.costs.acceptance)
+        previous: Round | None = None
+        ahead: asyncio.Task | None = None  # round r+1's draft, proposed during round r's Verify
+        while previous is None or previous.finish is None:
             room = self.limits.max_context - len(committed)
             if room <= 0:  # only reachable when the turn itself filled the context
-                new, finish = [], CONTEXT
-                await self._commit_last(stats, session, len(committed), new, started)
+                previous = self._empty_round(len(committed), text, generated, stats, session, started)
                 break
-            # A round adds at most k+1 tokens and Verify needs committed + k within the context.
-            k = max(0, min(params.k, remaining - 1, room - 1))
-            draft = await self._propose(session, committed, k, params.sampling, tracker, stats, relay)
-            drafts = draft.tokens if draft else []
+            ceiling = ceiling_for(params.k, params.max_new_tokens - len(generated), room)
+            k = ceiling if params.fixed_k else planner.choose(ceiling)
+            now = Round(len(committed), k)
+            begun = time.perf_counter()
+            # Propose: the draft-ahead's drafts when the previous round ended as it supposed.
+            now.draft, now.drafted_ahead = await self._draft(now, previous, ahead, session, committed, params,
+                                                            tracker, stats, relay)
+            # Verify; meanwhile the next round's draft-ahead, and the previous round's stream.
             feature_start = relay.verify_start(len(committed)) if relay is not None else 0
-            verification = await self.target.verify(
-                session.session_id, committed, drafts, params.sampling, tracker, self.limits.vocab_size,
-                relay.layers if relay is not None else (), feature_start,
-            )
-            stats.verify_s += verification.compute_s
-            if stats.rounds == 0:
-                stats.target_reused_tokens = verification.reused_tokens
-                stats.target_prefill_tokens = len(committed) - verification.reused_tokens
-            verdict = self._decide(draft, verification, params.sampling, len(committed))
-            stats.record_round(len(drafts), verdict)
-            self._count_round(len(drafts), verdict)
-            new = list(drafts[: verdict.accepted]) + [verdict.next_token]
-            new, finish = self._truncate(new, generated, params, text)
-            if finish is None and len(committed) + len(new) >= self.limits.max_context:
-                finish = CONTEXT
-            stats.generated_tokens += len(new)
-            if finish is None:
-                await self._timed_commit(stats, session.session_id, len(committed), new)
-            else:
-                await self._commit_last(stats, session, len(committed), new, started)
-            committed.extend(new)
+            verifying = asyncio.create_task(self.target.verify(
+                session.session_id, committed, now.drafts, params.sampling, tracker, self.limits.vocab_size,
+                layers, feature_start))
+            ahead = self._propose_ahead(now, ceiling, session, committed, params, tracker, stats, relay)
+            try:
+                if previous is not None:
+                    yield await self._streamed(previous, stats, started)
+                now.verification = await verifying
+            except BaseException:
+                verifying.cancel()
+                if ahead is not None:
+                    ahead.cancel()
+                raise
+            self._decide(now, params, stats, generated, text)
             if relay is not None:
-                relay.keep(verification.features, feature_start, len(committed))
-            generated += new
-            self.metrics.generated_tokens.inc(len(new))
-            if finish is None:
-                yield Chunk(text.feed(generated, final=False), new)
-        yield Chunk(text.feed(generated, final=True), new, finish, stats)
+                relay.keep(now.verification.features, feature_start, len(committed) + len(now.new))
+            now.commit = asyncio.create_task(self._commit(now, session, stats, started))
+            committed.extend(now.new)
+            generated += now.new
+            planner.observe(len(now.drafts), now.verdict.accepted)
+            self.costs.observe(len(now.drafts), time.perf_counter() - begun, now.verdict.accepted)
+            previous = now
+        if ahead is not None:
+            ahead.cancel()
+        yield await self._streamed(previous, stats, started)
 
-    def _count_round(self, proposed: int, verdict: Verdict) -> None:
+    async def _draft(self, now: Round, previous: Round | None, ahead: asyncio.Task | None, session: SessionRecord,
+                     committed: CommittedTokens, params: TurnParams, tracker: DeltaTracker, stats: Stats,
+                     relay: FeatureRelay | None) -> tuple[DraftResult | None, bool]:
+        """This round's drafts: the previous round's draft-ahead if that round kept all its drafts
+        and its next token is the draft-ahead's first guess, else a Propose now."""
+        if ahead is not None:
+            guessed = await self._ahead_result(ahead)
+            if guessed is not None and previous.all_kept() and guessed.tokens[:1] == [previous.verdict.next_token] \
+                    and len(guessed.tokens) > 1:
+                stats.draft_ahead_hits += 1
+                drafts = guessed.tokens[1 : 1 + now.k]
+                probs = guessed.probs[1 : 1 + len(drafts)] if guessed.probs is not None else None
+                return DraftResult(drafts, probs, guessed.point_mass, 0.0), True
+            stats.draft_ahead_misses += 1
+        waited = time.perf_counter()
+        draft = await self._propose(session, committed, now.k, params.sampling, tracker, stats, relay)
+        stats.draft_waited_s += time.perf_counter() - waited
+        return draft, False
+
+    @staticmethod
+    async def _ahead_result(ahead: asyncio.Task) -> DraftResult | None:
+        if not ahead.done():
+            ahead.cancel()  # its Verify came back first: not worth waiting for
+        try:
+            return await ahead
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - a draft-ahead is only a guess
+            return None
+
+    def _propose_ahead(self, now: Round, ceiling: int, session: SessionRecord, committed: CommittedTokens,
+                       params: TurnParams, tracker: DeltaTracker, stats: Stats,
+                       relay: FeatureRelay | None) -> asyncio.Task | None:
+        """Draft-ahead: propose the next round now, after this round's drafts (provisional, never
+        committed), one token more than a round drafts, since its first is a guess of this
+        round's next token."""
+        if not self.draft_ahead or ceiling <= 0:
+            return None
+        return asyncio.create_task(self._propose(session, committed, ceiling + 1, params.sampling, tracker, stats,
+                                                 relay, provisional=now.drafts, quiet=True))
+
+    async def _propose(
+        self, session: SessionRecord, committed: CommittedTokens, k: int, params: SamplingParams,
+        tracker: DeltaTracker, stats: Stats, relay: FeatureRelay | None, provisional: Sequence[int] = (),
+        quiet: bool = False,
+    ) -> DraftResult | None:
+        """Ask the draft tier; on any failure carry on target-only for this round."""
+        if k <= 0 or self.draft is None:
+            return None
+        if not self.draft.replicas.any_healthy():
+            # Every draft replica failed or fails its health check (dead or hung): do not wait on a
+            # deadline each round; the health watch brings drafting back when one answers.
+            return None if quiet else self._without_draft(stats)
+        features, start = (relay.rows, relay.start) if relay is not None else (None, 0)
+        try:
+            result = await self.draft.propose(session.session_id, committed, k, params, tracker, features, start,
+                                              provisional)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - drafting failing must never fail the request
+            reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+            log.warning("draft tier failed (%s); this round runs without a draft", reason)
+            return None if quiet else self._without_draft(stats)
+        stats.draft_s += result.compute_s
+        if relay is not None and not quiet:  # a draft-ahead may be dropped: its delivery does not count
+            relay.delivered(result.features_from)
+        return result
+
+    def _without_draft(self, stats: Stats) -> None:
+        """A round that wanted a draft runs target-only: the stats and metrics say so."""
+        stats.draft_fallback_rounds += 1
+        self.metrics.draft_fallbacks.inc()
+
+    def _decide(self, now: Round, params: TurnParams, stats: Stats, generated: list[int], text: TextStream) -> None:
+        """The verdict on the drafts, the tokens the round commits and whether they end the turn."""
+        verification, drafts = now.verification, now.drafts
+        stats.verify_s += verification.compute_s
+        if stats.rounds == 0:
+            stats.target_reused_tokens = verification.reused_tokens
+            stats.target_prefill_tokens = now.committed_len - verification.reused_tokens
+        if verification.tokens is not None:
+            # Greedy, or the coupled rule: keep drafts while they equal the target's own choice.
+            now.verdict = self.match_rule(drafts, verification.tokens)
+        else:
+            seed, k = params.sampling.seed, len(drafts)
+            draft = now.draft
+            now.verdict = self.accept_rule(
+                drafts, None if draft is None or draft.point_mass else draft.probs, verification.probs,
+                [uniform(seed, now.committed_len + i, ACCEPT) for i in range(k)],
+                [uniform(seed, now.committed_len + i, SAMPLE) for i in range(k + 1)],
+            )
+        stats.record_round(now.k, len(drafts), now.verdict)
         self.metrics.rounds.inc()
-        self.metrics.draft_tokens.inc(proposed)
-        self.metrics.accepted_tokens.inc(verdict.accepted)
+        self.metrics.draft_tokens.inc(len(drafts))
+        self.metrics.accepted_tokens.inc(now.verdict.accepted)
+        new = list(drafts[: now.verdict.accepted]) + [now.verdict.next_token]
+        now.new, now.finish = self._truncate(new, generated, params, text)
+        if now.finish is None and now.committed_len + len(now.new) >= self.limits.max_context:
+            now.finish = CONTEXT
+        stats.generated_tokens += len(now.new)
+        self.metrics.generated_tokens.inc(len(now.new))
+        final = now.finish is not None
+        logprobs = None
+        if params.logprobs and verification.probs is not None:
+            logprobs = [float(verification.probs[i, token].clamp_min(1e-45).log()) for i, token in enumerate(now.new)]
+        now.chunk = Chunk(text.feed(generated + now.new, final=final), now.new, now.finish, stats if final else None,
+                          logprobs)
 
-    async def _commit_last(
-        self, stats: Stats, session: SessionRecord, committed_len: int, new: Sequence[int], started: float
-    ) -> None:
-        """Commit the final round together with the finished turn's count and stats."""
+    def _empty_round(self, committed_len: int, text: TextStream, generated: list[int], stats: Stats,
+                     session: SessionRecord, started: float) -> Round:
+        """The turn itself filled the context: a round that commits nothing and ends it."""
+        last = Round(committed_len, 0, finish=CONTEXT)
+        last.chunk = Chunk(text.feed(generated, final=True), [], CONTEXT, stats)
+        last.commit = asyncio.create_task(self._commit(last, session, stats, started))
+        return last
+
+    async def _commit(self, now: Round, session: SessionRecord, stats: Stats, started: float) -> None:
+        """Append the round to Redis; the last one with the finished turn's count and stats."""
+        if now.finish is None:
+            await self.store.commit(session.session_id, now.committed_len, now.new)
+            return
         stats.total_s = time.perf_counter() - started
-        await self._timed_commit(
-            stats, session.session_id, committed_len, new, turns=session.turns + 1, stats=stats.as_dict(), turn_open="0"
-        )
-        stats.total_s = time.perf_counter() - started
+        await self.store.commit(session.session_id, now.committed_len, now.new, turns=session.turns + 1,
+                                stats=stats.as_dict(), turn_open="0")
+
+    async def _streamed(self, done: Round, stats: Stats, started: float) -> Chunk:
+        """A round's chunk, once its commit is in Redis (a token is streamed only once committed)."""
+        waited = time.perf_counter()
+        await done.commit
+        stats.redis_s += time.perf_counter() - waited
+        if done.finish is not None:
+            stats.total_s = time.perf_counter() - started
+        return done.chunk
+
+    async def _timed_commit(self, timing: Stats, session_id: str, at: int, new: Sequence[int], **fields) -> None:
+        started = time.perf_counter()
+        await self.store.commit(session_id, at, new, **fields)
+        timing.redis_s += time.perf_counter() - started
 
     def _truncate(
         self, new: list[int], generated: list[int], params: TurnParams, text: TextStream

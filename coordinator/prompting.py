@@ -42,3 +42,13 @@ def turn_tokens(tokenizer, prompt: str, raw: bool, history: Sequence[int], eos_i
         if tail.startswith(eos_text):
             tail = tail[len(eos_text) :]
     return list(tokenizer.encode(tail, add_special_tokens=False))
+
+
+def messages_tokens(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """A whole chat (system, user and assistant messages) through the chat template, ready for the
+    assistant's next answer: what an OpenAI-style chat request asks for."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument("this model has no chat template; send a raw prompt instead")
+    text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                         add_generation_prompt=True, tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))

@@ -8,11 +8,14 @@ import time
 
 import grpc
 from grpc import aio
+from grpc_health.v1 import health_pb2
 
 from coordinator.auth import api_keys
 from coordinator.clients import DraftClient, ReplicaSet, RetryPolicy, TargetClient
 from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Decoder, ModelLimits
+from coordinator.core import GenerationCore
+from coordinator.http_api import OpenAIServer
 from coordinator.servicer import CoordinatorServicer
 from specdec import models
 from specdec.metrics import ServiceMetrics
@@ -97,7 +100,11 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
         eos_token_ids=frozenset(reference.eos_token_ids),
     )
     store = SessionStore(redis, config.session_ttl_s, config.session_lease_s)
-    return Decoder(target, draft, store, tokenizer, limits, metrics=ServiceMetrics())
+    if config.draft_ahead not in ("auto", "on", "off"):
+        raise StartupError("--draft-ahead must be auto, on or off")
+    ahead = config.draft_ahead == "on" or (config.draft_ahead == "auto" and draft is not None and draft.kind == "ngram")
+    return Decoder(target, draft, store, tokenizer, limits, metrics=ServiceMetrics(), max_k=config.max_k,
+                   draft_ahead=ahead)
 
 
 async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> Started:
@@ -105,15 +112,42 @@ async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> St
     keys = api_keys(read_keys(config.api_keys, config.api_keys_file))
     if not keys.enabled:
         log.warning("no API keys configured: every caller may start and read sessions")
-    servicer = CoordinatorServicer(decoder, config, keys)
+    servicer = CoordinatorServicer(GenerationCore(decoder, config, keys))
     servicer.watchers = [asyncio.create_task(replicas.watch(config.health_interval_s))
                          for replicas in decoder.replica_sets]
     started = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
         [SERVICE_NAME], config, decoder.metrics, keys,
     )
+    if config.http_port >= 0:
+        http = OpenAIServer(servicer.core, config.tokenizer)
+        started.http_address = await http.start(config.host, config.http_port)
+        started.on_stop.insert(0, http.stop)
+    servicer.watchers.append(asyncio.create_task(_watch_dependencies(started, decoder, config)))
     started.on_stop.append(lambda: _close(servicer))
     return started
+
+
+async def _watch_dependencies(started: Started, decoder: Decoder, config: CoordinatorConfig) -> None:
+    """The coordinator's health says whether it can serve: NOT_SERVING while Redis does not
+    answer or no target replica passes its health check, SERVING again once both do."""
+    serving = True
+    while True:
+        await asyncio.sleep(config.health_interval_s)
+        try:
+            await asyncio.wait_for(decoder.store.redis.ping(), config.redis_timeout_s)
+            redis_up = True
+        except Exception:  # noqa: BLE001 - any failure to answer is "down"
+            redis_up = False
+        now = redis_up and decoder.target.replicas.any_healthy()
+        if now != serving:
+            serving = now
+            log.warning("dependencies %s: Redis %s, target replicas %s", "back" if now else "down",
+                        "up" if redis_up else "unreachable", "serving" if decoder.target.replicas.any_healthy()
+                        else "all failing")
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await started.health.set(name, status)
 
 
 async def _close(servicer: CoordinatorServicer) -> None:
@@ -126,4 +160,4 @@ async def _close(servicer: CoordinatorServicer) -> None:
 
 
 async def main(config: CoordinatorConfig) -> None:
-    await run_until_signalled(await start(config))
+    await run_until_signalled(await start(config), config.drain_grace_s)

@@ -15,6 +15,8 @@ class DraftConfig:
                                  "it was trained for, from its config.json)")
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(0, "port to listen on (0 picks a free one; the chosen address is printed as JSON)")
+    unix_socket: str = option("", "also listen on this Unix domain socket (co-located coordinators skip TCP); "
+                              "announced as \"unix\": \"unix:PATH\"")
     device: str = option("cpu", "torch device for a model drafter")
     dtype: str = option("float32", "weights dtype for a model drafter")
     cache_bytes: int = option(1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
@@ -39,6 +41,9 @@ class DraftConfig:
     ngram_min: int = option(1, "n-gram drafter: shortest suffix matched")
     ngram_vocab_size: int = option(0, "n-gram drafter: vocabulary size for token-id checks (0 = accept any id)")
     torch_threads: int = option(0, "torch intra-op threads (0 = torch's default)")
+    gil_switch_ms: float = option(5.0, "how long a Python thread may hold the GIL while another waits (Python's "
+                                  "switch interval); lower lets the model thread take it back sooner from the "
+                                  "gRPC event loop")
     tls_cert: str = option("", "PEM certificate to serve TLS with (empty: plaintext)")
     tls_key: str = option("", "PEM private key of tls_cert")
     tls_client_ca: str = option("", "PEM CA that client certificates must chain to (mutual TLS)")
@@ -48,4 +53,11 @@ class DraftConfig:
                                   "accepted, for rotation)")
     allow_unauthenticated: bool = option(False, "serve callers that bring neither the tier token nor a client "
                                          "certificate (only on a private test network)")
+    drain_grace_s: float = option(30.0, "on SIGTERM: health turns NOT_SERVING, then calls in flight get this long "
+                                  "to finish before the server stops")
+    trace_exporter: str = option("none", "OpenTelemetry spans: 'none', 'console', or 'otlp' (to otlp_endpoint; needs "
+                                 "opentelemetry-exporter-otlp-proto-grpc)")
+    otlp_endpoint: str = option("", "OTLP/gRPC collector for trace_exporter otlp, e.g. http://collector:4317")
     log_level: str = option("INFO", "logging level")
+    log_format: str = option("text", "'text' or 'json' (one object a line, with the session's digest on every line "
+                             "about a session)")

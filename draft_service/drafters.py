@@ -40,6 +40,12 @@ class ProposeJob:
     params: SamplingParams
     features: torch.Tensor | None = None
     features_start: int = 0
+    provisional: Sequence[int] = ()  # uncommitted tokens after `committed` to draft after (draft-ahead)
+
+    @property
+    def sequence(self) -> list[int]:
+        """What the drafts continue: the committed tokens, then the provisional ones."""
+        return list(self.committed) + list(self.provisional)
 
 
 class Drafter(Protocol):
@@ -62,7 +68,7 @@ class ModelDrafter:
         self.runner = runner
 
     def propose_batch(self, jobs: Sequence[ProposeJob]) -> list[Proposal]:
-        tokens = [list(job.committed) for job in jobs]
+        tokens = [job.sequence for job in jobs]
         drafted: list[list[int]] = [[] for _ in jobs]
         rows: list[list[torch.Tensor]] = [[] for _ in jobs]
         reused = [0] * len(jobs)
@@ -96,6 +102,7 @@ class ModelDrafter:
         return self.propose_batch([ProposeJob(entry, committed, k, params)])[0]
 
 
+
 def ngram_lookup(tokens: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens
     (longest n first) and propose the up to k tokens that followed it."""
@@ -125,11 +132,12 @@ class NgramDrafter:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def propose(self, entry: SessionCache, committed: Sequence[int], k: int, params: SamplingParams) -> Proposal:
+    def propose(self, entry: SessionCache, committed: Sequence[int], k: int, params: SamplingParams,
+                provisional: Sequence[int] = ()) -> Proposal:
         reused = min(len(entry.tokens), len(committed))
         entry.tokens = list(committed)
-        drafted = ngram_lookup(committed, k, self.max_ngram, self.min_ngram)
+        drafted = ngram_lookup(list(committed) + list(provisional), k, self.max_ngram, self.min_ngram)
         return Proposal(drafted, None, point_mass=True, reused_tokens=reused, computed_tokens=0)
 
     def propose_batch(self, jobs: Sequence[ProposeJob]) -> list[Proposal]:
-        return [self.propose(job.entry, job.committed, job.k, job.params) for job in jobs]
+        return [self.propose(job.entry, job.committed, job.k, job.params, job.provisional) for job in jobs]

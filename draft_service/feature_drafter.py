@@ -58,7 +58,7 @@ class FeatureDrafter:
         rejection rule, whose q the point masses would not fit)."""
         if not self.hybrid_ngram or (not job.params.greedy and not job.params.coupled):
             return []
-        return ngram_lookup(job.committed, job.k, max_ngram=max(self.hybrid_ngram, 8), min_ngram=self.hybrid_ngram)
+        return ngram_lookup(job.sequence, job.k, max_ngram=max(self.hybrid_ngram, 8), min_ngram=self.hybrid_ngram)
 
     # --- one session's state --------------------------------------------------------------
 
@@ -138,6 +138,8 @@ class FeatureDrafter:
             start = entry.kv.length
             tokens = torch.tensor(job.committed[start:c], device=self.device)
             h = self._layer(entry, tokens, self._fused(entry, start - 1, c - 1), start)
+            for offset, token in enumerate(job.provisional):  # not committed: no features, its own outputs
+                h = self._layer(entry, torch.tensor([token], device=self.device), h[-1:], c + offset)
             copied = self._lookup(job)
             proposals.append(Proposal(copied, None, point_mass=bool(copied), reused_tokens=start,
                                       computed_tokens=c - start))
@@ -148,20 +150,20 @@ class FeatureDrafter:
             logits = self.head.logits(torch.cat([h for _, _, h in active])) if active else None
             still = []
             for row, (i, job, h) in enumerate(active):
-                c = len(job.committed)
-                token, q = self._choose(logits[row], job.params, c + step)
+                token, q = self._choose(logits[row], job.params, len(job.sequence) + step)
                 proposals[i].tokens.append(token)
                 if q is not None:
                     rows[i].append(q)
                 if step + 1 < job.k:
                     still.append((i, job, h))
             for index, (i, job, h) in enumerate(still):
-                c = len(job.committed)
                 token = torch.tensor(proposals[i].tokens[-1:], device=self.device)
-                still[index] = (i, job, self._layer(job.entry, token, h, c + step))
+                still[index] = (i, job, self._layer(job.entry, token, h, len(job.sequence) + step))
             active = still
+        for job in jobs:  # positions run on the head's own outputs (provisional, drafted) go
+            if job.entry.kv is not None:
+                job.entry.kv.crop(min(job.entry.kv.length, len(job.committed)))
         for i, drafted in rows.items():
-            jobs[i].entry.kv.crop(len(jobs[i].committed))  # positions drafted from the head's own outputs go
             if drafted:
                 proposals[i].probs = torch.stack(drafted)
         return proposals

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from draft_service.config import DraftConfig
@@ -56,6 +58,7 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
 async def start(config: DraftConfig) -> Started:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    sys.setswitchinterval(config.gil_switch_ms / 1000)
     keys = tier_keys(config, "draft")
     metrics = ServiceMetrics()
     servicer = build_servicer(config, metrics)
@@ -68,4 +71,4 @@ async def start(config: DraftConfig) -> Started:
 
 
 async def main(config: DraftConfig) -> None:
-    await run_until_signalled(await start(config))
+    await run_until_signalled(await start(config), config.drain_grace_s)

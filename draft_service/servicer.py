@@ -14,10 +14,11 @@ from specdec.errors import InvalidArgument, ResourceExhausted
 from specdec.metrics import ServiceMetrics
 from specdec.sampling import SamplingParams
 from specdec.service_base import SessionHost
-from specdec.serving import run_inline
+from specdec.session_store import log_id
+from specdec.serving import current_session, run_inline
 from specdec.tensor_codec import decode_tensor, encode_tensor
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
-from specdec.wire import ContextDelta, context_from_pb, sampling_from_pb
+from specdec.wire import ContextDelta, check_token_ids, context_from_pb, sampling_from_pb
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class ParsedPropose:
     params: SamplingParams
     features: torch.Tensor | None = None
     features_start: int = 0
+    provisional: tuple[int, ...] = ()
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
@@ -47,7 +49,13 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         ctx = context_from_pb(request.context, facts.vocab_size, facts.max_context)
         if not 1 <= request.k <= self.max_k:
             raise InvalidArgument(f"k must be in [1, {self.max_k}], got {request.k}")
-        k = min(request.k, facts.max_context - ctx.committed_len)
+        provisional = tuple(request.provisional_tokens)
+        if len(provisional) > self.max_k:
+            raise InvalidArgument(f"at most {self.max_k} provisional tokens, got {len(provisional)}")
+        check_token_ids(provisional, facts.vocab_size, "provisional_tokens")
+        k = min(request.k, facts.max_context - ctx.committed_len - len(provisional))
+        if k < 1:
+            raise InvalidArgument("no room is left in the model's context to draft after these tokens")
         features = None
         if request.HasField("features"):
             if not facts.feature_layers:
@@ -58,19 +66,21 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 raise InvalidArgument(f"features must be [positions, {width}], got {tuple(features.shape)}")
             if request.features_start + features.shape[0] > ctx.committed_len:
                 raise InvalidArgument("features may cover committed positions only")
-        return ParsedPropose(ctx, k, sampling_from_pb(request.sampling), features, request.features_start)
+        return ParsedPropose(ctx, k, sampling_from_pb(request.sampling), features, request.features_start,
+                             provisional)
 
     def _run_batch(self, requests: Sequence[ParsedPropose]) -> list[Proposal | BaseException]:
         """Every request whose context resolves drafts together (one forward per draft step)."""
         return self.host.run_batch(
             requests,
             lambda request, entry, tokens: ProposeJob(entry, tokens, request.k, request.params, request.features,
-                                                      request.features_start),
+                                                      request.features_start, request.provisional),
             self.drafter.propose_batch,
         )
 
     async def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
         parsed = self._parse(request)
+        current_session.set(log_id(parsed.context.session_id))
         if self.drafter.runs_inline:
             timed = run_inline(lambda: self._unwrap(self._run_batch([parsed])[0]))
         else:
@@ -84,7 +94,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         response = draft_pb2.ProposeResponse(
             tokens=proposal.tokens,
             point_mass=proposal.point_mass,
-            timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s),
+            timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s,
+                                      batch_sessions=timed.batch_sessions),
             cache=common_pb2.CacheUse(reused_tokens=proposal.reused_tokens, computed_tokens=proposal.computed_tokens),
         )
         if proposal.probs is not None:

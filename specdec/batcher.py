@@ -1,8 +1,10 @@
 """Dynamic batching: requests that arrive close together run as one call on the model worker.
 
-The first request of a batch waits `window_s` for company (unless `max_batch` are already
-waiting); requests that arrive while a batch runs form the next one. A session appears at most
-once per batch (its cache cannot be extended twice in one forward).
+The first request of a batch waits `window_s` for company, but only when company is likely:
+when more than one session sent requests in the last `active_s` seconds (a lone session's round
+never waits) and fewer than `max_batch` are already waiting. Requests that arrive while a batch
+runs form the next one. A session appears at most once per batch (its cache cannot be extended
+twice in one forward).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Batcher(Generic[J, R]):
         window_s: float,
         max_batch: int,
         on_batch: Callable[[int], None] | None = None,
+        active_s: float = 1.0,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -43,8 +46,16 @@ class Batcher(Generic[J, R]):
         self.window_s = window_s
         self.max_batch = max_batch
         self.on_batch = on_batch
+        self.active_s = active_s
         self._waiting: list[_Waiting[J]] = []
         self._drainer: asyncio.Task | None = None
+        self._last_seen: dict[Hashable, float] = {}  # session -> its latest request
+
+    def _company_expected(self) -> bool:
+        """More than one session sent requests lately (forgetting the others)."""
+        now = time.perf_counter()
+        self._last_seen = {k: t for k, t in self._last_seen.items() if now - t < self.active_s}
+        return len(self._last_seen) > 1
 
     @property
     def queued(self) -> int:
@@ -53,7 +64,9 @@ class Batcher(Generic[J, R]):
     async def submit(self, job: J) -> Timed:
         """Run `job` in the next batch; returns its result with queue and compute times."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(job, future, time.perf_counter()))
+        arrived = time.perf_counter()
+        self._last_seen[self.key(job)] = arrived
+        self._waiting.append(_Waiting(job, future, arrived))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await future
@@ -74,7 +87,7 @@ class Batcher(Generic[J, R]):
 
     async def _drain(self) -> None:
         while self._waiting:
-            if self.window_s > 0 and len(self._waiting) < self.max_batch:
+            if self.window_s > 0 and len(self._waiting) < self.max_batch and self._company_expected():
                 await asyncio.sleep(self.window_s)
             batch = self._take_batch()
             if not batch:
@@ -94,5 +107,5 @@ class Batcher(Generic[J, R]):
                     waiting.future.set_exception(outcome)
                 else:
                     waiting.future.set_result(
-                        Timed(outcome, started - waiting.arrived + timed.queue_s, timed.compute_s)
+                        Timed(outcome, started - waiting.arrived + timed.queue_s, timed.compute_s, len(batch))
                     )

@@ -12,16 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
+# Only what `specdec generate` needs is imported here: the client side stays free of torch.
+from specdec.client import SpecdecClient, is_rpc_error
+from specdec.config import default_prompts_file
 
-from specdec.launcher import LaunchOptions, Pipeline, default_prompts_file, launch
-from specdec.models import DEFAULT_MODEL
-from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
-
-FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in coordinator_pb2.FinishReason.items()}
+DEFAULT_MODEL = "smollm2"  # specdec.models.DEFAULT_MODEL, without importing torch for it
 
 
-def _launch_options(args: argparse.Namespace) -> LaunchOptions:
+def _launch_options(args: argparse.Namespace):
+    from specdec.launcher import LaunchOptions
+
     return LaunchOptions(
         target=args.target,
         draft=args.draft,
@@ -36,6 +36,7 @@ def _launch_options(args: argparse.Namespace) -> LaunchOptions:
         torch_threads=args.torch_threads,
         snapshots=not args.no_kv_snapshots,
         tier_token_file=args.tier_token_file,
+        unix_sockets=not args.tcp_tiers,
     )
 
 
@@ -50,6 +51,8 @@ def _stop_on_signal() -> asyncio.Event:
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
+    from specdec.launcher import launch
+
     stop = _stop_on_signal()
     try:
         pipeline = await launch(_launch_options(args))
@@ -64,30 +67,20 @@ async def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-async def stream_generate(
-    address: str, request: coordinator_pb2.GenerateRequest, echo: bool, api_key: str | None = None
-) -> dict:
+async def stream_generate(client: SpecdecClient, echo: bool, prompt: str = "", **fields) -> dict:
     """Call Generate and collect the stream; with echo, write text to stdout as it arrives."""
-    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
     result = {"session_id": "", "prompt_token_ids": [], "token_ids": [], "text": "", "finish_reason": "", "stats": {}}
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        async for message in stub.Generate(request, metadata=metadata):
-            result["session_id"] = message.session_id
-            if message.prompt_token_ids:
-                result["prompt_token_ids"] = list(message.prompt_token_ids)
-            result["token_ids"] += list(message.token_ids)
-            result["text"] += message.text
-            if echo and message.text:
-                sys.stdout.write(message.text)
-                sys.stdout.flush()
-            if message.HasField("stats"):
-                from google.protobuf.json_format import MessageToDict
-
-                result["finish_reason"] = FINISH_NAMES.get(message.finish_reason, "")
-                result["stats"] = MessageToDict(
-                    message.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-                )
+    async for piece in client.generate(prompt, **fields):
+        result["session_id"] = piece.session_id
+        if piece.prompt_token_ids:
+            result["prompt_token_ids"] = piece.prompt_token_ids
+        result["token_ids"] += piece.token_ids
+        result["text"] += piece.text
+        if echo and piece.text:
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+        if piece.stats is not None:
+            result["finish_reason"], result["stats"] = piece.finish_reason, piece.stats
     return result
 
 
@@ -95,9 +88,12 @@ def format_stats(stats: dict, finish_reason: str) -> str:
     per_position = " ".join(
         f"{a}/{p}" for a, p in zip(stats.get("accepted_per_position", []), stats.get("proposed_per_position", []))
     )
+    ks = stats.get("k_per_round", [])
+    chosen = f", k per round {min(ks)}-{max(ks)} (mean {sum(ks) / len(ks):.1f})" if ks else ""
     return (
         f"finish: {finish_reason} | {stats.get('generated_tokens', 0)} tokens in {stats.get('rounds', 0)} target steps "
-        f"(mean accepted length {stats.get('mean_accepted_length', 0):.2f}) | drafter {stats.get('drafter')} k={stats.get('k')}: "
+        f"(mean accepted length {stats.get('mean_accepted_length', 0):.2f}) | drafter {stats.get('drafter')} "
+        f"k<={stats.get('k')}{chosen}, {stats.get('sampling_rule')}: "
         f"{stats.get('accepted_tokens', 0)}/{stats.get('draft_tokens', 0)} accepted "
         f"({100 * stats.get('acceptance_rate', 0):.1f}%), per position {per_position or '-'}\n"
         f"time {stats.get('total_s', 0):.2f}s: draft {stats.get('draft_s', 0):.2f}s, verify {stats.get('verify_s', 0):.2f}s, "
@@ -107,31 +103,22 @@ def format_stats(stats: dict, finish_reason: str) -> str:
     )
 
 
-def _request(args: argparse.Namespace) -> coordinator_pb2.GenerateRequest:
-    request = coordinator_pb2.GenerateRequest(
-        prompt=args.prompt,
-        session_id=args.session or "",
-        raw=args.raw,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        stop=args.stop or [],
-        ignore_eos=args.ignore_eos,
-    )
-    if args.top_p is not None:
-        request.top_p = args.top_p
-    if args.seed is not None:
-        request.seed = args.seed
-    if args.k is not None:
-        request.k = args.k
-    return request
+def _fields(args: argparse.Namespace) -> dict:
+    return dict(session_id=args.session or "", raw=args.raw, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, k=args.k,
+                fixed_k=args.fixed_k, stop=args.stop or [], ignore_eos=args.ignore_eos,
+                sampling_rule=args.sampling_rule)
 
 
 async def cmd_generate(args: argparse.Namespace) -> int:
     try:
-        result = await stream_generate(args.server, _request(args), echo=not args.json, api_key=args.api_key)
-    except grpc.aio.AioRpcError as err:
-        print(f"specdec generate: {err.code().name}: {err.details()}", file=sys.stderr)
+        async with SpecdecClient(args.server, args.api_key, args.tls_ca, args.tls_cert, args.tls_key) as client:
+            result = await stream_generate(client, not args.json, args.prompt, **_fields(args))
+    except Exception as err:  # noqa: BLE001 - an RPC error or a certificate file that cannot be read
+        if is_rpc_error(err):
+            print(f"specdec generate: {err.code().name}: {err.details()}", file=sys.stderr)
+        else:
+            print(f"specdec generate: {err}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result))
@@ -156,11 +143,13 @@ def demo_prompt(path: Path) -> str:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
+    from specdec.launcher import launch
+
     prompt = demo_prompt(Path(args.prompts))
     print(f"starting the pipeline (target {args.target}, drafter {args.draft}); the first run converts the model...",
           file=sys.stderr)
     try:
-        pipeline: Pipeline = await launch(_launch_options(args))
+        pipeline = await launch(_launch_options(args))
     except RuntimeError as exc:
         print(f"specdec demo: {exc}", file=sys.stderr)
         return 1
@@ -168,8 +157,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         print(json.dumps(pipeline.summary()), file=sys.stderr)
         print(f"\n--- prompt (summarization, Spec-Bench) ---\n{prompt[:400]}{'...' if len(prompt) > 400 else ''}\n"
               "--- answer ---", file=sys.stderr)
-        request = coordinator_pb2.GenerateRequest(prompt=prompt, max_new_tokens=args.max_new_tokens, temperature=0.0)
-        result = await stream_generate(pipeline.coordinator.address, request, echo=True)
+        async with SpecdecClient(pipeline.coordinator.address) as client:
+            result = await stream_generate(client, True, prompt, max_new_tokens=args.max_new_tokens)
         print("\n--- stats ---", file=sys.stderr)
         print(format_stats(result["stats"], result["finish_reason"]), file=sys.stderr)
     finally:
@@ -190,7 +179,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         categories=tuple(c.strip() for c in args.categories.split(",") if c.strip()),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         sampling_rules=tuple(r.strip() for r in args.sampling_rules.split(",") if r.strip()),
-        peer_ks=ints(args.peer_ks),
+        peer_ks=ints(args.peer_ks), adaptive=not args.no_adaptive,
         target=args.target, drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()),
         ks=ints(args.ks), concurrency=ints(args.concurrency), sweep_tokens=args.sweep_tokens,
         sweep_only=args.sweep_only, peers=not args.no_peers, overhead=not args.no_overhead, device=args.device, out=out,
@@ -249,6 +238,8 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per service (0 = default)")
     parser.add_argument("--no-kv-snapshots", action="store_true",
                         help="do not write KV-cache snapshots to Redis (a failed-over replica recomputes instead)")
+    parser.add_argument("--tcp-tiers", action="store_true",
+                        help="the coordinator reaches the tiers over TCP instead of Unix sockets")
     parser.add_argument("--tier-token-file", default="",
                         help="the token the coordinator sends to the tiers (default: a fresh random one per run); "
                              "give one to call the tiers yourself")
@@ -270,7 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--k", type=int, default=None, help="draft tokens per round (0 = target only)")
+    gen.add_argument("--k", type=int, default=None,
+                     help="the most draft tokens per round (0 = target only); each round's is chosen up to it")
+    gen.add_argument("--fixed-k", action="store_true", help="draft exactly --k tokens every round")
+    gen.add_argument("--sampling-rule", choices=["coupled", "rejection"], default=None,
+                     help="how sampled rounds are decided (default: the coordinator's)")
+    gen.add_argument("--tls-ca", default="", help="PEM CA the coordinator's certificate chains to (TLS)")
+    gen.add_argument("--tls-cert", default="", help="PEM client certificate (mutual TLS)")
+    gen.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     gen.add_argument("--session", default=None, help="continue this session (multi-turn)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
@@ -302,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "folders (PATH+ngramN: hybrid with N-token prompt lookup), draft model paths")
     bench.add_argument("--ks", default="4", help="comma-separated draft lengths (a drafter's own: DRAFTER@k1/k2)")
     bench.add_argument("--peer-ks", default="", help="ks of the Hugging Face prompt-lookup peer (default: --ks)")
+    bench.add_argument("--no-adaptive", action="store_true",
+                       help="skip the adaptive-k configurations (each drafter, k chosen up to the largest of --ks)")
     bench.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated session counts for the sweep")
     bench.add_argument("--sweep-tokens", type=int, default=32, help="new tokens per session in the sweep")
     bench.add_argument("--sweep-only", action="store_true", help="run only the concurrency sweep")

@@ -75,6 +75,13 @@ def parse_config(
     return cls(**vars(args))
 
 
+def default_prompts_file():
+    """Spec-Bench prompts, beside the repository (../shared/data)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "specbench-dev.jsonl"
+
+
 def flag_table(cls: type, env_prefix: str) -> str:
     """The README's markdown table of a config's flags (`python -m specdec.config` prints all)."""
     rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]

@@ -8,7 +8,9 @@ For each call to a method the server knows:
   3. the handler runs; whatever it raises becomes a status code and a bounded message
      (specdec.errors.status_for); only INTERNAL errors are logged with a traceback;
   4. its duration goes to specdec_rpc_duration_seconds{method}. Unknown methods get no label
-     (gRPC answers them UNIMPLEMENTED), so the metric's series stay bounded.
+     (gRPC answers them UNIMPLEMENTED), so the metric's series stay bounded;
+  5. it runs in an OpenTelemetry span, the caller's child when its metadata carries a traceparent
+     (a no-op unless tracing is configured, specdec.tracing).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from grpc import aio
 from specdec.access import KeyRing, is_open_method
 from specdec.errors import InvalidArgument, status_for
 from specdec.metrics import ServiceMetrics
+from specdec.tracing import server_span
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 1000  # an error message never grows with what the client sent
@@ -85,29 +88,31 @@ class _Call:
     def unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def handle(raw: bytes, context: aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            try:
-                return await behavior(self._admit(raw, context), context)
-            except aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the point is to map every error
-                await self._abort(context, exc)
-            finally:
-                self._observe(started)
+            with server_span(self.method, context.invocation_metadata()):
+                try:
+                    return await behavior(self._admit(raw, context), context)
+                except aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the point is to map every error
+                    await self._abort(context, exc)
+                finally:
+                    self._observe(started)
 
         return handle
 
     def stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def handle(raw: bytes, context: aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            try:
-                async for response in behavior(self._admit(raw, context), context):
-                    yield response
-            except aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                await self._abort(context, exc)
-            finally:
-                self._observe(started)
+            with server_span(self.method, context.invocation_metadata()):
+                try:
+                    async for response in behavior(self._admit(raw, context), context):
+                        yield response
+                except aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await self._abort(context, exc)
+                finally:
+                    self._observe(started)
 
         return handle
 

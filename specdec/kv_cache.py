@@ -161,6 +161,7 @@ class SessionCacheTable:
         self.max_bytes = max_bytes
         self.max_sessions = max_sessions
         self.evictions = 0
+        self.on_evict = None  # called once per eviction (the evictions counter)
         self.bytes_held = 0  # as of the last enforce_bounds, for metrics read from another thread
         self._entries: OrderedDict[str, SessionCache] = OrderedDict()
 
@@ -196,6 +197,8 @@ class SessionCacheTable:
                 continue
             total -= self._entries.pop(session_id).nbytes
             self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict()
         self.bytes_held = total
 
 

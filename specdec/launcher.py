@@ -21,6 +21,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from specdec.access import new_token, read_keys
+from specdec.config import default_prompts_file  # noqa: F401 - where bench and cli look for it
 from specdec.models import AUTO_DRAFTER, default_drafter
 from specdec.serving import wait_healthy
 from specdec.tls import redact_url
@@ -34,6 +35,8 @@ class Child:
     process: asyncio.subprocess.Process
     address: str = ""
     metrics: str | None = None  # host:port of its Prometheus /metrics
+    unix: str | None = None  # unix:PATH, when it also listens on a Unix socket
+    http: str | None = None  # host:port of a coordinator's OpenAI-compatible HTTP API
 
     @property
     def pid(self) -> int:
@@ -56,6 +59,7 @@ class LaunchOptions:
     snapshots: bool = True  # draft and target write KV-cache snapshots to Redis
     tier_token_file: str = ""  # the tier token to use; empty: a fresh one for this run
     draft_flags: tuple[str, ...] = ()  # more flags for the draft services
+    unix_sockets: bool = True  # the coordinator reaches the tiers over Unix sockets (all run here)
 
 
 @dataclass
@@ -68,13 +72,16 @@ class Pipeline:
     extra: list[Child] = field(default_factory=list)  # further services started beside (bench)
     redis_process: asyncio.subprocess.Process | None = None
     redis_dir: str | None = None
+    socket_dir: str | None = None
 
     def summary(self) -> dict:
         return {
             "coordinator": self.coordinator.address if self.coordinator else None,
+            "http": self.coordinator.http if self.coordinator else None,
             "redis": redact_url(self.redis_url),
-            "draft": [{"address": c.address, "pid": c.pid, "metrics": c.metrics} for c in self.drafts],
-            "target": [{"address": c.address, "pid": c.pid, "metrics": c.metrics} for c in self.targets],
+            "draft": [{"address": c.address, "pid": c.pid, "metrics": c.metrics, "unix": c.unix} for c in self.drafts],
+            "target": [{"address": c.address, "pid": c.pid, "metrics": c.metrics, "unix": c.unix}
+                       for c in self.targets],
             "coordinator_pid": self.coordinator.pid if self.coordinator else None,
             "coordinator_metrics": self.coordinator.metrics if self.coordinator else None,
         }
@@ -103,8 +110,9 @@ class Pipeline:
             except asyncio.TimeoutError:
                 process.kill()
                 await process.wait()
-        if self.redis_dir:
-            shutil.rmtree(self.redis_dir, ignore_errors=True)
+        for folder in (self.redis_dir, self.socket_dir):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _free_port(host: str) -> int:
@@ -155,6 +163,7 @@ async def spawn_service(
             try:
                 announced = json.loads(line)
                 child.address, child.metrics = announced["listening"], announced.get("metrics")
+                child.unix, child.http = announced.get("unix"), announced.get("http")
                 return child
             except (ValueError, KeyError, TypeError):
                 sys.stdout.write(line.decode(errors="replace"))
@@ -179,10 +188,16 @@ async def launch(options: LaunchOptions) -> Pipeline:
                       *options.draft_flags]
         target_env = pipeline.env("target_service", options.snapshots)
         draft_env = pipeline.env("draft_service", options.snapshots)
-        spawns = [spawn_service(f"target-{i}", "target_service", target_args, START_TIMEOUT_S, target_env)
-                  for i in range(options.target_replicas)]
-        spawns += [spawn_service(f"draft-{i}", "draft_service", draft_args, START_TIMEOUT_S, draft_env)
-                   for i in range(options.draft_replicas)]
+        sockets = tempfile.mkdtemp(prefix="specdec-sockets-") if options.unix_sockets else None
+        pipeline.socket_dir = sockets
+
+        def socket(name: str) -> list[str]:
+            return ["--unix-socket", os.path.join(sockets, f"{name}.sock")] if sockets else []
+
+        spawns = [spawn_service(f"target-{i}", "target_service", target_args + socket(f"target-{i}"), START_TIMEOUT_S,
+                                target_env) for i in range(options.target_replicas)]
+        spawns += [spawn_service(f"draft-{i}", "draft_service", draft_args + socket(f"draft-{i}"), START_TIMEOUT_S,
+                                 draft_env) for i in range(options.draft_replicas)]
         started = await asyncio.gather(*spawns, return_exceptions=True)  # replicas load models in parallel
         for result in started:
             if isinstance(result, Child):
@@ -191,8 +206,8 @@ async def launch(options: LaunchOptions) -> Pipeline:
         if errors:
             raise errors[0]
         coordinator_args = [
-            "--target", ",".join(c.address for c in pipeline.targets),
-            "--draft", ",".join(c.address for c in pipeline.drafts),
+            "--target", ",".join(c.unix or c.address for c in pipeline.targets),
+            "--draft", ",".join(c.unix or c.address for c in pipeline.drafts),
             "--tokenizer", options.target,
             "--host", options.host,
             "--port", str(options.port),
@@ -206,7 +221,3 @@ async def launch(options: LaunchOptions) -> Pipeline:
     except BaseException:
         await pipeline.stop()
         raise
-
-
-def default_prompts_file() -> Path:
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "specbench-dev.jsonl"

@@ -30,7 +30,13 @@ class ServiceMetrics:
         self.active_sessions = Gauge("specdec_active_sessions", "Generate calls in flight (coordinator) or "
                                      "sessions held in the cache (draft, target)", registry=r)
         self.cache_bytes = Gauge("specdec_cache_bytes", "Bytes of KV cache held", registry=r)
-        self.cache_evictions = Gauge("specdec_cache_evictions", "Sessions evicted from the cache so far", registry=r)
+        self.cache_evictions = Counter("specdec_cache_evictions", "Sessions evicted from the cache", registry=r)
+        self.time_to_first_token = Histogram("specdec_time_to_first_token_seconds",
+                                             "Generate: from the call to its first generated token", buckets=LATENCY_BUCKETS,
+                                             registry=r)
+        self.inter_token_latency = Histogram("specdec_inter_token_latency_seconds",
+                                             "Generate: time between streamed tokens (a message of n tokens after a gap "
+                                             "g counts n times g/n)", buckets=LATENCY_BUCKETS, registry=r)
         self.snapshot_chunks = Counter("specdec_kv_snapshot_chunks", "KV snapshot chunks by outcome: written, "
                                        "dropped (write queue full), failed (Redis error), refused (bound, "
                                        "session gone)", ["outcome"], registry=r)
@@ -48,7 +54,7 @@ class ServiceMetrics:
         """Export a SessionCacheTable's size; read on scrape from the values the worker last stored."""
         self.active_sessions.set_function(lambda: len(table))
         self.cache_bytes.set_function(lambda: table.bytes_held)
-        self.cache_evictions.set_function(lambda: table.evictions)
+        table.on_evict = self.cache_evictions.inc
 
     def serve(self, host: str, port: int) -> str:
         """Start the /metrics HTTP server (a daemon thread); returns host:port."""

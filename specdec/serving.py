@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import json
 import logging
 import signal
@@ -16,6 +17,7 @@ from typing import Awaitable, Callable, Iterable, Protocol, TypeVar
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from specdec.access import KeyRing
 from specdec.interceptor import ServiceInterceptor
@@ -44,6 +46,7 @@ class Timed:
     value: object
     queue_s: float
     compute_s: float
+    batch_sessions: int = 1
 
 
 class ModelWorker:
@@ -76,12 +79,47 @@ def run_inline(fn: Callable[[], T]) -> Timed:
     return Timed(value, 0.0, time.perf_counter() - started)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+# The session a line of log is about (its digest, specdec.session_store.log_id), set for the
+# duration of a call by whoever handles the session.
+current_session: contextvars.ContextVar[str] = contextvars.ContextVar("current_session", default="")
+
+
+class _SessionField(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.session = current_session.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and the session when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        if getattr(record, "session", ""):
+            line["session"] = record.session
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Logs on stderr, as text lines or (fmt "json") one JSON object a line, with the session
+    digest on every line about a session."""
+    if fmt not in ("text", "json"):
+        raise StartupError("--log-format must be text or json")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_SessionField())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s%(session_suffix)s"))
+    if fmt == "text":
+        handler.addFilter(_session_suffix)
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+
+
+def _session_suffix(record: logging.LogRecord) -> bool:
+    record.session_suffix = f" [{record.session}]" if getattr(record, "session", "") else ""
+    return True
 
 
 @dataclass
@@ -92,6 +130,8 @@ class Started:
     health: health.aio.HealthServicer
     address: str
     metrics_address: str | None = None
+    unix_address: str | None = None  # unix:PATH, when the service also listens on a Unix socket
+    http_address: str | None = None  # host:port of the coordinator's OpenAI-compatible HTTP API
     metrics: ServiceMetrics | None = None
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run after the server stops
 
@@ -123,30 +163,46 @@ async def start_server(
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Reflection: grpcurl and friends list the services and resolve their messages.
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     if credentials is None:
         bound = server.add_insecure_port(f"{host}:{port}")
     else:
         bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
+    unix_address = None
+    if getattr(settings, "unix_socket", ""):
+        unix_address = f"unix:{settings.unix_socket}"
+        added = (server.add_insecure_port(unix_address) if credentials is None
+                 else server.add_secure_port(unix_address, credentials))
+        if added == 0:
+            raise OSError(f"cannot listen on {unix_address}")
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_address = metrics.serve(host, metrics_port) if metrics and metrics_port >= 0 else None
-    return Started(server, health_servicer, f"{host}:{bound}", metrics_address, metrics)
+    return Started(server, health_servicer, f"{host}:{bound}", metrics_address=metrics_address, metrics=metrics,
+                   unix_address=unix_address)
 
 
-async def run_until_signalled(started: Started, grace_s: float = 5.0) -> None:
+async def run_until_signalled(started: Started, grace_s: float = 30.0) -> None:
     """Announce the address on stdout (one JSON line), then serve until SIGTERM or SIGINT.
 
     On a signal the health status turns NOT_SERVING first, so balancers stop sending work,
-    then in-flight calls get `grace_s` seconds to finish.
+    then in-flight calls get `grace_s` seconds to finish (the drain grace).
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(json.dumps({"listening": started.address, "metrics": started.metrics_address}), flush=True)
+    announced = {"listening": started.address, "metrics": started.metrics_address}
+    if started.unix_address:
+        announced["unix"] = started.unix_address
+    if started.http_address:
+        announced["http"] = started.http_address
+    print(json.dumps(announced), flush=True)
     log.info("serving on %s (metrics on %s)", started.address, started.metrics_address)
     await stop.wait()
     log.info("shutting down")

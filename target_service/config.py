@@ -11,6 +11,8 @@ class TargetConfig:
     model: str = option(DEFAULT_MODEL, "target model: HF folder, hub id, .gguf file, or 'smollm2'")
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(0, "port to listen on (0 picks a free one; the chosen address is printed as JSON)")
+    unix_socket: str = option("", "also listen on this Unix domain socket (co-located coordinators skip TCP); "
+                              "announced as \"unix\": \"unix:PATH\"")
     device: str = option("cpu", "torch device, e.g. cpu, cuda, cuda:1")
     dtype: str = option("float32", "weights dtype: float32, float16 or bfloat16")
     cache_bytes: int = option(2 * 1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
@@ -32,6 +34,9 @@ class TargetConfig:
     snapshot_min_restore_tokens: int = option(64, "sessions shorter than this are recomputed, not restored")
     metrics_port: int = option(0, "port of the Prometheus /metrics endpoint (0 = a free one, -1 = off)")
     torch_threads: int = option(0, "torch intra-op threads (0 = torch's default)")
+    gil_switch_ms: float = option(5.0, "how long a Python thread may hold the GIL while another waits (Python's "
+                                  "switch interval); lower lets the model thread take it back sooner from the "
+                                  "gRPC event loop")
     tls_cert: str = option("", "PEM certificate to serve TLS with (empty: plaintext)")
     tls_key: str = option("", "PEM private key of tls_cert")
     tls_client_ca: str = option("", "PEM CA that client certificates must chain to (mutual TLS)")
@@ -41,4 +46,11 @@ class TargetConfig:
                                   "accepted, for rotation)")
     allow_unauthenticated: bool = option(False, "serve callers that bring neither the tier token nor a client "
                                          "certificate (only on a private test network)")
+    drain_grace_s: float = option(30.0, "on SIGTERM: health turns NOT_SERVING, then calls in flight get this long "
+                                  "to finish before the server stops")
+    trace_exporter: str = option("none", "OpenTelemetry spans: 'none', 'console', or 'otlp' (to otlp_endpoint; needs "
+                                 "opentelemetry-exporter-otlp-proto-grpc)")
+    otlp_endpoint: str = option("", "OTLP/gRPC collector for trace_exporter otlp, e.g. http://collector:4317")
     log_level: str = option("INFO", "logging level")
+    log_format: str = option("text", "'text' or 'json' (one object a line, with the session's digest on every line "
+                             "about a session)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from specdec.service_base import SessionHost, load_causal_lm, open_snapshots, tier_keys
@@ -26,6 +28,7 @@ def build_servicer(config: TargetConfig, metrics: ServiceMetrics) -> TargetServi
 async def start(config: TargetConfig) -> Started:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    sys.setswitchinterval(config.gil_switch_ms / 1000)
     keys = tier_keys(config, "target")
     metrics = ServiceMetrics()
     servicer = build_servicer(config, metrics)
@@ -38,4 +41,4 @@ async def start(config: TargetConfig) -> Started:
 
 
 async def main(config: TargetConfig) -> None:
-    await run_until_signalled(await start(config))
+    await run_until_signalled(await start(config), config.drain_grace_s)

@@ -11,6 +11,8 @@ from specdec.runner import ModelRunner
 from specdec.metrics import ServiceMetrics
 from specdec.sampling import SamplingParams
 from specdec.service_base import SessionHost
+from specdec.serving import current_session
+from specdec.session_store import log_id
 from specdec.tensor_codec import encode_tensor
 from specdec.v1 import common_pb2, target_pb2, target_pb2_grpc
 from specdec.wire import ContextDelta, check_token_ids, context_from_pb, sampling_from_pb
@@ -72,6 +74,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 
     async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
         parsed = self._parse(request)
+        current_session.set(log_id(parsed.context.session_id))
         if self.batcher.queued >= self.max_queued:
             self.metrics.rejected.inc()
             raise ResourceExhausted(
@@ -82,7 +85,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         timed = await self.batcher.submit(parsed)
         result = timed.value
         response = target_pb2.VerifyResponse(
-            timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s),
+            timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s,
+                                      batch_sessions=timed.batch_sessions),
             cache=common_pb2.CacheUse(reused_tokens=result.reused_tokens, computed_tokens=result.computed_tokens),
         )
         if result.features is not None:

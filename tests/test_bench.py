@@ -65,8 +65,8 @@ async def test_bench_runs_every_configuration_and_writes_its_outputs(tiny_target
     )
     report = await run_bench(options)
     configs = report["configs"]
-    assert set(configs) == {"ours-k0", "ours-ngram-k2", "ours-draft-k2", "hf-plain", "hf-assisted-draft-k2",
-                            "hf-lookup-k2"}
+    assert set(configs) == {"ours-k0", "ours-ngram-k2", "ours-draft-k2", "ours-ngram-adaptive", "ours-draft-adaptive",
+                            "hf-plain", "hf-assisted-draft-k2", "hf-lookup-k2"}
     assert report["columns"] == ["Translation", "Question Answering"]
     for name, entry in configs.items():
         if name != "ours-k0":

@@ -113,7 +113,8 @@ async def test_evicted_sessions_are_rebuilt_and_stay_exact(redis_server, tiny_ta
                 got = await generate(channel, prompt=prompt, max_new_tokens=16, k=0)
                 assert got.token_ids == want.token_ids
         body = urllib.request.urlopen(f"http://{small.metrics_address}/metrics", timeout=5).read().decode()
-        evictions = float(next(line.split()[1] for line in body.splitlines() if line.startswith("specdec_cache_evictions ")))
+        evictions = float(next(line.split()[1] for line in body.splitlines()
+                               if line.startswith("specdec_cache_evictions_total ")))
         assert evictions >= 3
         assert "specdec_verify_batch_size_bucket" in body and "specdec_rpc_duration_seconds_count" in body
     finally:

@@ -140,10 +140,10 @@ async def test_generation_survives_a_dead_draft_tier(redis_server, tiny_target, 
     target_server, draft_server, coordinator_server = stack.servers
     try:
         async with grpc.aio.insecure_channel(stack.coordinator) as channel:
-            before = await generate(channel, prompt="the draft is up", max_new_tokens=16, k=4)
+            before = await generate(channel, prompt="the draft is up", max_new_tokens=16, k=4, fixed_k=True)
             assert before.stats.draft_fallback_rounds == 0 and before.stats.draft_tokens > 0
             await draft_server.stop(0)
-            after = await generate(channel, prompt="the draft is down", max_new_tokens=16, k=4)
+            after = await generate(channel, prompt="the draft is down", max_new_tokens=16, k=4, fixed_k=True)
         assert after.token_ids == target_greedy(after.prompt_token_ids, 16)
         # Every round that wanted a draft ran without one (the last round drafts nothing: k = remaining - 1).
         assert after.stats.draft_fallback_rounds >= after.stats.rounds - 1 > 0
@@ -188,7 +188,8 @@ async def test_redis_holds_the_session_with_its_parameters_and_ttl(channels, sta
     assert record.tokens == result.prompt_token_ids + result.token_ids
     assert record.seed == 99 and record.turns == 1 and record.status == "idle"
     assert record.params == {"max_new_tokens": 6, "temperature": pytest.approx(0.7), "top_k": 5, "top_p": 1.0,
-                             "seed": 99, "sampling_rule": "coupled", "k": 2, "stop": ["zzz"], "ignore_eos": False}
+                             "seed": 99, "sampling_rule": "coupled", "k": 2, "fixed_k": False, "stop": ["zzz"],
+                             "ignore_eos": False}
     assert record.stats["generated_tokens"] == len(result.token_ids)
     client = aioredis.from_url(redis_server.url)
     ttl = await client.ttl(f"specdec:{{{result.session_id}}}:tokens")

@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import common_pb2 as specdec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspecdec/v1/coordinator.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xe0\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0b\n\x03raw\x18\x04 \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x01\x88\x01\x01\x12\x0e\n\x01k\x18\n \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x0e\n\x06resume\x18\r \x01(\x08\x12\x13\n\x0bresume_from\x18\x0e \x01(\r\x12/\n\rsampling_rule\x18\x0f \x01(\x0e\x32\x18.specdec.v1.SamplingRuleB\x08\n\x06_top_pB\x07\n\x05_seedB\x04\n\x02_k\"\xbe\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12*\n\x05stats\x18\x06 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats\"\xd2\x03\n\x0fGenerationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\x05 \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x06 \x03(\r\x12\x1d\n\x15proposed_per_position\x18\x07 \x03(\r\x12\x18\n\x10generated_tokens\x18\x08 \x01(\r\x12\x1d\n\x15target_prefill_tokens\x18\t \x01(\r\x12\x1c\n\x14target_reused_tokens\x18\n \x01(\r\x12\x0f\n\x07\x64raft_s\x18\x0b \x01(\x01\x12\x10\n\x08verify_s\x18\x0c \x01(\x01\x12\x0f\n\x07redis_s\x18\r \x01(\x01\x12\x1d\n\x15network_coordinator_s\x18\x0e \x01(\x01\x12\x0f\n\x07total_s\x18\x0f \x01(\x01\x12\x1d\n\x15\x64raft_fallback_rounds\x18\x10 \x01(\r\x12\t\n\x01k\x18\x11 \x01(\r\x12\x0f\n\x07\x64rafter\x18\x12 \x01(\t\x12\x15\n\rsampling_rule\x18\x13 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"2\n\x15\x44\x65leteSessionResponse\x12\x19\n\x11released_replicas\x18\x01 \x01(\r\"a\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\r\n\x05turns\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\xf2\x01\n\x0b\x43oordinator\x12G\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x12\x44\n\nGetSession\x12\x1d.specdec.v1.GetSessionRequest\x1a\x17.specdec.v1.SessionInfo\x12T\n\rDeleteSession\x12 .specdec.v1.DeleteSessionRequest\x1a!.specdec.v1.DeleteSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspecdec/v1/coordinator.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xf1\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0b\n\x03raw\x18\x04 \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x01\x88\x01\x01\x12\x0e\n\x01k\x18\n \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x0e\n\x06resume\x18\r \x01(\x08\x12\x13\n\x0bresume_from\x18\x0e \x01(\r\x12/\n\rsampling_rule\x18\x0f \x01(\x0e\x32\x18.specdec.v1.SamplingRule\x12\x0f\n\x07\x66ixed_k\x18\x10 \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x04\n\x02_k\"\xbe\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12*\n\x05stats\x18\x06 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats\"\x9d\x04\n\x0fGenerationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\x05 \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x06 \x03(\r\x12\x1d\n\x15proposed_per_position\x18\x07 \x03(\r\x12\x18\n\x10generated_tokens\x18\x08 \x01(\r\x12\x1d\n\x15target_prefill_tokens\x18\t \x01(\r\x12\x1c\n\x14target_reused_tokens\x18\n \x01(\r\x12\x0f\n\x07\x64raft_s\x18\x0b \x01(\x01\x12\x10\n\x08verify_s\x18\x0c \x01(\x01\x12\x0f\n\x07redis_s\x18\r \x01(\x01\x12\x1d\n\x15network_coordinator_s\x18\x0e \x01(\x01\x12\x0f\n\x07total_s\x18\x0f \x01(\x01\x12\x1d\n\x15\x64raft_fallback_rounds\x18\x10 \x01(\r\x12\t\n\x01k\x18\x11 \x01(\r\x12\x0f\n\x07\x64rafter\x18\x12 \x01(\t\x12\x15\n\rsampling_rule\x18\x13 \x01(\t\x12\x13\n\x0bk_per_round\x18\x14 \x03(\r\x12\x18\n\x10\x64raft_ahead_hits\x18\x15 \x01(\r\x12\x1a\n\x12\x64raft_ahead_misses\x18\x16 \x01(\r\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"2\n\x15\x44\x65leteSessionResponse\x12\x19\n\x11released_replicas\x18\x01 \x01(\r\"a\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\r\n\x05turns\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\xf2\x01\n\x0b\x43oordinator\x12G\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x12\x44\n\nGetSession\x12\x1d.specdec.v1.GetSessionRequest\x1a\x17.specdec.v1.SessionInfo\x12T\n\rDeleteSession\x12 .specdec.v1.DeleteSessionRequest\x1a!.specdec.v1.DeleteSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1323
-  _globals['_FINISHREASON']._serialized_end=1468
+  _globals['_FINISHREASON']._serialized_start=1415
+  _globals['_FINISHREASON']._serialized_end=1560
   _globals['_GENERATEREQUEST']._serialized_start=70
-  _globals['_GENERATEREQUEST']._serialized_end=422
-  _globals['_GENERATERESPONSE']._serialized_start=425
-  _globals['_GENERATERESPONSE']._serialized_end=615
-  _globals['_GENERATIONSTATS']._serialized_start=618
-  _globals['_GENERATIONSTATS']._serialized_end=1084
-  _globals['_GETSESSIONREQUEST']._serialized_start=1086
-  _globals['_GETSESSIONREQUEST']._serialized_end=1125
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1127
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1169
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1171
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1221
-  _globals['_SESSIONINFO']._serialized_start=1223
-  _globals['_SESSIONINFO']._serialized_end=1320
-  _globals['_COORDINATOR']._serialized_start=1471
-  _globals['_COORDINATOR']._serialized_end=1713
+  _globals['_GENERATEREQUEST']._serialized_end=439
+  _globals['_GENERATERESPONSE']._serialized_start=442
+  _globals['_GENERATERESPONSE']._serialized_end=632
+  _globals['_GENERATIONSTATS']._serialized_start=635
+  _globals['_GENERATIONSTATS']._serialized_end=1176
+  _globals['_GETSESSIONREQUEST']._serialized_start=1178
+  _globals['_GETSESSIONREQUEST']._serialized_end=1217
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1219
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1261
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1263
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1313
+  _globals['_SESSIONINFO']._serialized_start=1315
+  _globals['_SESSIONINFO']._serialized_end=1412
+  _globals['_COORDINATOR']._serialized_start=1563
+  _globals['_COORDINATOR']._serialized_end=1805
 # @@protoc_insertion_point(module_scope)

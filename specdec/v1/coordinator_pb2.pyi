@@ -22,7 +22,7 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_CONTEXT: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_token_ids", "session_id", "raw", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "k", "stop", "ignore_eos", "resume", "resume_from", "sampling_rule")
+    __slots__ = ("prompt", "prompt_token_ids", "session_id", "raw", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "k", "stop", "ignore_eos", "resume", "resume_from", "sampling_rule", "fixed_k")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class GenerateRequest(_message.Message):
     RESUME_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_RULE_FIELD_NUMBER: _ClassVar[int]
+    FIXED_K_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     session_id: str
@@ -53,7 +54,8 @@ class GenerateRequest(_message.Message):
     resume: bool
     resume_from: int
     sampling_rule: _common_pb2.SamplingRule
-    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., raw: _Optional[bool] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., resume: _Optional[bool] = ..., resume_from: _Optional[int] = ..., sampling_rule: _Optional[_Union[_common_pb2.SamplingRule, str]] = ...) -> None: ...
+    fixed_k: bool
+    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., raw: _Optional[bool] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., resume: _Optional[bool] = ..., resume_from: _Optional[int] = ..., sampling_rule: _Optional[_Union[_common_pb2.SamplingRule, str]] = ..., fixed_k: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("session_id", "text", "token_ids", "prompt_token_ids", "finish_reason", "stats")
@@ -72,7 +74,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length", "accepted_per_position", "proposed_per_position", "generated_tokens", "target_prefill_tokens", "target_reused_tokens", "draft_s", "verify_s", "redis_s", "network_coordinator_s", "total_s", "draft_fallback_rounds", "k", "drafter", "sampling_rule")
+    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length", "accepted_per_position", "proposed_per_position", "generated_tokens", "target_prefill_tokens", "target_reused_tokens", "draft_s", "verify_s", "redis_s", "network_coordinator_s", "total_s", "draft_fallback_rounds", "k", "drafter", "sampling_rule", "k_per_round", "draft_ahead_hits", "draft_ahead_misses")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,9 @@ class GenerationStats(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_RULE_FIELD_NUMBER: _ClassVar[int]
+    K_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_AHEAD_HITS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_AHEAD_MISSES_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     draft_tokens: int
     accepted_tokens: int
@@ -111,7 +116,10 @@ class GenerationStats(_message.Message):
     k: int
     drafter: str
     sampling_rule: str
-    def __init__(self, rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., proposed_per_position: _Optional[_Iterable[int]] = ..., generated_tokens: _Optional[int] = ..., target_prefill_tokens: _Optional[int] = ..., target_reused_tokens: _Optional[int] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., redis_s: _Optional[float] = ..., network_coordinator_s: _Optional[float] = ..., total_s: _Optional[float] = ..., draft_fallback_rounds: _Optional[int] = ..., k: _Optional[int] = ..., drafter: _Optional[str] = ..., sampling_rule: _Optional[str] = ...) -> None: ...
+    k_per_round: _containers.RepeatedScalarFieldContainer[int]
+    draft_ahead_hits: int
+    draft_ahead_misses: int
+    def __init__(self, rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., proposed_per_position: _Optional[_Iterable[int]] = ..., generated_tokens: _Optional[int] = ..., target_prefill_tokens: _Optional[int] = ..., target_reused_tokens: _Optional[int] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., redis_s: _Optional[float] = ..., network_coordinator_s: _Optional[float] = ..., total_s: _Optional[float] = ..., draft_fallback_rounds: _Optional[int] = ..., k: _Optional[int] = ..., drafter: _Optional[str] = ..., sampling_rule: _Optional[str] = ..., k_per_round: _Optional[_Iterable[int]] = ..., draft_ahead_hits: _Optional[int] = ..., draft_ahead_misses: _Optional[int] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)

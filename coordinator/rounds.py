@@ -1,0 +1,169 @@
+"""What one round of decoding is made of, apart from the loop that runs them (decoding.py):
+choosing k (KPlanner), the target's features on their way to a feature drafter (FeatureRelay),
+and the round itself, whose steps are named so that the next round's can start before it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from coordinator.clients import DraftResult, VerifyResult
+from specdec.sampling import Verdict
+
+
+@dataclass
+class Round:
+    """One round: plan (k) -> propose (drafts) -> verify (the target's choices) -> decide (a
+    verdict) -> commit (Redis) -> stream (the client). The decoder overlaps rounds: while round r
+    is verified, round r+1 may be proposed on the hypothesis that r keeps all its drafts
+    (draft-ahead), and round r's commit and stream run beside round r+1's calls."""
+
+    committed_len: int  # committed tokens before the round
+    k: int  # planned
+    draft: DraftResult | None = None
+    drafted_ahead: bool = False  # the drafts came from the previous round's draft-ahead
+    verification: VerifyResult | None = None
+    verdict: Verdict | None = None
+    new: list[int] = field(default_factory=list)  # tokens the round commits
+    finish: str | None = None
+    commit: asyncio.Task | None = None
+    chunk: object = None  # what the stream sends once the commit is done
+
+    @property
+    def drafts(self) -> list[int]:
+        return self.draft.tokens if self.draft else []
+
+    def all_kept(self) -> bool:
+        """Every draft was kept (so a draft-ahead proposed after them still follows)."""
+        return self.verdict is not None and self.verdict.accepted == len(self.drafts)
+
+
+@dataclass
+class FeatureRelay:
+    """The target's features of committed positions on their way from Verify to the feature
+    drafter: those of positions [start, start + len(rows)) not yet delivered, and where the next
+    Verify should start its features (a drafter that lacks some says from where)."""
+
+    layers: tuple[int, ...]
+    rows: torch.Tensor | None = None
+    start: int = 0
+    wanted_from: int | None = None
+
+    def verify_start(self, committed_len: int) -> int:
+        """Features from here on: what the drafter lacks, else the first position Verify computes."""
+        start = committed_len - 1 if self.wanted_from is None else min(self.wanted_from, committed_len - 1)
+        self.wanted_from = None
+        return start
+
+    def keep(self, features: torch.Tensor, start: int, committed_len: int) -> None:
+        """After a round: keep the rows of positions now committed (all but the newest token's,
+        which the target computes next round)."""
+        rows = features[: max(0, committed_len - 1 - start)]
+        if self.rows is not None and start == self.start + self.rows.shape[0]:
+            self.rows = torch.cat([self.rows, rows])
+        else:
+            self.rows, self.start = rows, start
+
+    def delivered(self, features_from: int | None) -> None:
+        if features_from is None:
+            self.rows = None  # the drafter holds them now
+        else:
+            self.wanted_from = features_from
+
+
+class RoundCosts:
+    """What this coordinator's rounds cost and yield, shared by its sessions: the wall time of a
+    round by k, wall(k) = a + b k, least squares over the recent rounds of every session (a
+    loaded target, whose rounds slow down as drafts add tokens to its batches, shows a steeper
+    b), and the acceptance per draft position seen in all sessions (a new session's prior)."""
+
+    def __init__(self, max_k: int, window: int = 64, prior_slope: float = 0.02, prior_acceptance: float = 0.5):
+        self.window = window
+        self.prior_slope = prior_slope  # per draft token, as a share of a round, until measured
+        self._points: list[tuple[int, float]] = []
+        self.acceptance = [prior_acceptance] * (max_k + 1)
+
+    def observe(self, k: int, wall_s: float, accepted: int) -> None:
+        self._points = (self._points + [(k, wall_s)])[-self.window:]
+        for j in range(1, min(k, accepted + 1) + 1):
+            self.acceptance[j] = 0.98 * self.acceptance[j] + 0.02 * (j <= accepted)
+
+    def wall(self, k: int) -> float:
+        points = self._points
+        if not points:
+            return 1.0 + self.prior_slope * k
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        spread = sum((x - mean_x) ** 2 for x in xs)
+        if spread:
+            slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in points) / spread)
+        else:
+            slope = self.prior_slope * mean_y
+        return max(1e-6, mean_y + slope * (k - mean_x))
+
+
+class KPlanner:
+    """Chooses each round's k for one call (adaptive k).
+
+    Expected tokens a round yields with k drafts: E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j, where a_j
+    is the measured probability that draft j is kept when drafts 1..j-1 were (this session's
+    rounds, smoothed toward what the decoder saw in all sessions). k maximises E(k) / wall(k)
+    (RoundCosts), k = 0 included when drafting does not pay; every `probe_every` rounds at k = 0
+    it drafts one token, to notice when drafting pays again. The request's k is the ceiling.
+    """
+
+    def __init__(self, max_k: int, costs: RoundCosts, prior: Sequence[float], prior_weight: float = 4.0,
+                 decay: float = 0.97, probe_every: int = 8):
+        self.max_k = max_k
+        self.costs = costs
+        self.prior = list(prior) + [prior[-1] if prior else 0.5] * (max_k + 1 - len(prior))
+        self.prior_weight, self.decay, self.probe_every = prior_weight, decay, probe_every
+        self.kept = [0.0] * (max_k + 1)  # decayed counts: draft j kept, when tried with 1..j-1 kept
+        self.tried = [0.0] * (max_k + 1)
+        self._since_drafting = 0
+
+    def acceptance(self, position: int) -> float:
+        prior = self.prior[position]
+        return (self.kept[position] + prior * self.prior_weight) / (self.tried[position] + self.prior_weight)
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        """Position j was tried when drafts 1..j-1 all stood, and kept when j <= accepted."""
+        for j in range(1, self.max_k + 1):
+            self.kept[j] *= self.decay
+            self.tried[j] *= self.decay
+        for j in range(1, min(proposed, accepted + 1) + 1):
+            self.tried[j] += 1
+            self.kept[j] += j <= accepted
+
+    def expected_tokens(self, k: int) -> float:
+        total, chain = 1.0, 1.0
+        for j in range(1, k + 1):
+            chain *= self.acceptance(j)
+            total += chain
+        return total
+
+    def choose(self, ceiling: int) -> int:
+        ceiling = min(ceiling, self.max_k)
+        best_k, best_rate = 0, -math.inf
+        for k in range(0, ceiling + 1):
+            rate = self.expected_tokens(k) / self.costs.wall(k)
+            if rate > best_rate * 1.0001:
+                best_k, best_rate = k, rate
+        if best_k == 0 and ceiling > 0:
+            self._since_drafting += 1
+            if self._since_drafting >= self.probe_every:
+                self._since_drafting = 0
+                return 1
+        else:
+            self._since_drafting = 0
+        return best_k
+
+
+def ceiling_for(k: int, remaining: int, room: int) -> int:
+    """A round adds at most k + 1 tokens, and Verify needs committed + k within the context."""
+    return max(0, min(k, remaining - 1, room - 1))

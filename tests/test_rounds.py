@@ -1,0 +1,91 @@
+"""Rounds that overlap (draft-ahead, commits beside the next round's calls) and adaptive k: the
+tokens are the same with every overlap on or off and whatever k each round chose."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from conftest import start_stack
+from coordinator.rounds import KPlanner, RoundCosts
+from helpers import generate
+from specdec.v1 import common_pb2
+
+COUPLED = common_pb2.SAMPLING_RULE_COUPLED
+CASES = {
+    "greedy": dict(),
+    "seeded": dict(temperature=0.9, top_p=0.95, seed=17, sampling_rule=COUPLED),
+}
+PROMPT = "abc abc abc abc, the cat sat on the mat, the cat sat on the mat and then"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def ahead_stacks(redis_server, tiny_target, tiny_draft):
+    """Draft-ahead on and off, for the n-gram drafter and for a model drafter."""
+    running = {
+        (drafter, ahead): await start_stack(redis_server.url, tiny_target, spec, draft_ahead=ahead)
+        for drafter, spec in (("ngram", "ngram"), ("model", str(tiny_draft))) for ahead in ("on", "off")
+    }
+    yield running
+    for stack in running.values():
+        for server in stack.servers:
+            await server.stop(0)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("drafter", ["ngram", "model"])
+async def test_draft_ahead_and_adaptive_k_change_no_token(stacks, ahead_stacks, drafter, case):
+    fields = dict(prompt=PROMPT, max_new_tokens=80, ignore_eos=True, **CASES[case])
+    async with grpc.aio.insecure_channel(stacks["none"].coordinator) as channel:
+        reference = await generate(channel, k=0, **fields)
+    async with grpc.aio.insecure_channel(ahead_stacks[drafter, "off"].coordinator) as plain, \
+            grpc.aio.insecure_channel(ahead_stacks[drafter, "on"].coordinator) as ahead:
+        fixed = await generate(plain, k=4, fixed_k=True, **fields)
+        adaptive = await generate(plain, k=6, **fields)
+        overlapped = await generate(ahead, k=4, fixed_k=True, **fields)
+        both = await generate(ahead, k=6, **fields)
+    for result in (fixed, adaptive, overlapped, both):
+        assert result.token_ids == reference.token_ids
+    ks = list(fixed.stats.k_per_round)
+    assert set(ks[: len(ks) // 2]) == {4} and max(ks) == 4 and fixed.stats.draft_ahead_hits == 0
+    assert max(adaptive.stats.k_per_round) <= 6 and len(adaptive.stats.k_per_round) == adaptive.stats.rounds
+    assert overlapped.stats.draft_ahead_hits + overlapped.stats.draft_ahead_misses > 0
+
+
+async def test_draft_ahead_is_used_when_rounds_keep_their_drafts(ahead_stacks):
+    """Text that repeats itself: the n-gram drafter's drafts are all kept often, and the next
+    round's draft, proposed during the Verify, is then used instead of a Propose."""
+    async with grpc.aio.insecure_channel(ahead_stacks["ngram", "on"].coordinator) as channel:
+        result = await generate(channel, prompt="one two three four " * 8, max_new_tokens=60, k=3, fixed_k=True,
+                                ignore_eos=True)
+    assert result.stats.draft_ahead_hits > 0
+
+
+def test_the_planner_drafts_more_when_drafts_are_kept_and_none_when_they_are_not():
+    costs = RoundCosts(max_k=8)
+    for k in range(0, 9):
+        costs.observe(k, 0.060 + 0.008 * k, accepted=0)  # a draft token costs an eighth of a step
+    good = KPlanner(8, costs, prior=[0.5] * 9)
+    for _ in range(30):
+        good.observe(proposed=8, accepted=8)
+    assert good.choose(8) == 8
+    bad = KPlanner(8, costs, prior=[0.5] * 9)
+    for _ in range(30):
+        bad.observe(proposed=4, accepted=0)
+    chosen = [bad.choose(8) for _ in range(16)]
+    assert chosen.count(0) >= 14 and chosen.count(1) >= 1  # target only, with a probe now and then
+    assert good.choose(3) == 3  # the request's k is a ceiling
+
+
+def test_the_planner_drafts_less_when_each_draft_token_costs_a_lot():
+    flat, steep = RoundCosts(max_k=8), RoundCosts(max_k=8)
+    for k in range(0, 9):
+        flat.observe(k, 0.060, accepted=0)
+        steep.observe(k, 0.060 * (1 + k), accepted=0)  # a loaded target: every token costs a step
+    planners = [KPlanner(8, costs, prior=[0.5] * 9) for costs in (flat, steep)]
+    for planner in planners:
+        for _ in range(30):
+            planner.observe(proposed=8, accepted=2)  # the first two drafts usually kept
+    assert planners[0].choose(8) > planners[1].choose(8)
+    assert planners[1].choose(8) == 0
