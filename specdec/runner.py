@@ -61,23 +61,60 @@ class ForwardResult:
 
 @dataclass(frozen=True)
 class _Layer:
-    input_norm: torch.nn.Module
+    """One decoder layer's weights, as plain tensors (what the dense stages take)."""
+
+    input_norm: torch.Tensor
     qkv: torch.Tensor
     qkv_bias: torch.Tensor | None
-    q_norm: torch.nn.Module | None
-    k_norm: torch.nn.Module | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
     o: torch.Tensor
     o_bias: torch.Tensor | None
-    post_norm: torch.nn.Module
+    post_norm: torch.Tensor
     gate_up: torch.Tensor
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor
     down_bias: torch.Tensor | None
-    act: torch.nn.Module
 
 
 def _padded_rows(count: int) -> int:
     return max(ROWS, -(-count // ROWS) * ROWS)
+
+
+def _bucket(count: int) -> int:
+    """A compiled pass's row count: the next power of two (at least ROWS), so that a few shapes
+    (and CUDA graphs) cover every pass."""
+    return max(ROWS, 1 << (count - 1).bit_length())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm, computed as Hugging Face computes it (in float32)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def project(x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+            head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's queries (rotated), keys (rotated) and values for rows x [P, hidden]."""
+    rows = x.shape[0]
+    h = rms_norm(x, layer.input_norm, eps)
+    q, k, v = F.linear(h, layer.qkv, layer.qkv_bias).split([heads * head_dim, kv_heads * head_dim,
+                                                           kv_heads * head_dim], dim=-1)
+    q, k = q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim)
+    if layer.q_norm is not None:
+        q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+    q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    return q, k, v.reshape(rows, kv_heads, head_dim)
+
+
+def mix(x: torch.Tensor, attended: torch.Tensor, layer: _Layer, eps: float) -> torch.Tensor:
+    """The rest of the layer: output projection, residual, MLP (SiLU-gated), residual."""
+    x = x + F.linear(attended, layer.o, layer.o_bias)
+    gate, up = F.linear(rms_norm(x, layer.post_norm, eps), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,7 +135,7 @@ class ModelRunner:
     """Runs a causal LM over sessions' caches. Not thread-safe: one caller at a time (the
     service's model worker)."""
 
-    def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK):
+    def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK, compile: bool = False):
         config = model.config
         model_type = getattr(config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -119,33 +156,54 @@ class ModelRunner:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.head_dim**-0.5
-        self.embed = decoder.embed_tokens
-        self.norm = decoder.norm
+        self.eps = float(config.rms_norm_eps)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModel(f"activation {config.hidden_act!r} is not supported (SiLU-gated MLPs only)")
+        self.embed = decoder.embed_tokens.weight.detach()
+        self.final_norm = decoder.norm.weight.detach()
         self.lm_head = model.get_output_embeddings().weight.detach()
         self.rotary = decoder.rotary_emb
         self.layers = [self._fuse(layer) for layer in decoder.layers]
+        # The dense stages, compiled (torch.compile; CUDA graphs on CUDA) or eager. Compiled passes
+        # pad their rows to a power of two, so that a few shapes cover them all.
+        self.compiled = compile
+        self._project, self._mix = project, mix
+        if compile:
+            cuda = self.device.type == "cuda"
+            options = dict(mode="reduce-overhead", dynamic=False) if cuda else dict(dynamic=True)
+            self._project, self._mix = torch.compile(project, **options), torch.compile(mix, **options)
         self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self._cos = self._sin = torch.empty(0, self.head_dim, device=self.device)
 
     @staticmethod
     def _fuse(layer) -> _Layer:
         attention, mlp = layer.self_attn, layer.mlp
+        q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
         with torch.no_grad():
             return _Layer(
-                input_norm=layer.input_layernorm,
+                input_norm=layer.input_layernorm.weight.detach(),
                 qkv=torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]).detach(),
                 qkv_bias=_cat_bias(attention.q_proj, attention.k_proj, attention.v_proj),
-                q_norm=getattr(attention, "q_norm", None),
-                k_norm=getattr(attention, "k_norm", None),
+                q_norm=None if q_norm is None else q_norm.weight.detach(),
+                k_norm=None if k_norm is None else k_norm.weight.detach(),
                 o=attention.o_proj.weight.detach(),
                 o_bias=None if attention.o_proj.bias is None else attention.o_proj.bias.detach(),
-                post_norm=layer.post_attention_layernorm,
+                post_norm=layer.post_attention_layernorm.weight.detach(),
                 gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
                 gate_up_bias=_cat_bias(mlp.gate_proj, mlp.up_proj),
                 down=mlp.down_proj.weight.detach(),
                 down_bias=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
-                act=mlp.act_fn,
             )
+
+    def warm_up(self) -> None:
+        """Run a pass of every row bucket a compiled runner meets, so that no request pays a
+        compilation (or a CUDA graph capture)."""
+        if not self.compiled:
+            return
+        rows = ROWS
+        while rows <= self.max_chunk:
+            self.forward([ForwardJob(SessionCache(), [0] * rows, rows - 1)])
+            rows *= 2
 
     def new_kv(self, capacity: int = BLOCK) -> SessionKV:
         return SessionKV(self.kv_shape, capacity)
@@ -202,18 +260,20 @@ class ModelRunner:
 
     def _pass(self, spans: list[tuple[ForwardJob, int, int]]) -> list[torch.Tensor]:
         """One pass over positions [start, end) of each job's tokens; returns, per job, logits of
-        the positions >= job.first among them ([0, V] when none)."""
+        the positions >= job.first among them ([0, V] when none). The rows of every matrix
+        product are padded to a multiple of ROWS (a power of two when compiled) with zeros."""
         ids = torch.tensor([t for job, a, b in spans for t in job.tokens[a:b]], device=self.device)
         positions = torch.cat([torch.arange(a, b, device=self.device) for _, a, b in spans])
-        cos, sin = self._rotary(positions, max(b for _, _, b in spans))
+        real = len(ids)
+        padded = _bucket(real) if self.compiled else _padded_rows(real)
+        cos, sin = self._rotary(F.pad(positions, (0, padded - real)), max(b for _, _, b in spans))
         wanted_layers = sorted({layer for job, _, _ in spans for layer in job.feature_layers})
-        x = self.embed(ids)
+        x = F.pad(F.embedding(ids, self.embed), (0, 0, 0, padded - real))
         outputs = {0: x} if 0 in wanted_layers else {}
         for index, layer in enumerate(self.layers):
-            x = x + self._attention(index, layer, layer.input_norm(x), cos, sin, spans)
-            h = layer.post_norm(x)
-            gate, up = _linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + _linear(layer.act(gate) * up, layer.down, layer.down_bias)
+            q, k, v = self._project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
+            attended = self._attention(index, q, k, v, spans)
+            x = self._mix(x, F.pad(attended, (0, 0, 0, padded - real)), layer, self.eps)
             if index + 1 in wanted_layers:
                 outputs[index + 1] = x
         row = 0
@@ -227,20 +287,14 @@ class ModelRunner:
             wanted.append(torch.arange(row + min(b - a, max(0, job.first - a)), row + b - a, device=self.device))
             row += b - a
         rows = torch.cat(wanted)
-        logits = _linear(self.norm(x[rows]), self.lm_head) if len(rows) else x.new_zeros(0, self.lm_head.shape[0])
+        if not len(rows):
+            return [x.new_zeros(0, self.lm_head.shape[0]) for _ in spans]
+        logits = _linear(rms_norm(x[rows], self.final_norm, self.eps), self.lm_head)
         return list(logits.split([len(w) for w in wanted]))
 
-    def _attention(self, index: int, layer: _Layer, h: torch.Tensor, cos, sin, spans) -> torch.Tensor:
-        n = h.shape[0]
-        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = _linear(h, layer.qkv, layer.qkv_bias).split([q_width, kv_width, kv_width], dim=-1)
-        q = q.reshape(n, self.heads, self.head_dim)
-        k = k.reshape(n, self.kv_heads, self.head_dim)
-        if layer.q_norm is not None:
-            q, k = layer.q_norm(q), layer.k_norm(k)
-        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-        v = v.reshape(n, self.kv_heads, self.head_dim)
+    def _attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans) -> torch.Tensor:
+        """Each session's new keys and values into its cache, and its queries' attention over it:
+        [real rows, heads * head_dim]."""
         out, row = [], 0
         for job, a, b in spans:
             kv = job.entry.kv
@@ -252,7 +306,7 @@ class ModelRunner:
             for job, a, b in spans:
                 job.entry.kv.length = b
                 job.entry.tokens = list(job.tokens[:b])
-        return _linear(torch.cat(out), layer.o, layer.o_bias)
+        return torch.cat(out)
 
     def _attend(self, q: torch.Tensor, kv: SessionKV, layer: int, start: int, end: int) -> torch.Tensor:
         """Causal attention of queries at positions [start, end) (q: [n, heads, dim]) over the
