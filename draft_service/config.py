@@ -19,6 +19,10 @@ class DraftConfig:
                               "announced as \"unix\": \"unix:PATH\"")
     device: str = option("cpu", "torch device for a model drafter")
     dtype: str = option("float32", "weights dtype for a model drafter")
+    compile: str = option("auto", "torch.compile a model drafter's dense stages (CUDA graphs on CUDA), warmed up "
+                          "at start-up: 'on', 'off', or 'auto' (on for CUDA devices, off on CPU, where it measured "
+                          "no faster)",
+                          negation="off")
     cache_bytes: int = option(1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most tokens proposed in one Propose")
     batch_window_ms: float = option(1.0, "model drafter: how long the first Propose of a batch waits for others (ms)")

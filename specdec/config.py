@@ -71,6 +71,10 @@ def parse_config(
             metavar=f.name.upper() if kind is not bool else "BOOL",
             help=f"{f.metadata.get('help', '')} [env {env}; default: {shown!r}]",
         )
+        if "negation" in f.metadata:  # e.g. --no-compile for --compile off
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
+                                const=f.metadata["negation"], help=f"same as --{f.name.replace('_', '-')} "
+                                f"{f.metadata['negation']}")
     args = parser.parse_args(argv)
     return cls(**vars(args))
 
@@ -88,7 +92,10 @@ def flag_table(cls: type, env_prefix: str) -> str:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = ",".join(default) if isinstance(default, tuple) else default
-        rows.append(f"| `--{f.name.replace('_', '-')}` | `{env_name(env_prefix, f.name)}` | `{shown}` | "
+        flag = f"--{f.name.replace('_', '-')}"
+        if "negation" in f.metadata:
+            flag += f"`, `--no-{f.name.replace('_', '-')}"
+        rows.append(f"| `{flag}` | `{env_name(env_prefix, f.name)}` | `{shown}` | "
                     f"{f.metadata.get('help', '')} |")
     return "\n".join(rows)
 

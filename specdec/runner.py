@@ -22,6 +22,7 @@ tests/test_invariance.py checks it on every path; its cost is measured in bench/
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -169,11 +170,23 @@ class ModelRunner:
         self.compiled = compile
         self._project, self._mix = project, mix
         if compile:
-            cuda = self.device.type == "cuda"
-            options = dict(mode="reduce-overhead", dynamic=False) if cuda else dict(dynamic=True)
-            self._project, self._mix = torch.compile(project, **options), torch.compile(mix, **options)
+            self._project, self._mix = self._compiled(project), self._compiled(mix)
         self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self._cos = self._sin = torch.empty(0, self.head_dim, device=self.device)
+
+    def _compiled(self, stage):
+        """A dense stage compiled. On CUDA: one static shape per row bucket, each captured as a CUDA
+        graph (mode reduce-overhead), with the weights marked as fixed addresses so that replays
+        read them in place rather than copying them in."""
+        if self.device.type != "cuda":
+            return torch.compile(stage, dynamic=True)
+        for layer in self.layers:
+            for field in dataclasses.fields(layer):
+                if (weight := getattr(layer, field.name)) is not None:
+                    torch._dynamo.mark_static_address(weight, guard=False)
+        # One compiled graph per bucket (4 .. 4096 rows): more than dynamo's default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        return torch.compile(stage, mode="reduce-overhead", dynamic=False)
 
     @staticmethod
     def _fuse(layer) -> _Layer:
@@ -195,15 +208,19 @@ class ModelRunner:
                 down_bias=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
             )
 
-    def warm_up(self) -> None:
-        """Run a pass of every row bucket a compiled runner meets, so that no request pays a
-        compilation (or a CUDA graph capture)."""
+    def warm_up(self, max_sessions: int = 1) -> int:
+        """Compile (and on CUDA capture) every pass shape that passes of up to max_sessions
+        sessions meet, so that no request pays for it; returns how many shapes were run. On CPU
+        the compiled stages take any row count (dynamic shapes): two passes compile them."""
         if not self.compiled:
-            return
-        rows = ROWS
-        while rows <= self.max_chunk:
-            self.forward([ForwardJob(SessionCache(), [0] * rows, rows - 1)])
-            rows *= 2
+            return 0
+        largest = _bucket(max_sessions * self.max_chunk) if self.device.type == "cuda" else 2 * ROWS
+        rows, shapes = ROWS, 0
+        while rows <= largest:
+            chunks = [min(self.max_chunk, rows - start) for start in range(0, rows, self.max_chunk)]
+            self.forward([ForwardJob(SessionCache(), [0] * n, n - 1) for n in chunks])
+            rows, shapes = rows * 2, shapes + 1
+        return shapes
 
     def new_kv(self, capacity: int = BLOCK) -> SessionKV:
         return SessionKV(self.kv_shape, capacity)
@@ -262,6 +279,9 @@ class ModelRunner:
         """One pass over positions [start, end) of each job's tokens; returns, per job, logits of
         the positions >= job.first among them ([0, V] when none). The rows of every matrix
         product are padded to a multiple of ROWS (a power of two when compiled) with zeros."""
+        if self.compiled and self.device.type == "cuda":
+            # A new pass: CUDA graph outputs of the last one may be overwritten (none is kept).
+            torch.compiler.cudagraph_mark_step_begin()
         ids = torch.tensor([t for job, a, b in spans for t in job.tokens[a:b]], device=self.device)
         positions = torch.cat([torch.arange(a, b, device=self.device) for _, a, b in spans])
         real = len(ids)

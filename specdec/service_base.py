@@ -145,9 +145,18 @@ class LoadedModel:
     facts: ModelFacts
 
 
-def load_causal_lm(spec: str, kind: str, device: str, dtype: str) -> LoadedModel:
+def should_compile(setting: str, device: str) -> bool:
+    """--compile on|off|auto: auto compiles on CUDA only (on CPU it measured no faster)."""
+    if setting not in ("on", "off", "auto"):
+        raise StartupError(f"--compile must be 'on', 'off' or 'auto', not {setting!r}")
+    return setting == "on" or (setting == "auto" and device.startswith("cuda"))
+
+
+def load_causal_lm(spec: str, kind: str, device: str, dtype: str, compile: str = "off",
+                   max_batch: int = 1) -> LoadedModel:
     """Load model + tokenizer and describe them. Logits are cut to the tokenizer's vocabulary
-    (embedding tables are often padded), so draft and target distributions line up."""
+    (embedding tables are often padded), so draft and target distributions line up. A compiled
+    runner is warmed up for passes of up to max_batch sessions, so that no request pays a compile."""
     from specdec import models
 
     tokenizer = models.load_tokenizer(spec)
@@ -166,9 +175,14 @@ def load_causal_lm(spec: str, kind: str, device: str, dtype: str) -> LoadedModel
         feature_hidden_size=model.config.hidden_size,
     )
     try:
-        runner = ModelRunner(model, vocab_size)
+        runner = ModelRunner(model, vocab_size, compile=should_compile(compile, device))
     except UnsupportedModel as exc:
         raise StartupError(f"{spec}: {exc}") from None
+    if runner.compiled:
+        started = time.monotonic()
+        shapes = runner.warm_up(max_batch)
+        log.info("%s compiled and warmed up (%d pass shapes) in %.1f s", facts.name, shapes,
+                 time.monotonic() - started)
     return LoadedModel(runner, facts)
 
 

@@ -15,6 +15,10 @@ class TargetConfig:
                               "announced as \"unix\": \"unix:PATH\"")
     device: str = option("cpu", "torch device, e.g. cpu, cuda, cuda:1")
     dtype: str = option("float32", "weights dtype: float32, float16 or bfloat16")
+    compile: str = option("auto", "torch.compile the target's dense stages (CUDA graphs on CUDA), warmed up at "
+                          "start-up: 'on', 'off', or 'auto' (on for CUDA devices, off on CPU, where it measured no "
+                          "faster)",
+                          negation="off")
     cache_bytes: int = option(2 * 1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most draft tokens accepted in one Verify")
     batch_window_ms: float = option(1.0, "how long the first Verify of a batch waits for others (ms)")

@@ -17,7 +17,8 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
 
 def build_servicer(config: TargetConfig, metrics: ServiceMetrics) -> TargetServicer:
-    loaded = load_causal_lm(config.model, "target", config.device, config.dtype)
+    loaded = load_causal_lm(config.model, "target", config.device, config.dtype, config.compile,
+                            max_batch=config.max_batch)
     snapshots = open_snapshots(config, "target", loaded, metrics)
     host = SessionHost(loaded.facts, config.cache_bytes, "target-model", snapshots)
     metrics.watch_cache(host.table)

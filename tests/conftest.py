@@ -134,10 +134,11 @@ class Stack:
 
 async def start_stack(
     redis_url: str, target_model: Path, draft: str | None, target_replicas: int = 1, draft_replicas: int = 1,
-    snapshots: bool = True, **coordinator_overrides,
+    snapshots: bool = True, compile: str = "off", **coordinator_overrides,
 ) -> Stack:
     """Start real gRPC servers on loopback in this event loop: target(s), optional draft(s), coordinator.
-    With `snapshots` the tiers write KV-cache snapshots to the same Redis, as `specdec up` does."""
+    With `snapshots` the tiers write KV-cache snapshots to the same Redis, as `specdec up` does;
+    `compile` is both tiers' --compile."""
     from coordinator import server as coordinator_server
     from coordinator.config import CoordinatorConfig
     from draft_service import server as draft_server
@@ -146,7 +147,7 @@ async def start_stack(
     from target_service.config import TargetConfig
 
     tier_redis = redis_url if snapshots else ""
-    tier = dict(metrics_port=-1, redis_url=tier_redis, tier_token=TIER_TOKEN)
+    tier = dict(metrics_port=-1, redis_url=tier_redis, tier_token=TIER_TOKEN, compile=compile)
     started = [await target_server.start(TargetConfig(model=str(target_model), **tier))
                for _ in range(target_replicas)]
     targets = [s.address for s in started]

@@ -19,10 +19,11 @@ from specdec.runner import ForwardJob, ModelRunner
 LENGTH = 150
 
 
-@pytest.fixture(scope="module")
-def runner(tiny_target):
+@pytest.fixture(scope="module", params=[False, True], ids=["eager", "compiled"])
+def runner(tiny_target, request):
+    """Both paths keep the invariance: the compiled one (torch.compile) pads to other row counts."""
     model = models.load_model(str(tiny_target))
-    return ModelRunner(model, model.config.vocab_size, max_chunk=32)
+    return ModelRunner(model, model.config.vocab_size, max_chunk=32, compile=request.param)
 
 
 def _sequence(vocab: int, length: int, seed: int) -> list[int]:
