@@ -205,7 +205,7 @@ def watched_pipeline(tiny_target):
 
 
 async def test_a_hung_draft_replica_means_target_only_rounds_until_it_answers_again(watched_pipeline, stacks):
-    fields = dict(prompt="abc abc abc abc", max_new_tokens=40, k=3, ignore_eos=True)
+    fields = dict(prompt="abc abc abc abc", max_new_tokens=40, k=3, fixed_k=True, ignore_eos=True)
     async with grpc.aio.insecure_channel(stacks["ngram"].coordinator) as channel:
         undisturbed = await generate(channel, **fields)
     draft_pid = watched_pipeline["draft"][0]["pid"]

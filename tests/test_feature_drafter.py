@@ -101,7 +101,7 @@ def target_greedy(tiny_target):
 async def test_greedy_with_the_feature_drafter_equals_the_targets_generate(feature_stack, target_greedy, k):
     async with grpc.aio.insecure_channel(feature_stack.coordinator) as channel:
         result = await generate(channel, prompt="hello there, how are you doing?", max_new_tokens=48, k=k,
-                                ignore_eos=True)
+                                fixed_k=True, ignore_eos=True)
     assert result.stats.drafter == "eagle3"
     assert result.token_ids == target_greedy(result.prompt_token_ids, 48)
     assert result.stats.draft_tokens > 0 and result.stats.accepted_tokens > 0
@@ -112,7 +112,7 @@ async def test_a_new_turn_and_a_lost_draft_replica_get_their_features_back(
 ):
     """The draft replica holding a session dies between turns: the other one lacks its features,
     says so, gets them from the target through the coordinator, and drafts again at once."""
-    fields = dict(max_new_tokens=40, k=4, ignore_eos=True)
+    fields = dict(max_new_tokens=40, k=4, fixed_k=True, ignore_eos=True)  # adaptive k may stop drafting
     stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), draft_replicas=2)
     try:
         async with grpc.aio.insecure_channel(stack.coordinator) as channel:

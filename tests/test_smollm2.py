@@ -18,7 +18,7 @@ async def test_smollm2_greedy_equals_its_own_generate(redis_server):
     try:
         async with grpc.aio.insecure_channel(stack.coordinator) as channel:
             result = await generate(
-                channel, prompt="List three primary colors, then repeat the list.", max_new_tokens=40, k=4
+                channel, prompt="List three primary colors, then repeat the list.", max_new_tokens=40, k=4, fixed_k=True
             )
     finally:
         for server in stack.servers:

@@ -56,7 +56,7 @@ async def test_every_hop_over_mutual_tls(redis_server, tiny_target, pki):
     client_tls = channel_credentials(str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key"))
     try:
         async with grpc.aio.secure_channel(coordinator.address, client_tls) as channel:
-            result = await generate(channel, prompt="over tls", max_new_tokens=6, k=2)
+            result = await generate(channel, prompt="over tls", max_new_tokens=6, k=2, fixed_k=True)
         assert len(result.token_ids) == 6 and result.stats.draft_tokens > 0
         # Plaintext, or TLS without a client certificate, does not get through.
         async with grpc.aio.insecure_channel(coordinator.address) as plain:
