@@ -56,6 +56,7 @@ class BenchOptions:
     overhead: bool = True  # the stand-in-model probe of per-round overhead (bench/overhead.py)
     device: str = "cpu"
     kv_snapshots: bool = True  # the tiers write KV-cache snapshots to Redis, as `specdec up` does
+    compile: str = "auto"  # our target's and model drafters' --compile (on, off, auto = on for CUDA)
     out: Path = Path("bench/out")
     progress: bool = True
 
@@ -218,13 +219,14 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
     model, flags = drafter_service(first, options.target)
     pipeline = await launch(LaunchOptions(target=options.target, draft=model, device=options.device,
                                           draft_device=options.device, snapshots=options.kv_snapshots,
-                                          draft_flags=flags))
+                                          draft_flags=flags, compile=options.compile))
     coordinators = {first: pipeline.coordinator.address}
     targets = ",".join(c.address for c in pipeline.targets)
     for drafter in others:
         model, flags = drafter_service(drafter, options.target)
         draft = await spawn_service(f"draft-{drafter_name(drafter)}", "draft_service",
-                                    ["--model", model, "--device", options.device, *flags], 600,
+                                    ["--model", model, "--device", options.device, "--compile", options.compile,
+                                     *flags], 600,
                                     env=pipeline.env("draft_service", options.kv_snapshots))
         pipeline.drafts.append(draft)
         coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [

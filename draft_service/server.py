@@ -15,7 +15,7 @@ from specdec.serving import StartupError
 from draft_service.servicer import DraftServicer
 from specdec.service_base import ModelFacts, SessionHost, load_causal_lm, open_snapshots, tier_keys
 from specdec.metrics import ServiceMetrics
-from specdec.serving import Started, run_until_signalled, start_server
+from specdec.serving import ModelWorker, Started, run_until_signalled, start_server
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
@@ -23,6 +23,7 @@ NGRAM = "ngram"
 
 
 def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftServicer:
+    worker = ModelWorker("draft-model")
     if config.model == NGRAM:
         facts = ModelFacts(
             name=NGRAM,
@@ -34,7 +35,8 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
         )
         drafter, snapshots = NgramDrafter(config.ngram_max, config.ngram_min), None  # no KV cache to snapshot
     elif is_drafter_folder(config.model):
-        drafter = FeatureDrafter.load(config.model, config.feature_target, config.device, config.hybrid_ngram)
+        drafter = worker.call(lambda: FeatureDrafter.load(config.model, config.feature_target, config.device,
+                                                          config.hybrid_ngram))
         target = config.feature_target or drafter.config.target
         tokenizer = models.load_tokenizer(target)
         if models.vocab_fingerprint(tokenizer) != drafter.config.vocab_fingerprint:
@@ -46,11 +48,11 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
         )
         snapshots = None  # its cache is rebuilt from the target's features, cheaply
     else:
-        loaded = load_causal_lm(config.model, "model", config.device, config.dtype, config.compile,
-                                max_batch=config.max_batch)
+        loaded = worker.call(lambda: load_causal_lm(config.model, "model", config.device, config.dtype,
+                                                    config.compile, max_batch=config.max_batch))
         facts, drafter = loaded.facts, ModelDrafter(loaded.runner)
         snapshots = open_snapshots(config, "draft", loaded, metrics)
-    host = SessionHost(facts, config.cache_bytes, "draft-model", snapshots)
+    host = SessionHost(facts, config.cache_bytes, worker, snapshots)
     metrics.watch_cache(host.table)
     return DraftServicer(host, drafter, config.max_k, config.batch_window_ms / 1000, config.max_batch,
                          config.max_queued, metrics)

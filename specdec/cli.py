@@ -34,6 +34,7 @@ def _launch_options(args: argparse.Namespace):
         draft_device=args.draft_device,
         default_k=args.default_k,
         torch_threads=args.torch_threads,
+        compile=args.compile,
         snapshots=not args.no_kv_snapshots,
         tier_token_file=args.tier_token_file,
         unix_sockets=not args.tcp_tiers,
@@ -183,7 +184,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         target=args.target, drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()),
         ks=ints(args.ks), concurrency=ints(args.concurrency), sweep_tokens=args.sweep_tokens,
         sweep_only=args.sweep_only, peers=not args.no_peers, overhead=not args.no_overhead, device=args.device, out=out,
-        progress=not args.no_progress, kv_snapshots=not args.no_kv_snapshots,
+        progress=not args.no_progress, kv_snapshots=not args.no_kv_snapshots, compile=args.compile,
     )
     report = await run_bench(options)
     for path in bench_report.write(report, out):
@@ -236,6 +237,8 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-device", default="cpu", help="torch device of a model drafter")
     parser.add_argument("--default-k", type=int, default=4, help="draft tokens per round when a request does not say")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per service (0 = default)")
+    parser.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
+                        help="torch.compile the target and a model drafter (CUDA graphs on CUDA); auto: on for CUDA")
     parser.add_argument("--no-kv-snapshots", action="store_true",
                         help="do not write KV-cache snapshots to Redis (a failed-over replica recomputes instead)")
     parser.add_argument("--tcp-tiers", action="store_true",
@@ -309,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-overhead", action="store_true", help="skip the per-round overhead probe")
     bench.add_argument("--device", default="cpu", help="torch device for every model")
     bench.add_argument("--no-kv-snapshots", action="store_true", help="run our pipeline without KV-cache snapshots")
+    bench.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
+                       help="torch.compile our target and model drafters (CUDA graphs on CUDA); auto: on for CUDA")
     bench.add_argument("--out", default="", help="output folder (default bench/out/<time>)")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=cmd_bench)

@@ -60,6 +60,7 @@ class LaunchOptions:
     tier_token_file: str = ""  # the tier token to use; empty: a fresh one for this run
     draft_flags: tuple[str, ...] = ()  # more flags for the draft services
     unix_sockets: bool = True  # the coordinator reaches the tiers over Unix sockets (all run here)
+    compile: str = "auto"  # --compile of the target and a model drafter: on, off, auto (on for CUDA)
 
 
 @dataclass
@@ -182,10 +183,12 @@ async def launch(options: LaunchOptions) -> Pipeline:
     try:
         if not options.redis_url:
             await start_redis(pipeline)
-        target_args = ["--model", options.target, "--host", options.host, "--device", options.device, *threads]
+        compiling = ["--compile", options.compile]
+        target_args = ["--model", options.target, "--host", options.host, "--device", options.device, *threads,
+                       *compiling]
         draft = default_drafter(options.target) if options.draft == AUTO_DRAFTER else options.draft
         draft_args = ["--model", draft, "--host", options.host, "--device", options.draft_device, *threads,
-                      *options.draft_flags]
+                      *compiling, *options.draft_flags]
         target_env = pipeline.env("target_service", options.snapshots)
         draft_env = pipeline.env("draft_service", options.snapshots)
         sockets = tempfile.mkdtemp(prefix="specdec-sockets-") if options.unix_sockets else None

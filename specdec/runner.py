@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from specdec.kv_cache import BLOCK, FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 
 ROWS = 4  # row counts of matrix products are padded to a multiple of this
+# On CUDA, passes of up to this many rows (verify and decode batches) replay CUDA graphs; larger
+# ones (prefill chunks of many sessions) run the eager stages, where launches cost little.
+GRAPH_MAX_ROWS = 512
 MAX_CHUNK = 256  # new positions of one session per pass; a longer prefill takes several passes
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -168,9 +171,8 @@ class ModelRunner:
         # The dense stages, compiled (torch.compile; CUDA graphs on CUDA) or eager. Compiled passes
         # pad their rows to a power of two, so that a few shapes cover them all.
         self.compiled = compile
-        self._project, self._mix = project, mix
-        if compile:
-            self._project, self._mix = self._compiled(project), self._compiled(mix)
+        self._eager_stages = (project, mix)
+        self._stages = (self._compiled(project), self._compiled(mix)) if compile else self._eager_stages
         self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self._cos = self._sin = torch.empty(0, self.head_dim, device=self.device)
 
@@ -214,7 +216,8 @@ class ModelRunner:
         the compiled stages take any row count (dynamic shapes): two passes compile them."""
         if not self.compiled:
             return 0
-        largest = _bucket(max_sessions * self.max_chunk) if self.device.type == "cuda" else 2 * ROWS
+        cuda = self.device.type == "cuda"
+        largest = min(GRAPH_MAX_ROWS, _bucket(max_sessions * self.max_chunk)) if cuda else 2 * ROWS
         rows, shapes = ROWS, 0
         while rows <= largest:
             chunks = [min(self.max_chunk, rows - start) for start in range(0, rows, self.max_chunk)]
@@ -279,21 +282,24 @@ class ModelRunner:
         """One pass over positions [start, end) of each job's tokens; returns, per job, logits of
         the positions >= job.first among them ([0, V] when none). The rows of every matrix
         product are padded to a multiple of ROWS (a power of two when compiled) with zeros."""
-        if self.compiled and self.device.type == "cuda":
-            # A new pass: CUDA graph outputs of the last one may be overwritten (none is kept).
-            torch.compiler.cudagraph_mark_step_begin()
         ids = torch.tensor([t for job, a, b in spans for t in job.tokens[a:b]], device=self.device)
         positions = torch.cat([torch.arange(a, b, device=self.device) for _, a, b in spans])
         real = len(ids)
-        padded = _bucket(real) if self.compiled else _padded_rows(real)
+        cuda = self.device.type == "cuda"
+        compiled = self.compiled and not (cuda and _bucket(real) > GRAPH_MAX_ROWS)
+        project, mix = self._stages if compiled else self._eager_stages
+        if compiled and cuda:
+            # A new pass: CUDA graph outputs of the last one may be overwritten (none is kept).
+            torch.compiler.cudagraph_mark_step_begin()
+        padded = _bucket(real) if compiled else _padded_rows(real)
         cos, sin = self._rotary(F.pad(positions, (0, padded - real)), max(b for _, _, b in spans))
         wanted_layers = sorted({layer for job, _, _ in spans for layer in job.feature_layers})
         x = F.pad(F.embedding(ids, self.embed), (0, 0, 0, padded - real))
         outputs = {0: x} if 0 in wanted_layers else {}
         for index, layer in enumerate(self.layers):
-            q, k, v = self._project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
+            q, k, v = project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
             attended = self._attention(index, q, k, v, spans)
-            x = self._mix(x, F.pad(attended, (0, 0, 0, padded - real)), layer, self.eps)
+            x = mix(x, F.pad(attended, (0, 0, 0, padded - real)), layer, self.eps)
             if index + 1 in wanted_layers:
                 outputs[index + 1] = x
         row = 0

