@@ -283,7 +283,9 @@ class Decoder:
             committed.extend(now.new)
             generated += now.new
             planner.observe(len(now.drafts), now.verdict.accepted)
-            self.costs.observe(len(now.drafts), time.perf_counter() - begun, now.verdict.accepted)
+            # The call's first round prefilled the turn: its time would make its k look costly.
+            wall = time.perf_counter() - begun if previous is not None else None
+            self.costs.observe(len(now.drafts), wall, now.verdict.accepted)
             previous = now
         if ahead is not None:
             ahead.cancel()

@@ -88,8 +88,11 @@ class RoundCosts:
         self._points: list[tuple[int, float]] = []
         self.acceptance = [prior_acceptance] * (max_k + 1)
 
-    def observe(self, k: int, wall_s: float, accepted: int) -> None:
-        self._points = (self._points + [(k, wall_s)])[-self.window:]
+    def observe(self, k: int, wall_s: float | None, accepted: int) -> None:
+        """A round's drafts, wall time (None for a round that also prefilled a turn, whose time
+        says nothing about k) and how many drafts it kept."""
+        if wall_s is not None:
+            self._points = (self._points + [(k, wall_s)])[-self.window:]
         for j in range(1, min(k, accepted + 1) + 1):
             self.acceptance[j] = 0.98 * self.acceptance[j] + 0.02 * (j <= accepted)
 

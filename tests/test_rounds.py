@@ -89,3 +89,18 @@ def test_the_planner_drafts_less_when_each_draft_token_costs_a_lot():
             planner.observe(proposed=8, accepted=2)  # the first two drafts usually kept
     assert planners[0].choose(8) > planners[1].choose(8)
     assert planners[1].choose(8) == 0
+
+
+def test_a_rounds_prefill_does_not_make_its_k_look_costly():
+    """A turn's first round also prefills the prompt (seconds for a long one); timed as a round at
+    its k, it would teach the planner that drafting is dear. It counts for acceptance only."""
+    costs = RoundCosts(max_k=8)
+    for k in (0, 1, 2, 0, 1, 2):
+        costs.observe(k, 0.060, accepted=0)
+    before = costs.acceptance[1]
+    costs.observe(4, None, accepted=3)  # the prefill round
+    assert costs.wall(4) == pytest.approx(0.060)
+    assert costs.acceptance[1] > before  # its drafts were kept: that still counts
+    planner = KPlanner(8, costs, prior=costs.acceptance)
+    planner.observe(proposed=4, accepted=1)
+    assert planner.choose(4) > 0
