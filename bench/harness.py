@@ -57,6 +57,7 @@ class BenchOptions:
     device: str = "cpu"
     kv_snapshots: bool = True  # the tiers write KV-cache snapshots to Redis, as `specdec up` does
     compile: str = "auto"  # our target's and model drafters' --compile (on, off, auto = on for CUDA)
+    batch_invariant: bool = True  # our target's and model drafters' --batch-invariant
     out: Path = Path("bench/out")
     progress: bool = True
 
@@ -219,14 +220,15 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
     model, flags = drafter_service(first, options.target)
     pipeline = await launch(LaunchOptions(target=options.target, draft=model, device=options.device,
                                           draft_device=options.device, snapshots=options.kv_snapshots,
-                                          draft_flags=flags, compile=options.compile))
+                                          draft_flags=flags, compile=options.compile,
+                                          batch_invariant=options.batch_invariant))
     coordinators = {first: pipeline.coordinator.address}
     targets = ",".join(c.address for c in pipeline.targets)
     for drafter in others:
         model, flags = drafter_service(drafter, options.target)
         draft = await spawn_service(f"draft-{drafter_name(drafter)}", "draft_service",
                                     ["--model", model, "--device", options.device, "--compile", options.compile,
-                                     *flags], 600,
+                                     "--batch-invariant", str(options.batch_invariant).lower(), *flags], 600,
                                     env=pipeline.env("draft_service", options.kv_snapshots))
         pipeline.drafts.append(draft)
         coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [

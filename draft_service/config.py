@@ -23,6 +23,10 @@ class DraftConfig:
                           "at start-up: 'on', 'off', or 'auto' (on for CUDA devices, off on CPU, where it measured "
                           "no faster)",
                           negation="off")
+    batch_invariant: bool = option(True, "numbers that do not depend on batching or chunking (matrix rows padded to "
+                                   "a multiple of 4), so seeded output survives batching and failover; false: "
+                                   "single-token steps run unpadded (faster on CPU; bitwise reproducibility lost)",
+                                   negation=False)
     cache_bytes: int = option(1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most tokens proposed in one Propose")
     batch_window_ms: float = option(1.0, "model drafter: how long the first Propose of a batch waits for others (ms)")

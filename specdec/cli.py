@@ -35,6 +35,7 @@ def _launch_options(args: argparse.Namespace):
         default_k=args.default_k,
         torch_threads=args.torch_threads,
         compile=args.compile,
+        batch_invariant=not args.no_batch_invariant,
         snapshots=not args.no_kv_snapshots,
         tier_token_file=args.tier_token_file,
         unix_sockets=not args.tcp_tiers,
@@ -185,6 +186,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         ks=ints(args.ks), concurrency=ints(args.concurrency), sweep_tokens=args.sweep_tokens,
         sweep_only=args.sweep_only, peers=not args.no_peers, overhead=not args.no_overhead, device=args.device, out=out,
         progress=not args.no_progress, kv_snapshots=not args.no_kv_snapshots, compile=args.compile,
+        batch_invariant=not args.no_batch_invariant,
     )
     report = await run_bench(options)
     for path in bench_report.write(report, out):
@@ -239,6 +241,9 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per service (0 = default)")
     parser.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
                         help="torch.compile the target and a model drafter (CUDA graphs on CUDA); auto: on for CUDA")
+    parser.add_argument("--no-batch-invariant", action="store_true",
+                        help="unpadded single-token steps (faster on CPU); seeded output may then change with "
+                             "batching or failover")
     parser.add_argument("--no-kv-snapshots", action="store_true",
                         help="do not write KV-cache snapshots to Redis (a failed-over replica recomputes instead)")
     parser.add_argument("--tcp-tiers", action="store_true",
@@ -314,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-kv-snapshots", action="store_true", help="run our pipeline without KV-cache snapshots")
     bench.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
                        help="torch.compile our target and model drafters (CUDA graphs on CUDA); auto: on for CUDA")
+    bench.add_argument("--no-batch-invariant", action="store_true",
+                       help="our target and model drafters without batch-invariant numbers (unpadded 1-token steps)")
     bench.add_argument("--out", default="", help="output folder (default bench/out/<time>)")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=cmd_bench)

@@ -61,6 +61,7 @@ class LaunchOptions:
     draft_flags: tuple[str, ...] = ()  # more flags for the draft services
     unix_sockets: bool = True  # the coordinator reaches the tiers over Unix sockets (all run here)
     compile: str = "auto"  # --compile of the target and a model drafter: on, off, auto (on for CUDA)
+    batch_invariant: bool = True  # --batch-invariant of the target and a model drafter
 
 
 @dataclass
@@ -183,7 +184,7 @@ async def launch(options: LaunchOptions) -> Pipeline:
     try:
         if not options.redis_url:
             await start_redis(pipeline)
-        compiling = ["--compile", options.compile]
+        compiling = ["--compile", options.compile, "--batch-invariant", str(options.batch_invariant).lower()]
         target_args = ["--model", options.target, "--host", options.host, "--device", options.device, *threads,
                        *compiling]
         draft = default_drafter(options.target) if options.draft == AUTO_DRAFTER else options.draft

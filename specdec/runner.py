@@ -139,7 +139,8 @@ class ModelRunner:
     """Runs a causal LM over sessions' caches. Not thread-safe: one caller at a time (the
     service's model worker)."""
 
-    def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK, compile: bool = False):
+    def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK, compile: bool = False,
+                 invariant: bool = True):
         config = model.config
         model_type = getattr(config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -171,6 +172,9 @@ class ModelRunner:
         # The dense stages, compiled (torch.compile; CUDA graphs on CUDA) or eager. Compiled passes
         # pad their rows to a power of two, so that a few shapes cover them all.
         self.compiled = compile
+        # Not invariant: rows are not padded (a 1-row product takes the BLAS's faster kernel), so a
+        # position's numbers may differ in the last bits with the batch it was computed in.
+        self.invariant = invariant
         self._eager_stages = (project, mix)
         self._stages = (self._compiled(project), self._compiled(mix)) if compile else self._eager_stages
         self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
@@ -291,7 +295,7 @@ class ModelRunner:
         if compiled and cuda:
             # A new pass: CUDA graph outputs of the last one may be overwritten (none is kept).
             torch.compiler.cudagraph_mark_step_begin()
-        padded = _bucket(real) if compiled else _padded_rows(real)
+        padded = _bucket(real) if compiled else _padded_rows(real) if self.invariant else real
         cos, sin = self._rotary(F.pad(positions, (0, padded - real)), max(b for _, _, b in spans))
         wanted_layers = sorted({layer for job, _, _ in spans for layer in job.feature_layers})
         x = F.pad(F.embedding(ids, self.embed), (0, 0, 0, padded - real))
@@ -315,7 +319,8 @@ class ModelRunner:
         rows = torch.cat(wanted)
         if not len(rows):
             return [x.new_zeros(0, self.lm_head.shape[0]) for _ in spans]
-        logits = _linear(rms_norm(x[rows], self.final_norm, self.eps), self.lm_head)
+        last = rms_norm(x[rows], self.final_norm, self.eps)
+        logits = _linear(last, self.lm_head) if self.invariant else F.linear(last, self.lm_head)
         return list(logits.split([len(w) for w in wanted]))
 
     def _attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans) -> torch.Tensor:

@@ -153,7 +153,7 @@ def should_compile(setting: str, device: str) -> bool:
 
 
 def load_causal_lm(spec: str, kind: str, device: str, dtype: str, compile: str = "off",
-                   max_batch: int = 1) -> LoadedModel:
+                   max_batch: int = 1, invariant: bool = True) -> LoadedModel:
     """Load model + tokenizer and describe them. Logits are cut to the tokenizer's vocabulary
     (embedding tables are often padded), so draft and target distributions line up. A compiled
     runner is warmed up for passes of up to max_batch sessions, so that no request pays a compile."""
@@ -175,7 +175,7 @@ def load_causal_lm(spec: str, kind: str, device: str, dtype: str, compile: str =
         feature_hidden_size=model.config.hidden_size,
     )
     try:
-        runner = ModelRunner(model, vocab_size, compile=should_compile(compile, device))
+        runner = ModelRunner(model, vocab_size, compile=should_compile(compile, device), invariant=invariant)
     except UnsupportedModel as exc:
         raise StartupError(f"{spec}: {exc}") from None
     if runner.compiled:

@@ -19,6 +19,10 @@ class TargetConfig:
                           "start-up: 'on', 'off', or 'auto' (on for CUDA devices, off on CPU, where it measured no "
                           "faster)",
                           negation="off")
+    batch_invariant: bool = option(True, "numbers that do not depend on batching or chunking (matrix rows padded to "
+                                   "a multiple of 4), so seeded output survives batching and failover; false: "
+                                   "single-token steps run unpadded (faster on CPU; bitwise reproducibility lost)",
+                                   negation=False)
     cache_bytes: int = option(2 * 1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most draft tokens accepted in one Verify")
     batch_window_ms: float = option(1.0, "how long the first Verify of a batch waits for others (ms)")

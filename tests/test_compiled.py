@@ -77,3 +77,21 @@ async def test_compiled_services_give_the_target_greedy_output(redis_server, tin
     finally:
         for server in stack.servers:
             await server.stop(0)
+
+
+def test_without_batch_invariance_single_token_steps_stay_within_tolerance(runners, tiny_target):
+    """--batch-invariant false: one-token steps run unpadded; their logits equal the invariant
+    runner's within tolerance and greedy decoding gives the same tokens."""
+    eager, _ = runners
+    model = models.load_model(str(tiny_target))
+    loose = ModelRunner(model, model.config.vocab_size, invariant=False)
+    prompt = [5, 9, 12, 7, 5, 9]
+    for runner in (eager, loose):
+        entry = SessionCache()
+        runner.forward([ForwardJob(entry, prompt, len(prompt) - 1)])
+        step = runner.forward([ForwardJob(entry, prompt + [3], len(prompt))])[0].logits
+        if runner is eager:
+            expected = step
+    torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-5)
+    assert _greedy(loose, prompt, 40, 0) == _greedy(eager, prompt, 40, 0)
+    assert parse_config(TargetConfig, ["--no-batch-invariant"], "", "SPECDEC_TARGET_").batch_invariant is False
