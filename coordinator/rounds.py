@@ -97,7 +97,16 @@ class RoundCosts:
             self.acceptance[j] = 0.98 * self.acceptance[j] + 0.02 * (j <= accepted)
 
     def wall(self, k: int) -> float:
-        points = self._points
+        """A round's expected wall time at k. Rounds at k = 0 are timed on their own: they skip
+        the Propose call, and their one-token step may use another, cheaper kernel than a verify
+        of k + 1 tokens (without batch invariance), which a line through k > 0 would not show."""
+        plain = [wall for drafts, wall in self._points if drafts == 0]
+        if k == 0 and len(plain) >= 2:
+            return max(1e-6, sorted(plain)[len(plain) // 2])
+        drafting = [(drafts, wall) for drafts, wall in self._points if drafts > 0]
+        return self._line(drafting or self._points, k)
+
+    def _line(self, points: list[tuple[int, float]], k: int) -> float:
         if not points:
             return 1.0 + self.prior_slope * k
         xs, ys = [x for x, _ in points], [y for _, y in points]

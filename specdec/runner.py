@@ -295,7 +295,8 @@ class ModelRunner:
         if compiled and cuda:
             # A new pass: CUDA graph outputs of the last one may be overwritten (none is kept).
             torch.compiler.cudagraph_mark_step_begin()
-        padded = _bucket(real) if compiled else _padded_rows(real) if self.invariant else real
+        # Not invariant: only a one-row pass runs unpadded (2 and 3 rows are slower than 4 here).
+        padded = _bucket(real) if compiled else real if real == 1 and not self.invariant else _padded_rows(real)
         cos, sin = self._rotary(F.pad(positions, (0, padded - real)), max(b for _, _, b in spans))
         wanted_layers = sorted({layer for job, _, _ in spans for layer in job.feature_layers})
         x = F.pad(F.embedding(ids, self.embed), (0, 0, 0, padded - real))
@@ -320,7 +321,7 @@ class ModelRunner:
         if not len(rows):
             return [x.new_zeros(0, self.lm_head.shape[0]) for _ in spans]
         last = rms_norm(x[rows], self.final_norm, self.eps)
-        logits = _linear(last, self.lm_head) if self.invariant else F.linear(last, self.lm_head)
+        logits = F.linear(last, self.lm_head) if len(last) == 1 and not self.invariant else _linear(last, self.lm_head)
         return list(logits.split([len(w) for w in wanted]))
 
     def _attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans) -> torch.Tensor:

@@ -208,6 +208,15 @@ class TargetView:
             return self.model.get_input_embeddings()(ids).float()
 
 
+def split_heldout(conversations: list[Conversation], fraction: float, seed: int):
+    """(held out, training), a function of the data and the seed only: a resumed run, or one given
+    --data, holds out the same conversations as the run that wrote the data."""
+    order = list(conversations)
+    random.Random(f"heldout-{seed}").shuffle(order)
+    held = max(1, int(len(order) * fraction))
+    return order[:held], order[held:] or order
+
+
 def _batches(conversations: list[Conversation], batch_tokens: int, max_length: int, rng: random.Random):
     """Lists of conversations of similar length, about batch_tokens tokens each, forever."""
     order = sorted(range(len(conversations)), key=lambda i: len(conversations[i].prompt) + len(conversations[i].answer))
@@ -325,9 +334,7 @@ def train(options: TrainOptions, log=print) -> dict:
         conversations = synthesize(model, tokenizer, options, rng, log)
         data_s = time.perf_counter() - begun
         save_conversations(data_file, conversations, data_s)
-    rng.shuffle(conversations)
-    held = max(1, int(len(conversations) * options.heldout_fraction))
-    heldout, training = conversations[:held], conversations[held:] or conversations
+    heldout, training = split_heldout(conversations, options.heldout_fraction, options.seed)
     eos = models.eos_token_ids(model, tokenizer)
     draft_ids, coverage = draft_vocabulary(training, min(options.draft_vocab, vocab), eos)
     config = DrafterConfig.for_target(model.config, options.target, models.vocab_fingerprint(tokenizer), vocab,

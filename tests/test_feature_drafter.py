@@ -22,7 +22,7 @@ from specdec import models
 from specdec.eagle import DrafterConfig, EagleDrafter, ttt_mask
 from specdec.prefix import CommittedTokens
 from specdec.sampling import SamplingParams, probs_from_logits
-from specdec.train_draft import TrainOptions, train
+from specdec.train_draft import Conversation, TrainOptions, split_heldout, train
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 from specdec.wire import context_to_pb
 from stats import chi_square_pvalue
@@ -211,3 +211,17 @@ async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rul
 
         await asyncio.gather(*(one(seed) for seed in range(600)))
     assert chi_square_pvalue(counts, law) > 1e-3, counts
+
+
+def test_the_heldout_split_depends_on_the_data_and_the_seed_only():
+    """A resumed run draws the same held-out conversations as the run that wrote the data, whatever
+    other random numbers were drawn meanwhile (it used to share the data's generator)."""
+    import random
+
+    data = [Conversation([i], [i + 1], greedy=bool(i % 2)) for i in range(200)]
+    first = split_heldout(data, 0.05, seed=0)
+    random.random()
+    again = split_heldout(list(data), 0.05, seed=0)
+    assert first == again and len(first[0]) == 10
+    assert not {c.prompt[0] for c in first[0]} & {c.prompt[0] for c in first[1]}
+    assert split_heldout(data, 0.05, seed=1)[0] != first[0]

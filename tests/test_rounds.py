@@ -104,3 +104,17 @@ def test_a_rounds_prefill_does_not_make_its_k_look_costly():
     planner = KPlanner(8, costs, prior=costs.acceptance)
     planner.observe(proposed=4, accepted=1)
     assert planner.choose(4) > 0
+
+
+def test_rounds_without_drafts_are_timed_on_their_own():
+    """Without batch invariance a one-token step takes a faster kernel (43 ms against 64 ms for
+    2-8 tokens on this CPU) and a k = 0 round skips Propose: a line through the drafting rounds
+    would price k = 0 at 64 ms. Modest acceptance then does not pay; high acceptance does."""
+    costs = RoundCosts(max_k=8)
+    for _ in range(4):
+        costs.observe(0, 0.043, accepted=0)
+        for k in (1, 4):
+            costs.observe(k, 0.064, accepted=0)
+    assert costs.wall(0) == pytest.approx(0.043) and costs.wall(4) == pytest.approx(0.064)
+    modest, high = KPlanner(8, costs, prior=[0.25] * 9), KPlanner(8, costs, prior=[0.9] * 9)
+    assert modest.choose(4) == 0 and high.choose(4) == 4
