@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step soak
+.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap soak
 
 setup: $(STAMP) redis-server
 
@@ -62,4 +62,8 @@ bench-hostile: setup
 
 # One SmolLM2 step in process, 1-8 new tokens: our batch-invariant runner vs Hugging Face's forward.
 bench-step: setup
-	$(PY) -m bench.step --context 400
+	$(PY) -m bench.step --context 400 --compiled
+
+# A Verify step inside a target service against the same step alone (the service's own gap).
+bench-gap: setup
+	$(PY) -m bench.service_gap --context 400 --drafts 4

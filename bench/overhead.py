@@ -39,21 +39,21 @@ def build_stand_in(tokenizer_spec: str, folder: Path) -> Path:
 async def measure_overhead(
     tokenizer_spec: str, k: int = 4, generations: int = 5, new_tokens: int = 64, device: str = "cpu"
 ) -> dict:
-    """Per-round times for greedy and sampled decoding with the n-gram drafter."""
+    """Per-round times for greedy and sampled decoding at a fixed k with the n-gram drafter, as a
+    draft tier ("greedy", "sampled") and inside the coordinator ("... local-ngram": no Propose call)."""
     with tempfile.TemporaryDirectory(prefix="specdec-overhead-") as tmp:
         model = build_stand_in(tokenizer_spec, Path(tmp) / "stand-in")
-        pipeline = await launch(LaunchOptions(target=str(model), draft="ngram", device=device))
-        try:
-            async with grpc.aio.insecure_channel(pipeline.coordinator.address) as channel:
-                stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-                return {
-                    "vocab_size": _vocab(model),
-                    "k": k,
-                    "greedy": await _rounds(stub, k, generations, new_tokens, temperature=0.0),
-                    "sampled": await _rounds(stub, k, generations, new_tokens, temperature=1.0),
-                }
-        finally:
-            await pipeline.stop()
+        probe: dict = {"vocab_size": _vocab(model), "k": k}
+        for draft, suffix in (("ngram", ""), ("local-ngram", " local-ngram")):
+            pipeline = await launch(LaunchOptions(target=str(model), draft=draft, device=device))
+            try:
+                async with grpc.aio.insecure_channel(pipeline.coordinator.address) as channel:
+                    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+                    probe["greedy" + suffix] = await _rounds(stub, k, generations, new_tokens, temperature=0.0)
+                    probe["sampled" + suffix] = await _rounds(stub, k, generations, new_tokens, temperature=1.0)
+            finally:
+                await pipeline.stop()
+        return probe
 
 
 def _vocab(model: Path) -> int:
@@ -67,7 +67,7 @@ async def _rounds(stub, k: int, generations: int, new_tokens: int, temperature: 
     for i in range(generations + 1):  # the first is a warm-up
         request = coordinator_pb2.GenerateRequest(
             prompt="Repeat after me: the quick brown fox jumps over the lazy dog. " * 3,
-            max_new_tokens=new_tokens, k=k, temperature=temperature, seed=i, ignore_eos=True,
+            max_new_tokens=new_tokens, k=k, fixed_k=True, temperature=temperature, seed=i, ignore_eos=True,
         )
         started = time.perf_counter()
         async for message in stub.Generate(request):

@@ -77,7 +77,9 @@ def markdown(report: dict) -> str:
             "| mode | round | network + coordinator | draft compute | verify compute | Redis |",
             "|---|---|---|---|---|---|",
         ]
-        for mode in ("greedy", "sampled"):
+        for mode in ("greedy", "sampled", "greedy local-ngram", "sampled local-ngram"):
+            if mode not in probe:
+                continue
             row = probe[mode]
             lines.append(f"| {mode} | {row['round_ms']:.2f} ms | {row['overhead_ms']:.2f} ms | {row['draft_ms']:.2f} ms | "
                          f"{row['verify_ms']:.2f} ms | {row['redis_ms']:.2f} ms |")

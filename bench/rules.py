@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench.harness import load_prompts
-from draft_service.drafters import ngram_lookup
+from specdec.ngram import ngram_lookup
 from specdec import models
 from specdec.launcher import default_prompts_file
 from specdec.sampling import SamplingParams, probs_from_logits

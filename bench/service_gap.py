@@ -7,7 +7,9 @@ Times the same work three ways on this machine: the runner's forward alone in th
 service process over gRPC (its own reported compute and the client's wall time per call); and
 the service again while a second client keeps its event loop busy with health checks, the
 company a serving target has. The gap between the service's compute and the step alone is what
-sharing the process with the gRPC server costs the model thread.
+sharing the process with the gRPC server costs the model thread. The step is also timed alone
+after one parallel torch operation on a second thread: the cause of the gap this probe found
+(two OpenMP teams), fixed by loading the model on the thread that runs it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import threading
 import time
 
 import grpc
@@ -32,16 +35,27 @@ from specdec.v1 import target_pb2, target_pb2_grpc
 from specdec.wire import context_to_pb
 
 
-def alone(model: str, tokens: list[int], context: int, drafts: int, reps: int) -> float:
+def alone(model: str, tokens: list[int], context: int, drafts: int, reps: int) -> tuple[float, float]:
+    """The step alone, then the same after one parallel torch operation on a second thread (which
+    gives that thread an OpenMP team of its own: what a service that loads its model on one thread
+    and runs it on another used to do)."""
     runner = ModelRunner(models.load_model(model), len(models.load_tokenizer(model)))
     entry = SessionCache()
     runner.forward([ForwardJob(entry, tokens[:context], context - 1)])
-    times = []
-    for _ in range(reps + 2):
-        started = time.perf_counter()
-        runner.forward([ForwardJob(entry, tokens[: context + drafts], context - 1)])
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[2:])
+
+    def timed() -> float:
+        times = []
+        for _ in range(reps + 2):
+            started = time.perf_counter()
+            runner.forward([ForwardJob(entry, tokens[: context + drafts], context - 1)])
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[2:])
+
+    before = timed()
+    other = threading.Thread(target=lambda: torch.ones(512, 512) @ torch.ones(512, 512))
+    other.start()
+    other.join()
+    return before, timed()
 
 
 async def through_service(model: str, tokens: list[int], context: int, drafts: int, reps: int, busy: bool,
@@ -97,7 +111,8 @@ def main() -> None:
     report = {
         "model": args.model, "context": args.context, "verified_tokens": args.drafts + 1,
         "service_flags": args.service_flags,
-        "alone_ms": round(1000 * alone(args.model, tokens, args.context, args.drafts, args.reps), 1),
+        **dict(zip(("alone_ms", "alone_after_a_second_torch_thread_ms"),
+                   (round(1000 * t, 1) for t in alone(args.model, tokens, args.context, args.drafts, args.reps)))),
         "service": asyncio.run(through_service(args.model, tokens, args.context, args.drafts, args.reps, False, extra)),
         "service_busy_loop": asyncio.run(through_service(args.model, tokens, args.context, args.drafts, args.reps,
                                                          True, extra)),

@@ -5,7 +5,8 @@ pass with its DynamicCache, for 1 to 8 new tokens after a cached context.
 
 Median of --reps timed steps after a warm-up, each a crop back to the context and a forward of
 the new tokens (what a verify of k + 1 = n tokens costs). The ratio is what bitwise invariance
-(row counts padded to a multiple of 4, blockwise attention) costs, or saves, per step.
+(row counts padded to a multiple of 4, blockwise attention) costs, or saves, per step;
+ours_not_invariant_ms is our runner with --batch-invariant false (one-row passes unpadded).
 """
 
 from __future__ import annotations
@@ -49,16 +50,22 @@ def _hugging_face(model, tokens: list[int], context: int, n: int, reps: int) -> 
     return statistics.median(times[2:])
 
 
-def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...]) -> list[dict]:
+def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], compiled: bool = False) -> list[dict]:
     model = models.load_model(model_spec)
     vocab = len(models.load_tokenizer(model_spec))
-    runner = ModelRunner(model, vocab)
+    runner, loose = ModelRunner(model, vocab), ModelRunner(model, vocab, invariant=False)
+    fused = ModelRunner(model, vocab, compile=True) if compiled else None
+    if fused is not None:
+        fused.warm_up()
     tokens = torch.randint(0, vocab, (context + max(sizes),), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
     for n in sizes:
         ours, theirs = _ours(runner, tokens, context, n, reps), _hugging_face(model, tokens, context, n, reps)
+        unpadded = _ours(loose, tokens, context, n, reps)
         rows.append({"new_tokens": n, "ours_ms": round(1000 * ours, 1), "hf_ms": round(1000 * theirs, 1),
-                     "ours_vs_hf": round(ours / theirs, 2)})
+                     "ours_vs_hf": round(ours / theirs, 2), "ours_not_invariant_ms": round(1000 * unpadded, 1)})
+        if fused is not None:
+            rows[-1]["ours_compiled_ms"] = round(1000 * _ours(fused, tokens, context, n, reps), 1)
     return rows
 
 
@@ -68,8 +75,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=400)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--sizes", default="1,2,3,4,5,6,8")
+    parser.add_argument("--compiled", action="store_true", help="also our runner with --compile on")
     args = parser.parse_args()
-    rows = measure(args.model, args.context, args.reps, tuple(int(s) for s in args.sizes.split(",")))
+    rows = measure(args.model, args.context, args.reps, tuple(int(s) for s in args.sizes.split(",")), args.compiled)
     print(json.dumps({"model": args.model, "context": args.context, "torch_threads": torch.get_num_threads(),
                       "rows": rows}, indent=1))
 

@@ -174,7 +174,7 @@ class Decoder:
     @property
     def replica_sets(self) -> list[ReplicaSet]:
         """The target tier's replicas and, when there is one, the draft tier's."""
-        return [self.target.replicas] + ([self.draft.replicas] if self.draft else [])
+        return [self.target.replicas] + ([self.draft.replicas] if self.draft and self.draft.replicas else [])
 
     # --- a call -------------------------------------------------------------------------------
 
@@ -266,10 +266,11 @@ class Decoder:
             verifying = asyncio.create_task(self.target.verify(
                 session.session_id, committed, now.drafts, params.sampling, tracker, self.limits.vocab_size,
                 layers, feature_start))
+            verifying.add_done_callback(lambda _, now=now: setattr(now, "verified_at", time.perf_counter()))
             ahead = self._propose_ahead(now, ceiling, session, committed, params, tracker, stats, relay)
             try:
                 if previous is not None:
-                    yield await self._streamed(previous, stats, started)
+                    yield await self._streamed(previous, stats, started, beside=now)
                 now.verification = await verifying
             except BaseException:
                 verifying.cancel()
@@ -338,7 +339,7 @@ class Decoder:
         """Ask the draft tier; on any failure carry on target-only for this round."""
         if k <= 0 or self.draft is None:
             return None
-        if not self.draft.replicas.any_healthy():
+        if self.draft.replicas is not None and not self.draft.replicas.any_healthy():
             # Every draft replica failed or fails its health check (dead or hung): do not wait on a
             # deadline each round; the health watch brings drafting back when one answers.
             return None if quiet else self._without_draft(stats)
@@ -414,11 +415,16 @@ class Decoder:
         await self.store.commit(session.session_id, now.committed_len, now.new, turns=session.turns + 1,
                                 stats=stats.as_dict(), turn_open="0")
 
-    async def _streamed(self, done: Round, stats: Stats, started: float) -> Chunk:
-        """A round's chunk, once its commit is in Redis (a token is streamed only once committed)."""
+    async def _streamed(self, done: Round, stats: Stats, started: float, beside: Round | None = None) -> Chunk:
+        """A round's chunk, once its commit is in Redis (a token is streamed only once committed).
+        Waiting for the commit while the next round's Verify is still out costs nothing: redis_s
+        counts only what the wait lasted beyond that Verify's return."""
         waited = time.perf_counter()
         await done.commit
-        stats.redis_s += time.perf_counter() - waited
+        if beside is None:
+            stats.redis_s += time.perf_counter() - waited
+        elif beside.verified_at is not None:
+            stats.redis_s += max(0.0, time.perf_counter() - max(waited, beside.verified_at))
         if done.finish is not None:
             stats.total_s = time.perf_counter() - started
         return done.chunk

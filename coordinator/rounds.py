@@ -32,6 +32,7 @@ class Round:
     new: list[int] = field(default_factory=list)  # tokens the round commits
     finish: str | None = None
     commit: asyncio.Task | None = None
+    verified_at: float | None = None  # perf_counter() when its Verify came back
     chunk: object = None  # what the stream sends once the commit is done
 
     @property

@@ -16,6 +16,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Decoder, ModelLimits
 from coordinator.core import GenerationCore
 from coordinator.http_api import OpenAIServer
+from coordinator.local_draft import LOCAL_NGRAM, LocalNgramDraft
 from coordinator.servicer import CoordinatorServicer
 from specdec import models
 from specdec.metrics import ServiceMetrics
@@ -72,7 +73,9 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
             "pass --tokenizer with the target model"
         )
     draft = None
-    if config.draft:
+    if config.draft == (LOCAL_NGRAM,):
+        draft = LocalNgramDraft(config.ngram_max, config.ngram_min)
+    elif config.draft:
         replicas = ReplicaSet(config.draft, draft_pb2_grpc.DraftServiceStub, config.draft_timeout_s, tier_credentials,
                               RetryPolicy(config.draft_retry_attempts, 0.0, 0.0), tier_token)
         kinds, layers = set(), set()
@@ -102,7 +105,9 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     store = SessionStore(redis, config.session_ttl_s, config.session_lease_s)
     if config.draft_ahead not in ("auto", "on", "off"):
         raise StartupError("--draft-ahead must be auto, on or off")
-    ahead = config.draft_ahead == "on" or (config.draft_ahead == "auto" and draft is not None and draft.kind == "ngram")
+    # Draft-ahead pays where drafting costs a call but no compute: the n-gram tier.
+    ahead = config.draft_ahead == "on" or (config.draft_ahead == "auto" and isinstance(draft, DraftClient)
+                                           and draft.kind == "ngram")
     return Decoder(target, draft, store, tokenizer, limits, metrics=ServiceMetrics(), max_k=config.max_k,
                    draft_ahead=ahead)
 

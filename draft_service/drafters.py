@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-import numpy as np
 import torch
 
 from specdec.kv_cache import SessionCache
+from specdec.ngram import ngram_lookup
 from specdec.runner import ForwardJob, ModelRunner
 from specdec.sampling import DRAFT, SamplingParams, coupled_draws, probs_from_logits, sample, uniform
 
@@ -101,24 +101,6 @@ class ModelDrafter:
     def propose(self, entry: SessionCache, committed: Sequence[int], k: int, params: SamplingParams) -> Proposal:
         return self.propose_batch([ProposeJob(entry, committed, k, params)])[0]
 
-
-
-def ngram_lookup(tokens: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
-    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens
-    (longest n first) and propose the up to k tokens that followed it."""
-    seq = np.asarray(tokens, dtype=np.int64)
-    length = len(seq)
-    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
-        if n <= 0:
-            break
-        suffix = seq[length - n :]
-        # Windows starting at 0..length-n-1 (the suffix itself excluded).
-        windows = np.lib.stride_tricks.sliding_window_view(seq[: length - 1], n)
-        matches = np.flatnonzero((windows == suffix).all(axis=1))
-        if len(matches):
-            start = int(matches[-1]) + n
-            return seq[start : start + k].tolist()
-    return []
 
 
 class NgramDrafter:

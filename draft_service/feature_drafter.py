@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from draft_service.drafters import Proposal, ProposeJob, ngram_lookup
+from draft_service.drafters import Proposal, ProposeJob
+from specdec.ngram import ngram_lookup
 from specdec.eagle import KIND, EagleDrafter
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import DRAFT, SamplingParams, coupling_noise, probs_from_logits, sample, uniform

@@ -229,7 +229,9 @@ def cmd_derive_draft(args: argparse.Namespace) -> int:
 def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_MODEL, help="target model: HF folder, hub id, .gguf file, 'smollm2'")
     parser.add_argument("--draft", default="auto", help="'auto' (the feature drafter shipped for the default target, "
-                        "else ngram), 'ngram', a feature drafter folder, or a draft model sharing the target's tokenizer")
+                        "else ngram), 'ngram' (a draft tier of prompt lookup), 'local-ngram' (prompt lookup inside "
+                        "the coordinator, no draft tier), a feature drafter folder, or a draft model sharing the "
+                        "target's tokenizer")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting a redis-server")
     parser.add_argument("--host", default="127.0.0.1", help="address the services listen on")
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0 = a free one)")

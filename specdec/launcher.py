@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from specdec.access import new_token, read_keys
 from specdec.config import default_prompts_file  # noqa: F401 - where bench and cli look for it
 from specdec.models import AUTO_DRAFTER, default_drafter
+from specdec.ngram import LOCAL_NGRAM
 from specdec.serving import wait_healthy
 from specdec.tls import redact_url
 
@@ -200,8 +201,9 @@ async def launch(options: LaunchOptions) -> Pipeline:
 
         spawns = [spawn_service(f"target-{i}", "target_service", target_args + socket(f"target-{i}"), START_TIMEOUT_S,
                                 target_env) for i in range(options.target_replicas)]
+        local = options.draft == LOCAL_NGRAM  # prompt lookup inside the coordinator: no draft tier
         spawns += [spawn_service(f"draft-{i}", "draft_service", draft_args + socket(f"draft-{i}"), START_TIMEOUT_S,
-                                 draft_env) for i in range(options.draft_replicas)]
+                                 draft_env) for i in range(0 if local else options.draft_replicas)]
         started = await asyncio.gather(*spawns, return_exceptions=True)  # replicas load models in parallel
         for result in started:
             if isinstance(result, Child):
@@ -211,7 +213,7 @@ async def launch(options: LaunchOptions) -> Pipeline:
             raise errors[0]
         coordinator_args = [
             "--target", ",".join(c.unix or c.address for c in pipeline.targets),
-            "--draft", ",".join(c.unix or c.address for c in pipeline.drafts),
+            "--draft", LOCAL_NGRAM if local else ",".join(c.unix or c.address for c in pipeline.drafts),
             "--tokenizer", options.target,
             "--host", options.host,
             "--port", str(options.port),

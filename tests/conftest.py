@@ -152,7 +152,9 @@ async def start_stack(
                for _ in range(target_replicas)]
     targets = [s.address for s in started]
     drafts = []
-    if draft is not None:
+    if draft == "local-ngram":  # prompt lookup inside the coordinator: no draft tier
+        drafts.append(draft)
+    elif draft is not None:
         for _ in range(draft_replicas):
             started.append(await draft_server.start(DraftConfig(model=draft, **tier)))
             drafts.append(started[-1].address)
@@ -168,16 +170,18 @@ async def start_stack(
     })
     decoder = await coordinator_server.build_decoder(config)
     started.append(await coordinator_server.start(config, decoder))
-    return Stack(started[-1].address, targets[0], drafts[0] if drafts else None, decoder,
+    return Stack(started[-1].address, targets[0], drafts[0] if drafts and draft != "local-ngram" else None, decoder,
                  [s.server for s in started], targets, drafts, started)
 
 
 @pytest_asyncio.fixture(scope="session")
 async def stacks(redis_server, tiny_target, tiny_draft):
-    """One running stack per drafter kind: 'model', 'ngram' and 'none' (target only)."""
+    """One running stack per drafter kind: 'model', 'ngram', 'local-ngram' (prompt lookup inside the
+    coordinator) and 'none' (target only)."""
     running = {
         "model": await start_stack(redis_server.url, tiny_target, str(tiny_draft)),
         "ngram": await start_stack(redis_server.url, tiny_target, "ngram"),
+        "local-ngram": await start_stack(redis_server.url, tiny_target, "local-ngram"),
         "none": await start_stack(redis_server.url, tiny_target, None),
     }
     yield running

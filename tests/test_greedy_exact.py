@@ -23,7 +23,7 @@ def target_reference(tiny_target):
     return reference
 
 
-@pytest.mark.parametrize("drafter", ["model", "ngram"])
+@pytest.mark.parametrize("drafter", ["model", "ngram", "local-ngram"])
 @pytest.mark.parametrize("k", [1, 4, 8])
 async def test_greedy_equals_target_generate(channels, target_reference, drafter, k):
     for prompt in PROMPTS:

@@ -44,6 +44,7 @@ async def small_stacks(redis_server, small_models):
     running = {
         "model": await start_stack(redis_server.url, target, str(draft)),
         "ngram": await start_stack(redis_server.url, target, "ngram"),
+        "local-ngram": await start_stack(redis_server.url, target, "local-ngram"),
         "compiled model": await start_stack(redis_server.url, target, str(draft), compile="on"),
     }
     yield running
@@ -99,7 +100,7 @@ RULES = {"rejection": common_pb2.SAMPLING_RULE_REJECTION, "coupled": common_pb2.
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("drafter", ["model", "ngram", "compiled model"])
+@pytest.mark.parametrize("drafter", ["model", "ngram", "local-ngram", "compiled model"])
 async def test_first_two_tokens_follow_the_target_law(small_stacks, exact_law, drafter, rule):
     counts = await _sample_pairs(small_stacks[drafter], SAMPLES, RULES[rule])
     assert sum(counts.values()) == SAMPLES

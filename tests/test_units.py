@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from draft_service.drafters import ngram_lookup
+from specdec.ngram import ngram_lookup
 from specdec import models
 from specdec.config import option, parse_config
 from specdec.errors import CacheMiss, InvalidArgument

@@ -1,0 +1,28 @@
+"""The n-gram drafter inside the coordinator (`--draft local-ngram`): prompt lookup needs only the
+session's tokens, which the coordinator holds, so it needs no draft tier and no Propose call. The
+same drafts as the draft service's n-gram drafter, as point masses; it shares DraftClient's
+`propose` so the decoder treats both alike."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from coordinator.clients import DraftResult
+from specdec.ngram import LOCAL_NGRAM, ngram_lookup  # noqa: F401 - LOCAL_NGRAM re-exported for the server
+from specdec.prefix import CommittedTokens
+
+
+class LocalNgramDraft:
+    kind = "ngram"
+    feature_layers: tuple[int, ...] = ()
+    replicas = None  # no tier: nothing to watch, fail over or release
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    async def propose(self, session_id: str, committed: CommittedTokens, k: int, params, tracker, features=None,
+                      features_start: int = 0, provisional: Sequence[int] = ()) -> DraftResult:
+        started = time.perf_counter()
+        drafted = ngram_lookup(committed.ids + list(provisional), k, self.max_ngram, self.min_ngram)
+        return DraftResult(drafted, None, point_mass=True, compute_s=time.perf_counter() - started)
