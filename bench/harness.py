@@ -28,6 +28,7 @@ from bench.figures import SPEC_BENCH_COLUMNS, PromptRun, Totals, column_of, idea
 from specdec.eagle import is_drafter_folder
 from specdec.launcher import LaunchOptions, Pipeline, spawn_service, default_prompts_file, launch
 from specdec.models import AUTO_DRAFTER, default_drafter
+from specdec.ngram import LOCAL_NGRAM
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 BASELINE = "ours-k0"
@@ -226,6 +227,13 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
     targets = ",".join(c.address for c in pipeline.targets)
     for drafter in others:
         model, flags = drafter_service(drafter, options.target)
+        if model == LOCAL_NGRAM:  # prompt lookup inside the coordinator: no draft service
+            coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [
+                "--target", targets, "--draft", LOCAL_NGRAM, "--tokenizer", options.target,
+            ], 600, env=pipeline.env("coordinator"))
+            pipeline.extra.append(coordinator)
+            coordinators[drafter] = coordinator.address
+            continue
         draft = await spawn_service(f"draft-{drafter_name(drafter)}", "draft_service",
                                     ["--model", model, "--device", options.device, "--compile", options.compile,
                                      "--batch-invariant", str(options.batch_invariant).lower(), *flags], 600,
@@ -241,7 +249,7 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
 
 def drafter_name(spec: str) -> str:
     spec = spec.partition("@")[0]
-    if spec in ("ngram", AUTO_DRAFTER):
+    if spec in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
         return "eagle3" if spec == AUTO_DRAFTER else spec
     model, _, hybrid = spec.partition("+ngram")
     return (Path(model).name or model) + (f"+ngram{hybrid}" if hybrid else "")
@@ -260,7 +268,8 @@ async def run_bench(options: BenchOptions) -> dict:
                          for d in options.drafters for rule in rules]
     if options.sweep_only:
         ours_configs = []
-    model_drafts = [d.partition("@")[0] for d in options.drafters if d.partition("@")[0] not in ("ngram", AUTO_DRAFTER)
+    model_drafts = [d.partition("@")[0] for d in options.drafters
+                    if d.partition("@")[0] not in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER)
                     and "+" not in d and not is_drafter_folder(d.partition("@")[0])]
     peer_configs = []
     if options.peers and not options.sweep_only:

@@ -60,12 +60,13 @@ def test_prompt_selection(prompt_file):
 async def test_bench_runs_every_configuration_and_writes_its_outputs(tiny_target, tiny_draft, prompt_file, tmp_path):
     options = BenchOptions(
         prompts=prompt_file, limit=1, max_new_tokens=8, target=str(tiny_target),
-        drafters=("ngram", str(tiny_draft)), ks=(2,), concurrency=(1, 2), sweep_tokens=6,
+        drafters=("ngram", "local-ngram", str(tiny_draft)), ks=(2,), concurrency=(1, 2), sweep_tokens=6,
         overhead=False, out=tmp_path / "out", progress=False,
     )
     report = await run_bench(options)
     configs = report["configs"]
     assert set(configs) == {"ours-k0", "ours-ngram-k2", "ours-draft-k2", "ours-ngram-adaptive", "ours-draft-adaptive",
+                            "ours-local-ngram-k2", "ours-local-ngram-adaptive",
                             "hf-plain", "hf-assisted-draft-k2", "hf-lookup-k2"}
     assert report["columns"] == ["Translation", "Question Answering"]
     for name, entry in configs.items():
