@@ -9,7 +9,7 @@ import time
 from typing import Sequence
 
 from coordinator.clients import DraftResult
-from specdec.ngram import LOCAL_NGRAM, ngram_lookup  # noqa: F401 - LOCAL_NGRAM re-exported for the server
+from specdec.ngram import ngram_lookup
 from specdec.prefix import CommittedTokens
 
 

@@ -16,10 +16,11 @@ from coordinator.config import CoordinatorConfig
 from coordinator.decoding import Decoder, ModelLimits
 from coordinator.core import GenerationCore
 from coordinator.http_api import OpenAIServer
-from coordinator.local_draft import LOCAL_NGRAM, LocalNgramDraft
+from coordinator.local_draft import LocalNgramDraft
 from coordinator.servicer import CoordinatorServicer
 from specdec import models
 from specdec.metrics import ServiceMetrics
+from specdec.ngram import LOCAL_NGRAM
 from specdec.tls import channel_credentials, redact_url
 from specdec.access import read_keys
 from specdec.serving import Started, StartupError, run_until_signalled, start_server

@@ -114,6 +114,24 @@ def tiny_target(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def target_greedy(tiny_target):
+    """The tiny target's own greedy continuation (Hugging Face generate), the reference every
+    greedy output through the services must equal."""
+    import torch
+
+    from specdec import models
+
+    model = models.load_model(str(tiny_target))
+
+    def greedy(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, len(prompt_ids):].tolist()
+
+    return greedy
+
+
+@pytest.fixture(scope="session")
 def tiny_draft(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "draft", seed=1, logit_scale=8.0)
 

@@ -32,3 +32,20 @@ def chi_square_pvalue(observed: Counter, expected_probs: Mapping[Hashable, float
     if dof <= 0:
         return 1.0
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+def two_token_law(model, prompt: list[int], params) -> dict[tuple[int, int], float]:
+    """{(x1, x2): p(x1) * p(x2 | x1)}: the exact law of a model's first two sampled tokens after
+    `prompt` under `params`' processing (temperature, top-k, top-p)."""
+    from specdec.sampling import probs_from_logits
+
+    with torch.inference_mode():
+        first = probs_from_logits(model(torch.tensor([prompt])).logits[0, -1], params)
+        law = {}
+        for x1 in range(first.shape[0]):
+            if first[x1] > 0:
+                second = probs_from_logits(model(torch.tensor([prompt + [x1]])).logits[0, -1], params)
+                for x2 in range(second.shape[0]):
+                    if second[x2] > 0:
+                        law[(x1, x2)] = float(first[x1] * second[x2])
+    return law

@@ -5,7 +5,6 @@ features getting them back."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -21,11 +20,11 @@ from helpers import generate
 from specdec import models
 from specdec.eagle import DrafterConfig, EagleDrafter, ttt_mask
 from specdec.prefix import CommittedTokens
-from specdec.sampling import SamplingParams, probs_from_logits
+from specdec.sampling import SamplingParams
 from specdec.train_draft import Conversation, TrainOptions, split_heldout, train
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 from specdec.wire import context_to_pb
-from stats import chi_square_pvalue
+from stats import chi_square_pvalue, two_token_law
 from tiny_models import build_tiny_model
 
 
@@ -83,18 +82,6 @@ async def feature_stack(redis_server, tiny_target, feature_drafter):
     yield stack
     for server in stack.servers:
         await server.stop(0)
-
-
-@pytest.fixture(scope="module")
-def target_greedy(tiny_target):
-    model = models.load_model(str(tiny_target))
-
-    def greedy(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
-        return out[0, len(prompt_ids):].tolist()
-
-    return greedy
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
@@ -178,15 +165,7 @@ async def small_feature_stack(redis_server, tmp_path_factory):
     _train(target, drafter, draft_vocab=6)  # a draft vocabulary smaller than the target's: q is 0 elsewhere
     stack = await start_stack(redis_server.url, target, str(drafter))
     model = models.load_model(str(target))
-    with torch.inference_mode():
-        first = probs_from_logits(model(torch.tensor([PROMPT])).logits[0, -1], PARAMS)
-        law = {}
-        for x1 in range(first.shape[0]):
-            if first[x1] > 0:
-                second = probs_from_logits(model(torch.tensor([PROMPT + [x1]])).logits[0, -1], PARAMS)
-                for x2 in range(second.shape[0]):
-                    if second[x2] > 0:
-                        law[(x1, x2)] = float(first[x1] * second[x2])
+    law = two_token_law(model, PROMPT, PARAMS)
     yield stack, law
     for server in stack.servers:
         await server.stop(0)

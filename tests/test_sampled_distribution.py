@@ -14,14 +14,13 @@ from collections import Counter
 import grpc
 import pytest
 import pytest_asyncio
-import torch
 
 from conftest import start_stack
 from helpers import generate
 from specdec import models
-from specdec.sampling import SamplingParams, Verdict, greedy_accept, probs_from_logits, sample, speculative_accept
+from specdec.sampling import SamplingParams, Verdict, greedy_accept, sample, speculative_accept
 from specdec.v1 import common_pb2
-from stats import chi_square_pvalue
+from stats import chi_square_pvalue, two_token_law
 from tiny_models import build_tiny_model
 
 CHARS = "abcd"  # + 4 special tokens = 8-token vocabulary
@@ -57,16 +56,7 @@ async def small_stacks(redis_server, small_models):
 def exact_law(small_models):
     """{(x1, x2): p(x1) * p(x2 | x1)} under the target with PARAMS' processing."""
     model = models.load_model(str(small_models[0]))
-    with torch.inference_mode():
-        first = probs_from_logits(model(torch.tensor([PROMPT])).logits[0, -1], PARAMS)
-        law = {}
-        for x1 in range(first.shape[0]):
-            if first[x1] > 0:
-                second = probs_from_logits(model(torch.tensor([PROMPT + [x1]])).logits[0, -1], PARAMS)
-                for x2 in range(second.shape[0]):
-                    if second[x2] > 0:
-                        law[(x1, x2)] = float(first[x1] * second[x2])
-    return law
+    return two_token_law(model, PROMPT, PARAMS)
 
 
 async def _sample_pairs(stack, samples: int, rule: int) -> Counter:

@@ -7,31 +7,17 @@ import asyncio
 
 import grpc
 import pytest
-import torch
 
 from conftest import TIER_METADATA, start_stack
 from coordinator.clients import DeltaTracker
 from coordinator.server import StartupError
 from helpers import generate
-from specdec import models
 from specdec.prefix import CommittedTokens
 from specdec.sampling import SamplingParams
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, target_pb2_grpc
 from tiny_models import build_tiny_model
 
 FINISH = coordinator_pb2.FinishReason
-
-
-@pytest.fixture(scope="module")
-def target_greedy(tiny_target):
-    model = models.load_model(str(tiny_target))
-
-    def greedy(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
-        return out[0, len(prompt_ids) :].tolist()
-
-    return greedy
 
 
 async def test_same_seed_same_tokens(channels):
