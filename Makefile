@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap soak
+.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http soak
 
 setup: $(STAMP) redis-server
 
@@ -67,3 +67,7 @@ bench-step: setup
 # A Verify step inside a target service against the same step alone (the service's own gap).
 bench-gap: setup
 	$(PY) -m bench.service_gap --context 400 --drafts 4
+
+# What the OpenAI-compatible HTTP API adds per request over gRPC (a stand-in target).
+bench-http: setup
+	$(PY) -m bench.http_overhead --requests 30

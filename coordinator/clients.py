@@ -138,8 +138,12 @@ class ReplicaSet:
 
     async def resolve(self) -> None:
         """Re-resolve the configured names, on a thread (a slow DNS answer must not stall the
-        event loop and every stream on it), and open channels to replicas that appeared."""
-        self.refresh(await asyncio.to_thread(expand_addresses, self.configured))
+        event loop and every stream on it), and open channels to replicas that appeared. An answer
+        for names that were reconfigured meanwhile is dropped (the new names were resolved then)."""
+        names = list(self.configured)
+        resolved = await asyncio.to_thread(expand_addresses, names)
+        if list(self.configured) == names:
+            self.refresh(resolved)
 
     def refresh(self, current: list[str] | None = None) -> None:
         """Use these resolved addresses (default: resolve the configured names now, blocking)."""
@@ -251,6 +255,8 @@ class VerifyResult:
     reused_tokens: int
     computed_tokens: int
     features: torch.Tensor | None = None  # float16 [positions from the requested start, width]
+    batch_sessions: int = 1  # sessions in the target's forward pass that served it
+    batch_rows: int = 0  # positions that pass computed for all of them
 
 
 class DraftClient:
@@ -327,4 +333,5 @@ class TargetClient:
             if features.dim() != 2 or features.shape[0] != len(committed) + len(drafts) - feature_start:
                 raise ValueError(f"target returned features of shape {tuple(features.shape)}")
         return VerifyResult(tokens, probs, reply.timings.compute_s, reply.cache.reused_tokens,
-                            reply.cache.computed_tokens, features)
+                            reply.cache.computed_tokens, features, max(1, reply.timings.batch_sessions),
+                            reply.timings.batch_rows)

@@ -286,7 +286,9 @@ class Decoder:
             planner.observe(len(now.drafts), now.verdict.accepted)
             # The call's first round prefilled the turn: its time would make its k look costly.
             wall = time.perf_counter() - begun if previous is not None else None
-            self.costs.observe(len(now.drafts), wall, now.verdict.accepted)
+            verified = now.verification
+            self.costs.observe(len(now.drafts), wall, now.verdict.accepted, verified.batch_sessions,
+                               verified.batch_rows, verified.compute_s)
             previous = now
         if ahead is not None:
             ahead.cancel()

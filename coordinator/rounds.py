@@ -78,46 +78,75 @@ class FeatureRelay:
 
 
 class RoundCosts:
-    """What this coordinator's rounds cost and yield, shared by its sessions: the wall time of a
-    round by k, wall(k) = a + b k, least squares over the recent rounds of every session (a
-    loaded target, whose rounds slow down as drafts add tokens to its batches, shows a steeper
-    b), and the acceptance per draft position seen in all sessions (a new session's prior)."""
+    """What this coordinator's rounds cost and yield, shared by its sessions.
+
+    The wall time of a round by k: wall(k) = a + b k, least squares over the recent rounds of
+    every session, rounds at k = 0 timed on their own. Under load that line misses what matters:
+    a session's own drafts add little to a pass of 16 sessions, but when every session drafts k
+    more tokens the pass computes 16 k more positions. So the target's batches are watched too
+    (sessions B and positions per pass, against its compute time: c seconds a position), and
+    every session prices k as if all moved to it together (the symmetric choice that maximises
+    the tier's throughput): wall(k) + (B - 1) c (k - the k the line was measured at).
+    Also kept: the acceptance per draft position seen in all sessions (a new session's prior)."""
 
     def __init__(self, max_k: int, window: int = 64, prior_slope: float = 0.02, prior_acceptance: float = 0.5):
         self.window = window
         self.prior_slope = prior_slope  # per draft token, as a share of a round, until measured
-        self._points: list[tuple[int, float]] = []
+        self._points: list[tuple[int, float]] = []  # (k, wall)
+        self._passes: list[tuple[int, int, float]] = []  # the target's (sessions, positions, compute)
         self.acceptance = [prior_acceptance] * (max_k + 1)
 
-    def observe(self, k: int, wall_s: float | None, accepted: int) -> None:
+    def observe(self, k: int, wall_s: float | None, accepted: int, batch_sessions: int = 1, batch_rows: int = 0,
+                compute_s: float = 0.0) -> None:
         """A round's drafts, wall time (None for a round that also prefilled a turn, whose time
-        says nothing about k) and how many drafts it kept."""
+        says nothing about k), how many drafts it kept, and the target pass that verified it."""
         if wall_s is not None:
             self._points = (self._points + [(k, wall_s)])[-self.window:]
+            if batch_rows:
+                self._passes = (self._passes + [(batch_sessions, batch_rows, compute_s)])[-self.window:]
         for j in range(1, min(k, accepted + 1) + 1):
             self.acceptance[j] = 0.98 * self.acceptance[j] + 0.02 * (j <= accepted)
 
+    def load(self) -> tuple[float, float]:
+        """(B, c): sessions in the target's recent passes (median) and the compute one more
+        position adds to a pass (seconds, a least-squares slope; 0 until positions vary)."""
+        if not self._passes:
+            return 1.0, 0.0
+        sessions = sorted(b for b, _, _ in self._passes)[len(self._passes) // 2]
+        return float(sessions), _slope([(rows, compute) for _, rows, compute in self._passes])
+
     def wall(self, k: int) -> float:
-        """A round's expected wall time at k. Rounds at k = 0 are timed on their own: they skip
-        the Propose call, and their one-token step may use another, cheaper kernel than a verify
-        of k + 1 tokens (without batch invariance), which a line through k > 0 would not show."""
+        """A round's expected wall time at k, every session of a loaded target drafting k. Rounds
+        at k = 0 are timed on their own when the target runs them alone: they skip the Propose
+        call, and their one-token step may use another, cheaper kernel than a verify of k + 1
+        tokens (without batch invariance), which a line through k > 0 would not show."""
+        sessions, per_row = self.load()
         plain = [wall for drafts, wall in self._points if drafts == 0]
-        if k == 0 and len(plain) >= 2:
+        if k == 0 and len(plain) >= 2 and sessions <= 1:
             return max(1e-6, sorted(plain)[len(plain) // 2])
-        drafting = [(drafts, wall) for drafts, wall in self._points if drafts > 0]
-        return self._line(drafting or self._points, k)
+        points = [(drafts, wall) for drafts, wall in self._points if drafts > 0] or self._points
+        measured_at = sum(drafts for drafts, _ in points) / len(points) if points else 0.0
+        return max(1e-6, self._line(points, k) + (sessions - 1) * per_row * (k - measured_at))
 
     def _line(self, points: list[tuple[int, float]], k: int) -> float:
         if not points:
             return 1.0 + self.prior_slope * k
-        xs, ys = [x for x, _ in points], [y for _, y in points]
-        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-        spread = sum((x - mean_x) ** 2 for x in xs)
-        if spread:
-            slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in points) / spread)
+        mean_x, mean_y = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+        if any(x != mean_x for x, _ in points):
+            slope = _slope(points)
         else:
             slope = self.prior_slope * mean_y
         return max(1e-6, mean_y + slope * (k - mean_x))
+
+
+def _slope(points: Sequence[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x, at least 0 (0 when x does not vary)."""
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if not spread:
+        return 0.0
+    return max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in points) / spread)
 
 
 class KPlanner:

@@ -65,12 +65,17 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 
     def _run_batch(self, requests: Sequence[ParsedVerify]) -> list[Verification | BaseException]:
         """On the worker thread: one forward pass for every request whose context resolves."""
-        return self.host.run_batch(
+        outcomes = self.host.run_batch(
             requests,
             lambda request, entry, tokens: VerifyJob(entry, tokens, request.drafts, request.params,
                                                      request.feature_layers, request.feature_start),
             lambda jobs: verify_batch(self.runner, jobs),
         )
+        rows = sum(o.computed_tokens for o in outcomes if isinstance(o, Verification))
+        for outcome in outcomes:
+            if isinstance(outcome, Verification):
+                outcome.batch_rows = rows
+        return outcomes
 
     async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
         parsed = self._parse(request)
@@ -86,7 +91,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         result = timed.value
         response = target_pb2.VerifyResponse(
             timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s,
-                                      batch_sessions=timed.batch_sessions),
+                                      batch_sessions=timed.batch_sessions, batch_rows=result.batch_rows),
             cache=common_pb2.CacheUse(reused_tokens=result.reused_tokens, computed_tokens=result.computed_tokens),
         )
         if result.features is not None:

@@ -22,6 +22,7 @@ class Verification:
     reused_tokens: int
     computed_tokens: int
     features: torch.Tensor | None = None  # float16 [positions from feature_start, layers * hidden]
+    batch_rows: int = 0  # positions the forward pass computed for all its sessions
 
 
 @dataclass

@@ -118,3 +118,22 @@ def test_rounds_without_drafts_are_timed_on_their_own():
     assert costs.wall(0) == pytest.approx(0.043) and costs.wall(4) == pytest.approx(0.064)
     modest, high = KPlanner(8, costs, prior=[0.25] * 9), KPlanner(8, costs, prior=[0.9] * 9)
     assert modest.choose(4) == 0 and high.choose(4) == 4
+
+
+def test_under_load_k_is_priced_as_if_every_session_drafted_it():
+    """16 sessions share each target pass and every extra position in a pass costs 3 ms: one
+    session's drafts barely move its own round time, but all sessions drafting 4 tokens make the
+    pass 64 positions longer. Modest acceptance then does not pay; alone it does."""
+    alone, loaded = RoundCosts(max_k=8), RoundCosts(max_k=8)
+    for i in range(12):
+        alone.observe(4, 0.065 + 0.001 * (i % 3), accepted=0, batch_sessions=1, batch_rows=5 + i % 3,
+                      compute_s=0.060)
+        rows = 16 * 5 + 4 * (i % 3)  # a few sessions at other ks
+        loaded.observe(4, 0.150 + 0.003 * rows, accepted=0, batch_sessions=16, batch_rows=rows,
+                       compute_s=0.100 + 0.003 * rows)
+    assert loaded.load() == (16.0, pytest.approx(0.003))
+    assert loaded.wall(0) < 0.5 * loaded.wall(4)
+    assert alone.wall(0) > 0.9 * alone.wall(4)
+    for costs, expected in ((alone, True), (loaded, False)):
+        planner = KPlanner(8, costs, prior=[0.25] * 9)
+        assert (planner.choose(4) > 0) is expected

@@ -68,14 +68,16 @@ class SessionContext(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., delta_start: _Optional[int] = ..., delta_tokens: _Optional[_Iterable[int]] = ..., prefix_digest: _Optional[bytes] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_s", "compute_s", "batch_sessions")
+    __slots__ = ("queue_s", "compute_s", "batch_sessions", "batch_rows")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     compute_s: float
     batch_sessions: int
-    def __init__(self, queue_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., batch_sessions: _Optional[int] = ...) -> None: ...
+    batch_rows: int
+    def __init__(self, queue_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
 
 class CacheUse(_message.Message):
     __slots__ = ("reused_tokens", "computed_tokens")
