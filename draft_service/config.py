@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.config import option
+from specdec.config import batch_invariant_option, compile_option, option
 
 
 @dataclass(frozen=True)
@@ -19,14 +19,8 @@ class DraftConfig:
                               "announced as \"unix\": \"unix:PATH\"")
     device: str = option("cpu", "torch device for a model drafter")
     dtype: str = option("float32", "weights dtype for a model drafter")
-    compile: str = option("auto", "torch.compile a model drafter's dense stages (CUDA graphs on CUDA), warmed up "
-                          "at start-up: 'on', 'off', or 'auto' (on for CUDA devices, off on CPU, where it measured "
-                          "no faster)",
-                          negation="off")
-    batch_invariant: bool = option(True, "numbers that do not depend on batching or chunking (matrix rows padded to "
-                                   "a multiple of 4), so seeded output survives batching and failover; false: "
-                                   "single-token steps run unpadded (faster on CPU; bitwise reproducibility lost)",
-                                   negation=False)
+    compile: str = compile_option("a model drafter's")
+    batch_invariant: bool = batch_invariant_option()
     cache_bytes: int = option(1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most tokens proposed in one Propose")
     batch_window_ms: float = option(1.0, "model drafter: how long the first Propose of a batch waits for others (ms)")

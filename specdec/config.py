@@ -22,6 +22,19 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
+def compile_option(what: str) -> Any:
+    """--compile of a service that runs a model (`what`: whose dense stages)."""
+    return option("auto", f"torch.compile {what} dense stages (CUDA graphs on CUDA), warmed up at start-up: 'on', "
+                  "'off', or 'auto' (on for CUDA devices, off on CPU, where it measured no faster)", negation="off")
+
+
+def batch_invariant_option() -> Any:
+    """--batch-invariant of a service that runs a model."""
+    return option(True, "numbers that do not depend on batching or chunking (matrix rows padded to a multiple of "
+                  "4), so seeded output survives batching and failover; false: single-token steps run unpadded "
+                  "(faster on CPU; bitwise reproducibility lost)", negation=False)
+
+
 def env_name(prefix: str, field_name: str) -> str:
     return prefix + field_name.upper()
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.config import option
+from specdec.config import batch_invariant_option, compile_option, option
 from specdec.models import DEFAULT_MODEL
 
 
@@ -15,14 +15,8 @@ class TargetConfig:
                               "announced as \"unix\": \"unix:PATH\"")
     device: str = option("cpu", "torch device, e.g. cpu, cuda, cuda:1")
     dtype: str = option("float32", "weights dtype: float32, float16 or bfloat16")
-    compile: str = option("auto", "torch.compile the target's dense stages (CUDA graphs on CUDA), warmed up at "
-                          "start-up: 'on', 'off', or 'auto' (on for CUDA devices, off on CPU, where it measured no "
-                          "faster)",
-                          negation="off")
-    batch_invariant: bool = option(True, "numbers that do not depend on batching or chunking (matrix rows padded to "
-                                   "a multiple of 4), so seeded output survives batching and failover; false: "
-                                   "single-token steps run unpadded (faster on CPU; bitwise reproducibility lost)",
-                                   negation=False)
+    compile: str = compile_option("the target's")
+    batch_invariant: bool = batch_invariant_option()
     cache_bytes: int = option(2 * 1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most draft tokens accepted in one Verify")
     batch_window_ms: float = option(1.0, "how long the first Verify of a batch waits for others (ms)")
