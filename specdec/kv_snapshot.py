@@ -73,7 +73,11 @@ return {0, tonumber(ARGV[2])}
 # snapshots must be deleted (least recently written first) to bring the total under the bound.
 _ACCOUNT = """
 local member, now, ttl, limit = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-redis.call('ZADD', KEYS[1], now, member)
+-- Scores strictly increase with each append (ties within a millisecond would break LRU order).
+local score = now
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if newest[2] and tonumber(newest[2]) >= score then score = tonumber(newest[2]) + 0.001 end
+redis.call('ZADD', KEYS[1], score, member)
 redis.call('HINCRBY', KEYS[2], member, ARGV[2])
 local total = redis.call('INCRBY', KEYS[3], ARGV[2])
 local victims = {}
