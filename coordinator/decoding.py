@@ -89,7 +89,6 @@ class Stats:
     k_per_round: list[int] = field(default_factory=list)
     draft_ahead_hits: int = 0
     draft_ahead_misses: int = 0
-    draft_waited_s: float = 0.0  # not in the proto: the part of network_coordinator_s spent waiting for drafts
 
     def __post_init__(self) -> None:
         self.accepted_per_position = [0] * self.k
@@ -118,7 +117,7 @@ class Stats:
 
     def as_dict(self) -> dict:
         return {
-            **{name: getattr(self, name) for name in self.__dataclass_fields__ if name != "draft_waited_s"},
+            **{name: getattr(self, name) for name in self.__dataclass_fields__},
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length,
             "network_coordinator_s": self.network_coordinator_s,
@@ -259,8 +258,7 @@ class Decoder:
             now = Round(len(committed), k)
             begun = time.perf_counter()
             # Propose: the draft-ahead's drafts when the previous round ended as it supposed.
-            now.draft, now.drafted_ahead = await self._draft(now, previous, ahead, session, committed, params,
-                                                            tracker, stats, relay)
+            now.draft = await self._draft(now, previous, ahead, session, committed, params, tracker, stats, relay)
             # Verify; meanwhile the next round's draft-ahead, and the previous round's stream.
             feature_start = relay.verify_start(len(committed)) if relay is not None else 0
             verifying = asyncio.create_task(self.target.verify(
@@ -296,7 +294,7 @@ class Decoder:
 
     async def _draft(self, now: Round, previous: Round | None, ahead: asyncio.Task | None, session: SessionRecord,
                      committed: CommittedTokens, params: TurnParams, tracker: DeltaTracker, stats: Stats,
-                     relay: FeatureRelay | None) -> tuple[DraftResult | None, bool]:
+                     relay: FeatureRelay | None) -> DraftResult | None:
         """This round's drafts: the previous round's draft-ahead if that round kept all its drafts
         and its next token is the draft-ahead's first guess, else a Propose now."""
         if ahead is not None:
@@ -306,12 +304,9 @@ class Decoder:
                 stats.draft_ahead_hits += 1
                 drafts = guessed.tokens[1 : 1 + now.k]
                 probs = guessed.probs[1 : 1 + len(drafts)] if guessed.probs is not None else None
-                return DraftResult(drafts, probs, guessed.point_mass, 0.0), True
+                return DraftResult(drafts, probs, guessed.point_mass, 0.0)
             stats.draft_ahead_misses += 1
-        waited = time.perf_counter()
-        draft = await self._propose(session, committed, now.k, params.sampling, tracker, stats, relay)
-        stats.draft_waited_s += time.perf_counter() - waited
-        return draft, False
+        return await self._propose(session, committed, now.k, params.sampling, tracker, stats, relay)
 
     @staticmethod
     async def _ahead_result(ahead: asyncio.Task) -> DraftResult | None:

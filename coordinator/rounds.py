@@ -26,7 +26,6 @@ class Round:
     committed_len: int  # committed tokens before the round
     k: int  # planned
     draft: DraftResult | None = None
-    drafted_ahead: bool = False  # the drafts came from the previous round's draft-ahead
     verification: VerifyResult | None = None
     verdict: Verdict | None = None
     new: list[int] = field(default_factory=list)  # tokens the round commits
@@ -116,27 +115,28 @@ class RoundCosts:
         return float(sessions), _slope([(rows, compute) for _, rows, compute in self._passes])
 
     def wall(self, k: int) -> float:
-        """A round's expected wall time at k, every session of a loaded target drafting k. Rounds
-        at k = 0 are timed on their own when the target runs them alone: they skip the Propose
-        call, and their one-token step may use another, cheaper kernel than a verify of k + 1
-        tokens (without batch invariance), which a line through k > 0 would not show."""
-        sessions, per_row = self.load()
-        plain = [wall for drafts, wall in self._points if drafts == 0]
-        if k == 0 and len(plain) >= 2 and sessions <= 1:
-            return max(1e-6, sorted(plain)[len(plain) // 2])
-        points = [(drafts, wall) for drafts, wall in self._points if drafts > 0] or self._points
-        measured_at = sum(drafts for drafts, _ in points) / len(points) if points else 0.0
-        return max(1e-6, self._line(points, k) + (sessions - 1) * per_row * (k - measured_at))
+        """A round's expected wall time at k (see walls)."""
+        return self.walls(k)[k]
 
-    def _line(self, points: list[tuple[int, float]], k: int) -> float:
-        if not points:
-            return 1.0 + self.prior_slope * k
-        mean_x, mean_y = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
-        if any(x != mean_x for x, _ in points):
-            slope = _slope(points)
+    def walls(self, ceiling: int) -> list[float]:
+        """Expected wall times of a round at k = 0..ceiling, every session of a loaded target
+        drafting k; the fits are made once for all k. Rounds at k = 0 are timed on their own
+        when the target runs them alone: they skip the Propose call, and their one-token step may
+        use another, cheaper kernel than a verify of k + 1 tokens (without batch invariance),
+        which a line through k > 0 would not show."""
+        sessions, per_row = self.load()
+        points = [(drafts, wall) for drafts, wall in self._points if drafts > 0] or self._points
+        if points:
+            mean_x, mean_y = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+            slope = _slope(points) if any(x != mean_x for x, _ in points) else self.prior_slope * mean_y
         else:
-            slope = self.prior_slope * mean_y
-        return max(1e-6, mean_y + slope * (k - mean_x))
+            mean_x, mean_y, slope = 0.0, 1.0, self.prior_slope
+        line = [max(1e-6, mean_y + slope * (k - mean_x)) for k in range(ceiling + 1)]
+        walls = [max(1e-6, line[k] + (sessions - 1) * per_row * (k - mean_x)) for k in range(ceiling + 1)]
+        plain = [wall for drafts, wall in self._points if drafts == 0]
+        if len(plain) >= 2 and sessions <= 1:
+            walls[0] = max(1e-6, sorted(plain)[len(plain) // 2])
+        return walls
 
 
 def _slope(points: Sequence[tuple[float, float]]) -> float:
@@ -191,9 +191,10 @@ class KPlanner:
 
     def choose(self, ceiling: int) -> int:
         ceiling = min(ceiling, self.max_k)
+        walls = self.costs.walls(ceiling)
         best_k, best_rate = 0, -math.inf
         for k in range(0, ceiling + 1):
-            rate = self.expected_tokens(k) / self.costs.wall(k)
+            rate = self.expected_tokens(k) / walls[k]
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
         if best_k == 0 and ceiling > 0:
