@@ -121,13 +121,12 @@ def mix(x: torch.Tensor, attended: torch.Tensor, layer: _Layer, eps: float) -> t
     return x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [n, in] @ weight.T, computed on a row count padded to ROWS (see the module's docstring)."""
+def _linear(x: torch.Tensor, weight: torch.Tensor, padded: int) -> torch.Tensor:
+    """x [n, in] @ weight.T, computed on `padded` rows (see the module's docstring)."""
     rows = x.shape[0]
-    padded = _padded_rows(rows)
     if padded != rows:
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-    return F.linear(x, weight, bias)[:rows]
+    return F.linear(x, weight)[:rows]
 
 
 def _cat_bias(*linears) -> torch.Tensor | None:
@@ -190,7 +189,7 @@ class ModelRunner:
             for field in dataclasses.fields(layer):
                 if (weight := getattr(layer, field.name)) is not None:
                     torch._dynamo.mark_static_address(weight, guard=False)
-        # One compiled graph per bucket (4 .. 4096 rows): more than dynamo's default limit of 8.
+        # One compiled graph per bucket (4 .. GRAPH_MAX_ROWS rows): room beyond dynamo's default limit of 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         return torch.compile(stage, mode="reduce-overhead", dynamic=False)
 
@@ -295,8 +294,7 @@ class ModelRunner:
         if compiled and cuda:
             # A new pass: CUDA graph outputs of the last one may be overwritten (none is kept).
             torch.compiler.cudagraph_mark_step_begin()
-        # Not invariant: only a one-row pass runs unpadded (2 and 3 rows are slower than 4 here).
-        padded = _bucket(real) if compiled else real if real == 1 and not self.invariant else _padded_rows(real)
+        padded = _bucket(real) if compiled else self._rows(real)
         cos, sin = self._rotary(F.pad(positions, (0, padded - real)), max(b for _, _, b in spans))
         wanted_layers = sorted({layer for job, _, _ in spans for layer in job.feature_layers})
         x = F.pad(F.embedding(ids, self.embed), (0, 0, 0, padded - real))
@@ -321,8 +319,14 @@ class ModelRunner:
         if not len(rows):
             return [x.new_zeros(0, self.lm_head.shape[0]) for _ in spans]
         last = rms_norm(x[rows], self.final_norm, self.eps)
-        logits = F.linear(last, self.lm_head) if len(last) == 1 and not self.invariant else _linear(last, self.lm_head)
+        logits = _linear(last, self.lm_head, self._rows(len(last)))
         return list(logits.split([len(w) for w in wanted]))
+
+    def _rows(self, count: int) -> int:
+        """The row count an eager matrix product of `count` rows is computed on: padded to a
+        multiple of ROWS, except a single row when not invariant (2 and 3 rows stay padded: they
+        are slower than 4 here)."""
+        return count if count == 1 and not self.invariant else _padded_rows(count)
 
     def _attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans) -> torch.Tensor:
         """Each session's new keys and values into its cache, and its queries' attention over it:
