@@ -134,7 +134,7 @@ class ReplicaSet:
         self.stubs: list = []
         self.healthy: dict[str, bool] = {}
         self._channels: dict[str, aio.Channel] = {}
-        self.refresh(expand_addresses(self.configured))
+        self.refresh()
 
     async def resolve(self) -> None:
         """Re-resolve the configured names, on a thread (a slow DNS answer must not stall the
@@ -167,14 +167,11 @@ class ReplicaSet:
 
         await asyncio.gather(*(probe(a) for a in self.addresses))
 
-    async def watch(self, interval_s: float, on_change=None) -> None:
-        """Re-resolve and health-check forever (a background task of the coordinator); call
-        `on_change` after each check."""
+    async def watch(self, interval_s: float) -> None:
+        """Re-resolve and health-check forever (a background task of the coordinator)."""
         while True:
             await self.resolve()
             await self.check_health()
-            if on_change is not None:
-                await on_change()
             await asyncio.sleep(interval_s)
 
     def any_healthy(self) -> bool:

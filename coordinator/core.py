@@ -9,7 +9,7 @@ import asyncio
 import concurrent.futures
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
 from coordinator.auth import check_owner
@@ -57,7 +57,6 @@ class Streamed:
     session_id: str
     chunk: Chunk
     prompt_token_ids: list[int] | None = None  # first message only
-    params: TurnParams | None = field(default=None, repr=False)
 
 
 class GenerationCore:
@@ -196,7 +195,7 @@ class GenerationCore:
                 tokens = await self.turn_tokens(request, session.tokens)
             first = True
             async for chunk in self.decoder.generate(session, tokens, params):
-                yield Streamed(session.session_id, chunk, tokens if first else None, params)
+                yield Streamed(session.session_id, chunk, tokens if first else None)
                 first = False
 
     async def _resume(self, request: GenerationRequest, caller: str) -> AsyncIterator[Streamed]:

@@ -41,13 +41,19 @@ HTTP_STATUS = {
 MAX_BODY = 8 * 1024**2
 
 
-def error_response(exc: BaseException) -> web.Response:
+def error_body(exc: BaseException) -> tuple[int, dict]:
+    """An error's HTTP status and OpenAI-shaped body."""
     code, message = status_for(exc)
     status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
     if status == 500:
         log.error("HTTP request failed", exc_info=exc)
-    return web.json_response({"error": {"message": message[:1000], "type": kind, "param": None,
-                                        "code": getattr(exc, "openai_code", None)}}, status=status)
+    return status, {"error": {"message": message[:1000], "type": kind, "param": None,
+                              "code": getattr(exc, "openai_code", None)}}
+
+
+def error_response(exc: BaseException) -> web.Response:
+    status, body = error_body(exc)
+    return web.json_response(body, status=status)
 
 
 def spec_decode(stats: Stats | None) -> dict | None:
@@ -234,8 +240,7 @@ class OpenAIServer:
                 await send({"id": ident, "object": kind, "created": created, "model": self.model_name,
                             "choices": [], "usage": _usage(first, tokens)})
         except SpecdecError as exc:  # after the headers: an error event, as OpenAI's API sends them
-            code, message = status_for(exc)
-            await send({"error": {"message": message[:1000], "type": HTTP_STATUS.get(code, (500, "internal_error"))[1]}})
+            await send(error_body(exc)[1])
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

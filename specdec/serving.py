@@ -92,8 +92,11 @@ current_session: contextvars.ContextVar[str] = contextvars.ContextVar("current_s
 
 
 class _SessionField(logging.Filter):
+    """Puts the session a record is about on it: as `session` (JSON) and `session_suffix` (text)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.session = current_session.get()
+        record.session_suffix = f" [{record.session}]" if record.session else ""
         return True
 
 
@@ -119,14 +122,7 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     handler.addFilter(_SessionField())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s%(session_suffix)s"))
-    if fmt == "text":
-        handler.addFilter(_session_suffix)
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
-
-
-def _session_suffix(record: logging.LogRecord) -> bool:
-    record.session_suffix = f" [{record.session}]" if getattr(record, "session", "") else ""
-    return True
 
 
 @dataclass
