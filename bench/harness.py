@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from bench.figures import SPEC_BENCH_COLUMNS, PromptRun, Totals, column_of, ideal_speedup, percentile
 from specdec.eagle import is_drafter_folder
-from specdec.launcher import LaunchOptions, Pipeline, spawn_service, default_prompts_file, launch
+from specdec.config import default_prompts_file
+from specdec.launcher import LaunchOptions, Pipeline, launch, runner_flags, spawn_service
 from specdec.models import AUTO_DRAFTER, default_drafter
 from specdec.ngram import LOCAL_NGRAM
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -227,20 +228,16 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
     targets = ",".join(c.address for c in pipeline.targets)
     for drafter in others:
         model, flags = drafter_service(drafter, options.target)
-        if model == LOCAL_NGRAM:  # prompt lookup inside the coordinator: no draft service
-            coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [
-                "--target", targets, "--draft", LOCAL_NGRAM, "--tokenizer", options.target,
-            ], 600, env=pipeline.env("coordinator"))
-            pipeline.extra.append(coordinator)
-            coordinators[drafter] = coordinator.address
-            continue
-        draft = await spawn_service(f"draft-{drafter_name(drafter)}", "draft_service",
-                                    ["--model", model, "--device", options.device, "--compile", options.compile,
-                                     "--batch-invariant", str(options.batch_invariant).lower(), *flags], 600,
-                                    env=pipeline.env("draft_service", options.kv_snapshots))
-        pipeline.drafts.append(draft)
+        draft_address = LOCAL_NGRAM  # prompt lookup inside the coordinator: no draft service
+        if model != LOCAL_NGRAM:
+            draft = await spawn_service(f"draft-{drafter_name(drafter)}", "draft_service",
+                                        ["--model", model, "--device", options.device,
+                                         *runner_flags(options.compile, options.batch_invariant), *flags], 600,
+                                        env=pipeline.env("draft_service", options.kv_snapshots))
+            pipeline.drafts.append(draft)
+            draft_address = draft.address
         coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [
-            "--target", targets, "--draft", draft.address, "--tokenizer", options.target,
+            "--target", targets, "--draft", draft_address, "--tokenizer", options.target,
         ], 600, env=pipeline.env("coordinator"))
         pipeline.extra.append(coordinator)
         coordinators[drafter] = coordinator.address

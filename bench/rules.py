@@ -23,7 +23,7 @@ import torch
 from bench.harness import load_prompts
 from specdec.ngram import ngram_lookup
 from specdec import models
-from specdec.launcher import default_prompts_file
+from specdec.config import default_prompts_file
 from specdec.sampling import SamplingParams, probs_from_logits
 
 

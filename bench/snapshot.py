@@ -22,7 +22,8 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 
-from specdec.launcher import Pipeline, default_prompts_file, start_redis
+from specdec.config import default_prompts_file
+from specdec.launcher import Pipeline, start_redis
 from specdec.session_store import SessionStore, all_snapshot_keys, snapshot_keys
 from specdec.v1 import common_pb2, target_pb2, target_pb2_grpc
 from specdec.access import bearer_metadata, new_token

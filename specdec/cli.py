@@ -226,6 +226,15 @@ def cmd_derive_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_runner_flags(parser: argparse.ArgumentParser) -> None:
+    """How the target and model drafters run their forward pass (specdec.launcher.runner_flags)."""
+    parser.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
+                        help="torch.compile the target and a model drafter (CUDA graphs on CUDA); auto: on for CUDA")
+    parser.add_argument("--no-batch-invariant", action="store_true",
+                        help="unpadded single-token steps (faster on CPU); seeded output may then change with "
+                             "batching or failover")
+
+
 def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_MODEL, help="target model: HF folder, hub id, .gguf file, 'smollm2'")
     parser.add_argument("--draft", default="auto", help="'auto' (the feature drafter shipped for the default target, "
@@ -241,11 +250,7 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-device", default="cpu", help="torch device of a model drafter")
     parser.add_argument("--default-k", type=int, default=4, help="draft tokens per round when a request does not say")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per service (0 = default)")
-    parser.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
-                        help="torch.compile the target and a model drafter (CUDA graphs on CUDA); auto: on for CUDA")
-    parser.add_argument("--no-batch-invariant", action="store_true",
-                        help="unpadded single-token steps (faster on CPU); seeded output may then change with "
-                             "batching or failover")
+    _add_runner_flags(parser)
     parser.add_argument("--no-kv-snapshots", action="store_true",
                         help="do not write KV-cache snapshots to Redis (a failed-over replica recomputes instead)")
     parser.add_argument("--tcp-tiers", action="store_true",
@@ -319,10 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-overhead", action="store_true", help="skip the per-round overhead probe")
     bench.add_argument("--device", default="cpu", help="torch device for every model")
     bench.add_argument("--no-kv-snapshots", action="store_true", help="run our pipeline without KV-cache snapshots")
-    bench.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
-                       help="torch.compile our target and model drafters (CUDA graphs on CUDA); auto: on for CUDA")
-    bench.add_argument("--no-batch-invariant", action="store_true",
-                       help="our target and model drafters without batch-invariant numbers (unpadded 1-token steps)")
+    _add_runner_flags(bench)
     bench.add_argument("--out", default="", help="output folder (default bench/out/<time>)")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=cmd_bench)

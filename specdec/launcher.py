@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from specdec.access import new_token, read_keys
-from specdec.config import default_prompts_file  # noqa: F401 - where bench and cli look for it
 from specdec.models import AUTO_DRAFTER, default_drafter
 from specdec.ngram import LOCAL_NGRAM
 from specdec.serving import wait_healthy
@@ -174,6 +173,11 @@ async def spawn_service(
         raise RuntimeError(f"{name} did not start within {timeout_s:.0f} s") from None
 
 
+def runner_flags(compile: str, batch_invariant: bool) -> list[str]:
+    """The flags of a service that runs a model: how its forward pass is compiled and padded."""
+    return ["--compile", compile, "--batch-invariant", str(batch_invariant).lower()]
+
+
 async def launch(options: LaunchOptions) -> Pipeline:
     """Start everything and wait until every service is healthy. On failure, stop what started."""
     token = read_keys([], options.tier_token_file)[:1] if options.tier_token_file else [new_token()]
@@ -184,7 +188,7 @@ async def launch(options: LaunchOptions) -> Pipeline:
     try:
         if not options.redis_url:
             await start_redis(pipeline)
-        compiling = ["--compile", options.compile, "--batch-invariant", str(options.batch_invariant).lower()]
+        compiling = runner_flags(options.compile, options.batch_invariant)
         target_args = ["--model", options.target, "--host", options.host, "--device", options.device, *threads,
                        *compiling]
         draft = default_drafter(options.target) if options.draft == AUTO_DRAFTER else options.draft
