@@ -207,11 +207,21 @@ def drafter_ks(spec: str) -> tuple[int, ...]:
     return tuple(int(k) for k in ks.split("/") if k)
 
 
+def tree_nodes(spec: str) -> int:
+    """The tree size a --drafters entry names ('auto+tree16': trees of 16 drafts), 0 for chains."""
+    _, _, nodes = spec.partition("@")[0].partition("+tree")
+    return int(nodes) if nodes else 0
+
+
+def coordinator_flags(spec: str) -> tuple[str, ...]:
+    return ("--tree-nodes", str(tree_nodes(spec))) if tree_nodes(spec) else ()
+
+
 def drafter_service(spec: str, target: str) -> tuple[str, tuple[str, ...]]:
     """A --drafters entry as a draft service's model and flags: 'auto' is the drafter shipped for
-    the target, 'PATH+ngramN' a feature drafter in hybrid with N-token prompt lookup, '@k1/k2'
-    the ks to run it at."""
-    model, _, hybrid = spec.partition("@")[0].partition("+ngram")
+    the target, 'PATH+ngramN' a feature drafter in hybrid with N-token prompt lookup, '+treeN'
+    the coordinator asking it for trees of N drafts, '@k1/k2' the ks to run it at."""
+    model, _, hybrid = spec.partition("@")[0].partition("+tree")[0].partition("+ngram")
     model = default_drafter(target) if model == AUTO_DRAFTER else model
     return model, (("--hybrid-ngram", hybrid) if hybrid else ())
 
@@ -223,7 +233,8 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
     pipeline = await launch(LaunchOptions(target=options.target, draft=model, device=options.device,
                                           draft_device=options.device, snapshots=options.kv_snapshots,
                                           draft_flags=flags, compile=options.compile,
-                                          batch_invariant=options.batch_invariant))
+                                          batch_invariant=options.batch_invariant,
+                                          coordinator_flags=coordinator_flags(first)))
     coordinators = {first: pipeline.coordinator.address}
     targets = ",".join(c.address for c in pipeline.targets)
     for drafter in others:
@@ -237,7 +248,7 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
             pipeline.drafts.append(draft)
             draft_address = draft.address
         coordinator = await spawn_service(f"coordinator-{drafter}", "coordinator", [
-            "--target", targets, "--draft", draft_address, "--tokenizer", options.target,
+            "--target", targets, "--draft", draft_address, "--tokenizer", options.target, *coordinator_flags(drafter),
         ], 600, env=pipeline.env("coordinator"))
         pipeline.extra.append(coordinator)
         coordinators[drafter] = coordinator.address
@@ -245,11 +256,12 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
 
 
 def drafter_name(spec: str) -> str:
-    spec = spec.partition("@")[0]
+    spec, _, tree = spec.partition("@")[0].partition("+tree")
+    tree = f"+tree{tree}" if tree else ""
     if spec in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
-        return "eagle3" if spec == AUTO_DRAFTER else spec
+        return ("eagle3" if spec == AUTO_DRAFTER else spec) + tree
     model, _, hybrid = spec.partition("+ngram")
-    return (Path(model).name or model) + (f"+ngram{hybrid}" if hybrid else "")
+    return (Path(model).name or model) + (f"+ngram{hybrid}" if hybrid else "") + tree
 
 
 async def run_bench(options: BenchOptions) -> dict:

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from specdec.access import bearer_metadata
 from specdec.tracing import client_span, with_trace
 from specdec.prefix import CommittedTokens
-from specdec.sampling import SamplingParams
+from specdec.sampling import SamplingParams, tree_depths
 from specdec.serving import CHANNEL_OPTIONS
 from specdec.tensor_codec import decode_tensor, encode_tensor
 from specdec.tls import open_channel
@@ -238,6 +238,12 @@ class DraftResult:
     point_mass: bool
     compute_s: float
     features_from: int | None = None  # a feature drafter lacking the target's features from here
+    parents: list[int] | None = None  # a tree of drafts (ProposeResponse.parents); None: a chain
+
+    @property
+    def depth(self) -> int:
+        """How far past the committed tokens the drafts reach."""
+        return max(tree_depths(self.parents)) if self.parents else len(self.tokens)
 
 
 @dataclass
@@ -265,17 +271,26 @@ class DraftClient:
     async def propose(
         self, session_id: str, committed: CommittedTokens, k: int, params: SamplingParams, tracker: DeltaTracker,
         features: torch.Tensor | None = None, features_start: int = 0, provisional: Sequence[int] = (),
+        tree_nodes: int = 0,
     ) -> DraftResult:
         sampling = sampling_to_pb(params)
         relayed = encode_tensor(features) if features is not None else None
 
         async def send(stub: draft_pb2_grpc.DraftServiceStub, ctx) -> draft_pb2.ProposeResponse:
             request = draft_pb2.ProposeRequest(context=ctx, k=k, sampling=sampling, features=relayed,
-                                               features_start=features_start, provisional_tokens=list(provisional))
+                                               features_start=features_start, provisional_tokens=list(provisional),
+                                               tree_nodes=tree_nodes)
             return await stub.Propose(request, timeout=self.replicas.timeout_s,
                                       metadata=with_trace(self.replicas.metadata))
 
         reply = await self.replicas.call(session_id, committed, tracker, send)
+        if reply.parents:
+            parents = list(reply.parents)
+            if len(parents) != len(reply.tokens) or len(parents) > max(tree_nodes, k) or reply.HasField("probs"):
+                raise ValueError(f"a tree of {len(reply.tokens)} drafts came back with {len(parents)} parents")
+            tree_depths(parents)  # raises unless a tree
+            return DraftResult(list(reply.tokens), None, reply.point_mass, reply.timings.compute_s,
+                               reply.features_from if reply.HasField("features_from") else None, parents)
         drafted = list(reply.tokens)[:k]
         probs = None
         if reply.HasField("probs"):
@@ -304,11 +319,13 @@ class TargetClient:
         vocab_size: int,
         feature_layers: Sequence[int] = (),
         feature_start: int = 0,
+        parents: Sequence[int] | None = None,
     ) -> VerifyResult:
         sampling = sampling_to_pb(params)
 
         async def send(stub: target_pb2_grpc.TargetServiceStub, ctx) -> target_pb2.VerifyResponse:
-            request = target_pb2.VerifyRequest(context=ctx, draft_tokens=list(drafts), sampling=sampling)
+            request = target_pb2.VerifyRequest(context=ctx, draft_tokens=list(drafts), sampling=sampling,
+                                               draft_parents=list(parents or ()))
             if feature_layers:
                 request.feature_start = feature_start
                 request.feature_layers.extend(feature_layers)

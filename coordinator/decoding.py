@@ -23,12 +23,13 @@ from coordinator.text_stream import TextStream
 from specdec.metrics import ServiceMetrics
 from specdec.prefix import CommittedTokens
 from specdec.sampling import (ACCEPT, REJECTION, SAMPLE, SamplingParams, Verdict, greedy_accept, speculative_accept,
-                              uniform)
+                              tree_accept, uniform)
 from specdec.session_store import SessionRecord, SessionStore
 
 log = logging.getLogger(__name__)
 
 EOS, LENGTH, STOP, CONTEXT = "eos", "length", "stop", "context"
+MAX_TREE_NODES = 32  # the tiers' largest Propose k and Verify drafts (their max_k defaults)
 INTERRUPTED = "interrupted"  # the client went away: the turn is closed
 
 
@@ -106,12 +107,13 @@ class Stats:
     def network_coordinator_s(self) -> float:
         return max(0.0, self.total_s - self.verify_s - self.redis_s)
 
-    def record_round(self, planned_k: int, proposed: int, verdict: Verdict) -> None:
+    def record_round(self, planned_k: int, proposed: int, verdict: Verdict, depth: int | None = None) -> None:
+        """A round's figures; a tree of `proposed` drafts counts its positions (depth) per position."""
         self.rounds += 1
         self.k_per_round.append(planned_k)
         self.draft_tokens += proposed
         self.accepted_tokens += verdict.accepted
-        for i in range(proposed):
+        for i in range(proposed if depth is None else depth):
             self.proposed_per_position[i] += 1
             self.accepted_per_position[i] += i < verdict.accepted
 
@@ -155,6 +157,8 @@ class Decoder:
         match_rule=greedy_accept,
         max_k: int = 16,
         draft_ahead: bool = False,
+        tree_nodes: int = 0,
+        tree_rule=tree_accept,
     ):
         self.target = target
         self.draft = draft
@@ -165,6 +169,8 @@ class Decoder:
         # that keeps drafts while they equal the target's own choice (greedy and coupled).
         self.accept_rule = accept_rule
         self.match_rule = match_rule
+        self.tree_rule = tree_rule  # the match rule over a tree of drafts
+        self.tree_nodes = tree_nodes  # drafts per round as a tree (0: chains); greedy and coupled only
         self.metrics = metrics or ServiceMetrics()
         self.max_k = max_k
         self.draft_ahead = draft_ahead and draft is not None
@@ -263,7 +269,7 @@ class Decoder:
             feature_start = relay.verify_start(len(committed)) if relay is not None else 0
             verifying = asyncio.create_task(self.target.verify(
                 session.session_id, committed, now.drafts, params.sampling, tracker, self.limits.vocab_size,
-                layers, feature_start))
+                layers, feature_start, now.parents))
             verifying.add_done_callback(lambda _, now=now: setattr(now, "verified_at", time.perf_counter()))
             ahead = self._propose_ahead(now, ceiling, session, committed, params, tracker, stats, relay)
             try:
@@ -277,15 +283,16 @@ class Decoder:
                 raise
             self._decide(now, params, stats, generated, text)
             if relay is not None:
-                relay.keep(now.verification.features, feature_start, len(committed) + len(now.new))
+                relay.keep(now.verification.features, feature_start, len(committed) + len(now.new),
+                           now.verdict.path if now.parents else None, len(committed))
             now.commit = asyncio.create_task(self._commit(now, session, stats, started))
             committed.extend(now.new)
             generated += now.new
-            planner.observe(len(now.drafts), now.verdict.accepted)
+            planner.observe(now.depth, now.verdict.accepted)
             # The call's first round prefilled the turn: its time would make its k look costly.
             wall = time.perf_counter() - begun if previous is not None else None
             verified = now.verification
-            self.costs.observe(len(now.drafts), wall, now.verdict.accepted, verified.batch_sessions,
+            self.costs.observe(now.depth, wall, now.verdict.accepted, verified.batch_sessions,
                                verified.batch_rows, verified.compute_s)
             previous = now
         if ahead is not None:
@@ -306,7 +313,15 @@ class Decoder:
                 probs = guessed.probs[1 : 1 + len(drafts)] if guessed.probs is not None else None
                 return DraftResult(drafts, probs, guessed.point_mass, 0.0)
             stats.draft_ahead_misses += 1
-        return await self._propose(session, committed, now.k, params.sampling, tracker, stats, relay)
+        return await self._propose(session, committed, now.k, params.sampling, tracker, stats, relay,
+                                   tree_nodes=self._tree_nodes(now.k, params.sampling))
+
+    def _tree_nodes(self, k: int, sampling: SamplingParams) -> int:
+        """Drafts to ask for as a tree this round (0: a chain of k): trees are verified for
+        greedy decoding and the coupled rule, and pay only when wider than a chain."""
+        if self.tree_nodes > k and (sampling.greedy or sampling.coupled):
+            return self.tree_nodes
+        return 0
 
     @staticmethod
     async def _ahead_result(ahead: asyncio.Task) -> DraftResult | None:
@@ -323,7 +338,7 @@ class Decoder:
         """Draft-ahead: propose the next round now, after this round's drafts (provisional, never
         committed), one token more than a round drafts, since its first is a guess of this
         round's next token."""
-        if not self.draft_ahead or ceiling <= 0:
+        if not self.draft_ahead or ceiling <= 0 or now.parents:  # a tree is no sequence to draft after
             return None
         return asyncio.create_task(self._propose(session, committed, ceiling + 1, params.sampling, tracker, stats,
                                                  relay, provisional=now.drafts, quiet=True))
@@ -331,7 +346,7 @@ class Decoder:
     async def _propose(
         self, session: SessionRecord, committed: CommittedTokens, k: int, params: SamplingParams,
         tracker: DeltaTracker, stats: Stats, relay: FeatureRelay | None, provisional: Sequence[int] = (),
-        quiet: bool = False,
+        quiet: bool = False, tree_nodes: int = 0,
     ) -> DraftResult | None:
         """Ask the draft tier; on any failure carry on target-only for this round."""
         if k <= 0 or self.draft is None:
@@ -343,7 +358,7 @@ class Decoder:
         features, start = (relay.rows, relay.start) if relay is not None else (None, 0)
         try:
             result = await self.draft.propose(session.session_id, committed, k, params, tracker, features, start,
-                                              provisional)
+                                              provisional, tree_nodes)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - drafting failing must never fail the request
@@ -367,7 +382,10 @@ class Decoder:
         if stats.rounds == 0:
             stats.target_reused_tokens = verification.reused_tokens
             stats.target_prefill_tokens = now.committed_len - verification.reused_tokens
-        if verification.tokens is not None:
+        if verification.tokens is not None and now.parents:
+            # A tree: follow the drafts that equal the target's own choice, from the root.
+            now.verdict = self.tree_rule(drafts, now.parents, verification.tokens)
+        elif verification.tokens is not None:
             # Greedy, or the coupled rule: keep drafts while they equal the target's own choice.
             now.verdict = self.match_rule(drafts, verification.tokens)
         else:
@@ -378,11 +396,11 @@ class Decoder:
                 [uniform(seed, now.committed_len + i, ACCEPT) for i in range(k)],
                 [uniform(seed, now.committed_len + i, SAMPLE) for i in range(k + 1)],
             )
-        stats.record_round(now.k, len(drafts), now.verdict)
+        stats.record_round(now.k, len(drafts), now.verdict, now.depth if now.parents else None)
         self.metrics.rounds.inc()
         self.metrics.draft_tokens.inc(len(drafts))
         self.metrics.accepted_tokens.inc(now.verdict.accepted)
-        new = list(drafts[: now.verdict.accepted]) + [now.verdict.next_token]
+        new = now.verdict.kept(drafts) + [now.verdict.next_token]
         now.new, now.finish = self._truncate(new, generated, params, text)
         if now.finish is None and now.committed_len + len(now.new) >= self.limits.max_context:
             now.finish = CONTEXT

@@ -38,9 +38,19 @@ class Round:
     def drafts(self) -> list[int]:
         return self.draft.tokens if self.draft else []
 
+    @property
+    def parents(self) -> list[int] | None:
+        """The drafts' tree (DraftResult.parents), None for a chain."""
+        return self.draft.parents if self.draft else None
+
+    @property
+    def depth(self) -> int:
+        """How many positions the drafts reach: a chain's length, a tree's depth."""
+        return self.draft.depth if self.draft else 0
+
     def all_kept(self) -> bool:
         """Every draft was kept (so a draft-ahead proposed after them still follows)."""
-        return self.verdict is not None and self.verdict.accepted == len(self.drafts)
+        return self.verdict is not None and self.parents is None and self.verdict.accepted == len(self.drafts)
 
 
 @dataclass
@@ -60,9 +70,14 @@ class FeatureRelay:
         self.wanted_from = None
         return start
 
-    def keep(self, features: torch.Tensor, start: int, committed_len: int) -> None:
+    def keep(self, features: torch.Tensor, start: int, committed_len: int, path: Sequence[int] | None = None,
+             drafted_at: int = 0) -> None:
         """After a round: keep the rows of positions now committed (all but the newest token's,
-        which the target computes next round)."""
+        which the target computes next round). After a tree of drafts (whose rows from
+        drafted_at on are the drafts', in the tree's order) the kept drafts' rows are on `path`."""
+        if path is not None:
+            before = max(0, drafted_at - start)
+            features = torch.cat([features[:before], features[before:][list(path)]])
         rows = features[: max(0, committed_len - 1 - start)]
         if self.rows is not None and start == self.start + self.rows.shape[0]:
             self.rows = torch.cat([self.rows, rows])

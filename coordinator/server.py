@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from coordinator.auth import api_keys
 from coordinator.clients import DraftClient, ReplicaSet, RetryPolicy, TargetClient
 from coordinator.config import CoordinatorConfig
-from coordinator.decoding import Decoder, ModelLimits
+from coordinator.decoding import MAX_TREE_NODES, Decoder, ModelLimits
 from coordinator.core import GenerationCore
 from coordinator.http_api import OpenAIServer
 from coordinator.local_draft import LocalNgramDraft
@@ -109,8 +109,10 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     # Draft-ahead pays where drafting costs a call but no compute: the n-gram tier.
     ahead = config.draft_ahead == "on" or (config.draft_ahead == "auto" and isinstance(draft, DraftClient)
                                            and draft.kind == "ngram")
+    if not 0 <= config.tree_nodes <= MAX_TREE_NODES:
+        raise StartupError(f"--tree-nodes must be in 0..{MAX_TREE_NODES} (0: chains of drafts)")
     return Decoder(target, draft, store, tokenizer, limits, metrics=ServiceMetrics(), max_k=config.max_k,
-                   draft_ahead=ahead)
+                   draft_ahead=ahead, tree_nodes=config.tree_nodes)
 
 
 async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> Started:

@@ -27,6 +27,7 @@ class Proposal:
     reused_tokens: int = 0
     computed_tokens: int = 0
     features_from: int | None = None  # a feature drafter lacking the target's features from here
+    parents: list[int] | None = None  # a tree of drafts (ProposeResponse.parents); None: a chain
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ProposeJob:
     features: torch.Tensor | None = None
     features_start: int = 0
     provisional: Sequence[int] = ()  # uncommitted tokens after `committed` to draft after (draft-ahead)
+    tree_nodes: int = 0  # a tree of up to this many drafts, at most k deep (drafters that can); else a chain
 
     @property
     def sequence(self) -> list[int]:

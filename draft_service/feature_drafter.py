@@ -24,6 +24,9 @@ from specdec.eagle import KIND, EagleDrafter
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import DRAFT, SamplingParams, coupling_noise, probs_from_logits, sample, uniform
 
+# A tree's branching: nodes expanded per depth, and children drafted per expanded node (EAGLE-2's top-k).
+TREE_WIDTH = 4
+
 
 class FeatureDrafter:
     kind = KIND
@@ -126,6 +129,82 @@ class FeatureDrafter:
         full[self.d2t] = q
         return sample(full, uniform(params.seed, position, DRAFT)), full
 
+    # --- a tree of drafts (EAGLE-2) ------------------------------------------------------------
+
+    def _confidence(self, logits: torch.Tensor, params: SamplingParams, position: int) -> torch.Tensor:
+        """Log-confidence of each draft-vocabulary token as the target's choice at `position`,
+        [rows, draft_vocab]: log q when greedy; under the coupled rule log q perturbed by the
+        target's own noise at that position (whose argmax is the chain's draft), renormalised."""
+        if params.greedy:
+            return torch.log_softmax(logits.float(), dim=-1)
+        noise = torch.from_numpy(coupling_noise(params.seed, position, self.config.target_vocab_size))
+        q = probs_from_logits(logits, params)
+        return torch.log_softmax(q.clamp_min(1e-30).log() - noise[self.d2t.cpu()].log().to(q.device), dim=-1)
+
+    def _tree_layer(self, entry: SessionCache, committed: int, tokens: list[int], previous: torch.Tensor,
+                    depth: int, nodes_kv: tuple[torch.Tensor, torch.Tensor] | None,
+                    sees: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The head's layer over tree nodes of one depth (their position committed - 1 + depth):
+        each attends to the committed positions and, of the nodes already run (nodes_kv, [kv_heads,
+        m, dim] each), to those `sees` marks ([n, m]: its ancestors), and itself. Returns h [n,
+        hidden] and the nodes' keys and values."""
+        n = len(tokens)
+        positions = torch.full((n,), committed - 1 + depth, device=self.device)
+        q, k, v = self.head.qkv(self.embeddings[torch.tensor(tokens, device=self.device)], previous, positions)
+        keys, values = [entry.kv.keys(0)[:, :committed]], [entry.kv.values(0)[:, :committed]]
+        allowed = [torch.ones(n, committed, dtype=torch.bool, device=self.device)]
+        if nodes_kv is not None:
+            keys.append(nodes_kv[0])
+            values.append(nodes_kv[1])
+            allowed.append(sees.to(self.device))
+        keys.append(k)
+        values.append(v)
+        allowed.append(torch.eye(n, dtype=torch.bool, device=self.device))
+        attended = F.scaled_dot_product_attention(q[None], torch.cat(keys, dim=1)[None], torch.cat(values, dim=1)[None],
+                                                  attn_mask=torch.cat(allowed, dim=1), enable_gqa=True)[0]
+        return self.head.finish(previous, attended), k, v
+
+    def _draft_tree(self, job: ProposeJob, root_h: torch.Tensor) -> tuple[list[int], list[int]]:
+        """EAGLE-2's dynamic tree (Li et al. 2024): expand, depth by depth, the `TREE_WIDTH` nodes
+        of highest cumulative confidence (sum of log-confidences along the path), each with its
+        TREE_WIDTH likeliest next tokens; then keep the job.tree_nodes nodes of highest
+        cumulative confidence (a node never scores above its parent, so they form a tree). The
+        drafter's best chain comes first in the answer (node i's parent is i - 1), then the rest
+        by depth. Returns (tokens, parents)."""
+        params, committed = job.params, len(job.committed)
+        width = min(TREE_WIDTH, job.tree_nodes)
+        # Every candidate: (cumulative confidence, depth, token, parent candidate or -1).
+        candidates: list[tuple[float, int, int, int]] = []
+        frontier = [-1]  # candidates expanded at this depth (-1: the root)
+        frontier_h = root_h
+        expanded: list[int] = []  # candidates run through the layer, in the order of nodes_kv
+        nodes_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        for depth in range(1, job.k + 1):
+            confidence = self._confidence(self.head.logits(frontier_h), params, committed - 1 + depth)
+            best = confidence.topk(min(width, confidence.shape[-1]), dim=-1)
+            first_new = len(candidates)
+            for row, parent in enumerate(frontier):
+                base = candidates[parent][0] if parent >= 0 else 0.0
+                for score, index in zip(best.values[row].tolist(), best.indices[row].tolist()):
+                    candidates.append((base + score, depth, self.d2t_list[index], parent))
+            if depth == job.k:
+                break
+            fresh = sorted(range(first_new, len(candidates)), key=lambda c: -candidates[c][0])[:width]
+            sees = torch.zeros(len(fresh), len(expanded), dtype=torch.bool)
+            for row, c in enumerate(fresh):
+                ancestor = candidates[c][3]
+                while ancestor >= 0:
+                    sees[row, expanded.index(ancestor)] = True
+                    ancestor = candidates[ancestor][3]
+            previous = torch.cat([frontier_h[frontier.index(candidates[c][3])][None] for c in fresh])
+            frontier_h, k, v = self._tree_layer(job.entry, committed, [candidates[c][2] for c in fresh], previous,
+                                                depth, nodes_kv, sees)
+            nodes_kv = (k, v) if nodes_kv is None else (torch.cat([nodes_kv[0], k], dim=1),
+                                                        torch.cat([nodes_kv[1], v], dim=1))
+            expanded += fresh
+            frontier = fresh
+        return _tree_answer(candidates, job.tree_nodes)
+
     @torch.inference_mode()
     def propose_batch(self, jobs: Sequence[ProposeJob]) -> list[Proposal]:
         proposals: list[Proposal] = []
@@ -144,7 +223,11 @@ class FeatureDrafter:
             copied = self._lookup(job)
             proposals.append(Proposal(copied, None, point_mass=bool(copied), reused_tokens=start,
                                       computed_tokens=c - start))
-            if not copied:
+            if copied:
+                continue
+            if job.tree_nodes > job.k and not job.provisional:
+                proposals[i].tokens, proposals[i].parents = self._draft_tree(job, h[-1:])
+            else:
                 active.append((i, job, h[-1:]))
         rows: dict[int, list[torch.Tensor]] = {i: [] for i, _, _ in active}
         for step in range(max((job.k for _, job, _ in active), default=0)):
@@ -169,3 +252,19 @@ class FeatureDrafter:
                 proposals[i].probs = torch.stack(drafted)
         return proposals
 
+
+
+def _tree_answer(candidates: list[tuple[float, int, int, int]], budget: int) -> tuple[list[int], list[int]]:
+    """The `budget` best candidates ((confidence, depth, token, parent) each) as (tokens, parents):
+    the best chain first, then the others by depth. Sorting by confidence, then depth, puts every
+    parent before its children, so any prefix of that order is a tree."""
+    order = sorted(range(len(candidates)), key=lambda c: (-candidates[c][0], candidates[c][1]))
+    kept = set(order[:budget])
+    chain, node = [], -1
+    while children := [c for c in kept if candidates[c][3] == node]:
+        node = max(children, key=lambda c: candidates[c][0])
+        chain.append(node)
+    rest = sorted(kept - set(chain), key=lambda c: (candidates[c][1], -candidates[c][0]))
+    ordered = chain + rest
+    index = {c: i for i, c in enumerate(ordered)}
+    return [candidates[c][2] for c in ordered], [index.get(candidates[c][3], -1) for c in ordered]

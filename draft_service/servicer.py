@@ -29,6 +29,7 @@ class ParsedPropose:
     features: torch.Tensor | None = None
     features_start: int = 0
     provisional: tuple[int, ...] = ()
+    tree_nodes: int = 0
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
@@ -66,15 +67,24 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 raise InvalidArgument(f"features must be [positions, {width}], got {tuple(features.shape)}")
             if request.features_start + features.shape[0] > ctx.committed_len:
                 raise InvalidArgument("features may cover committed positions only")
-        return ParsedPropose(ctx, k, sampling_from_pb(request.sampling), features, request.features_start,
-                             provisional)
+        params = sampling_from_pb(request.sampling)
+        tree_nodes = request.tree_nodes
+        if tree_nodes > self.max_k:
+            raise InvalidArgument(f"tree_nodes must be at most {self.max_k}, got {tree_nodes}")
+        if tree_nodes > k and not params.greedy and not params.coupled:
+            raise InvalidArgument("tree drafting needs greedy decoding or the coupled rule (the rejection rule "
+                                  "verifies a chain)")
+        if tree_nodes > k and provisional:
+            raise InvalidArgument("tree drafting does not draft ahead: send no provisional_tokens with tree_nodes")
+        return ParsedPropose(ctx, k, params, features, request.features_start, provisional, tree_nodes)
 
     def _run_batch(self, requests: Sequence[ParsedPropose]) -> list[Proposal | BaseException]:
         """Every request whose context resolves drafts together (one forward per draft step)."""
         return self.host.run_batch(
             requests,
             lambda request, entry, tokens: ProposeJob(entry, tokens, request.k, request.params, request.features,
-                                                      request.features_start, request.provisional),
+                                                      request.features_start, request.provisional,
+                                                      request.tree_nodes),
             self.drafter.propose_batch,
         )
 
@@ -102,6 +112,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             response.probs.CopyFrom(encode_tensor(proposal.probs))
         if proposal.features_from is not None:
             response.features_from = proposal.features_from
+        if proposal.parents is not None:
+            response.parents.extend(proposal.parents)
         return response
 
     @staticmethod

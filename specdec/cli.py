@@ -39,6 +39,7 @@ def _launch_options(args: argparse.Namespace):
         snapshots=not args.no_kv_snapshots,
         tier_token_file=args.tier_token_file,
         unix_sockets=not args.tcp_tiers,
+        coordinator_flags=("--tree-nodes", str(args.tree_nodes)) if args.tree_nodes else (),
     )
 
 
@@ -249,6 +250,9 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the target, e.g. cuda")
     parser.add_argument("--draft-device", default="cpu", help="torch device of a model drafter")
     parser.add_argument("--default-k", type=int, default=4, help="draft tokens per round when a request does not say")
+    parser.add_argument("--tree-nodes", type=int, default=0,
+                        help="with the feature drafter: draft trees of this many tokens (EAGLE-2), verified in one "
+                             "pass; greedy and the coupled rule (0: chains)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per service (0 = default)")
     _add_runner_flags(parser)
     parser.add_argument("--no-kv-snapshots", action="store_true",

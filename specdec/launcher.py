@@ -61,6 +61,7 @@ class LaunchOptions:
     unix_sockets: bool = True  # the coordinator reaches the tiers over Unix sockets (all run here)
     compile: str = "auto"  # --compile of the target and a model drafter: on, off, auto (on for CUDA)
     batch_invariant: bool = True  # --batch-invariant of the target and a model drafter
+    coordinator_flags: tuple[str, ...] = ()  # more flags for the coordinator (e.g. --tree-nodes)
 
 
 @dataclass
@@ -221,6 +222,7 @@ async def launch(options: LaunchOptions) -> Pipeline:
             "--host", options.host,
             "--port", str(options.port),
             "--default-k", str(options.default_k),
+            *options.coordinator_flags,
         ]
         pipeline.coordinator = await spawn_service("coordinator", "coordinator", coordinator_args, START_TIMEOUT_S,
                                                    env=pipeline.env("coordinator"))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.kv_cache import BLOCK, FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
+from specdec.sampling import tree_depths
 
 ROWS = 4  # row counts of matrix products are padded to a multiple of this
 # On CUDA, passes of up to this many rows (verify and decode batches) replay CUDA graphs; larger
@@ -54,11 +55,35 @@ class ForwardJob:
     first: int
     feature_layers: tuple[int, ...] = ()  # hidden-state indices: 0 = embeddings, i = layer i's output
     features_from: int = 0
+    # A tree of drafts: the last len(tree) tokens are its nodes and tree[i] is node i's parent (an
+    # index into the nodes, -1 for the token before them). Each node sits at position (the tree's
+    # start - 1 + its depth) and attends to the tokens before the tree and to its ancestors.
+    tree: Sequence[int] | None = None
+
+    @property
+    def tree_start(self) -> int:
+        return len(self.tokens) - len(self.tree) if self.tree else len(self.tokens)
+
+    def tree_positions(self) -> list[int]:
+        """Position of each node (slot tree_start + i holds node i)."""
+        return [self.tree_start - 1 + depth for depth in tree_depths(self.tree)] if self.tree else []
+
+    def chain_len(self) -> int:
+        """How many nodes, from the first, form a chain (node i's parent is node i - 1): their
+        cache entries are what a chain of those tokens computes, and stay valid."""
+        count = 0
+        for i, parent in enumerate(self.tree or ()):
+            if parent != i - 1:
+                break
+            count += 1
+        return count
 
 
 @dataclass
 class ForwardResult:
-    logits: torch.Tensor  # float32 [len(tokens) - first, vocab]; row j predicts tokens[first + j + 1]
+    # float32 [len(tokens) - first, vocab]; row j predicts tokens[first + j + 1] (in a tree: the
+    # token after the one at slot first + j, given its ancestors)
+    logits: torch.Tensor
     reused: int  # cached positions kept
     features: torch.Tensor | None = None  # float16 [len(tokens) - features_from, layers * hidden]
 
@@ -241,6 +266,8 @@ class ModelRunner:
         for job in jobs:
             if not 0 <= job.first < len(job.tokens):
                 raise ValueError(f"first={job.first} outside 0..{len(job.tokens) - 1}")
+            if job.tree and not 0 < job.tree_start <= job.first + 1:
+                raise ValueError("a tree's nodes must follow at least one token, and their logits be wanted")
             entry = job.entry
             if entry.kv is None:
                 entry.kv = self.new_kv(len(job.tokens))
@@ -260,9 +287,18 @@ class ModelRunner:
                 pieces[i].append(logits)
             for i, _, end in spans:
                 done[i] = end
-        return [ForwardResult(torch.cat(p).float()[:, : self.vocab_size], keep,
-                              job.entry.features.read(job.features_from, len(job.tokens)) if job.feature_layers else None)
-                for p, keep, job in zip(pieces, starts, jobs)]
+        results = [ForwardResult(torch.cat(p).float()[:, : self.vocab_size], keep,
+                                 job.entry.features.read(job.features_from, len(job.tokens)) if job.feature_layers
+                                 else None)
+                   for p, keep, job in zip(pieces, starts, jobs)]
+        for job in jobs:
+            if job.tree:  # keep what a chain would hold: the tokens before the tree, its leading chain
+                valid = job.tree_start + job.chain_len()
+                job.entry.kv.crop(valid)
+                job.entry.tokens = list(job.tokens[:valid])
+                if job.feature_layers:
+                    job.entry.features.crop(valid)
+        return results
 
     def feature_width(self, layers: Sequence[int]) -> int:
         return len(layers) * self.config.hidden_size
@@ -286,7 +322,7 @@ class ModelRunner:
         the positions >= job.first among them ([0, V] when none). The rows of every matrix
         product are padded to a multiple of ROWS (a power of two when compiled) with zeros."""
         ids = torch.tensor([t for job, a, b in spans for t in job.tokens[a:b]], device=self.device)
-        positions = torch.cat([torch.arange(a, b, device=self.device) for _, a, b in spans])
+        positions = torch.cat([self._positions(job, a, b) for job, a, b in spans])
         real = len(ids)
         cuda = self.device.type == "cuda"
         compiled = self.compiled and not (cuda and _bucket(real) > GRAPH_MAX_ROWS)
@@ -295,13 +331,14 @@ class ModelRunner:
             # A new pass: CUDA graph outputs of the last one may be overwritten (none is kept).
             torch.compiler.cudagraph_mark_step_begin()
         padded = _bucket(real) if compiled else self._rows(real)
-        cos, sin = self._rotary(F.pad(positions, (0, padded - real)), max(b for _, _, b in spans))
+        cos, sin = self._rotary(F.pad(positions, (0, padded - real)), int(positions.max()) + 1)
         wanted_layers = sorted({layer for job, _, _ in spans for layer in job.feature_layers})
         x = F.pad(F.embedding(ids, self.embed), (0, 0, 0, padded - real))
         outputs = {0: x} if 0 in wanted_layers else {}
+        tree_hidden = [self._tree_hidden(job, a, b) for job, a, b in spans]
         for index, layer in enumerate(self.layers):
             q, k, v = project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
-            attended = self._attention(index, q, k, v, spans)
+            attended = self._attention(index, q, k, v, spans, tree_hidden)
             x = mix(x, F.pad(attended, (0, 0, 0, padded - real)), layer, self.eps)
             if index + 1 in wanted_layers:
                 outputs[index + 1] = x
@@ -322,21 +359,29 @@ class ModelRunner:
         logits = _linear(last, self.lm_head, self._rows(len(last)))
         return list(logits.split([len(w) for w in wanted]))
 
+    def _positions(self, job: ForwardJob, start: int, end: int) -> torch.Tensor:
+        """Positions of slots [start, end) of a job: the slot itself, except a tree's nodes."""
+        slots = list(range(start, min(end, job.tree_start)))
+        if end > job.tree_start:
+            slots += job.tree_positions()[max(0, start - job.tree_start) : end - job.tree_start]
+        return torch.tensor(slots, device=self.device, dtype=torch.long)
+
     def _rows(self, count: int) -> int:
         """The row count an eager matrix product of `count` rows is computed on: padded to a
         multiple of ROWS, except a single row when not invariant (2 and 3 rows stay padded: they
         are slower than 4 here)."""
         return count if count == 1 and not self.invariant else _padded_rows(count)
 
-    def _attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans) -> torch.Tensor:
+    def _attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans,
+                   tree_hidden: list[torch.Tensor | None]) -> torch.Tensor:
         """Each session's new keys and values into its cache, and its queries' attention over it:
         [real rows, heads * head_dim]."""
         out, row = [], 0
-        for job, a, b in spans:
+        for (job, a, b), hidden in zip(spans, tree_hidden):
             kv = job.entry.kv
             kv.keys(index)[:, a:b] = k[row : row + b - a].transpose(0, 1)
             kv.values(index)[:, a:b] = v[row : row + b - a].transpose(0, 1)
-            out.append(self._attend(q[row : row + b - a], kv, index, a, b))
+            out.append(self._attend(q[row : row + b - a], kv, index, a, b, hidden))
             row += b - a
         if index == len(self.layers) - 1:
             for job, a, b in spans:
@@ -344,9 +389,30 @@ class ModelRunner:
                 job.entry.tokens = list(job.tokens[:b])
         return torch.cat(out)
 
-    def _attend(self, q: torch.Tensor, kv: SessionKV, layer: int, start: int, end: int) -> torch.Tensor:
-        """Causal attention of queries at positions [start, end) (q: [n, heads, dim]) over the
-        session's keys [0, end), block by block (see the module's docstring)."""
+    def _tree_hidden(self, job: ForwardJob, start: int, end: int) -> torch.Tensor | None:
+        """For the slots [start, end) of a tree job: the key slots [0, end) each query may not see
+        besides those after it (a node sees its ancestors and itself only, of the tree's slots),
+        [end - start, end]; None without a tree in these slots."""
+        tree_start = job.tree_start
+        if not job.tree or end <= tree_start:
+            return None
+        nodes = end - tree_start  # the tree's nodes up to this span's end
+        sees = torch.eye(nodes, dtype=torch.bool)
+        for i, parent in enumerate(job.tree[:nodes]):
+            if parent >= 0:
+                sees[i] |= sees[parent]
+        hidden = torch.zeros(end - start, end, dtype=torch.bool)
+        first = max(start, tree_start)
+        hidden[first - start :, tree_start:] = ~sees[first - tree_start :]
+        return hidden.to(self.device)
+
+    def _attend(self, q: torch.Tensor, kv: SessionKV, layer: int, start: int, end: int,
+                tree_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of queries at slots [start, end) (q: [n, heads, dim]) over the
+        session's keys [0, end), block by block (see the module's docstring); with a tree, each
+        node's query also skips the tree's slots that are not its ancestors (tree_hidden). A
+        tree's leading chain sees exactly what a chain sees, so its numbers are a chain's, bitwise;
+        other nodes see their ancestors at other slots, and their sums may round differently."""
         n, group = end - start, self.heads // self.kv_heads
         rows = group * n
         padded = _padded_rows(rows)
@@ -361,7 +427,13 @@ class ModelRunner:
         query_at = torch.arange(start, end, device=q.device).repeat(group)
         query_at = torch.cat([query_at, query_at.new_full((padded - rows,), start)])
         key_at = torch.arange(blocks * BLOCK, device=q.device).reshape(blocks, 1, BLOCK)
-        scores = scores.masked_fill(key_at > query_at[None, :, None], float("-inf"))
+        hidden = key_at > query_at[None, :, None]  # [blocks, padded rows, BLOCK]
+        if tree_hidden is not None:
+            extra = torch.zeros(n, blocks * BLOCK, dtype=torch.bool, device=q.device)
+            extra[:, :end] = tree_hidden
+            extra = torch.cat([extra.repeat(group, 1), extra.new_zeros(padded - rows, blocks * BLOCK)])
+            hidden = hidden | extra.reshape(padded, blocks, BLOCK).transpose(0, 1)
+        scores = scores.masked_fill(hidden, float("-inf"))
         weights = torch.exp(scores - scores.amax(dim=(1, 3), keepdim=True))
         # Across blocks, a running sum (cumsum adds block by block, in order, whatever the row's
         # index or the row count); torch's sum over that dimension is not row-invariant.

@@ -145,19 +145,31 @@ def exponentials(raw: np.ndarray) -> np.ndarray:
     return -np.log(u)
 
 
-def coupled_draws(probs: torch.Tensor, seed: int, first_position: int) -> list[int]:
+def coupled_draws(probs: torch.Tensor, seed: int, first_position: int,
+                  positions: Sequence[int] | None = None) -> list[int]:
     """The coupled rule's draw at each row: row i (a distribution over the vocabulary, [n, V]) is
-    drawn with the noise of position first_position + i: argmax_v p(v) / E(v), a sample of p."""
+    drawn with the noise of position first_position + i (or positions[i], for the rows of a tree
+    of drafts): argmax_v p(v) / E(v), a sample of p."""
     rows = probs.detach().float().cpu().numpy()
-    return [int(np.argmax(row / coupling_noise(seed, first_position + i, row.shape[-1]))) for i, row in enumerate(rows)]
+    if positions is None:
+        positions = range(first_position, first_position + len(rows))
+    return [int(np.argmax(row / coupling_noise(seed, at, row.shape[-1]))) for at, row in zip(positions, rows)]
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """Outcome of one round: the first `accepted` draft tokens are kept, then `next_token`."""
+    """Outcome of one round: `accepted` draft tokens are kept, then `next_token`. For a chain they
+    are the first `accepted` drafts; for a tree, the drafts at indices `path` (root to leaf)."""
 
     accepted: int
     next_token: int
+    path: tuple[int, ...] | None = None
+
+    def kept(self, drafts: Sequence[int]) -> list[int]:
+        """The draft tokens this verdict keeps, in order."""
+        if self.path is None:
+            return list(drafts[: self.accepted])
+        return [drafts[i] for i in self.path]
 
 
 def speculative_accept(
@@ -203,6 +215,47 @@ def speculative_accept(
             residual = p_row
         return Verdict(accepted=i, next_token=sample(residual, sample_uniforms[i]))
     return Verdict(accepted=k, next_token=sample(target_probs[k], sample_uniforms[k]))
+
+
+def tree_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of each node of a tree of drafts (1 for a child of the last committed token).
+    parents[i] is node i's parent index, -1 for the root's children; parents come first."""
+    depths: list[int] = []
+    for i, parent in enumerate(parents):
+        if not -1 <= parent < i:
+            raise ValueError(f"node {i}'s parent {parent} is not an earlier node (or -1)")
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
+def tree_accept(draft_tokens: Sequence[int], parents: Sequence[int], target_choices: Sequence[int]) -> Verdict:
+    """The greedy / coupled rule over a tree of drafts (SpecInfer, EAGLE-2): from the root, follow
+    the child whose token equals the target's own choice at the current node, while there is one.
+
+    Args:
+        draft_tokens: the N tree nodes' tokens, [N], parents before children.
+        parents: [N]; node i's parent index, -1 for children of the last committed token.
+        target_choices: [N + 1]; entry 0 is the target's choice (argmax, or its coupled draw with
+            the noise of that position) after the last committed token, entry i + 1 its choice
+            after node i given node i's ancestors.
+
+    Returns:
+        Verdict(len(path), t, path): the nodes kept, root to leaf, then t, the target's choice
+        after the last of them. Each kept token is the target's own choice given what precedes
+        it, so the output is the target's greedy output (or its coupled draws) whatever the tree.
+    """
+    if len(target_choices) != len(draft_tokens) + 1 or len(parents) != len(draft_tokens):
+        raise ValueError(f"{len(target_choices)} target choices and {len(parents)} parents for "
+                         f"{len(draft_tokens)} drafts (need N + 1 and N)")
+    children: dict[int, dict[int, int]] = {}
+    for i, (token, parent) in enumerate(zip(draft_tokens, parents)):
+        children.setdefault(parent, {}).setdefault(int(token), i)
+    path: list[int] = []
+    node = -1
+    while (child := children.get(node, {}).get(int(target_choices[node + 1]))) is not None:
+        path.append(child)
+        node = child
+    return Verdict(accepted=len(path), next_token=int(target_choices[node + 1]), path=tuple(path))
 
 
 def greedy_accept(draft_tokens: Sequence[int], target_argmax: Sequence[int]) -> Verdict:

@@ -9,7 +9,7 @@ from specdec.batcher import Batcher
 from specdec.errors import InvalidArgument, ResourceExhausted
 from specdec.runner import ModelRunner
 from specdec.metrics import ServiceMetrics
-from specdec.sampling import SamplingParams
+from specdec.sampling import SamplingParams, tree_depths
 from specdec.service_base import SessionHost
 from specdec.serving import current_session
 from specdec.session_store import log_id
@@ -26,6 +26,7 @@ class ParsedVerify:
     params: SamplingParams
     feature_layers: tuple[int, ...] = ()
     feature_start: int = 0
+    parents: tuple[int, ...] = ()
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
@@ -47,9 +48,12 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         drafts = tuple(request.draft_tokens)
         if len(drafts) > self.max_k:
             raise InvalidArgument(f"at most {self.max_k} draft tokens per Verify, got {len(drafts)}")
-        if ctx.committed_len + len(drafts) > facts.max_context:
+        params = sampling_from_pb(request.sampling)
+        parents = tuple(request.draft_parents)
+        depth = self._tree_depth(parents, drafts, params) if parents else len(drafts)
+        if ctx.committed_len + depth > facts.max_context:
             raise InvalidArgument(
-                f"{ctx.committed_len} committed + {len(drafts)} draft tokens exceed the model's "
+                f"{ctx.committed_len} committed + {depth} draft tokens exceed the model's "
                 f"context of {facts.max_context} tokens"
             )
         check_token_ids(drafts, facts.vocab_size, "draft_tokens")
@@ -61,14 +65,29 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 raise InvalidArgument(f"feature_layers must name 1 to 8 layers in 0..{depth} (0 = the embeddings)")
             if start >= ctx.committed_len + len(drafts):
                 raise InvalidArgument("feature_start must be a position this Verify computes or holds")
-        return ParsedVerify(ctx, drafts, sampling_from_pb(request.sampling), layers, start)
+        return ParsedVerify(ctx, drafts, params, layers, start, parents)
+
+    @staticmethod
+    def _tree_depth(parents: tuple[int, ...], drafts: tuple[int, ...], params: SamplingParams) -> int:
+        """A tree of drafts checked: one parent per draft, each an earlier draft or -1; not with
+        the rejection rule. Returns its depth."""
+        if len(parents) != len(drafts):
+            raise InvalidArgument(f"draft_parents has {len(parents)} entries for {len(drafts)} draft tokens")
+        try:
+            depths = tree_depths(parents)
+        except ValueError as exc:
+            raise InvalidArgument(f"draft_parents is not a tree: {exc}") from None
+        if not params.greedy and not params.coupled:
+            raise InvalidArgument("a tree of drafts is verified for greedy decoding and the coupled rule only")
+        return max(depths)
 
     def _run_batch(self, requests: Sequence[ParsedVerify]) -> list[Verification | BaseException]:
         """On the worker thread: one forward pass for every request whose context resolves."""
         outcomes = self.host.run_batch(
             requests,
             lambda request, entry, tokens: VerifyJob(entry, tokens, request.drafts, request.params,
-                                                     request.feature_layers, request.feature_start),
+                                                     request.feature_layers, request.feature_start,
+                                                     request.parents),
             lambda jobs: verify_batch(self.runner, jobs),
         )
         rows = sum(o.computed_tokens for o in outcomes if isinstance(o, Verification))

@@ -9,13 +9,14 @@ import torch
 
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ForwardResult, ModelRunner
-from specdec.sampling import SamplingParams, coupled_draws, probs_from_logits
+from specdec.sampling import SamplingParams, coupled_draws, probs_from_logits, tree_depths
 
 
 @dataclass
 class Verification:
     """The target's answer: its own choice at the k+1 positions (argmax when greedy, its coupled
-    draw under the coupled rule), or the distributions p (rejection rule)."""
+    draw under the coupled rule), or the distributions p (rejection rule). For a tree of N drafts:
+    N + 1 choices, after the last committed token and after each draft."""
 
     tokens: list[int] | None  # k+1 ids
     probs: torch.Tensor | None  # [k+1, V]
@@ -35,11 +36,20 @@ class VerifyJob:
     params: SamplingParams
     feature_layers: tuple[int, ...] = ()
     feature_start: int = 0
+    draft_parents: Sequence[int] = ()  # a tree of drafts (VerifyRequest.draft_parents); empty: a chain
 
     def forward_job(self) -> ForwardJob:
-        # Logits at committed_len - 1 .. end: row i predicts position len(committed) + i.
+        # Logits at committed_len - 1 .. end: row i predicts position len(committed) + i (in a
+        # tree, the token after draft i - 1).
         return ForwardJob(self.entry, list(self.committed) + list(self.draft_tokens), len(self.committed) - 1,
-                          self.feature_layers, self.feature_start)
+                          self.feature_layers, self.feature_start, tree=list(self.draft_parents) or None)
+
+    def positions(self) -> list[int]:
+        """The position each row's choice is made for (its coupling noise)."""
+        after = len(self.committed)
+        if not self.draft_parents:
+            return list(range(after, after + len(self.draft_tokens) + 1))
+        return [after] + [after + depth for depth in tree_depths(self.draft_parents)]
 
 
 def _verification(job: VerifyJob, result: ForwardResult) -> Verification:
@@ -49,8 +59,8 @@ def _verification(job: VerifyJob, result: ForwardResult) -> Verification:
         return Verification(torch.argmax(logits, dim=-1).tolist(), None, reused, computed, features)
     probs = probs_from_logits(logits, job.params)
     if job.params.coupled:
-        return Verification(coupled_draws(probs, job.params.seed, len(job.committed)), None, reused, computed,
-                            features)
+        return Verification(coupled_draws(probs, job.params.seed, len(job.committed), job.positions()), None,
+                            reused, computed, features)
     return Verification(None, probs, reused, computed, features)
 
 

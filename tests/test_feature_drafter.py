@@ -84,6 +84,15 @@ async def feature_stack(redis_server, tiny_target, feature_drafter):
         await server.stop(0)
 
 
+@pytest_asyncio.fixture(scope="module")
+async def tree_stack(redis_server, tiny_target, feature_drafter):
+    """The feature drafter asked for trees of 10 drafts (EAGLE-2) each round."""
+    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), tree_nodes=10)
+    yield stack
+    for server in stack.servers:
+        await server.stop(0)
+
+
 @pytest.mark.parametrize("k", [1, 4, 8])
 async def test_greedy_with_the_feature_drafter_equals_the_targets_generate(feature_stack, target_greedy, k):
     async with grpc.aio.insecure_channel(feature_stack.coordinator) as channel:
@@ -92,6 +101,56 @@ async def test_greedy_with_the_feature_drafter_equals_the_targets_generate(featu
     assert result.stats.drafter == "eagle3"
     assert result.token_ids == target_greedy(result.prompt_token_ids, 48)
     assert result.stats.draft_tokens > 0 and result.stats.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+async def test_greedy_with_trees_of_drafts_equals_the_targets_generate(tree_stack, target_greedy, k):
+    async with grpc.aio.insecure_channel(tree_stack.coordinator) as channel:
+        result = await generate(channel, prompt="hello there, how are you doing?", max_new_tokens=48, k=k,
+                                fixed_k=True, ignore_eos=True)
+    assert result.token_ids == target_greedy(result.prompt_token_ids, 48)
+    stats = result.stats
+    # Trees: more drafts than positions drafted (a chain has one per position), and some kept.
+    assert stats.draft_tokens > sum(stats.proposed_per_position) and stats.accepted_tokens > 0
+
+
+async def test_trees_keep_more_drafts_per_round_than_chains(feature_stack, tree_stack):
+    """The point of a tree: at the same depth, more of the target's tokens are among the drafts."""
+    kept = {}
+    for name, stack in (("chain", feature_stack), ("tree", tree_stack)):
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            results = [await generate(channel, prompt=prompt, max_new_tokens=40, k=3, fixed_k=True, ignore_eos=True)
+                       for prompt in ("the sea is calm today", "what is two plus two?", "write a short poem")]
+        kept[name] = sum(r.stats.accepted_tokens for r in results) / sum(r.stats.rounds for r in results)
+    assert kept["tree"] > kept["chain"], kept
+
+
+async def test_a_malformed_tree_is_refused(tree_stack):
+    tokens = CommittedTokens([4, 5, 6, 7])
+    stub = target_pb2_grpc.TargetServiceStub(grpc.aio.insecure_channel(tree_stack.target))
+    draft = draft_pb2_grpc.DraftServiceStub(grpc.aio.insecure_channel(tree_stack.draft))
+    coupled = common_pb2.SamplingParams(temperature=1.0, rule=common_pb2.SAMPLING_RULE_COUPLED)
+    bad = [
+        stub.Verify(target_pb2.VerifyRequest(context=context_to_pb("tree-a", tokens, 0), draft_tokens=[5, 6],
+                                             draft_parents=[1, -1]), metadata=TIER_METADATA),
+        stub.Verify(target_pb2.VerifyRequest(context=context_to_pb("tree-b", tokens, 0), draft_tokens=[5, 6],
+                                             draft_parents=[-1]), metadata=TIER_METADATA),
+        stub.Verify(target_pb2.VerifyRequest(context=context_to_pb("tree-c", tokens, 0), draft_tokens=[5, 6],
+                                             draft_parents=[-1, -1],
+                                             sampling=common_pb2.SamplingParams(temperature=1.0)),
+                    metadata=TIER_METADATA),
+        draft.Propose(draft_pb2.ProposeRequest(context=context_to_pb("tree-d", tokens, 0), k=2, tree_nodes=99),
+                      metadata=TIER_METADATA),
+    ]
+    for call in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A well-formed tree under the coupled rule: one choice after the root and after each draft.
+    reply = await stub.Verify(target_pb2.VerifyRequest(context=context_to_pb("tree-e", tokens, 0),
+                                                       draft_tokens=[5, 6, 7], draft_parents=[-1, -1, 1],
+                                                       sampling=coupled), metadata=TIER_METADATA)
+    assert len(reply.sampled_tokens) == 4
 
 
 async def test_a_new_turn_and_a_lost_draft_replica_get_their_features_back(
@@ -159,23 +218,27 @@ RULES = {"rejection": common_pb2.SAMPLING_RULE_REJECTION, "coupled": common_pb2.
 
 @pytest_asyncio.fixture(scope="module")
 async def small_feature_stack(redis_server, tmp_path_factory):
+    """A chain stack and a tree stack (trees of 5 drafts) on one small target and drafter."""
     root = tmp_path_factory.mktemp("small-feature")
     target = build_tiny_model(root / "target", seed=10, chars=CHARS, logit_scale=3.0)
     drafter = root / "drafter"
     _train(target, drafter, draft_vocab=6)  # a draft vocabulary smaller than the target's: q is 0 elsewhere
-    stack = await start_stack(redis_server.url, target, str(drafter))
+    stacks = {"chain": await start_stack(redis_server.url, target, str(drafter)),
+              "tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5)}
     model = models.load_model(str(target))
     law = two_token_law(model, PROMPT, PARAMS)
-    yield stack, law
-    for server in stack.servers:
-        await server.stop(0)
+    yield stacks, law
+    for stack in stacks.values():
+        for server in stack.servers:
+            await server.stop(0)
 
 
-@pytest.mark.parametrize("rule", RULES)
-async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rule):
+@pytest.mark.parametrize("rule, shape", [("rejection", "chain"), ("coupled", "chain"), ("coupled", "tree")])
+async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rule, shape):
     import asyncio
 
-    stack, law = small_feature_stack
+    stacks, law = small_feature_stack
+    stack = stacks[shape]
     counts: Counter = Counter()
     async with grpc.aio.insecure_channel(stack.coordinator) as channel:
         semaphore = asyncio.Semaphore(16)
@@ -187,9 +250,46 @@ async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rul
                                         top_p=PARAMS.top_p, sampling_rule=RULES[rule])
             counts[tuple(result.token_ids[:2])] += 1
             assert result.stats.drafter == "eagle3"
+            trees[0] += result.stats.draft_tokens > sum(result.stats.proposed_per_position)
 
+        trees = [0]
         await asyncio.gather(*(one(seed) for seed in range(600)))
     assert chi_square_pvalue(counts, law) > 1e-3, counts
+    assert (trees[0] > 0) == (shape == "tree")  # the tree stack did draft trees
+
+
+async def test_the_law_check_catches_a_wrong_tree_rule(small_feature_stack):
+    """A tree rule that keeps the drafter's best branch whatever the target chose fails the same check."""
+    import asyncio
+
+    from specdec.sampling import tree_accept
+
+    def keep_best_branch(tokens, parents, choices):
+        path, node = [], -1
+        while (children := [i for i, parent in enumerate(parents) if parent == node]):
+            node = children[0]
+            path.append(node)
+        return tree_accept(tokens, parents, choices).__class__(len(path), choices[node + 1], tuple(path))
+
+    stacks, law = small_feature_stack
+    decoder = stacks["tree"].decoder
+    decoder.tree_rule = keep_best_branch
+    counts: Counter = Counter()
+    try:
+        async with grpc.aio.insecure_channel(stacks["tree"].coordinator) as channel:
+            semaphore = asyncio.Semaphore(16)
+
+            async def one(seed: int) -> None:
+                async with semaphore:
+                    result = await generate(channel, prompt_token_ids=PROMPT, max_new_tokens=3, k=3, seed=seed,
+                                            ignore_eos=True, temperature=PARAMS.temperature, top_k=PARAMS.top_k,
+                                            top_p=PARAMS.top_p, sampling_rule=RULES["coupled"])
+                counts[tuple(result.token_ids[:2])] += 1
+
+            await asyncio.gather(*(one(seed) for seed in range(300)))
+    finally:
+        decoder.tree_rule = tree_accept
+    assert chi_square_pvalue(counts, law) < 1e-4, counts
 
 
 def test_the_heldout_split_depends_on_the_data_and_the_seed_only():

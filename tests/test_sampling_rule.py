@@ -16,6 +16,8 @@ from specdec.sampling import (
     probs_from_logits,
     sample,
     speculative_accept,
+    tree_accept,
+    tree_depths,
     uniform,
 )
 from stats import chi_square_pvalue
@@ -74,6 +76,34 @@ def test_greedy_rule():
     assert greedy_accept([5, 6], [5, 6, 8]) == Verdict(2, 8)
     assert greedy_accept([4], [5, 6]) == Verdict(0, 5)
     assert greedy_accept([], [3]) == Verdict(0, 3)
+
+
+def test_tree_rule_follows_the_targets_choices_from_the_root():
+    # Root's children: 5 (node 0), 7 (node 3); node 0's children: 6 (node 1), 8 (node 4); node 1's: 9 (node 2).
+    tokens, parents = [5, 6, 9, 7, 8], [-1, 0, 1, -1, 0]
+    # The target picks 5 after the root, 8 after node 0, then 2 after node 4 (which has no child).
+    choices = [5, 8, 1, 1, 1, 2]
+    assert tree_accept(tokens, parents, choices) == Verdict(2, 2, (0, 4))
+    assert Verdict(2, 2, (0, 4)).kept(tokens) == [5, 8]
+    # The deepest branch, all the way: the bonus is the target's choice after the leaf.
+    assert tree_accept(tokens, parents, [5, 6, 9, 4, 0, 0]) == Verdict(3, 4, (0, 1, 2))
+    # A second child of the root.
+    assert tree_accept(tokens, parents, [7, 0, 0, 0, 3, 0]) == Verdict(1, 3, (3,))
+    # No child matches: the target's own token, as the chain rule gives.
+    assert tree_accept(tokens, parents, [4, 6, 9, 0, 0, 0]) == Verdict(0, 4, ())
+    # A chain is a tree whose nodes each follow the one before: the same verdict as the chain rule.
+    drafts, argmax = [5, 6, 7], [5, 6, 9, 1]
+    assert tree_accept(drafts, [-1, 0, 1], argmax).kept(drafts) == greedy_accept(drafts, argmax).kept(drafts)
+
+
+def test_tree_shape_is_checked():
+    assert tree_depths([-1, 0, 0, 1, -1]) == [1, 2, 2, 3, 1]
+    with pytest.raises(ValueError):
+        tree_depths([-1, 2, 0])  # a parent after its child
+    with pytest.raises(ValueError):
+        tree_depths([-2])
+    with pytest.raises(ValueError):
+        tree_accept([5, 6], [-1, 0], [5, 6])  # N + 1 choices are needed
 
 
 def test_uniform_is_a_pure_function_of_its_key():
