@@ -8,7 +8,7 @@ import pytest
 
 from bench import report as bench_report
 from bench.figures import PromptRun, Totals, column_of, expected_tokens_per_step, ideal_speedup, percentile
-from bench.harness import BenchOptions, load_prompts, run_bench
+from bench.harness import BenchOptions, coordinator_flags, drafter_ks, drafter_name, drafter_service, load_prompts, run_bench
 
 
 def test_leviathan_expected_tokens_and_ideal_speedup():
@@ -48,6 +48,13 @@ def prompt_file(tmp_path):
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+def test_drafter_specs_name_trees_hybrids_and_ks():
+    assert drafter_name("auto+tree12@4/6") == "eagle3+tree12" and drafter_ks("auto+tree12@4/6") == (4, 6)
+    assert coordinator_flags("auto+tree12@4") == ("--tree-nodes", "12") and coordinator_flags("auto") == ()
+    assert drafter_service("/d/x+ngram3+tree8", "smollm2") == ("/d/x", ("--hybrid-ngram", "3"))
+    assert drafter_name("/d/x+ngram3+tree8") == "x+ngram3+tree8"
 
 
 def test_prompt_selection(prompt_file):
