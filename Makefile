@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http soak
+.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http bench-tree soak
 
 setup: $(STAMP) redis-server
 
@@ -63,6 +63,10 @@ bench-hostile: setup
 # One SmolLM2 step in process, 1-8 new tokens: our batch-invariant runner vs Hugging Face's forward.
 bench-step: setup
 	$(PY) -m bench.step --context 400 --compiled
+
+# What a tree of drafts costs: the target's verify of a chain vs a tree, the drafter's chain vs tree.
+bench-tree: setup
+	$(PY) -m bench.tree_cost --context 300
 
 # A Verify step inside a target service against the same step alone (the service's own gap).
 bench-gap: setup

@@ -1,0 +1,97 @@
+"""What a tree of drafts costs, in process: the target's verify of a chain against a tree of the same
+number of drafts, and the feature drafter proposing a chain of k against a tree of N drafts.
+
+    python -m bench.tree_cost --context 300      # make bench-tree
+
+Medians of --reps timed calls after a warm-up. A verify is a crop back to the context and a
+forward of the drafts (tree: a chain of 4, then siblings); a proposal starts from one newly
+committed token, as a round's does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from draft_service.drafters import ProposeJob
+from draft_service.feature_drafter import FeatureDrafter
+from specdec import models
+from specdec.kv_cache import SessionCache
+from specdec.runner import ForwardJob, ModelRunner
+from specdec.sampling import COUPLED, SamplingParams
+
+
+def _median_ms(call, reps: int) -> float:
+    call()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1000, 2)
+
+
+def _tree(size: int) -> list[int]:
+    """A chain of (up to) 4, then siblings hanging off its nodes in turn."""
+    return [i - 1 for i in range(min(4, size))] + [(i % 4) - 1 for i in range(max(0, size - 4))]
+
+
+def verify_costs(runner: ModelRunner, context: list[int], sizes: list[int], reps: int) -> list[dict]:
+    entry = SessionCache()
+    runner.forward([ForwardJob(entry, context, len(context) - 1)])
+
+    def verify(drafts: int, tree: list[int] | None):
+        nodes = list(range(100, 100 + drafts))
+        return lambda: runner.forward([ForwardJob(entry, context + nodes, len(context) - 1, tree=tree)])
+
+    rows = [{"drafts": 0, "chain_ms": _median_ms(verify(0, None), reps)}]
+    for size in sizes:
+        rows.append({"drafts": size, "chain_ms": _median_ms(verify(size, None), reps),
+                     "tree_ms": _median_ms(verify(size, _tree(size)), reps)})
+    return rows
+
+
+def draft_costs(drafter: FeatureDrafter, runner: ModelRunner, context: list[int], k: int, sizes: list[int],
+                reps: int) -> list[dict]:
+    features = runner.forward([ForwardJob(SessionCache(), context, len(context) - 1,
+                                          tuple(drafter.feature_layers))])[0].features
+    entry = SessionCache()
+
+    def propose(nodes: int, params: SamplingParams):
+        def call():
+            if entry.kv is not None:
+                entry.kv.crop(len(context) - 2)  # one newly committed token to take in, as in a round
+            return drafter.propose_batch([ProposeJob(entry, context, k, params, features, 0, (), nodes)])
+        return call
+
+    rows = []
+    for name, params in (("greedy", SamplingParams()), ("coupled", SamplingParams(0.7, seed=1, rule=COUPLED))):
+        rows.append({"sampling": name, "chain_ms": _median_ms(propose(0, params), reps),
+                     **{f"tree{n}_ms": _median_ms(propose(n, params), reps) for n in sizes}})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--drafter", default="", help="feature drafter folder (default: the one shipped for the target)")
+    parser.add_argument("--context", type=int, default=300)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--sizes", default="4,7,8,12,16")
+    parser.add_argument("--reps", type=int, default=12)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model = models.load_model(args.target)
+    runner = ModelRunner(model, model.config.vocab_size)
+    drafter = FeatureDrafter.load(args.drafter or models.default_drafter(args.target), target=args.target)
+    context = torch.randint(0, 40000, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
+    print(json.dumps({"context": args.context, "verify": verify_costs(runner, context, sizes, args.reps),
+                      "propose": draft_costs(drafter, runner, context, args.k, [7, 12], args.reps)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
