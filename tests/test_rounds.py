@@ -8,7 +8,9 @@ import pytest
 import pytest_asyncio
 
 from conftest import start_stack
-from coordinator.rounds import KPlanner, RoundCosts
+import torch
+
+from coordinator.rounds import FeatureRelay, KPlanner, RoundCosts
 from helpers import generate
 from specdec.v1 import common_pb2
 
@@ -137,3 +139,16 @@ def test_under_load_k_is_priced_as_if_every_session_drafted_it():
     for costs, expected in ((alone, True), (loaded, False)):
         planner = KPlanner(8, costs, prior=[0.25] * 9)
         assert (planner.choose(4) > 0) is expected
+
+
+def test_the_relay_keeps_the_features_of_a_trees_kept_path():
+    """Verify returns a tree's rows in the tree's order after the committed ones; the drafter must
+    get those of the kept drafts, in path order, and never the newest token's."""
+    relay = FeatureRelay((1,))
+    committed, start = 10, 8  # features of positions 8, 9 (committed), then drafts 0..4
+    rows = torch.arange(7, dtype=torch.float16)[:, None]  # row value = its index
+    relay.keep(rows, start, committed + 3, path=(0, 3), drafted_at=committed)  # kept: drafts 0, 3, then a bonus
+    assert relay.start == 8 and relay.rows[:, 0].tolist() == [0, 1, 2, 5]
+    chain = FeatureRelay((1,))
+    chain.keep(rows, start, committed + 3)
+    assert chain.rows[:, 0].tolist() == [0, 1, 2, 3]
