@@ -3,7 +3,7 @@ number of drafts, and the feature drafter proposing a chain of k against a tree 
 
     python -m bench.tree_cost --context 300      # make bench-tree
 
-Medians of --reps timed calls after a warm-up. A verify is a crop back to the context and a
+Medians of --reps timed calls after a warm-up, the compared calls taking turns. A verify is a crop back to the context and a
 forward of the drafts (tree: a chain of 4, then siblings); a proposal starts from one newly
 committed token, as a round's does.
 """
@@ -25,18 +25,23 @@ from specdec.runner import ForwardJob, ModelRunner
 from specdec.sampling import COUPLED, SamplingParams
 
 
-def _median_ms(call, reps: int) -> float:
-    call()
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
+def _medians_ms(calls: dict, reps: int) -> dict:
+    """Median time of each call, the calls taking turns rep by rep (so that drift in this
+    machine's speed falls on all of them alike)."""
+    times: dict = {name: [] for name in calls}
+    for call in calls.values():
         call()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times) * 1000, 2)
+    for _ in range(reps):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return {name: round(statistics.median(t) * 1000, 2) for name, t in times.items()}
 
 
 def _tree(size: int) -> list[int]:
-    """A chain of (up to) 4, then siblings hanging off its nodes in turn."""
+    """A chain of (up to) 4, then siblings hanging off its nodes in turn (size - 4 nodes off the
+    leading chain, the ones whose attention reads a copy laid out as their chain's)."""
     return [i - 1 for i in range(min(4, size))] + [(i % 4) - 1 for i in range(max(0, size - 4))]
 
 
@@ -48,10 +53,10 @@ def verify_costs(runner: ModelRunner, context: list[int], sizes: list[int], reps
         nodes = list(range(100, 100 + drafts))
         return lambda: runner.forward([ForwardJob(entry, context + nodes, len(context) - 1, tree=tree)])
 
-    rows = [{"drafts": 0, "chain_ms": _median_ms(verify(0, None), reps)}]
+    rows = [{"drafts": 0, **_medians_ms({"chain_ms": verify(0, None)}, reps)}]
     for size in sizes:
-        rows.append({"drafts": size, "chain_ms": _median_ms(verify(size, None), reps),
-                     "tree_ms": _median_ms(verify(size, _tree(size)), reps)})
+        rows.append({"drafts": size, **_medians_ms({"chain_ms": verify(size, None),
+                                                    "tree_ms": verify(size, _tree(size))}, reps)})
     return rows
 
 
@@ -70,8 +75,8 @@ def draft_costs(drafter: FeatureDrafter, runner: ModelRunner, context: list[int]
 
     rows = []
     for name, params in (("greedy", SamplingParams()), ("coupled", SamplingParams(0.7, seed=1, rule=COUPLED))):
-        rows.append({"sampling": name, "chain_ms": _median_ms(propose(0, params), reps),
-                     **{f"tree{n}_ms": _median_ms(propose(n, params), reps) for n in sizes}})
+        rows.append({"sampling": name, **_medians_ms({"chain_ms": propose(0, params),
+                                                       **{f"tree{n}_ms": propose(n, params) for n in sizes}}, reps)})
     return rows
 
 

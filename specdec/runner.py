@@ -89,6 +89,19 @@ class ForwardResult:
 
 
 @dataclass(frozen=True)
+class _TreeLayout:
+    """Where a pass's off-chain tree nodes attend (ModelRunner._tree_layout): the cache slots each
+    reads in the tail blocks (flattened, [nodes * tail blocks * BLOCK]) and the first tail block,
+    with the index tensors every layer uses."""
+
+    rows: torch.Tensor  # the nodes' rows in the span
+    gather: torch.Tensor
+    first_block: int
+    positions: torch.Tensor  # each node's position
+    query_rows: torch.Tensor  # the nodes' rows among the span's attention rows (head in group, node)
+
+
+@dataclass(frozen=True)
 class _Layer:
     """One decoder layer's weights, as plain tensors (what the dense stages take)."""
 
@@ -335,10 +348,10 @@ class ModelRunner:
         wanted_layers = sorted({layer for job, _, _ in spans for layer in job.feature_layers})
         x = F.pad(F.embedding(ids, self.embed), (0, 0, 0, padded - real))
         outputs = {0: x} if 0 in wanted_layers else {}
-        tree_hidden = [self._tree_hidden(job, a, b) for job, a, b in spans]
+        layouts = [self._tree_layout(job, a, b) for job, a, b in spans]
         for index, layer in enumerate(self.layers):
             q, k, v = project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
-            attended = self._attention(index, q, k, v, spans, tree_hidden)
+            attended = self._attention(index, q, k, v, spans, layouts)
             x = mix(x, F.pad(attended, (0, 0, 0, padded - real)), layer, self.eps)
             if index + 1 in wanted_layers:
                 outputs[index + 1] = x
@@ -373,15 +386,15 @@ class ModelRunner:
         return count if count == 1 and not self.invariant else _padded_rows(count)
 
     def _attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans,
-                   tree_hidden: list[torch.Tensor | None]) -> torch.Tensor:
+                   layouts: list["_TreeLayout | None"]) -> torch.Tensor:
         """Each session's new keys and values into its cache, and its queries' attention over it:
         [real rows, heads * head_dim]."""
         out, row = [], 0
-        for (job, a, b), hidden in zip(spans, tree_hidden):
+        for (job, a, b), layout in zip(spans, layouts):
             kv = job.entry.kv
             kv.keys(index)[:, a:b] = k[row : row + b - a].transpose(0, 1)
             kv.values(index)[:, a:b] = v[row : row + b - a].transpose(0, 1)
-            out.append(self._attend(q[row : row + b - a], kv, index, a, b, hidden))
+            out.append(self._attend(q[row : row + b - a], kv, index, a, b, layout))
             row += b - a
         if index == len(self.layers) - 1:
             for job, a, b in spans:
@@ -389,30 +402,40 @@ class ModelRunner:
                 job.entry.tokens = list(job.tokens[:b])
         return torch.cat(out)
 
-    def _tree_hidden(self, job: ForwardJob, start: int, end: int) -> torch.Tensor | None:
-        """For the slots [start, end) of a tree job: the key slots [0, end) each query may not see
-        besides those after it (a node sees its ancestors and itself only, of the tree's slots),
-        [end - start, end]; None without a tree in these slots."""
+    def _tree_layout(self, job: ForwardJob, start: int, end: int) -> "_TreeLayout | None":
+        """For the slots [start, end) of a tree job: where each node off the tree's leading chain
+        reads in attention, so that it sees what a chain of its ancestors would (the leading chain
+        already does: its nodes sit where a chain's would, and the causal mask hides the others).
+        None without such nodes in these slots."""
         tree_start = job.tree_start
-        if not job.tree or end <= tree_start:
+        if not job.tree or end <= tree_start + job.chain_len():
             return None
-        nodes = end - tree_start  # the tree's nodes up to this span's end
-        sees = torch.eye(nodes, dtype=torch.bool)
-        for i, parent in enumerate(job.tree[:nodes]):
-            if parent >= 0:
-                sees[i] |= sees[parent]
-        hidden = torch.zeros(end - start, end, dtype=torch.bool)
-        first = max(start, tree_start)
-        hidden[first - start :, tree_start:] = ~sees[first - tree_start :]
-        return hidden.to(self.device)
+        first_block, blocks = tree_start // BLOCK, -(-end // BLOCK)
+        nodes = range(max(start, tree_start + job.chain_len()) - tree_start, end - tree_start)
+        # Node i's chain layout: slot tree_start + j holds its path's j-th node (ancestors, then
+        # itself); every other slot of the tail blocks reads itself (cache, or masked out).
+        gather = torch.arange(first_block * BLOCK, blocks * BLOCK).repeat(len(nodes), 1)
+        positions = []
+        for row, node in enumerate(nodes):
+            path = [node]
+            while job.tree[path[0]] >= 0:
+                path.insert(0, job.tree[path[0]])
+            gather[row, tree_start - first_block * BLOCK : tree_start - first_block * BLOCK + len(path)] = \
+                torch.tensor(path) + tree_start
+            positions.append(tree_start - 1 + len(path))
+        rows = [tree_start + node - start for node in nodes]
+        group = self.heads // self.kv_heads
+        return _TreeLayout(torch.tensor(rows, device=self.device), gather.flatten().to(self.device), first_block,
+                           torch.tensor(positions, device=self.device),
+                           torch.tensor([g * (end - start) + r for g in range(group) for r in rows], device=self.device))
 
     def _attend(self, q: torch.Tensor, kv: SessionKV, layer: int, start: int, end: int,
-                tree_hidden: torch.Tensor | None = None) -> torch.Tensor:
+                tree: "_TreeLayout | None" = None) -> torch.Tensor:
         """Causal attention of queries at slots [start, end) (q: [n, heads, dim]) over the
-        session's keys [0, end), block by block (see the module's docstring); with a tree, each
-        node's query also skips the tree's slots that are not its ancestors (tree_hidden). A
-        tree's leading chain sees exactly what a chain sees, so its numbers are a chain's, bitwise;
-        other nodes see their ancestors at other slots, and their sums may round differently."""
+        session's keys [0, end), block by block (see the module's docstring). A tree's nodes off
+        its leading chain (`tree`) attend, in the blocks from the tree's on, to a copy of the cache
+        laid out as a chain of their ancestors would be, with the same products and sums as that
+        chain's: bitwise its numbers."""
         n, group = end - start, self.heads // self.kv_heads
         rows = group * n
         padded = _padded_rows(rows)
@@ -424,23 +447,49 @@ class ModelRunner:
         keys = kv.keys(layer)[:, : blocks * BLOCK].reshape(self.kv_heads, blocks, BLOCK, self.head_dim)
         values = kv.values(layer)[:, : blocks * BLOCK].reshape(self.kv_heads, blocks, BLOCK, self.head_dim)
         scores = torch.matmul(queries[:, None], keys.transpose(-1, -2)).float() * self.scale  # [h, blocks, rows, BLOCK]
-        query_at = torch.arange(start, end, device=q.device).repeat(group)
-        query_at = torch.cat([query_at, query_at.new_full((padded - rows,), start)])
+        query_at = torch.arange(start, end, device=q.device)
+        if tree is not None:
+            query_at[tree.rows] = tree.positions
+            node_rows = tree.query_rows
+            tail_keys, tail_values = kv.data[layer][:, :, tree.gather].reshape(
+                2, self.kv_heads, len(tree.rows), -1, BLOCK, self.head_dim)  # [h, nodes, tail blocks, BLOCK, dim]
+            node_queries = self._node_rows(queries[:, node_rows][:, None], group, len(tree.rows))
+            tail_scores = torch.matmul(node_queries, tail_keys.transpose(-1, -2)).float() * self.scale
+            scores[:, tree.first_block :, node_rows] = self._block_rows(tail_scores, group)
+        query_at = torch.cat([query_at.repeat(group), query_at.new_full((padded - rows,), start)])
         key_at = torch.arange(blocks * BLOCK, device=q.device).reshape(blocks, 1, BLOCK)
-        hidden = key_at > query_at[None, :, None]  # [blocks, padded rows, BLOCK]
-        if tree_hidden is not None:
-            extra = torch.zeros(n, blocks * BLOCK, dtype=torch.bool, device=q.device)
-            extra[:, :end] = tree_hidden
-            extra = torch.cat([extra.repeat(group, 1), extra.new_zeros(padded - rows, blocks * BLOCK)])
-            hidden = hidden | extra.reshape(padded, blocks, BLOCK).transpose(0, 1)
-        scores = scores.masked_fill(hidden, float("-inf"))
+        scores = scores.masked_fill(key_at > query_at[None, :, None], float("-inf"))
         weights = torch.exp(scores - scores.amax(dim=(1, 3), keepdim=True))
         # Across blocks, a running sum (cumsum adds block by block, in order, whatever the row's
         # index or the row count); torch's sum over that dimension is not row-invariant.
         total = weights.sum(-1).cumsum(1)[:, -1]  # [h, rows]
-        mixed = torch.matmul(weights.to(values.dtype), values).cumsum(1)[:, -1]  # [h, rows, dim]
+        mixed = torch.matmul(weights.to(values.dtype), values)  # [h, blocks, rows, dim]
+        if tree is not None:
+            node_weights = weights[:, tree.first_block :, node_rows].to(values.dtype)
+            node_weights = self._node_rows(node_weights.reshape(self.kv_heads, -1, group, len(tree.rows), BLOCK)
+                                           .permute(0, 1, 3, 2, 4), group, len(tree.rows), blocks_first=True)
+            mixed[:, tree.first_block :, node_rows] = self._block_rows(torch.matmul(node_weights, tail_values), group)
+        mixed = mixed.cumsum(1)[:, -1]  # [h, rows, dim]
         out = (mixed.float() / total[..., None]).to(q.dtype)[:, :rows]
         return out.reshape(self.kv_heads, group, n, self.head_dim).permute(2, 0, 1, 3).reshape(n, -1)
+
+    @staticmethod
+    def _node_rows(x: torch.Tensor, group: int, nodes: int, blocks_first: bool = False) -> torch.Tensor:
+        """Per node, its group's rows padded as a lone position's would be: from [h, 1, group * nodes,
+        d] (rows ordered head in group, node) or, with blocks_first, [h, blocks, nodes, group, d],
+        to [h, nodes, 1 or blocks, padded rows, d]."""
+        if blocks_first:
+            x = x.permute(0, 2, 1, 3, 4)  # [h, nodes, blocks, group, d]
+        else:
+            x = x.reshape(x.shape[0], group, nodes, x.shape[-1]).permute(0, 2, 1, 3)[:, :, None]
+        padded = _padded_rows(group)
+        return F.pad(x, (0, 0, 0, padded - group)) if padded != group else x
+
+    @staticmethod
+    def _block_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+        """[h, nodes, blocks, padded rows, d] back to [h, blocks, group * nodes, d] (head in group, node)."""
+        h, nodes, blocks = x.shape[:3]
+        return x[:, :, :, :group].permute(0, 2, 3, 1, 4).reshape(h, blocks, group * nodes, x.shape[-1])
 
     def _rotary(self, positions: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [len(positions), head_dim] from per-position tables, grown on demand."""

@@ -119,15 +119,19 @@ def test_smollm2_logits_do_not_depend_on_chunking_or_company():
     _assert_same_cache(entry, reference)
 
 
-def test_a_tree_of_drafts_scores_each_draft_given_its_ancestors(runner):
-    """Tree attention (specdec.runner): each node's logits are those of the chain of its ancestors
-    (bitwise along the leading chain, within rounding elsewhere), and the cache afterwards holds
-    what a chain of the leading nodes computes, bitwise."""
-    prefix = _sequence(runner.vocab_size, 70, 3)
+@pytest.mark.parametrize("context, cached", [(70, True), (62, True), (60, False)],
+                         ids=["cached", "across-a-block", "prefilled-in-chunks"])
+def test_a_tree_of_drafts_scores_each_draft_as_the_chain_of_its_ancestors(runner, context, cached):
+    """Tree attention (specdec.runner): every node's logits are bitwise those of the chain of its
+    ancestors, whether the tree follows a cached context, crosses an attention block, or comes
+    in the same pass as a prefill split into chunks; the cache afterwards holds what a chain of
+    the tree's leading nodes computes, bitwise."""
+    prefix = _sequence(runner.vocab_size, context, 3)
     nodes = [5, 6, 7, 8, 9, 10, 11, 12]
     parents = [-1, 0, 1, -1, 3, 0, 5, 2]  # leading chain: nodes 0, 1, 2
     entry = SessionCache()
-    runner.forward([ForwardJob(entry, prefix[:-1], 0)])
+    if cached:
+        runner.forward([ForwardJob(entry, prefix[:-1], 0)])
     tree = runner.forward([ForwardJob(entry, prefix + nodes, len(prefix) - 1, tree=parents)])[0].logits
     assert tree.shape[0] == len(nodes) + 1
     for i in range(len(nodes)):
@@ -136,11 +140,8 @@ def test_a_tree_of_drafts_scores_each_draft_given_its_ancestors(runner):
             path.insert(0, node)
             node = parents[node]
         chain, _ = _one_prefill(runner, prefix + [nodes[j] for j in path])
-        if path == list(range(len(path))):
-            assert torch.equal(tree[i + 1], chain[-1]), i
-        else:
-            torch.testing.assert_close(tree[i + 1], chain[-1], rtol=1e-5, atol=1e-5)
-    assert torch.equal(tree[0], chain[len(prefix) - 1])
-    leading, reference = _one_prefill(runner, prefix + nodes[:3])
+        assert torch.equal(tree[i + 1], chain[-1]), (i, path)
+        assert torch.equal(tree[0], chain[len(prefix) - 1])
+    _, reference = _one_prefill(runner, prefix + nodes[:3])
     assert entry.tokens == prefix + nodes[:3]
     _assert_same_cache(entry, reference)
