@@ -207,20 +207,22 @@ def drafter_ks(spec: str) -> tuple[int, ...]:
     return tuple(int(k) for k in ks.split("/") if k)
 
 
-def tree_nodes(spec: str) -> int:
-    """The tree size a --drafters entry names ('auto+tree16': trees of 16 drafts), 0 for chains."""
+def tree_nodes(spec: str) -> int | None:
+    """The tree size a --drafters entry names ('auto+tree16': trees of 16 drafts, 'auto+tree0':
+    chains), None for the coordinator's default."""
     _, _, nodes = spec.partition("@")[0].partition("+tree")
-    return int(nodes) if nodes else 0
+    return int(nodes) if nodes else None
 
 
 def coordinator_flags(spec: str) -> tuple[str, ...]:
-    return ("--tree-nodes", str(tree_nodes(spec))) if tree_nodes(spec) else ()
+    nodes = tree_nodes(spec)
+    return ("--tree-nodes", str(nodes)) if nodes is not None else ()
 
 
 def drafter_service(spec: str, target: str) -> tuple[str, tuple[str, ...]]:
     """A --drafters entry as a draft service's model and flags: 'auto' is the drafter shipped for
     the target, 'PATH+ngramN' a feature drafter in hybrid with N-token prompt lookup, '+treeN'
-    the coordinator asking it for trees of N drafts, '@k1/k2' the ks to run it at."""
+    the coordinator asking it for trees of N drafts ('+tree0': chains), '@k1/k2' the ks to run it at."""
     model, _, hybrid = spec.partition("@")[0].partition("+tree")[0].partition("+ngram")
     model = default_drafter(target) if model == AUTO_DRAFTER else model
     return model, (("--hybrid-ngram", hybrid) if hybrid else ())
@@ -257,7 +259,7 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
 
 def drafter_name(spec: str) -> str:
     spec, _, tree = spec.partition("@")[0].partition("+tree")
-    tree = f"+tree{tree}" if tree else ""
+    tree = {"": "", "0": "+chains"}.get(tree, f"+tree{tree}")
     if spec in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
         return ("eagle3" if spec == AUTO_DRAFTER else spec) + tree
     model, _, hybrid = spec.partition("+ngram")

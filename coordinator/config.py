@@ -26,9 +26,12 @@ class CoordinatorConfig:
     draft_ahead: str = option("auto", "propose round r+1 while round r is verified, on the hypothesis that r keeps "
                               "all its drafts: 'on', 'off', or 'auto' (on for the n-gram drafter, whose drafting "
                               "costs nothing, off for drafters that share the target's processors)")
-    tree_nodes: int = option(0, "tree drafting with a feature drafter: each round proposes up to this many drafts as a "
+    tree_nodes: int = option(7, "tree drafting with a feature drafter: each round proposes up to this many drafts as a "
                              "tree (EAGLE-2's dynamic tree, at most k deep) and Verify scores them in one pass with "
-                             "a tree attention mask; greedy and the coupled rule only. 0: chains of k drafts")
+                             "a tree attention mask; greedy and the coupled rule (the rejection rule and other "
+                             "drafters draft chains). 0: chains of k drafts")
+    tree_max_sessions: int = option(1, "draft trees only while the target's recent passes carry at most this many "
+                                    "sessions; beyond, chains (under load a tree's extra rows cost every session)")
     default_sampling_rule: str = option("coupled", "how sampled rounds are decided when a request does not say: "
                                         "'coupled' (drafter-invariant: a seed gives the same tokens whatever the "
                                         "drafter, k or failures) or 'rejection' (Leviathan et al.)")

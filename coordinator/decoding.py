@@ -159,6 +159,7 @@ class Decoder:
         draft_ahead: bool = False,
         tree_nodes: int = 0,
         tree_rule=tree_accept,
+        tree_max_sessions: int = 1,
     ):
         self.target = target
         self.draft = draft
@@ -171,6 +172,7 @@ class Decoder:
         self.match_rule = match_rule
         self.tree_rule = tree_rule  # the match rule over a tree of drafts
         self.tree_nodes = tree_nodes  # drafts per round as a tree (0: chains); greedy and coupled only
+        self.tree_max_sessions = tree_max_sessions  # trees only while the target is this lightly loaded
         self.metrics = metrics or ServiceMetrics()
         self.max_k = max_k
         self.draft_ahead = draft_ahead and draft is not None
@@ -318,8 +320,10 @@ class Decoder:
 
     def _tree_nodes(self, k: int, sampling: SamplingParams) -> int:
         """Drafts to ask for as a tree this round (0: a chain of k): trees are verified for
-        greedy decoding and the coupled rule, and pay only when wider than a chain."""
-        if self.tree_nodes > k and (sampling.greedy or sampling.coupled):
+        greedy decoding and the coupled rule, pay only when wider than a chain, and only while
+        the target's passes carry few sessions (its spare compute is what a tree spends)."""
+        sessions, _ = self.costs.load()
+        if self.tree_nodes > k and (sampling.greedy or sampling.coupled) and sessions <= self.tree_max_sessions:
             return self.tree_nodes
         return 0
 

@@ -112,7 +112,7 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     if not 0 <= config.tree_nodes <= MAX_TREE_NODES:
         raise StartupError(f"--tree-nodes must be in 0..{MAX_TREE_NODES} (0: chains of drafts)")
     return Decoder(target, draft, store, tokenizer, limits, metrics=ServiceMetrics(), max_k=config.max_k,
-                   draft_ahead=ahead, tree_nodes=config.tree_nodes)
+                   draft_ahead=ahead, tree_nodes=config.tree_nodes, tree_max_sessions=config.tree_max_sessions)
 
 
 async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> Started:

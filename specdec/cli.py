@@ -39,7 +39,7 @@ def _launch_options(args: argparse.Namespace):
         snapshots=not args.no_kv_snapshots,
         tier_token_file=args.tier_token_file,
         unix_sockets=not args.tcp_tiers,
-        coordinator_flags=("--tree-nodes", str(args.tree_nodes)) if args.tree_nodes else (),
+        coordinator_flags=("--tree-nodes", str(args.tree_nodes)) if args.tree_nodes is not None else (),
     )
 
 
@@ -250,9 +250,9 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the target, e.g. cuda")
     parser.add_argument("--draft-device", default="cpu", help="torch device of a model drafter")
     parser.add_argument("--default-k", type=int, default=4, help="draft tokens per round when a request does not say")
-    parser.add_argument("--tree-nodes", type=int, default=0,
+    parser.add_argument("--tree-nodes", type=int, default=None,
                         help="with the feature drafter: draft trees of this many tokens (EAGLE-2), verified in one "
-                             "pass; greedy and the coupled rule (0: chains)")
+                             "pass; greedy and the coupled rule (default: the coordinator's, 7; 0: chains)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per service (0 = default)")
     _add_runner_flags(parser)
     parser.add_argument("--no-kv-snapshots", action="store_true",
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--target", default=DEFAULT_MODEL, help="target model")
     bench.add_argument("--drafters", default="auto,ngram",
                        help="comma-separated: 'auto' (the drafter shipped for the target), 'ngram', feature drafter "
-                            "folders (PATH+ngramN: hybrid with N-token prompt lookup; +treeN: trees of N drafts), draft model paths")
+                            "folders (PATH+ngramN: hybrid with N-token prompt lookup; +treeN: trees of N drafts, +tree0 chains), draft model paths")
     bench.add_argument("--ks", default="4", help="comma-separated draft lengths (a drafter's own: DRAFTER@k1/k2)")
     bench.add_argument("--peer-ks", default="", help="ks of the Hugging Face prompt-lookup peer (default: --ks)")
     bench.add_argument("--no-adaptive", action="store_true",

@@ -53,6 +53,7 @@ def prompt_file(tmp_path):
 def test_drafter_specs_name_trees_hybrids_and_ks():
     assert drafter_name("auto+tree12@4/6") == "eagle3+tree12" and drafter_ks("auto+tree12@4/6") == (4, 6)
     assert coordinator_flags("auto+tree12@4") == ("--tree-nodes", "12") and coordinator_flags("auto") == ()
+    assert coordinator_flags("auto+tree0") == ("--tree-nodes", "0") and drafter_name("auto+tree0") == "eagle3+chains"
     assert drafter_service("/d/x+ngram3+tree8", "smollm2") == ("/d/x", ("--hybrid-ngram", "3"))
     assert drafter_name("/d/x+ngram3+tree8") == "x+ngram3+tree8"
 

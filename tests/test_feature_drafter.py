@@ -78,7 +78,8 @@ def test_the_training_mask_sees_what_drafting_holds():
 
 @pytest_asyncio.fixture(scope="module")
 async def feature_stack(redis_server, tiny_target, feature_drafter):
-    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), draft_replicas=2)
+    """Chains of drafts (--tree-nodes 0), two draft replicas."""
+    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), draft_replicas=2, tree_nodes=0)
     yield stack
     for server in stack.servers:
         await server.stop(0)
@@ -218,13 +219,15 @@ RULES = {"rejection": common_pb2.SAMPLING_RULE_REJECTION, "coupled": common_pb2.
 
 @pytest_asyncio.fixture(scope="module")
 async def small_feature_stack(redis_server, tmp_path_factory):
-    """A chain stack and a tree stack (trees of 5 drafts) on one small target and drafter."""
+    """A chain stack and a tree stack (trees of 5 drafts, whatever the load) on one small target and
+    drafter."""
     root = tmp_path_factory.mktemp("small-feature")
     target = build_tiny_model(root / "target", seed=10, chars=CHARS, logit_scale=3.0)
     drafter = root / "drafter"
     _train(target, drafter, draft_vocab=6)  # a draft vocabulary smaller than the target's: q is 0 elsewhere
-    stacks = {"chain": await start_stack(redis_server.url, target, str(drafter)),
-              "tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5)}
+    stacks = {"chain": await start_stack(redis_server.url, target, str(drafter), tree_nodes=0),
+              # Trees even under the test's concurrency (by default they give way to chains under load).
+              "tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5, tree_max_sessions=64)}
     model = models.load_model(str(target))
     law = two_token_law(model, PROMPT, PARAMS)
     yield stacks, law

@@ -152,3 +152,17 @@ def test_the_relay_keeps_the_features_of_a_trees_kept_path():
     chain = FeatureRelay((1,))
     chain.keep(rows, start, committed + 3)
     assert chain.rows[:, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_trees_give_way_to_chains_when_the_target_is_loaded():
+    from coordinator.decoding import Decoder, ModelLimits
+    from specdec.sampling import REJECTION, SamplingParams
+
+    decoder = Decoder(None, None, None, None, ModelLimits(100, 100, frozenset()), tree_nodes=7)
+    greedy = SamplingParams()
+    assert decoder._tree_nodes(4, greedy) == 7
+    assert decoder._tree_nodes(7, greedy) == 0  # no wider than a chain of k
+    assert decoder._tree_nodes(4, SamplingParams(temperature=0.7, rule=REJECTION)) == 0  # chains only
+    for _ in range(5):  # the target's passes now carry 8 sessions each
+        decoder.costs.observe(4, 0.2, 1, batch_sessions=8, batch_rows=40, compute_s=0.15)
+    assert decoder._tree_nodes(4, greedy) == 0
