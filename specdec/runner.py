@@ -16,7 +16,9 @@ because every reduction is done the same way whatever the batch:
     positions, and adds the blocks' contributions in order (a running sum); blocks past a
     query's position contribute exact zeros, so the number of blocks (the session's current
     length) does not change the sums;
-  * rotary tables are computed once per position, not per call.
+  * rotary tables are computed once per position, not per call;
+  * a tree of drafts (ForwardJob.tree) is scored as chains: a node off the tree's leading chain
+    attends to a copy of the cache laid out as its ancestors' chain would be (_tree_layout).
 tests/test_invariance.py checks it on every path; its cost is measured in bench/RESULTS.md.
 """
 
@@ -344,7 +346,8 @@ class ModelRunner:
             # A new pass: CUDA graph outputs of the last one may be overwritten (none is kept).
             torch.compiler.cudagraph_mark_step_begin()
         padded = _bucket(real) if compiled else self._rows(real)
-        cos, sin = self._rotary(F.pad(positions, (0, padded - real)), int(positions.max()) + 1)
+        # A tree node's position is at most its slot, so the spans' ends bound every position.
+        cos, sin = self._rotary(F.pad(positions, (0, padded - real)), max(b for _, _, b in spans))
         wanted_layers = sorted({layer for job, _, _ in spans for layer in job.feature_layers})
         x = F.pad(F.embedding(ids, self.embed), (0, 0, 0, padded - real))
         outputs = {0: x} if 0 in wanted_layers else {}
