@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http bench-tree soak
+.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http bench-tree bench-tree-shapes soak
 
 setup: $(STAMP) redis-server
 
@@ -67,6 +67,10 @@ bench-step: setup
 # What a tree of drafts costs: the target's verify of a chain vs a tree, the drafter's chain vs tree.
 bench-tree: setup
 	$(PY) -m bench.tree_cost --context 300
+
+# Tree shapes offline: tokens per target step and drafting time on the target's Spec-Bench answers.
+bench-tree-shapes: setup
+	$(PY) -m bench.tree_shapes --limit 1 --max-new-tokens 64
 
 # A Verify step inside a target service against the same step alone (the service's own gap).
 bench-gap: setup

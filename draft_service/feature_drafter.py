@@ -24,16 +24,19 @@ from specdec.eagle import KIND, EagleDrafter
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import DRAFT, SamplingParams, coupling_noise, probs_from_logits, sample, uniform
 
-# A tree's branching: nodes expanded per depth, and children drafted per expanded node (EAGLE-2's top-k).
-TREE_WIDTH = 4
+# A tree's shape (EAGLE-2's): nodes expanded per depth, and children drafted per expanded node (its top-k).
+TREE_EXPAND = 4
+TREE_CHILDREN = 4
 
 
 class FeatureDrafter:
     kind = KIND
     runs_inline = False
 
-    def __init__(self, head: EagleDrafter, embeddings: torch.Tensor, hybrid_ngram: int = 0):
+    def __init__(self, head: EagleDrafter, embeddings: torch.Tensor, hybrid_ngram: int = 0,
+                 tree_expand: int = TREE_EXPAND, tree_children: int = TREE_CHILDREN):
         self.head = head
+        self.tree_expand, self.tree_children = tree_expand, tree_children
         # Hybrid: where the context repeats its last `hybrid_ngram` tokens, propose what followed
         # them (prompt lookup) instead of the head's guess. 0 = never.
         self.hybrid_ngram = hybrid_ngram
@@ -48,14 +51,16 @@ class FeatureDrafter:
         self.d2t_list = d2t.tolist()
 
     @classmethod
-    def load(cls, folder: str, target: str = "", device: str = "cpu", hybrid_ngram: int = 0) -> "FeatureDrafter":
+    def load(cls, folder: str, target: str = "", device: str = "cpu", hybrid_ngram: int = 0,
+             tree_expand: int = TREE_EXPAND, tree_children: int = TREE_CHILDREN) -> "FeatureDrafter":
         """The head in `folder`, reading the embeddings of `target` (default: the model it was
         trained for)."""
         from specdec import models
 
         head = EagleDrafter.load(Path(folder), device=device)
         model = models.load_model(target or head.config.target, device=device)
-        return cls(head, model.get_input_embeddings().weight.detach().float(), hybrid_ngram)
+        return cls(head, model.get_input_embeddings().weight.detach().float(), hybrid_ngram, tree_expand,
+                   tree_children)
 
     def _lookup(self, job: ProposeJob) -> list[int]:
         """The hybrid's n-gram proposal, if the context repeats a long enough suffix (never for the
@@ -165,14 +170,14 @@ class FeatureDrafter:
         return self.head.finish(previous, attended), k, v
 
     def _draft_tree(self, job: ProposeJob, root_h: torch.Tensor) -> tuple[list[int], list[int]]:
-        """EAGLE-2's dynamic tree (Li et al. 2024): expand, depth by depth, the `TREE_WIDTH` nodes
+        """EAGLE-2's dynamic tree (Li et al. 2024): expand, depth by depth, the `tree_expand` nodes
         of highest cumulative confidence (sum of log-confidences along the path), each with its
-        TREE_WIDTH likeliest next tokens; then keep the job.tree_nodes nodes of highest
+        `tree_children` likeliest next tokens; then keep the job.tree_nodes nodes of highest
         cumulative confidence (a node never scores above its parent, so they form a tree). The
         drafter's best chain comes first in the answer (node i's parent is i - 1), then the rest
         by depth. Returns (tokens, parents)."""
         params, committed = job.params, len(job.committed)
-        width = min(TREE_WIDTH, job.tree_nodes)
+        expand, children = min(self.tree_expand, job.tree_nodes), min(self.tree_children, job.tree_nodes)
         # Every candidate: (cumulative confidence, depth, token, parent candidate or -1).
         candidates: list[tuple[float, int, int, int]] = []
         frontier = [-1]  # candidates expanded at this depth (-1: the root)
@@ -181,7 +186,7 @@ class FeatureDrafter:
         nodes_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         for depth in range(1, job.k + 1):
             confidence = self._confidence(self.head.logits(frontier_h), params, committed - 1 + depth)
-            best = confidence.topk(min(width, confidence.shape[-1]), dim=-1)
+            best = confidence.topk(min(children, confidence.shape[-1]), dim=-1)
             first_new = len(candidates)
             for row, parent in enumerate(frontier):
                 base = candidates[parent][0] if parent >= 0 else 0.0
@@ -189,7 +194,7 @@ class FeatureDrafter:
                     candidates.append((base + score, depth, self.d2t_list[index], parent))
             if depth == job.k:
                 break
-            fresh = sorted(range(first_new, len(candidates)), key=lambda c: -candidates[c][0])[:width]
+            fresh = sorted(range(first_new, len(candidates)), key=lambda c: -candidates[c][0])[:expand]
             sees = torch.zeros(len(fresh), len(expanded), dtype=torch.bool)
             for row, c in enumerate(fresh):
                 ancestor = candidates[c][3]

@@ -1,0 +1,92 @@
+"""Tree shapes compared offline, in process: tokens per target step and drafting time of the
+feature drafter's trees (and chains) on the target's own greedy answers to Spec-Bench prompts.
+
+    python -m bench.tree_shapes --limit 1 --max-new-tokens 64     # make bench-tree-shapes
+
+For every answer position the drafter proposes as it would in a round (committed tokens up to that
+position, the target's features of the positions before), and the round keeps the drafts that
+follow the target's own continuation down the tree (what `tree_accept` keeps: greedy answers are
+the target's choices). A shape is EXPANDxCHILDRENxNODES (nodes expanded per depth, children per
+node, drafts kept) or 'chain'; all at depth k. What the pipeline pays for a shape's verify is in
+`make bench-tree`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from bench.harness import load_prompts
+from coordinator.prompting import turn_tokens
+from draft_service.drafters import ProposeJob
+from draft_service.feature_drafter import FeatureDrafter
+from specdec import models
+from specdec.config import default_prompts_file
+from specdec.kv_cache import SessionCache
+from specdec.runner import ForwardJob, ModelRunner
+from specdec.sampling import SamplingParams
+
+
+def kept(tokens: list[int], parents: list[int] | None, continuation: list[int]) -> int:
+    """How many drafts follow `continuation` from the root (a chain when parents is None)."""
+    parents = parents if parents is not None else [i - 1 for i in range(len(tokens))]
+    node, count = -1, 0
+    while count < len(continuation):
+        child = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == continuation[count]),
+                     None)
+        if child is None:
+            break
+        node, count = child, count + 1
+    return count
+
+
+def evaluate(drafter: FeatureDrafter, answers: list[tuple[list[int], int, torch.Tensor]], k: int,
+             shape: str) -> dict:
+    expand, children, nodes = (4, 4, 0) if shape == "chain" else (int(x) for x in shape.split("x"))
+    drafter.tree_expand, drafter.tree_children = expand, children
+    steps, times = [], []
+    for full, prompt_len, features in answers:
+        entry = SessionCache()
+        for position in range(prompt_len, len(full)):
+            committed = full[:position]
+            job = ProposeJob(entry, committed, k, SamplingParams(), features[: position - 1], 0, (), nodes)
+            started = time.perf_counter()
+            proposal = drafter.propose_batch([job])[0]
+            times.append(time.perf_counter() - started)
+            steps.append(1 + kept(proposal.tokens, proposal.parents, full[position : position + k]))
+    return {"shape": shape, "tokens_per_step": round(statistics.mean(steps), 3),
+            "draft_ms_median": round(statistics.median(times) * 1000, 2), "rounds": len(steps)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--drafter", default="", help="feature drafter folder (default: the one shipped for the target)")
+    parser.add_argument("--limit", type=int, default=1, help="prompts per Spec-Bench category")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--shapes", default="chain,4x4x7,2x4x7,1x4x7,2x2x7,4x4x10,2x4x10")
+    args = parser.parse_args()
+    model = models.load_model(args.target)
+    tokenizer = models.load_tokenizer(args.target)
+    runner = ModelRunner(model, model.config.vocab_size)
+    drafter = FeatureDrafter.load(args.drafter or models.default_drafter(args.target), target=args.target)
+    layers = tuple(drafter.feature_layers)
+    answers = []
+    for prompt in load_prompts(default_prompts_file(), args.limit, ()):
+        ids = turn_tokens(tokenizer, prompt.text, raw=False, history=(), eos_ids=())
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False)
+        full = out[0].tolist()
+        features = runner.forward([ForwardJob(SessionCache(), full, len(full) - 1, layers, 0)])[0].features
+        answers.append((full, len(ids), features))
+    results = [evaluate(drafter, answers, args.k, shape) for shape in args.shapes.split(",")]
+    print(json.dumps({"k": args.k, "prompts": len(answers), "shapes": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
