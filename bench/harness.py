@@ -299,10 +299,12 @@ async def run_bench(options: BenchOptions) -> dict:
         # Warm-up: the first call of each path loads lazily initialised pieces.
         for drafter in options.drafters:
             await run_ours(stubs[drafter], prompts[0], BenchOptions(max_new_tokens=4), 2)
-        for name, drafter, k, rule in ours_configs:
-            bar.set_postfix_str(name)
-            runs[name] = []
-            for i, prompt in enumerate(prompts):
+        # Prompt by prompt, every configuration in turn: this machine's speed drifts over minutes,
+        # and taking turns spreads the drift over all of them alike.
+        runs.update({name: [] for name, _, _, _ in ours_configs})
+        for i, prompt in enumerate(prompts):
+            for name, drafter, k, rule in ours_configs:
+                bar.set_postfix_str(name)
                 run, ids, _ = await run_ours(stubs[drafter], prompt, options, k, prompt_ids.get(i), rule)
                 prompt_ids.setdefault(i, ids)
                 runs[name].append(run)
