@@ -152,10 +152,15 @@ async def test_soak_with_random_faults(tmp_path, tiny_target, stacks):
             await asyncio.sleep(rng.uniform(0.3, 1.5))
             await cluster.start(victim)  # back on the same port
 
+    # Past the deadline, faults go on until MIN_FAULTS were injected (a slow machine restarts its
+    # processes slowly), within three times the soak's time.
+    last_call = deadline + 2 * SOAK_S
+    chaos_done = asyncio.Event()
+
     async def chaos() -> None:
         """A fault every second or so; two at a time at most, never two on one process."""
         running: dict[str, asyncio.Task] = {}
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline or (len(faults) < MIN_FAULTS and time.monotonic() < last_call):
             await asyncio.sleep(rng.uniform(0.3, 1.5))
             running = {name: task for name, task in running.items() if not task.done()}
             victims = [v for v in PROCESSES + ("redis",) if v not in running]
@@ -163,9 +168,10 @@ async def test_soak_with_random_faults(tmp_path, tiny_target, stacks):
                 victim = rng.choice(victims)
                 running[victim] = asyncio.create_task(fault(victim))
         await asyncio.gather(*running.values())
+        chaos_done.set()
 
     async def client(prompt: str) -> None:
-        while time.monotonic() < deadline:
+        while not chaos_done.is_set():
             tokens, resumes = await _one_generation(cluster, prompt, prompts[prompt])
             results["generations"] += 1
             results["tokens"] += len(tokens)
