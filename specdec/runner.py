@@ -410,11 +410,13 @@ class ModelRunner:
         reads in attention, so that it sees what a chain of its ancestors would (the leading chain
         already does: its nodes sit where a chain's would, and the causal mask hides the others).
         None without such nodes in these slots."""
-        tree_start = job.tree_start
-        if not job.tree or end <= tree_start + job.chain_len():
+        if not job.tree:
+            return None
+        tree_start, chain_end = job.tree_start, job.tree_start + job.chain_len()
+        if end <= chain_end:
             return None
         first_block, blocks = tree_start // BLOCK, -(-end // BLOCK)
-        nodes = range(max(start, tree_start + job.chain_len()) - tree_start, end - tree_start)
+        nodes = range(max(start, chain_end) - tree_start, end - tree_start)
         # Node i's chain layout: slot tree_start + j holds its path's j-th node (ancestors, then
         # itself); every other slot of the tail blocks reads itself (cache, or masked out).
         gather = torch.arange(first_block * BLOCK, blocks * BLOCK).repeat(len(nodes), 1)
@@ -456,7 +458,7 @@ class ModelRunner:
             node_rows = tree.query_rows
             tail_keys, tail_values = kv.data[layer][:, :, tree.gather].reshape(
                 2, self.kv_heads, len(tree.rows), -1, BLOCK, self.head_dim)  # [h, nodes, tail blocks, BLOCK, dim]
-            node_queries = self._node_rows(queries[:, node_rows][:, None], group, len(tree.rows))
+            node_queries = self._node_rows(queries[:, node_rows][:, None], group)
             tail_scores = torch.matmul(node_queries, tail_keys.transpose(-1, -2)).float() * self.scale
             scores[:, tree.first_block :, node_rows] = self._block_rows(tail_scores, group)
         query_at = torch.cat([query_at.repeat(group), query_at.new_full((padded - rows,), start)])
@@ -468,29 +470,24 @@ class ModelRunner:
         total = weights.sum(-1).cumsum(1)[:, -1]  # [h, rows]
         mixed = torch.matmul(weights.to(values.dtype), values)  # [h, blocks, rows, dim]
         if tree is not None:
-            node_weights = weights[:, tree.first_block :, node_rows].to(values.dtype)
-            node_weights = self._node_rows(node_weights.reshape(self.kv_heads, -1, group, len(tree.rows), BLOCK)
-                                           .permute(0, 1, 3, 2, 4), group, len(tree.rows), blocks_first=True)
+            node_weights = self._node_rows(weights[:, tree.first_block :, node_rows].to(values.dtype), group)
             mixed[:, tree.first_block :, node_rows] = self._block_rows(torch.matmul(node_weights, tail_values), group)
         mixed = mixed.cumsum(1)[:, -1]  # [h, rows, dim]
         out = (mixed.float() / total[..., None]).to(q.dtype)[:, :rows]
         return out.reshape(self.kv_heads, group, n, self.head_dim).permute(2, 0, 1, 3).reshape(n, -1)
 
     @staticmethod
-    def _node_rows(x: torch.Tensor, group: int, nodes: int, blocks_first: bool = False) -> torch.Tensor:
-        """Per node, its group's rows padded as a lone position's would be: from [h, 1, group * nodes,
-        d] (rows ordered head in group, node) or, with blocks_first, [h, blocks, nodes, group, d],
-        to [h, nodes, 1 or blocks, padded rows, d]."""
-        if blocks_first:
-            x = x.permute(0, 2, 1, 3, 4)  # [h, nodes, blocks, group, d]
-        else:
-            x = x.reshape(x.shape[0], group, nodes, x.shape[-1]).permute(0, 2, 1, 3)[:, :, None]
+    def _node_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+        """Per node, its group's rows padded as a lone position's would be: [h, blocks, group *
+        nodes, d] (rows ordered head in group, node) to [h, nodes, blocks, padded rows, d]."""
+        h, blocks, rows, d = x.shape
+        x = x.reshape(h, blocks, group, rows // group, d).permute(0, 3, 1, 2, 4)
         padded = _padded_rows(group)
         return F.pad(x, (0, 0, 0, padded - group)) if padded != group else x
 
     @staticmethod
     def _block_rows(x: torch.Tensor, group: int) -> torch.Tensor:
-        """[h, nodes, blocks, padded rows, d] back to [h, blocks, group * nodes, d] (head in group, node)."""
+        """_node_rows undone: [h, nodes, blocks, padded rows, d] to [h, blocks, group * nodes, d]."""
         h, nodes, blocks = x.shape[:3]
         return x[:, :, :, :group].permute(0, 2, 3, 1, 4).reshape(h, blocks, group * nodes, x.shape[-1])
 
