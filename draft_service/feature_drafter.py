@@ -25,7 +25,9 @@ from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, co
 from specdec.sampling import DRAFT, SamplingParams, coupling_noise, probs_from_logits, sample, uniform
 
 # A tree's shape (EAGLE-2's): nodes expanded per depth, and children drafted per expanded node (its top-k).
-TREE_EXPAND = 4
+# Expanded per depth by default: 1 on CPU, where the head's 2- and 4-row steps cost 1.5x a 1-row one
+# (bench/tree_shapes.py: 98% of the tokens of 4 at a chain's drafting time), 4 on CUDA.
+TREE_EXPAND_CPU, TREE_EXPAND_CUDA = 1, 4
 TREE_CHILDREN = 4
 
 
@@ -34,9 +36,11 @@ class FeatureDrafter:
     runs_inline = False
 
     def __init__(self, head: EagleDrafter, embeddings: torch.Tensor, hybrid_ngram: int = 0,
-                 tree_expand: int = TREE_EXPAND, tree_children: int = TREE_CHILDREN):
+                 tree_expand: int = 0, tree_children: int = TREE_CHILDREN):
         self.head = head
-        self.tree_expand, self.tree_children = tree_expand, tree_children
+        default_expand = TREE_EXPAND_CUDA if embeddings.device.type == "cuda" else TREE_EXPAND_CPU
+        # Trees' shape (_draft_tree); tree_expand 0: the device's default.
+        self.tree_expand, self.tree_children = tree_expand or default_expand, tree_children
         # Hybrid: where the context repeats its last `hybrid_ngram` tokens, propose what followed
         # them (prompt lookup) instead of the head's guess. 0 = never.
         self.hybrid_ngram = hybrid_ngram
@@ -52,7 +56,7 @@ class FeatureDrafter:
 
     @classmethod
     def load(cls, folder: str, target: str = "", device: str = "cpu", hybrid_ngram: int = 0,
-             tree_expand: int = TREE_EXPAND, tree_children: int = TREE_CHILDREN) -> "FeatureDrafter":
+             tree_expand: int = 0, tree_children: int = TREE_CHILDREN) -> "FeatureDrafter":
         """The head in `folder`, reading the embeddings of `target` (default: the model it was
         trained for)."""
         from specdec import models

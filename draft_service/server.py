@@ -37,9 +37,9 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
     elif is_drafter_folder(config.model):
         if config.tree_expand < 0 or config.tree_children < 1:
             raise StartupError("--tree-expand must be >= 0 (0 = auto) and --tree-children >= 1")
-        expand = config.tree_expand or (4 if config.device.startswith("cuda") else 1)
         drafter = worker.call(lambda: FeatureDrafter.load(config.model, config.feature_target, config.device,
-                                                          config.hybrid_ngram, expand, config.tree_children))
+                                                          config.hybrid_ngram, config.tree_expand,
+                                                          config.tree_children))
         target = config.feature_target or drafter.config.target
         tokenizer = models.load_tokenizer(target)
         if models.vocab_fingerprint(tokenizer) != drafter.config.vocab_fingerprint:
