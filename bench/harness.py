@@ -201,31 +201,41 @@ def machine_info(device: str) -> dict:
     return info
 
 
+@dataclass(frozen=True)
+class DrafterSpec:
+    """A --drafters entry, MODEL[+ngramN][+treeN][@k1/k2]: 'auto' is the drafter shipped for the
+    target, '+ngramN' a feature drafter in hybrid with N-token prompt lookup, '+treeN' the
+    coordinator asking it for trees of N drafts ('+tree0': chains), '@k1/k2' the ks to run it at."""
+
+    model: str
+    hybrid: str = ""
+    tree: str = ""
+    ks: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> "DrafterSpec":
+        head, _, ks = spec.partition("@")
+        head, _, tree = head.partition("+tree")
+        model, _, hybrid = head.partition("+ngram")
+        return cls(model, hybrid, tree, tuple(int(k) for k in ks.split("/") if k))
+
+
 def drafter_ks(spec: str) -> tuple[int, ...]:
     """The ks a --drafters entry names after '@' (k1/k2/...), or () for --ks."""
-    _, _, ks = spec.partition("@")
-    return tuple(int(k) for k in ks.split("/") if k)
-
-
-def tree_nodes(spec: str) -> int | None:
-    """The tree size a --drafters entry names ('auto+tree16': trees of 16 drafts, 'auto+tree0':
-    chains), None for the coordinator's default."""
-    _, _, nodes = spec.partition("@")[0].partition("+tree")
-    return int(nodes) if nodes else None
+    return DrafterSpec.parse(spec).ks
 
 
 def coordinator_flags(spec: str) -> tuple[str, ...]:
-    nodes = tree_nodes(spec)
-    return ("--tree-nodes", str(nodes)) if nodes is not None else ()
+    """The coordinator's flags for a --drafters entry: its tree size, if it names one."""
+    tree = DrafterSpec.parse(spec).tree
+    return ("--tree-nodes", str(int(tree))) if tree else ()
 
 
 def drafter_service(spec: str, target: str) -> tuple[str, tuple[str, ...]]:
-    """A --drafters entry as a draft service's model and flags: 'auto' is the drafter shipped for
-    the target, 'PATH+ngramN' a feature drafter in hybrid with N-token prompt lookup, '+treeN'
-    the coordinator asking it for trees of N drafts ('+tree0': chains), '@k1/k2' the ks to run it at."""
-    model, _, hybrid = spec.partition("@")[0].partition("+tree")[0].partition("+ngram")
-    model = default_drafter(target) if model == AUTO_DRAFTER else model
-    return model, (("--hybrid-ngram", hybrid) if hybrid else ())
+    """A --drafters entry as a draft service's model and flags."""
+    parsed = DrafterSpec.parse(spec)
+    model = default_drafter(target) if parsed.model == AUTO_DRAFTER else parsed.model
+    return model, (("--hybrid-ngram", parsed.hybrid) if parsed.hybrid else ())
 
 
 async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, str]]:
@@ -258,12 +268,11 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
 
 
 def drafter_name(spec: str) -> str:
-    spec, _, tree = spec.partition("@")[0].partition("+tree")
-    tree = {"": "", "0": "+chains"}.get(tree, f"+tree{tree}")
-    if spec in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
-        return ("eagle3" if spec == AUTO_DRAFTER else spec) + tree
-    model, _, hybrid = spec.partition("+ngram")
-    return (Path(model).name or model) + (f"+ngram{hybrid}" if hybrid else "") + tree
+    parsed = DrafterSpec.parse(spec)
+    tree = {"": "", "0": "+chains"}.get(parsed.tree, f"+tree{parsed.tree}")
+    if not parsed.hybrid and parsed.model in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
+        return ("eagle3" if parsed.model == AUTO_DRAFTER else parsed.model) + tree
+    return (Path(parsed.model).name or parsed.model) + (f"+ngram{parsed.hybrid}" if parsed.hybrid else "") + tree
 
 
 async def run_bench(options: BenchOptions) -> dict:

@@ -28,20 +28,16 @@ from specdec import models
 from specdec.config import default_prompts_file
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ModelRunner
-from specdec.sampling import SamplingParams
+from specdec.sampling import SamplingParams, tree_accept, tree_depths
 
 
 def kept(tokens: list[int], parents: list[int] | None, continuation: list[int]) -> int:
-    """How many drafts follow `continuation` from the root (a chain when parents is None)."""
+    """How many drafts the round keeps (tree_accept) when the target's choices are `continuation`
+    (a chain when parents is None): the choice after a draft at depth d is continuation[d], -1 past
+    its end."""
     parents = parents if parents is not None else [i - 1 for i in range(len(tokens))]
-    node, count = -1, 0
-    while count < len(continuation):
-        child = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == continuation[count]),
-                     None)
-        if child is None:
-            break
-        node, count = child, count + 1
-    return count
+    choice = lambda depth: continuation[depth] if depth < len(continuation) else -1  # noqa: E731
+    return tree_accept(tokens, parents, [choice(0)] + [choice(d) for d in tree_depths(parents)]).accepted
 
 
 def evaluate(drafter: FeatureDrafter, answers: list[tuple[list[int], int, torch.Tensor]], k: int,

@@ -288,8 +288,9 @@ class DraftClient:
             parents = list(reply.parents)
             if len(parents) != len(reply.tokens) or len(parents) > max(tree_nodes, k) or reply.HasField("probs"):
                 raise ValueError(f"a tree of {len(reply.tokens)} drafts came back with {len(parents)} parents")
-            if max(tree_depths(parents)) > k:  # tree_depths raises unless a tree
-                raise ValueError(f"a tree of drafts {max(tree_depths(parents))} deep for k={k}")
+            depth = max(tree_depths(parents))  # raises unless a tree
+            if depth > k:
+                raise ValueError(f"a tree of drafts {depth} deep for k={k}")
             return DraftResult(list(reply.tokens), None, reply.point_mass, reply.timings.compute_s,
                                reply.features_from if reply.HasField("features_from") else None, parents)
         drafted = list(reply.tokens)[:k]

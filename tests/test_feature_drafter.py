@@ -265,14 +265,14 @@ async def test_the_law_check_catches_a_wrong_tree_rule(small_feature_stack):
     """A tree rule that keeps the drafter's best branch whatever the target chose fails the same check."""
     import asyncio
 
-    from specdec.sampling import tree_accept
+    from specdec.sampling import Verdict, tree_accept
 
     def keep_best_branch(tokens, parents, choices):
         path, node = [], -1
         while (children := [i for i, parent in enumerate(parents) if parent == node]):
             node = children[0]
             path.append(node)
-        return tree_accept(tokens, parents, choices).__class__(len(path), choices[node + 1], tuple(path))
+        return Verdict(len(path), choices[node + 1], tuple(path))
 
     stacks, law = small_feature_stack
     decoder = stacks["tree"].decoder
