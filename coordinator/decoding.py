@@ -322,10 +322,10 @@ class Decoder:
         """Drafts to ask for as a tree this round (0: a chain of k): trees are verified for
         greedy decoding and the coupled rule, pay only when wider than a chain, and only while
         the target's passes carry few sessions (its spare compute is what a tree spends)."""
+        if self.tree_nodes <= k or not (sampling.greedy or sampling.coupled):
+            return 0
         sessions, _ = self.costs.load()
-        if self.tree_nodes > k and (sampling.greedy or sampling.coupled) and sessions <= self.tree_max_sessions:
-            return self.tree_nodes
-        return 0
+        return self.tree_nodes if sessions <= self.tree_max_sessions else 0
 
     @staticmethod
     async def _ahead_result(ahead: asyncio.Task) -> DraftResult | None:
