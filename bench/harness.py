@@ -204,8 +204,9 @@ def machine_info(device: str) -> dict:
 @dataclass(frozen=True)
 class DrafterSpec:
     """A --drafters entry, MODEL[+ngramN][+treeN][@k1/k2]: 'auto' is the drafter shipped for the
-    target, '+ngramN' a feature drafter in hybrid with N-token prompt lookup, '+treeN' the
-    coordinator asking it for trees of N drafts ('+tree0': chains), '@k1/k2' the ks to run it at."""
+    target, '+ngramN' a feature drafter in hybrid with N-token prompt lookup ('+ngram0': the head
+    alone; by default the draft service's --hybrid-ngram), '+treeN' the coordinator asking it for
+    trees of N drafts ('+tree0': chains), '@k1/k2' the ks to run it at."""
 
     model: str
     hybrid: str = ""
@@ -270,9 +271,10 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
 def drafter_name(spec: str) -> str:
     parsed = DrafterSpec.parse(spec)
     tree = {"": "", "0": "+chains"}.get(parsed.tree, f"+tree{parsed.tree}")
-    if not parsed.hybrid and parsed.model in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
-        return ("eagle3" if parsed.model == AUTO_DRAFTER else parsed.model) + tree
-    return (Path(parsed.model).name or parsed.model) + (f"+ngram{parsed.hybrid}" if parsed.hybrid else "") + tree
+    hybrid = {"": "", "0": "+no-lookup"}.get(parsed.hybrid, f"+ngram{parsed.hybrid}")
+    if parsed.model in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
+        return ("eagle3" if parsed.model == AUTO_DRAFTER else parsed.model) + hybrid + tree
+    return (Path(parsed.model).name or parsed.model) + hybrid + tree
 
 
 async def run_bench(options: BenchOptions) -> dict:

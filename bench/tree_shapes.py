@@ -7,8 +7,11 @@ For every answer position the drafter proposes as it would in a round (committed
 position, the target's features of the positions before), and the round keeps the drafts that
 follow the target's own continuation down the tree (what `tree_accept` keeps: greedy answers are
 the target's choices). A shape is EXPANDxCHILDRENxNODES (nodes expanded per depth, children per
-node, drafts kept) or 'chain'; all at depth k. What the pipeline pays for a shape's verify is in
-`make bench-tree`.
+node, drafts kept) or 'chain', all at depth k, with '+ngramN' for the hybrid (prompt lookup's
+continuation where the context repeats its last N tokens: a chain replaced by it, a tree grafted
+on it) and '+ngram0' for the head alone. Each shape reports tokens per step overall and per
+category, and the rows a verify of its proposals scores (drafts + 1). What the pipeline pays for
+a verify of that many rows is in `make bench-tree`.
 """
 
 from __future__ import annotations
@@ -40,12 +43,15 @@ def kept(tokens: list[int], parents: list[int] | None, continuation: list[int]) 
     return tree_accept(tokens, parents, [choice(0)] + [choice(d) for d in tree_depths(parents)]).accepted
 
 
-def evaluate(drafter: FeatureDrafter, answers: list[tuple[list[int], int, torch.Tensor]], k: int,
+def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, torch.Tensor]], k: int,
              shape: str) -> dict:
-    expand, children, nodes = (4, 4, 0) if shape == "chain" else (int(x) for x in shape.split("x"))
+    tree, _, hybrid = shape.partition("+ngram")
+    expand, children, nodes = (4, 4, 0) if tree == "chain" else (int(x) for x in tree.split("x"))
     drafter.tree_expand, drafter.tree_children = expand, children
-    steps, times = [], []
-    for full, prompt_len, features in answers:
+    drafter.hybrid_ngram = int(hybrid or 0)
+    steps: dict[str, list[int]] = {}
+    rows, times = [], []
+    for category, full, prompt_len, features in answers:
         entry = SessionCache()
         for position in range(prompt_len, len(full)):
             committed = full[:position]
@@ -53,9 +59,14 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[list[int], int, torch.
             started = time.perf_counter()
             proposal = drafter.propose_batch([job])[0]
             times.append(time.perf_counter() - started)
-            steps.append(1 + kept(proposal.tokens, proposal.parents, full[position : position + k]))
-    return {"shape": shape, "tokens_per_step": round(statistics.mean(steps), 3),
-            "draft_ms_median": round(statistics.median(times) * 1000, 2), "rounds": len(steps)}
+            rows.append(len(proposal.tokens) + 1)
+            steps.setdefault(category, []).append(1 + kept(proposal.tokens, proposal.parents,
+                                                            full[position : position + k]))
+    every = [s for per in steps.values() for s in per]
+    return {"shape": shape, "tokens_per_step": round(statistics.mean(every), 3),
+            "verify_rows_mean": round(statistics.mean(rows), 2),
+            "draft_ms_median": round(statistics.median(times) * 1000, 2), "rounds": len(every),
+            "by_category": {c: round(statistics.mean(per), 2) for c, per in steps.items()}}
 
 
 def main() -> None:
@@ -65,7 +76,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=1, help="prompts per Spec-Bench category")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--shapes", default="chain,4x4x7,2x4x7,1x4x7,2x2x7,4x4x10,2x4x10")
+    parser.add_argument("--shapes", default="chain+ngram0,chain+ngram2,1x4x7+ngram0,1x4x7+ngram1,1x4x7+ngram2,"
+                                                "1x4x7+ngram3,4x4x7+ngram0,4x4x7+ngram2,1x4x10+ngram2")
     args = parser.parse_args()
     model = models.load_model(args.target)
     tokenizer = models.load_tokenizer(args.target)
@@ -79,7 +91,7 @@ def main() -> None:
             out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False)
         full = out[0].tolist()
         features = runner.forward([ForwardJob(SessionCache(), full, len(full) - 1, layers, 0)])[0].features
-        answers.append((full, len(ids), features))
+        answers.append((prompt.category, full, len(ids), features))
     results = [evaluate(drafter, answers, args.k, shape) for shape in args.shapes.split(",")]
     print(json.dumps({"k": args.k, "prompts": len(answers), "shapes": results}, indent=1))
 

@@ -3,14 +3,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specdec.config import batch_invariant_option, compile_option, option
+from specdec.ngram import HYBRID_MIN_NGRAM
 
 
 @dataclass(frozen=True)
 class DraftConfig:
     model: str = option("ngram", "'ngram' (prompt lookup, no model), a feature drafter folder (specdec train-draft), "
                         "or a draft model: HF folder, hub id, .gguf file")
-    hybrid_ngram: int = option(0, "feature drafter: where the context repeats its last N tokens, propose what followed "
-                               "them (prompt lookup) instead (0 = never)")
+    hybrid_ngram: int = option(HYBRID_MIN_NGRAM, "feature drafter: where the context repeats its last N or more "
+                               "tokens, propose what followed them (prompt lookup): a chain is that copy, a tree "
+                               "takes it as its leading branch beside the head's guesses (0 = never)")
     tree_expand: int = option(0, "feature drafter, trees of drafts: nodes expanded per depth (0 = auto: 1 on CPU, where "
                               "a 4-row step of the head costs 1.5x a 1-row one, 4 on CUDA, where rows are nearly free)")
     tree_children: int = option(4, "feature drafter, trees of drafts: children drafted per expanded node")

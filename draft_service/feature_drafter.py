@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from draft_service.drafters import Proposal, ProposeJob
-from specdec.ngram import ngram_lookup
+from specdec.ngram import HYBRID_MIN_NGRAM, ngram_lookup
 from specdec.eagle import KIND, EagleDrafter
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import DRAFT, SamplingParams, coupling_noise, probs_from_logits, sample, uniform
@@ -35,14 +35,14 @@ class FeatureDrafter:
     kind = KIND
     runs_inline = False
 
-    def __init__(self, head: EagleDrafter, embeddings: torch.Tensor, hybrid_ngram: int = 0,
+    def __init__(self, head: EagleDrafter, embeddings: torch.Tensor, hybrid_ngram: int = HYBRID_MIN_NGRAM,
                  tree_expand: int = 0, tree_children: int = TREE_CHILDREN):
         self.head = head
         default_expand = TREE_EXPAND_CUDA if embeddings.device.type == "cuda" else TREE_EXPAND_CPU
         # Trees' shape (_draft_tree); tree_expand 0: the device's default.
         self.tree_expand, self.tree_children = tree_expand or default_expand, tree_children
         # Hybrid: where the context repeats its last `hybrid_ngram` tokens, propose what followed
-        # them (prompt lookup) instead of the head's guess. 0 = never.
+        # them (prompt lookup): instead of the head's chain, or as a tree's leading branch. 0 = never.
         self.hybrid_ngram = hybrid_ngram
         self.config = head.config
         self.embeddings = embeddings  # the target's input embedding table [vocab, hidden], frozen
@@ -55,7 +55,7 @@ class FeatureDrafter:
         self.d2t_list = d2t.tolist()
 
     @classmethod
-    def load(cls, folder: str, target: str = "", device: str = "cpu", hybrid_ngram: int = 0,
+    def load(cls, folder: str, target: str = "", device: str = "cpu", hybrid_ngram: int = HYBRID_MIN_NGRAM,
              tree_expand: int = 0, tree_children: int = TREE_CHILDREN) -> "FeatureDrafter":
         """The head in `folder`, reading the embeddings of `target` (default: the model it was
         trained for)."""
@@ -68,7 +68,8 @@ class FeatureDrafter:
 
     def _lookup(self, job: ProposeJob) -> list[int]:
         """The hybrid's n-gram proposal, if the context repeats a long enough suffix (never for the
-        rejection rule, whose q the point masses would not fit)."""
+        rejection rule, whose q the point masses would not fit). A chain proposes it instead of the
+        head's guess; a tree takes it as its leading branch beside the head's (graft_chain)."""
         if not self.hybrid_ngram or (not job.params.greedy and not job.params.coupled):
             return []
         return ngram_lookup(job.sequence, job.k, max_ngram=max(self.hybrid_ngram, 8), min_ngram=self.hybrid_ngram)
@@ -230,12 +231,14 @@ class FeatureDrafter:
             for offset, token in enumerate(job.provisional):  # not committed: no features, its own outputs
                 h = self._layer(entry, torch.tensor([token], device=self.device), h[-1:], c + offset)
             copied = self._lookup(job)
-            proposals.append(Proposal(copied, None, point_mass=bool(copied), reused_tokens=start,
+            tree = job.tree_nodes > job.k and not job.provisional
+            proposals.append(Proposal([], None, point_mass=bool(copied) and not tree, reused_tokens=start,
                                       computed_tokens=c - start))
-            if copied:
-                continue
-            if job.tree_nodes > job.k and not job.provisional:
-                proposals[i].tokens, proposals[i].parents = self._draft_tree(job, h[-1:])
+            if tree:
+                tokens, parents = self._draft_tree(job, h[-1:])
+                proposals[i].tokens, proposals[i].parents = graft_chain(copied, tokens, parents, job.tree_nodes)
+            elif copied:
+                proposals[i].tokens = copied
             else:
                 active.append((i, job, h[-1:]))
         rows: dict[int, list[torch.Tensor]] = {i: [] for i, _, _ in active}
@@ -277,3 +280,27 @@ def _tree_answer(candidates: list[tuple[float, int, int, int]], budget: int) -> 
     ordered = chain + rest
     index = {c: i for i, c in enumerate(ordered)}
     return [candidates[c][2] for c in ordered], [index.get(candidates[c][3], -1) for c in ordered]
+
+
+def graft_chain(chain: list[int], tokens: list[int], parents: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """A tree of at most `budget` drafts whose leading chain is `chain` (the hybrid's copied
+    continuation) and whose other nodes are the head's tree (tokens, parents; parents before
+    children): a head node equal to a chain node under the same parent is that node, the rest
+    follow in the head's order (its likeliest first) while the budget lasts, with their
+    descendants. An empty chain leaves the head's tree as it is."""
+    if not chain:
+        return tokens, parents
+    merged, merged_parents = list(chain[:budget]), list(range(-1, min(len(chain), budget) - 1))
+    where: dict[int, int | None] = {}  # head node -> its merged index, None where cut
+    for node, (token, parent) in enumerate(zip(tokens, parents)):
+        above = where[parent] if parent >= 0 else -1
+        if above is None:
+            where[node] = None
+            continue
+        same = next((m for m in range(len(merged)) if merged_parents[m] == above and merged[m] == token), None)
+        if same is None and len(merged) < budget:
+            merged.append(token)
+            merged_parents.append(above)
+            same = len(merged) - 1
+        where[node] = same
+    return merged, merged_parents

@@ -11,6 +11,11 @@ import numpy as np
 # The coordinator's --draft for prompt lookup inside itself, without a draft tier.
 LOCAL_NGRAM = "local-ngram"
 
+# The feature drafter's hybrid (--hybrid-ngram): the shortest repeated suffix whose continuation it
+# takes. 2 keeps the most target tokens per step offline on Spec-Bench answers (make
+# bench-tree-shapes; 1 takes copies that are wrong as often as right).
+HYBRID_MIN_NGRAM = 2
+
 
 def ngram_lookup(tokens: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
     """Find the latest earlier occurrence of the sequence's last n tokens (longest n first) and

@@ -56,6 +56,8 @@ def test_drafter_specs_name_trees_hybrids_and_ks():
     assert coordinator_flags("auto+tree0") == ("--tree-nodes", "0") and drafter_name("auto+tree0") == "eagle3+chains"
     assert drafter_service("/d/x+ngram3+tree8", "smollm2") == ("/d/x", ("--hybrid-ngram", "3"))
     assert drafter_name("/d/x+ngram3+tree8") == "x+ngram3+tree8"
+    assert drafter_name("auto+ngram0") == "eagle3+no-lookup" and drafter_name("auto+ngram3") == "eagle3+ngram3"
+    assert drafter_service("/d/x+ngram0", "smollm2") == ("/d/x", ("--hybrid-ngram", "0"))
 
 
 def test_prompt_selection(prompt_file):

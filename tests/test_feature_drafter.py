@@ -115,6 +115,60 @@ async def test_greedy_with_trees_of_drafts_equals_the_targets_generate(tree_stac
     assert stats.draft_tokens > sum(stats.proposed_per_position) and stats.accepted_tokens > 0
 
 
+async def test_greedy_with_trees_grafted_on_prompt_lookup_equals_the_targets_generate(
+        redis_server, tiny_target, feature_drafter, target_greedy):
+    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), tree_nodes=6,
+                              draft_overrides={"hybrid_ngram": 1})
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            for k in (2, 5):
+                result = await generate(channel, prompt="abc abc abc abc, then abc again", max_new_tokens=40, k=k,
+                                        fixed_k=True, ignore_eos=True)
+                assert result.token_ids == target_greedy(result.prompt_token_ids, 40)
+                assert result.stats.draft_tokens > sum(result.stats.proposed_per_position)  # trees, not chains
+    finally:
+        for server in stack.servers:
+            await server.stop(0)
+
+
+def test_a_tree_takes_prompt_lookups_continuation_as_its_leading_branch(tiny_target, feature_drafter):
+    """With --hybrid-ngram the head's tree is grafted on the copied continuation: the copy is the
+    leading chain, the head's other guesses fill the rest of the budget; a chain is replaced by it."""
+    from draft_service.drafters import ProposeJob
+    from draft_service.feature_drafter import FeatureDrafter
+    from specdec.kv_cache import SessionCache
+    from specdec.ngram import ngram_lookup
+    from specdec.sampling import tree_depths
+
+    committed = [4, 5, 6, 7, 8, 9, 4, 5, 6]  # "4 5 6" came before: prompt lookup copies "7 8 9 4"
+    features = torch.randn(len(committed) - 1, len(DrafterConfig.load(feature_drafter).feature_layers) *
+                           DrafterConfig.load(feature_drafter).hidden_size)
+    copied = ngram_lookup(committed, 4, max_ngram=8, min_ngram=2)
+    assert copied == [7, 8, 9, 4]
+    head_only = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), hybrid_ngram=0)
+    hybrid = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), hybrid_ngram=2)
+    job = lambda nodes: ProposeJob(SessionCache(), committed, 4, SamplingParams(), features, 0, (), nodes)  # noqa: E731
+    tree = head_only.propose_batch([job(7)])[0]
+    grafted = hybrid.propose_batch([job(7)])[0]
+    assert grafted.tokens[:4] == copied and grafted.parents[:4] == [-1, 0, 1, 2]
+    assert len(grafted.tokens) == 7 and max(tree_depths(grafted.parents)) <= 4
+    # Every node is the copy's or one of the head's own (same token under the same path).
+    paths = lambda tokens, parents: {tuple(tokens[j] for j in _path(parents, i)) for i in range(len(tokens))}  # noqa: E731
+    assert paths(grafted.tokens, grafted.parents) <= paths(tree.tokens, tree.parents) | {tuple(copied[:d]) for d in range(1, 5)}
+    assert not grafted.point_mass and grafted.probs is None
+    chain = hybrid.propose_batch([job(0)])[0]
+    assert chain.tokens == copied and chain.parents is None and chain.point_mass
+
+
+def _path(parents: list[int], node: int) -> list[int]:
+    """Node indices from the root's child down to `node`."""
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
 async def test_trees_keep_more_drafts_per_round_than_chains(feature_stack, tree_stack):
     """The point of a tree: at the same depth, more of the target's tokens are among the drafts."""
     kept = {}
@@ -227,7 +281,10 @@ async def small_feature_stack(redis_server, tmp_path_factory):
     _train(target, drafter, draft_vocab=6)  # a draft vocabulary smaller than the target's: q is 0 elsewhere
     stacks = {"chain": await start_stack(redis_server.url, target, str(drafter), tree_nodes=0),
               # Trees even under the test's concurrency (by default they give way to chains under load).
-              "tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5, tree_max_sessions=64)}
+              "tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5, tree_max_sessions=64),
+              # Trees grafted on prompt lookup's continuation (PROMPT repeats itself, so it has one).
+              "hybrid-tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5,
+                                               tree_max_sessions=64, draft_overrides={"hybrid_ngram": 1})}
     model = models.load_model(str(target))
     law = two_token_law(model, PROMPT, PARAMS)
     yield stacks, law
@@ -236,7 +293,8 @@ async def small_feature_stack(redis_server, tmp_path_factory):
             await server.stop(0)
 
 
-@pytest.mark.parametrize("rule, shape", [("rejection", "chain"), ("coupled", "chain"), ("coupled", "tree")])
+@pytest.mark.parametrize("rule, shape", [("rejection", "chain"), ("coupled", "chain"), ("coupled", "tree"),
+                                         ("coupled", "hybrid-tree")])
 async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rule, shape):
     import asyncio
 
@@ -258,7 +316,7 @@ async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rul
         trees = [0]
         await asyncio.gather(*(one(seed) for seed in range(600)))
     assert chi_square_pvalue(counts, law) > 1e-3, counts
-    assert (trees[0] > 0) == (shape == "tree")  # the tree stack did draft trees
+    assert (trees[0] > 0) == shape.endswith("tree")  # the tree stacks did draft trees
 
 
 async def test_the_law_check_catches_a_wrong_tree_rule(small_feature_stack):
