@@ -6,7 +6,12 @@ on data the target writes itself.
 1. Data (Magpie; Xu et al. 2024). The target is given its chat template's opening of a user turn
    (after it, sometimes, a generic opener such as "Explain" or "Translate into English:") and
    writes the instruction itself; then it answers its own instruction, greedily or at T = 0.7.
-   No benchmark prompt is ever used. Saved to OUT/data.pt, so a resumed run reuses it.
+   Three kinds of conversation: `instruction` (that alone), `grounded` (--grounded of the
+   batches: the target's own answer, a passage it wrote, is put in a new prompt with a task on
+   it, "Summarize the following text:" and the like, so the drafter sees answers that copy from
+   and refer to a long prompt) and `follow-up` (--follow-ups of the batches: a second user turn,
+   "Can you give an example?" and the like, after the first answer). No benchmark prompt is
+   ever used. Saved to OUT/data.pt, so a resumed run reuses it.
 2. Draft vocabulary: the target's most frequent output tokens (--draft-vocab); the card reports
    how much of the answers it covers.
 3. Training: the target computes its features (the outputs of --feature-layers) and its
@@ -45,6 +50,30 @@ OPENERS = [
     "Classify", "Extract the", "Give three examples of", "Suggest", "Fix this code:", "Write a Python function",
     "In one paragraph,", "Step by step,", "Imagine you are", "What would happen if", "Read the passage and answer:",
 ]
+# Openers of instructions whose answers become the passages of grounded conversations.
+PASSAGE_OPENERS = [
+    "Write a news article about", "Write a detailed report on", "Write an encyclopedia entry about",
+    "Write a blog post about", "Describe in detail", "Write a short story about", "Explain in detail",
+    "Write a product description for", "Write a biography of", "Write a history of",
+]
+# Tasks on a passage ({passage} is replaced by it).
+GROUNDED_TASKS = [
+    "Summarize the following text:\n\n{passage}", "{passage}\n\nSummarize the text above in a few sentences.",
+    "Extract the names, places and numbers mentioned in this text:\n\n{passage}",
+    "{passage}\n\nBased on the passage above, what is it mainly about?",
+    "List the key points of the following text.\n\n{passage}",
+    "Rewrite the following text in simpler words:\n\n{passage}", "Write a title for this text:\n\n{passage}",
+    "Read the passage and answer the question.\n\nPassage: {passage}\n\nQuestion: Who or what is the passage "
+    "about, and why does it matter?",
+    "{passage}\n\nWhat are three facts stated in this text? Quote them.",
+    "Translate the following text into French:\n\n{passage}",
+]
+FOLLOW_UPS = [
+    "Can you explain that in more detail?", "Make it shorter.", "Can you give an example?", "Now write it as a list.",
+    "Why is that?", "What else should I know?", "Rewrite your answer for a child.", "Are you sure? Check your answer.",
+    "Thanks! Can you summarize your answer in one sentence?", "Continue.",
+]
+KINDS = ("instruction", "grounded", "follow-up")
 
 
 @dataclass
@@ -52,6 +81,7 @@ class Conversation:
     prompt: list[int]  # chat-template tokens up to the assistant's turn
     answer: list[int]  # the target's own answer
     greedy: bool
+    kind: str = "instruction"  # one of KINDS
 
 
 @dataclass
@@ -65,6 +95,8 @@ class TrainOptions:
     batch_conversations: int = 64  # generated together
     instruction_tokens: int = 64
     answer_tokens: int = 256
+    grounded: float = 0.3  # share of data batches that also write grounded conversations
+    follow_ups: float = 0.2  # share of data batches that also write a second turn
     draft_vocab: int = 8192
     feature_layers: tuple[int, ...] = ()  # empty: EAGLE-3's low, middle and high (2, L/2, L-3)
     ttt_steps: int = 3
@@ -76,6 +108,7 @@ class TrainOptions:
     resume: bool = False
     heldout_fraction: float = 0.05
     data: str = ""  # train on this data.pt instead of writing new data
+    init: str = ""  # start from this drafter's weights and draft vocabulary (fine-tuning) instead of at random
     progress: bool = True
 
 
@@ -116,35 +149,59 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new: int, temperat
     return continuations
 
 
-def synthesize(model, tokenizer, options: TrainOptions, rng: random.Random, log) -> list[Conversation]:
-    """Instructions the target writes itself, and its answers to them."""
-    eos = models.eos_token_ids(model, tokenizer)
+def _chat(tokenizer, turns: list[str], options: TrainOptions) -> list[int]:
+    """The chat template's tokens of alternating user / assistant turns, up to the next answer."""
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(turns)]
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                            add_special_tokens=False)[-(options.max_length // 2):]
+
+
+def _instructions(model, tokenizer, openers: list[str], options: TrainOptions, eos: list[int]) -> list[str]:
+    """Instructions the target writes after the user turn's opening and each opener."""
     prefix = user_turn_prefix(tokenizer)
+    starts = [tokenizer.encode(prefix + opener + (" " if opener else ""), add_special_tokens=False)
+              for opener in openers]
+    tails = _generate(model, tokenizer, starts, options.instruction_tokens, 1.0, eos, options.device)
+    texts = [((opener + " " if opener else "") + tokenizer.decode(tail, skip_special_tokens=True)).strip()
+             for opener, tail in zip(openers, tails)]
+    return [text for text in texts if len(text) >= 8]
+
+
+def _answer(model, tokenizer, dialogues: list[list[str]], kind: str, greedy: bool, options: TrainOptions,
+            eos: list[int]) -> list[tuple[list[str], Conversation]]:
+    """The target's answers to dialogues (user turns first, alternating): each dialogue with its
+    answer appended, and the Conversation it makes (answers of fewer than 4 tokens dropped)."""
+    prompts = [_chat(tokenizer, turns, options) for turns in dialogues]
+    answers = _generate(model, tokenizer, prompts, options.answer_tokens, 0.0 if greedy else 0.7, eos, options.device)
+    return [(turns + [tokenizer.decode(answer, skip_special_tokens=True).strip()],
+             Conversation(prompt, answer, greedy, kind))
+            for turns, prompt, answer in zip(dialogues, prompts, answers) if len(answer) >= 4]
+
+
+def synthesize(model, tokenizer, options: TrainOptions, rng: random.Random, log) -> list[Conversation]:
+    """Instructions the target writes itself and its answers to them; for some batches, grounded
+    conversations (a task on a passage the target wrote) and second turns (KINDS)."""
+    eos = models.eos_token_ids(model, tokenizer)
     conversations: list[Conversation] = []
     deadline = time.monotonic() + 60 * options.data_minutes
     bar = tqdm(total=options.conversations, desc="data", unit="conv", disable=not options.progress)
     while len(conversations) < options.conversations and time.monotonic() < deadline:
-        openers = [rng.choice(OPENERS) for _ in range(options.batch_conversations)]
-        starts = [tokenizer.encode(prefix + opener + (" " if opener else ""), add_special_tokens=False)
-                  for opener in openers]
-        tails = _generate(model, tokenizer, starts, options.instruction_tokens, 1.0, eos, options.device)
-        instructions = []
-        for opener, tail in zip(openers, tails):
-            text = (opener + " " if opener else "") + tokenizer.decode(tail, skip_special_tokens=True)
-            if len(text.strip()) >= 8:
-                instructions.append(text.strip())
+        grounded = rng.random() < options.grounded
+        pool = PASSAGE_OPENERS if grounded else OPENERS
+        instructions = _instructions(model, tokenizer, [rng.choice(pool) for _ in range(options.batch_conversations)],
+                                     options, eos)
         if not instructions:
             continue
-        prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                                  add_generation_prompt=True, tokenize=False),
-                                    add_special_tokens=False)[: options.max_length // 2] for text in instructions]
-        greedy = rng.random() < 0.5
-        answers = _generate(model, tokenizer, prompts, options.answer_tokens, 0.0 if greedy else 0.7, eos,
-                            options.device)
-        for prompt, answer in zip(prompts, answers):
-            if len(answer) >= 4:
-                conversations.append(Conversation(prompt, answer, greedy))
-        bar.update(min(len(answers), bar.total - bar.n))
+        made = _answer(model, tokenizer, [[text] for text in instructions], "instruction", rng.random() < 0.5,
+                       options, eos)
+        if grounded and made:
+            tasks = [[rng.choice(GROUNDED_TASKS).format(passage=turns[-1])] for turns, _ in made]
+            made += _answer(model, tokenizer, tasks, "grounded", rng.random() < 0.5, options, eos)
+        if rng.random() < options.follow_ups and made:
+            dialogues = [turns + [rng.choice(FOLLOW_UPS)] for turns, _ in made]
+            made += _answer(model, tokenizer, dialogues, "follow-up", rng.random() < 0.5, options, eos)
+        conversations += [conversation for _, conversation in made]
+        bar.update(min(len(made), bar.total - bar.n))
         log(f"data: {len(conversations)} conversations")
     bar.close()
     return conversations[: options.conversations]
@@ -154,17 +211,17 @@ def save_conversations(path: Path, conversations: list[Conversation], seconds: f
     """Compactly: all tokens as one int32 tensor, with each conversation's lengths."""
     tokens = [t for c in conversations for t in c.prompt + c.answer]
     torch.save({"tokens": torch.tensor(tokens, dtype=torch.int32),
-                "lengths": torch.tensor([[len(c.prompt), len(c.answer), int(c.greedy)] for c in conversations],
-                                        dtype=torch.int32).reshape(-1, 3),
+                "lengths": torch.tensor([[len(c.prompt), len(c.answer), int(c.greedy), KINDS.index(c.kind)]
+                                         for c in conversations], dtype=torch.int32).reshape(-1, 4),
                 "seconds": seconds}, path)
 
 
 def load_conversations(path: Path) -> tuple[list[Conversation], float]:
     saved = torch.load(path)
     tokens, at, conversations = saved["tokens"].tolist(), 0, []
-    for prompt, answer, greedy in saved["lengths"].tolist():
+    for prompt, answer, greedy, *kind in saved["lengths"].tolist():  # data of older runs has no kind
         conversations.append(Conversation(tokens[at : at + prompt], tokens[at + prompt : at + prompt + answer],
-                                          bool(greedy)))
+                                          bool(greedy), KINDS[kind[0]] if kind else KINDS[0]))
         at += prompt + answer
     return conversations, float(saved["seconds"])
 
@@ -335,11 +392,16 @@ def train(options: TrainOptions, log=print) -> dict:
         save_conversations(data_file, conversations, data_s)
     heldout, training = split_heldout(conversations, options.heldout_fraction, options.seed)
     eos = models.eos_token_ids(model, tokenizer)
-    draft_ids, coverage = draft_vocabulary(training, min(options.draft_vocab, vocab), eos)
-    config = DrafterConfig.for_target(model.config, options.target, models.vocab_fingerprint(tokenizer), vocab,
-                                      len(draft_ids), list(layers))
-    drafter = EagleDrafter(config).to(options.device)
-    drafter.d2t.copy_(torch.tensor(draft_ids))
+    if options.init:
+        drafter, draft_ids, coverage = _initial_drafter(options.init, training, layers, tokenizer)
+        drafter = drafter.to(options.device)
+        config = drafter.config
+    else:
+        draft_ids, coverage = draft_vocabulary(training, min(options.draft_vocab, vocab), eos)
+        config = DrafterConfig.for_target(model.config, options.target, models.vocab_fingerprint(tokenizer), vocab,
+                                          len(draft_ids), list(layers))
+        drafter = EagleDrafter(config).to(options.device)
+        drafter.d2t.copy_(torch.tensor(draft_ids))
     d2t = drafter.d2t
     optimizer = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=options.lr,
                                   betas=(0.9, 0.95), weight_decay=0.0)
@@ -395,6 +457,9 @@ def train(options: TrainOptions, log=print) -> dict:
     drafter.eval()
     with autocast:
         evaluation = heldout_acceptance(drafter, target, heldout, options, d2t)
+        evaluation["by_kind"] = {kind: heldout_acceptance(drafter, target, [c for c in heldout if c.kind == kind],
+                                                          options, d2t)
+                                 for kind in KINDS if any(c.kind == kind for c in heldout)}
     answer_tokens = sum(len(c.answer) for c in conversations)
     config.training = {
         "target": options.target, "device": options.device,
@@ -406,12 +471,31 @@ def train(options: TrainOptions, log=print) -> dict:
         "feature_layers": list(layers), "ttt_steps": options.ttt_steps, "draft_vocab": len(draft_ids),
         "draft_vocab_coverage": round(coverage, 4), "final_loss": round(sum(state.losses[-20:]) / max(1, len(state.losses[-20:])), 4),
         "seed": options.seed, "heldout": evaluation, "wall_seconds": round(time.perf_counter() - started, 1),
+        "kinds": dict(Counter(c.kind for c in conversations)), "initialised_from": options.init or None,
     }
     drafter.config = config
     drafter.save(out)
     (out / "README.md").write_text(card(config))
     log(json.dumps(config.training))
     return config.training
+
+
+def _initial_drafter(folder: str, training: list[Conversation], layers: tuple[int, ...],
+                     tokenizer) -> tuple[EagleDrafter, list[int], float]:
+    """A drafter to fine-tune: its weights and draft vocabulary, checked against the target, and
+    how much of the new answers that vocabulary covers."""
+    drafter = EagleDrafter.load(Path(folder))
+    config = drafter.config
+    if config.vocab_fingerprint != models.vocab_fingerprint(tokenizer):
+        raise ValueError(f"--init {folder} was trained for another tokenizer than this target's")
+    if tuple(config.feature_layers) != tuple(layers):
+        raise ValueError(f"--init {folder} fuses layers {config.feature_layers}, not {list(layers)}")
+    draft_ids = drafter.d2t.tolist()
+    counts = Counter(t for c in training for t in c.answer)
+    coverage = sum(counts[t] for t in draft_ids) / max(1, sum(counts.values()))
+    for parameter in drafter.parameters():
+        parameter.requires_grad_(True)
+    return drafter.train(), draft_ids, coverage
 
 
 def _save_checkpoint(path: Path, drafter, optimizer, state: Checkpoint, rng: random.Random) -> None:
@@ -425,6 +509,7 @@ def card(config: DrafterConfig) -> str:
     t = config.training
     heldout = t["heldout"]
     by_position = " ".join(f"{a:.3f}" for a in heldout["acceptance_by_position"])
+    kinds = "".join(f"; {n} {kind}" for kind, n in t.get("kinds", {}).items())
     return f"""# Feature drafter (EAGLE-3) for `{config.target}`
 
 Trained by `specdec train-draft` with the target frozen, on data the target wrote itself.
@@ -433,14 +518,16 @@ Trained by `specdec train-draft` with the target frozen, on data the target wrot
 |---|---|
 | target | `{config.target}` (vocabulary fingerprint `{config.vocab_fingerprint[:16]}...`) |
 | architecture | fused target features of layers {config.feature_layers} -> one decoder layer ({config.hidden_size} wide, {config.num_attention_heads} heads) -> LM head over {config.draft_vocab_size} draft tokens |
-| data | {t['conversations']} self-written conversations ({t['heldout_conversations']} held out), {t['answer_tokens']} answer tokens, made in {t['data_seconds']} s |
+| data | {t['conversations']} self-written conversations ({t['heldout_conversations']} held out{kinds}), {t['answer_tokens']} answer tokens, made in {t['data_seconds']} s |
 | draft vocabulary | {config.draft_vocab_size} tokens, covering {100 * t['draft_vocab_coverage']:.1f}% of the answers' tokens |
 | training | {t['steps']} steps, {t['tokens_seen']} tokens seen ({t['epochs']} epochs), {t['train_seconds']} s, training-time test of {t['ttt_steps']} steps, seed {t['seed']} |
 | device | {t['device']} ({t['device_name']}) |
 | final loss | {t['final_loss']} |
 | held-out acceptance by position (greedy chains of 5 from {heldout['starts']} positions) | {by_position} |
 | held-out tokens per target step at k = 5 | {heldout['tokens_per_step_k5']:.2f} |
-"""
+""" + "".join(f"| held-out tokens per target step at k = 5, {kind} conversations | {e['tokens_per_step_k5']:.2f} |\n"
+              for kind, e in heldout.get("by_kind", {}).items()) + (
+        f"| initialised from | `{t['initialised_from']}` |\n" if t.get("initialised_from") else "")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -452,6 +539,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-minutes", type=float, default=5.0, help="time budget for writing them")
     parser.add_argument("--batch-conversations", type=int, default=64, help="conversations generated at once")
     parser.add_argument("--answer-tokens", type=int, default=256, help="longest answer")
+    parser.add_argument("--grounded", type=float, default=0.3,
+                        help="share of data batches that also write grounded conversations (a task on a passage)")
+    parser.add_argument("--follow-ups", type=float, default=0.2,
+                        help="share of data batches that also write a second user turn and its answer")
     parser.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size")
     parser.add_argument("--feature-layers", default="", help="comma-separated hidden-state indices (default: EAGLE-3's)")
     parser.add_argument("--ttt-steps", type=int, default=3, help="drafting steps unrolled in training")
@@ -462,6 +553,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-s", type=float, default=60.0, help="seconds between checkpoints")
     parser.add_argument("--resume", action="store_true", help="go on from OUT's data and last checkpoint")
     parser.add_argument("--data", default="", help="train on this data.pt (written by an earlier run) instead")
+    parser.add_argument("--init", default="", help="fine-tune this drafter folder (its weights and draft vocabulary) "
+                        "instead of starting at random")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -469,10 +562,11 @@ def options_from(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(
         target=args.target, out=Path(args.out), device=args.device, minutes=args.minutes,
         conversations=args.conversations, data_minutes=args.data_minutes,
-        batch_conversations=args.batch_conversations, answer_tokens=args.answer_tokens, draft_vocab=args.draft_vocab,
+        batch_conversations=args.batch_conversations, answer_tokens=args.answer_tokens, grounded=args.grounded,
+        follow_ups=args.follow_ups, draft_vocab=args.draft_vocab,
         feature_layers=tuple(int(x) for x in args.feature_layers.split(",") if x.strip()),
         ttt_steps=args.ttt_steps, batch_tokens=args.batch_tokens, max_length=args.max_length, lr=args.lr,
-        seed=args.seed, checkpoint_s=args.checkpoint_s, resume=args.resume, data=args.data,
+        seed=args.seed, checkpoint_s=args.checkpoint_s, resume=args.resume, data=args.data, init=args.init,
         progress=not args.no_progress,
     )
 

@@ -45,17 +45,20 @@ def test_train_draft_end_to_end_writes_a_drafter_with_its_card(tiny_target, tmp_
     out = tmp_path / "drafter"
     done = subprocess.run(
         [sys.executable, "-m", "specdec.cli", "train-draft", "--target", str(tiny_target), "--out", str(out),
-         "--minutes", "0.1", "--conversations", "16", "--batch-conversations", "8", "--answer-tokens", "24",
-         "--draft-vocab", "20", "--batch-tokens", "1024", "--no-progress"],
+         "--minutes", "0.1", "--conversations", "32", "--batch-conversations", "8", "--answer-tokens", "24",
+         "--draft-vocab", "20", "--batch-tokens", "1024", "--grounded", "1", "--follow-ups", "1", "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     config = DrafterConfig.load(out)
     assert config.draft_vocab_size == 20 and config.feature_layers and config.specdec_drafter == "eagle3"
     heldout = config.training["heldout"]
     assert len(heldout["acceptance_by_position"]) == 5 and heldout["starts"] > 0
-    assert config.training["steps"] > 0 and config.training["conversations"] == 16
+    assert config.training["steps"] > 0 and config.training["conversations"] == 32
+    # Every kind of conversation was written, and the card gives the held-out figure of each.
+    assert set(config.training["kinds"]) == {"instruction", "grounded", "follow-up"}
     card = (out / "README.md").read_text()
     assert "held-out acceptance by position" in card and "cpu" in card
+    assert set(heldout["by_kind"]) <= set(config.training["kinds"]) and heldout["by_kind"]
     head = EagleDrafter.load(out)
     assert len(set(head.d2t.tolist())) == 20  # draft ids map to distinct target ids
     # Resumable: a longer budget goes on from the checkpoint and the saved data.
@@ -66,6 +69,18 @@ def test_train_draft_end_to_end_writes_a_drafter_with_its_card(tiny_target, tmp_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed at step" in resumed.stderr
     assert DrafterConfig.load(out).training["steps"] > config.training["steps"]
+
+
+def test_train_draft_fine_tunes_a_drafter_it_is_given(tiny_target, feature_drafter, tmp_path):
+    """--init: the given drafter's weights and draft vocabulary are the start, and training moves them."""
+    training = _train(tiny_target, tmp_path / "tuned", init=str(feature_drafter), minutes=0.05)
+    assert training["initialised_from"] == str(feature_drafter) and training["steps"] > 0
+    before, after = EagleDrafter.load(feature_drafter), EagleDrafter.load(tmp_path / "tuned")
+    assert torch.equal(before.d2t, after.d2t)
+    assert not torch.equal(before.fc.weight, after.fc.weight)  # moved, and the folder given left as it was
+    assert "initialised from" in (tmp_path / "tuned" / "README.md").read_text()
+    with pytest.raises(ValueError, match="fuses layers"):
+        _train(tiny_target, tmp_path / "other", init=str(feature_drafter), feature_layers=(1,), minutes=0.01)
 
 
 def test_the_training_mask_sees_what_drafting_holds():
@@ -153,8 +168,11 @@ def test_a_tree_takes_prompt_lookups_continuation_as_its_leading_branch(tiny_tar
     assert grafted.tokens[:4] == copied and grafted.parents[:4] == [-1, 0, 1, 2]
     assert len(grafted.tokens) == 7 and max(tree_depths(grafted.parents)) <= 4
     # Every node is the copy's or one of the head's own (same token under the same path).
-    paths = lambda tokens, parents: {tuple(tokens[j] for j in _path(parents, i)) for i in range(len(tokens))}  # noqa: E731
-    assert paths(grafted.tokens, grafted.parents) <= paths(tree.tokens, tree.parents) | {tuple(copied[:d]) for d in range(1, 5)}
+    def paths(tokens: list[int], parents: list[int]) -> set[tuple[int, ...]]:
+        return {tuple(tokens[j] for j in _path(parents, i)) for i in range(len(tokens))}
+
+    copy_paths = {tuple(copied[:depth]) for depth in range(1, 5)}
+    assert paths(grafted.tokens, grafted.parents) <= paths(tree.tokens, tree.parents) | copy_paths
     assert not grafted.point_mass and grafted.probs is None
     chain = hybrid.propose_batch([job(0)])[0]
     assert chain.tokens == copied and chain.parents is None and chain.point_mass
