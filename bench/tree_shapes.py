@@ -10,8 +10,11 @@ the target's choices). A shape is EXPANDxCHILDRENxNODES (nodes expanded per dept
 node, drafts kept) or 'chain', all at depth k, with '+ngramN' for the hybrid (prompt lookup's
 continuation where the context repeats its last N tokens: a chain replaced by it, a tree grafted
 on it) and '+ngram0' for the head alone. Each shape reports tokens per step overall and per
-category, and the rows a verify of its proposals scores (drafts + 1). What the pipeline pays for
-a verify of that many rows is in `make bench-tree`.
+category, and the rows a verify of its proposals scores (drafts + 1). Two means: over every answer
+position (`tokens_per_step`), and over the rounds a decode would run, walking each answer from its
+start and jumping past what each round keeps (`tokens_per_round`, what the pipeline's stats
+measure; lower, since long accepted runs cover many positions but few rounds). What the pipeline
+pays for a verify of that many rows is in `make bench-tree`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,15 @@ def kept(tokens: list[int], parents: list[int] | None, continuation: list[int]) 
     return tree_accept(tokens, parents, [choice(0)] + [choice(d) for d in tree_depths(parents)]).accepted
 
 
+def _rounds(per_position: list[int]) -> int:
+    """Rounds a decode of an answer runs when a round from position i yields per_position[i] tokens."""
+    rounds, position = 0, 0
+    while position < len(per_position):
+        rounds += 1
+        position += per_position[position]
+    return rounds
+
+
 def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, torch.Tensor]], k: int,
              shape: str) -> dict:
     tree, _, hybrid = shape.partition("+ngram")
@@ -50,9 +62,10 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, t
     drafter.tree_expand, drafter.tree_children = expand, children
     drafter.hybrid_ngram = int(hybrid or 0)
     steps: dict[str, list[int]] = {}
-    rows, times = [], []
+    rows, times, walked = [], [], []
     for category, full, prompt_len, features in answers:
         entry = SessionCache()
+        first = len(steps.get(category, []))
         for position in range(prompt_len, len(full)):
             committed = full[:position]
             job = ProposeJob(entry, committed, k, SamplingParams(), features[: position - 1], 0, (), nodes)
@@ -62,8 +75,10 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, t
             rows.append(len(proposal.tokens) + 1)
             steps.setdefault(category, []).append(1 + kept(proposal.tokens, proposal.parents,
                                                             full[position : position + k]))
+        walked.append(_rounds(steps[category][first:]))
     every = [s for per in steps.values() for s in per]
     return {"shape": shape, "tokens_per_step": round(statistics.mean(every), 3),
+            "tokens_per_round": round(sum(len(full) - length for _, full, length, _ in answers) / sum(walked), 3),
             "verify_rows_mean": round(statistics.mean(rows), 2),
             "draft_ms_median": round(statistics.median(times) * 1000, 2), "rounds": len(every),
             "by_category": {c: round(statistics.mean(per), 2) for c, per in steps.items()}}
@@ -72,7 +87,8 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2")
-    parser.add_argument("--drafter", default="", help="feature drafter folder (default: the one shipped for the target)")
+    parser.add_argument("--drafter", default="",
+                        help="feature drafter folder (default: the one shipped for the target)")
     parser.add_argument("--limit", type=int, default=1, help="prompts per Spec-Bench category")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--k", type=int, default=4)

@@ -105,3 +105,14 @@ async def test_the_snapshot_bench_runs_and_both_paths_agree(tiny_target, tmp_pat
     # measure() itself checks that both paths give the same argmax and reuse what they should.
     assert result["snapshot_tokens"] == 200 and result["snapshot_mib"] > 0
     assert len(result["restore_all_s"]) == len(result["recompute_all_s"]) == 1
+
+
+def test_tree_shapes_counts_kept_drafts_and_walks_rounds_as_a_decode_would():
+    from bench.tree_shapes import _rounds, kept
+
+    # A chain 5 6 7 against the target's 5 6 9: two kept; a tree with 9 beside 7 keeps all three.
+    assert kept([5, 6, 7], None, [5, 6, 9]) == 2
+    assert kept([5, 6, 7, 9], [-1, 0, 1, 1], [5, 6, 9]) == 3
+    assert kept([5, 6, 7], None, [5]) == 1  # past the answer's end nothing more is kept
+    # Rounds from positions 0 (3 tokens) and 3 (2 tokens): positions 1, 2 and 4 never start one.
+    assert _rounds([3, 1, 1, 2, 1]) == 2 and _rounds([1, 1, 1]) == 3 and _rounds([]) == 0
