@@ -3,6 +3,9 @@
 # it carried into /tmp/specdec-gpu. The first call (part a) runs the CUDA checks; the second (part
 # b) installs the wheels, reassembles the GGUF file and trains the feature drafter.
 #   TRAIN_ARGS   extra flags for specdec train-draft (default: the budget below)
+# The data mixes train-draft's three kinds of conversation (instruction, grounded: a task on a
+# passage the target wrote, follow-up), its defaults since the shipped drafter was trained on
+# instructions alone (bench/RESULTS.md, "What the drafter lacks").
 set -euo pipefail
 STORE=/tmp/specdec-gpu
 mkdir -p "$STORE"
