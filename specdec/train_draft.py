@@ -229,9 +229,14 @@ def load_conversations(path: Path) -> tuple[list[Conversation], float]:
 def draft_vocabulary(conversations: list[Conversation], size: int, eos: list[int]) -> tuple[list[int], float]:
     """The most frequent answer tokens (EOS always in), and the share of answer tokens they cover."""
     counts = Counter(t for c in conversations for t in c.answer)
-    chosen = list(dict.fromkeys(list(eos) + [t for t, _ in counts.most_common(size)]))[:size]
-    covered = sum(counts[t] for t in chosen) / max(1, sum(counts.values()))
-    return sorted(chosen), covered
+    chosen = sorted(list(dict.fromkeys(list(eos) + [t for t, _ in counts.most_common(size)]))[:size])
+    return chosen, vocabulary_coverage(conversations, chosen)
+
+
+def vocabulary_coverage(conversations: list[Conversation], draft_ids: list[int]) -> float:
+    """The share of the answers' tokens that are in a draft vocabulary."""
+    counts = Counter(t for c in conversations for t in c.answer)
+    return sum(counts[t] for t in draft_ids) / max(1, sum(counts.values()))
 
 
 # --- 2. the target's view of a batch -------------------------------------------------------
@@ -381,6 +386,7 @@ def train(options: TrainOptions, log=print) -> dict:
         parameter.requires_grad_(False)
     vocab = len(tokenizer)
     layers = options.feature_layers or default_feature_layers(model.config.num_hidden_layers)
+    initial = _initial_drafter(options.init, layers, tokenizer) if options.init else None  # checked before the data
     data_file = out / "data.pt"
     if (options.resume or options.data) and (Path(options.data) if options.data else data_file).is_file():
         conversations, data_s = load_conversations(Path(options.data) if options.data else data_file)
@@ -392,10 +398,9 @@ def train(options: TrainOptions, log=print) -> dict:
         save_conversations(data_file, conversations, data_s)
     heldout, training = split_heldout(conversations, options.heldout_fraction, options.seed)
     eos = models.eos_token_ids(model, tokenizer)
-    if options.init:
-        drafter, draft_ids, coverage = _initial_drafter(options.init, training, layers, tokenizer)
-        drafter = drafter.to(options.device)
-        config = drafter.config
+    if initial is not None:
+        drafter, config, draft_ids = initial.to(options.device), initial.config, initial.d2t.tolist()
+        coverage = vocabulary_coverage(training, draft_ids)
     else:
         draft_ids, coverage = draft_vocabulary(training, min(options.draft_vocab, vocab), eos)
         config = DrafterConfig.for_target(model.config, options.target, models.vocab_fingerprint(tokenizer), vocab,
@@ -480,22 +485,17 @@ def train(options: TrainOptions, log=print) -> dict:
     return config.training
 
 
-def _initial_drafter(folder: str, training: list[Conversation], layers: tuple[int, ...],
-                     tokenizer) -> tuple[EagleDrafter, list[int], float]:
-    """A drafter to fine-tune: its weights and draft vocabulary, checked against the target, and
-    how much of the new answers that vocabulary covers."""
+def _initial_drafter(folder: str, layers: tuple[int, ...], tokenizer) -> EagleDrafter:
+    """A drafter to fine-tune (its weights and draft vocabulary), checked against the target."""
     drafter = EagleDrafter.load(Path(folder))
     config = drafter.config
     if config.vocab_fingerprint != models.vocab_fingerprint(tokenizer):
         raise ValueError(f"--init {folder} was trained for another tokenizer than this target's")
     if tuple(config.feature_layers) != tuple(layers):
         raise ValueError(f"--init {folder} fuses layers {config.feature_layers}, not {list(layers)}")
-    draft_ids = drafter.d2t.tolist()
-    counts = Counter(t for c in training for t in c.answer)
-    coverage = sum(counts[t] for t in draft_ids) / max(1, sum(counts.values()))
     for parameter in drafter.parameters():
         parameter.requires_grad_(True)
-    return drafter.train(), draft_ids, coverage
+    return drafter.train()
 
 
 def _save_checkpoint(path: Path, drafter, optimizer, state: Checkpoint, rng: random.Random) -> None:

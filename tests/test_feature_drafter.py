@@ -30,7 +30,8 @@ from tiny_models import build_tiny_model
 
 def _train(target: Path, out: Path, **overrides) -> dict:
     settings = dict(target=str(target), out=out, minutes=0.15, conversations=24, batch_conversations=12,
-                    answer_tokens=40, draft_vocab=24, batch_tokens=2048, checkpoint_s=2.0, progress=False)
+                    answer_tokens=40, draft_vocab=24, batch_tokens=2048, checkpoint_s=2.0, progress=False,
+                    grounded=0.0, follow_ups=0.0)
     return train(TrainOptions(**{**settings, **overrides}), log=lambda line: None)
 
 
@@ -45,7 +46,7 @@ def test_train_draft_end_to_end_writes_a_drafter_with_its_card(tiny_target, tmp_
     out = tmp_path / "drafter"
     done = subprocess.run(
         [sys.executable, "-m", "specdec.cli", "train-draft", "--target", str(tiny_target), "--out", str(out),
-         "--minutes", "0.1", "--conversations", "32", "--batch-conversations", "8", "--answer-tokens", "24",
+         "--minutes", "0.1", "--conversations", "24", "--batch-conversations", "8", "--answer-tokens", "24",
          "--draft-vocab", "20", "--batch-tokens", "1024", "--grounded", "1", "--follow-ups", "1", "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -53,7 +54,7 @@ def test_train_draft_end_to_end_writes_a_drafter_with_its_card(tiny_target, tmp_
     assert config.draft_vocab_size == 20 and config.feature_layers and config.specdec_drafter == "eagle3"
     heldout = config.training["heldout"]
     assert len(heldout["acceptance_by_position"]) == 5 and heldout["starts"] > 0
-    assert config.training["steps"] > 0 and config.training["conversations"] == 32
+    assert config.training["steps"] > 0 and config.training["conversations"] == 24
     # Every kind of conversation was written, and the card gives the held-out figure of each.
     assert set(config.training["kinds"]) == {"instruction", "grounded", "follow-up"}
     card = (out / "README.md").read_text()
@@ -121,29 +122,14 @@ async def test_greedy_with_the_feature_drafter_equals_the_targets_generate(featu
 
 @pytest.mark.parametrize("k", [1, 4, 8])
 async def test_greedy_with_trees_of_drafts_equals_the_targets_generate(tree_stack, target_greedy, k):
+    # A prompt that repeats itself: the default hybrid grafts the trees on prompt lookup's copy.
     async with grpc.aio.insecure_channel(tree_stack.coordinator) as channel:
-        result = await generate(channel, prompt="hello there, how are you doing?", max_new_tokens=48, k=k,
-                                fixed_k=True, ignore_eos=True)
+        result = await generate(channel, prompt="hello there, how are you? hello there, how are", max_new_tokens=48,
+                                k=k, fixed_k=True, ignore_eos=True)
     assert result.token_ids == target_greedy(result.prompt_token_ids, 48)
     stats = result.stats
     # Trees: more drafts than positions drafted (a chain has one per position), and some kept.
     assert stats.draft_tokens > sum(stats.proposed_per_position) and stats.accepted_tokens > 0
-
-
-async def test_greedy_with_trees_grafted_on_prompt_lookup_equals_the_targets_generate(
-        redis_server, tiny_target, feature_drafter, target_greedy):
-    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), tree_nodes=6,
-                              draft_overrides={"hybrid_ngram": 1})
-    try:
-        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
-            for k in (2, 5):
-                result = await generate(channel, prompt="abc abc abc abc, then abc again", max_new_tokens=40, k=k,
-                                        fixed_k=True, ignore_eos=True)
-                assert result.token_ids == target_greedy(result.prompt_token_ids, 40)
-                assert result.stats.draft_tokens > sum(result.stats.proposed_per_position)  # trees, not chains
-    finally:
-        for server in stack.servers:
-            await server.stop(0)
 
 
 def test_a_tree_takes_prompt_lookups_continuation_as_its_leading_branch(tiny_target, feature_drafter):
@@ -292,17 +278,16 @@ RULES = {"rejection": common_pb2.SAMPLING_RULE_REJECTION, "coupled": common_pb2.
 @pytest_asyncio.fixture(scope="module")
 async def small_feature_stack(redis_server, tmp_path_factory):
     """A chain stack and a tree stack (trees of 5 drafts, whatever the load) on one small target and
-    drafter."""
+    drafter. The draft service's default hybrid is on and PROMPT repeats its last two tokens, so
+    coupled chains are prompt lookup's copy and trees are grafted on it (the law must hold all the
+    same)."""
     root = tmp_path_factory.mktemp("small-feature")
     target = build_tiny_model(root / "target", seed=10, chars=CHARS, logit_scale=3.0)
     drafter = root / "drafter"
     _train(target, drafter, draft_vocab=6)  # a draft vocabulary smaller than the target's: q is 0 elsewhere
     stacks = {"chain": await start_stack(redis_server.url, target, str(drafter), tree_nodes=0),
               # Trees even under the test's concurrency (by default they give way to chains under load).
-              "tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5, tree_max_sessions=64),
-              # Trees grafted on prompt lookup's continuation (PROMPT repeats itself, so it has one).
-              "hybrid-tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5,
-                                               tree_max_sessions=64, draft_overrides={"hybrid_ngram": 1})}
+              "tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5, tree_max_sessions=64)}
     model = models.load_model(str(target))
     law = two_token_law(model, PROMPT, PARAMS)
     yield stacks, law
@@ -311,8 +296,7 @@ async def small_feature_stack(redis_server, tmp_path_factory):
             await server.stop(0)
 
 
-@pytest.mark.parametrize("rule, shape", [("rejection", "chain"), ("coupled", "chain"), ("coupled", "tree"),
-                                         ("coupled", "hybrid-tree")])
+@pytest.mark.parametrize("rule, shape", [("rejection", "chain"), ("coupled", "chain"), ("coupled", "tree")])
 async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rule, shape):
     import asyncio
 
@@ -334,7 +318,7 @@ async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rul
         trees = [0]
         await asyncio.gather(*(one(seed) for seed in range(600)))
     assert chi_square_pvalue(counts, law) > 1e-3, counts
-    assert (trees[0] > 0) == shape.endswith("tree")  # the tree stacks did draft trees
+    assert (trees[0] > 0) == (shape == "tree")  # the tree stack did draft trees
 
 
 async def test_the_law_check_catches_a_wrong_tree_rule(small_feature_stack):
