@@ -334,33 +334,53 @@ def step_losses(drafter: EagleDrafter, target: TargetView, batch: list[Conversat
 
 
 @torch.no_grad()
-def heldout_acceptance(drafter: EagleDrafter, target: TargetView, conversations: list[Conversation],
-                       options: TrainOptions, d2t: torch.Tensor, depth: int = 5) -> dict:
-    """Chain drafting of `depth` greedy tokens from every answer position of greedy conversations:
-    P(the first j drafts all equal the target's greedy tokens), and tokens per target step."""
-    greedy = [c for c in conversations if c.greedy] or conversations
-    accepted = [0] * depth
-    starts = 0
-    for i in range(0, len(greedy), 8):
-        batch = greedy[i : i + 8]
+def _chain_tallies(drafter: EagleDrafter, target: TargetView, conversations: list[Conversation],
+                   options: TrainOptions, d2t: torch.Tensor, depth: int) -> list[tuple[int, list[int]]]:
+    """Per conversation: the answer positions a chain of `depth` greedy drafts starts from, and
+    for each j how many of those chains have their first j + 1 drafts equal to the target's
+    greedy tokens."""
+    tallies = []
+    for i in range(0, len(conversations), 8):
+        batch = conversations[i : i + 8]
         ids, attention, mask = _tensors(batch, options.max_length, options.device)
         features, logits = target(ids, attention)
         wanted = logits.argmax(-1)  # the target's greedy token after each position
         outputs = drafter.unrolled(target.embed(ids), features, depth)
         guesses = [d2t[o.argmax(-1)] for o in outputs]  # step j at p drafts the token after p
         length = ids.shape[1]
+        accepted = torch.zeros((len(batch), depth), dtype=torch.long, device=ids.device)
         for start in range(length):
             chain = mask[:, start].clone()
-            starts += int(chain.sum())
             for j in range(depth):
                 p = start + j
                 if p >= length:
                     chain[:] = False
                 else:
                     chain &= mask[:, p] & (guesses[j][:, p] == wanted[:, p])
-                accepted[j] += int(chain.sum())
-    by_position = [a / max(1, starts) for a in accepted]
+                accepted[:, j] += chain
+        tallies += [(int(mask[row].sum()), accepted[row].tolist()) for row in range(len(batch))]
+    return tallies
+
+
+def _acceptance(tallies: list[tuple[int, list[int]]], depth: int) -> dict:
+    starts = sum(s for s, _ in tallies)
+    by_position = [sum(a[j] for _, a in tallies) / max(1, starts) for j in range(depth)]
     return {"starts": starts, "acceptance_by_position": by_position, "tokens_per_step_k5": 1 + sum(by_position)}
+
+
+def heldout_acceptance(drafter: EagleDrafter, target: TargetView, conversations: list[Conversation],
+                       options: TrainOptions, d2t: torch.Tensor, depth: int = 5) -> dict:
+    """Chain drafting of `depth` greedy tokens from every answer position of greedy conversations
+    (all of them if none is greedy): P(the first j drafts all equal the target's greedy tokens),
+    and tokens per target step; the same per kind of conversation (`by_kind`). Each conversation
+    is run once, whatever figures it counts in."""
+    chosen = lambda group: [c for c in group if c.greedy] or group  # noqa: E731
+    kinds = {kind: chosen([c for c in conversations if c.kind == kind]) for kind in KINDS}
+    overall = chosen(conversations)
+    evaluated = list({id(c): c for c in overall + [c for group in kinds.values() for c in group]}.values())
+    tally = dict(zip(map(id, evaluated), _chain_tallies(drafter, target, evaluated, options, d2t, depth)))
+    summary = lambda group: _acceptance([tally[id(c)] for c in group], depth)  # noqa: E731
+    return {**summary(overall), "by_kind": {kind: summary(group) for kind, group in kinds.items() if group}}
 
 
 # --- 4. the loop ----------------------------------------------------------------------------
@@ -462,9 +482,6 @@ def train(options: TrainOptions, log=print) -> dict:
     drafter.eval()
     with autocast:
         evaluation = heldout_acceptance(drafter, target, heldout, options, d2t)
-        evaluation["by_kind"] = {kind: heldout_acceptance(drafter, target, [c for c in heldout if c.kind == kind],
-                                                          options, d2t)
-                                 for kind in KINDS if any(c.kind == kind for c in heldout)}
     answer_tokens = sum(len(c.answer) for c in conversations)
     config.training = {
         "target": options.target, "device": options.device,
@@ -493,9 +510,7 @@ def _initial_drafter(folder: str, layers: tuple[int, ...], tokenizer) -> EagleDr
         raise ValueError(f"--init {folder} was trained for another tokenizer than this target's")
     if tuple(config.feature_layers) != tuple(layers):
         raise ValueError(f"--init {folder} fuses layers {config.feature_layers}, not {list(layers)}")
-    for parameter in drafter.parameters():
-        parameter.requires_grad_(True)
-    return drafter.train()
+    return drafter
 
 
 def _save_checkpoint(path: Path, drafter, optimizer, state: Checkpoint, rng: random.Random) -> None:
