@@ -65,7 +65,7 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, t
     rows, times, walked = [], [], []
     for category, full, prompt_len, features in answers:
         entry = SessionCache()
-        first = len(steps.get(category, []))
+        answer_steps = []  # tokens a round from each answer position yields
         for position in range(prompt_len, len(full)):
             committed = full[:position]
             job = ProposeJob(entry, committed, k, SamplingParams(), features[: position - 1], 0, (), nodes)
@@ -73,9 +73,9 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, t
             proposal = drafter.propose_batch([job])[0]
             times.append(time.perf_counter() - started)
             rows.append(len(proposal.tokens) + 1)
-            steps.setdefault(category, []).append(1 + kept(proposal.tokens, proposal.parents,
-                                                            full[position : position + k]))
-        walked.append(_rounds(steps[category][first:]))
+            answer_steps.append(1 + kept(proposal.tokens, proposal.parents, full[position : position + k]))
+        steps.setdefault(category, []).extend(answer_steps)
+        walked.append(_rounds(answer_steps))
     every = [s for per in steps.values() for s in per]
     return {"shape": shape, "tokens_per_step": round(statistics.mean(every), 3),
             "tokens_per_round": round(sum(len(full) - length for _, full, length, _ in answers) / sum(walked), 3),

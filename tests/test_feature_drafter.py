@@ -142,8 +142,8 @@ def test_a_tree_takes_prompt_lookups_continuation_as_its_leading_branch(tiny_tar
     from specdec.sampling import tree_depths
 
     committed = [4, 5, 6, 7, 8, 9, 4, 5, 6]  # "4 5 6" came before: prompt lookup copies "7 8 9 4"
-    features = torch.randn(len(committed) - 1, len(DrafterConfig.load(feature_drafter).feature_layers) *
-                           DrafterConfig.load(feature_drafter).hidden_size)
+    config = DrafterConfig.load(feature_drafter)
+    features = torch.randn(len(committed) - 1, len(config.feature_layers) * config.hidden_size)
     copied = ngram_lookup(committed, 4, max_ngram=8, min_ngram=2)
     assert copied == [7, 8, 9, 4]
     head_only = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), hybrid_ngram=0)
