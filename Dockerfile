@@ -29,6 +29,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SPECDEC_CACHE_DIR=/cache \
     HF_HOME=/cache/huggingface
+# torch's OpenMP threads sleep sooner after a parallel region (libgomp spins 300 000 times by
+# default): tiers sharing cores hand them over sooner (specdec/launcher.py OPENMP_DEFAULTS).
+ENV GOMP_SPINCOUNT=100000
 
 WORKDIR /app
 

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from bench.figures import SPEC_BENCH_COLUMNS, PromptRun, Totals, column_of, ideal_speedup, percentile
-from specdec.eagle import is_drafter_folder
+from specdec.eagle import MATMUL_DTYPES, is_drafter_folder
 from specdec.config import default_prompts_file
 from specdec.launcher import LaunchOptions, Pipeline, launch, runner_flags, spawn_service
 from specdec.models import AUTO_DRAFTER, default_drafter
@@ -203,22 +203,27 @@ def machine_info(device: str) -> dict:
 
 @dataclass(frozen=True)
 class DrafterSpec:
-    """A --drafters entry, MODEL[+ngramN][+treeN][@k1/k2]: 'auto' is the drafter shipped for the
-    target, '+ngramN' a feature drafter in hybrid with N-token prompt lookup ('+ngram0': the head
-    alone; by default the draft service's --hybrid-ngram), '+treeN' the coordinator asking it for
-    trees of N drafts ('+tree0': chains), '@k1/k2' the ks to run it at."""
+    """A --drafters entry, MODEL[+ngramN][+treeN][+DTYPE][@k1/k2]: 'auto' is the drafter shipped
+    for the target, '+ngramN' a feature drafter in hybrid with N-token prompt lookup ('+ngram0': the
+    head alone; by default the draft service's --hybrid-ngram), '+treeN' the coordinator asking it
+    for trees of N drafts ('+tree0': chains), '+float32' (or another of MATMUL_DTYPES) the feature
+    drafter's matrix products in that dtype, '@k1/k2' the ks to run it at."""
 
     model: str
     hybrid: str = ""
     tree: str = ""
     ks: tuple[int, ...] = ()
+    matmul: str = ""
 
     @classmethod
     def parse(cls, spec: str) -> "DrafterSpec":
         head, _, ks = spec.partition("@")
+        first, *rest = head.split("+")
+        matmul = next((part for part in rest if part in MATMUL_DTYPES), "")
+        head = "+".join([first] + [part for part in rest if part not in MATMUL_DTYPES])
         head, _, tree = head.partition("+tree")
         model, _, hybrid = head.partition("+ngram")
-        return cls(model, hybrid, tree, tuple(int(k) for k in ks.split("/") if k))
+        return cls(model, hybrid, tree, tuple(int(k) for k in ks.split("/") if k), matmul)
 
 
 def drafter_ks(spec: str) -> tuple[int, ...]:
@@ -236,7 +241,8 @@ def drafter_service(spec: str, target: str) -> tuple[str, tuple[str, ...]]:
     """A --drafters entry as a draft service's model and flags."""
     parsed = DrafterSpec.parse(spec)
     model = default_drafter(target) if parsed.model == AUTO_DRAFTER else parsed.model
-    return model, (("--hybrid-ngram", parsed.hybrid) if parsed.hybrid else ())
+    return model, ((("--hybrid-ngram", parsed.hybrid) if parsed.hybrid else ())
+                   + (("--matmul-dtype", parsed.matmul) if parsed.matmul else ()))
 
 
 async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, str]]:
@@ -272,9 +278,10 @@ def drafter_name(spec: str) -> str:
     parsed = DrafterSpec.parse(spec)
     tree = {"": "", "0": "+chains"}.get(parsed.tree, f"+tree{parsed.tree}")
     hybrid = {"": "", "0": "+no-lookup"}.get(parsed.hybrid, f"+ngram{parsed.hybrid}")
+    suffix = hybrid + tree + (f"+{parsed.matmul}" if parsed.matmul else "")
     if parsed.model in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
-        return ("eagle3" if parsed.model == AUTO_DRAFTER else parsed.model) + hybrid + tree
-    return (Path(parsed.model).name or parsed.model) + hybrid + tree
+        return ("eagle3" if parsed.model == AUTO_DRAFTER else parsed.model) + suffix
+    return (Path(parsed.model).name or parsed.model) + suffix
 
 
 async def run_bench(options: BenchOptions) -> dict:

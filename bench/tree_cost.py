@@ -1,5 +1,6 @@
 """What a tree of drafts costs, in process: the target's verify of a chain against a tree of the same
-number of drafts, and the feature drafter proposing a chain of k against a tree of N drafts.
+number of drafts, and the feature drafter proposing a chain of k against a tree of N drafts, its matrix products in
+float16 (the default) and float32.
 
     python -m bench.tree_cost --context 300      # make bench-tree
 
@@ -60,13 +61,13 @@ def verify_costs(runner: ModelRunner, context: list[int], sizes: list[int], reps
     return rows
 
 
-def draft_costs(drafter: FeatureDrafter, runner: ModelRunner, context: list[int], k: int, sizes: list[int],
-                reps: int) -> list[dict]:
-    features = runner.forward([ForwardJob(SessionCache(), context, len(context) - 1,
-                                          tuple(drafter.feature_layers))])[0].features
-    entry = SessionCache()
+def draft_costs(drafters: dict[str, FeatureDrafter], runner: ModelRunner, context: list[int], k: int,
+                sizes: list[int], reps: int) -> list[dict]:
+    """Proposal times per sampling, for each drafter (by its matrix products' dtype), in turns."""
+    layers = tuple(next(iter(drafters.values())).feature_layers)
+    features = runner.forward([ForwardJob(SessionCache(), context, len(context) - 1, layers)])[0].features
 
-    def propose(nodes: int, params: SamplingParams):
+    def propose(drafter: FeatureDrafter, entry: SessionCache, nodes: int, params: SamplingParams):
         def call():
             if entry.kv is not None:
                 entry.kv.crop(len(context) - 2)  # one newly committed token to take in, as in a round
@@ -75,8 +76,12 @@ def draft_costs(drafter: FeatureDrafter, runner: ModelRunner, context: list[int]
 
     rows = []
     for name, params in (("greedy", SamplingParams()), ("coupled", SamplingParams(0.7, seed=1, rule=COUPLED))):
-        rows.append({"sampling": name, **_medians_ms({"chain_ms": propose(0, params),
-                                                       **{f"tree{n}_ms": propose(n, params) for n in sizes}}, reps)})
+        calls = {}
+        for dtype, drafter in drafters.items():
+            entry = SessionCache()
+            calls[f"{dtype}_chain_ms"] = propose(drafter, entry, 0, params)
+            calls.update({f"{dtype}_tree{n}_ms": propose(drafter, entry, n, params) for n in sizes})
+        rows.append({"sampling": name, **_medians_ms(calls, reps)})
     return rows
 
 
@@ -88,14 +93,18 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--sizes", default="4,7,8,12,16")
     parser.add_argument("--reps", type=int, default=12)
+    parser.add_argument("--matmul-dtypes", default="float16,float32",
+                        help="the drafter's matrix products in each of these dtypes (the draft service's --matmul-dtype)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     model = models.load_model(args.target)
     runner = ModelRunner(model, model.config.vocab_size)
-    drafter = FeatureDrafter.load(args.drafter or models.default_drafter(args.target), target=args.target)
+    folder = args.drafter or models.default_drafter(args.target)
+    drafters = {dtype: FeatureDrafter.load(folder, target=args.target, matmul_dtype=dtype)
+                for dtype in args.matmul_dtypes.split(",")}
     context = torch.randint(0, 40000, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
     print(json.dumps({"context": args.context, "verify": verify_costs(runner, context, sizes, args.reps),
-                      "propose": draft_costs(drafter, runner, context, args.k, [7, 12], args.reps)}, indent=1))
+                      "propose": draft_costs(drafters, runner, context, args.k, [7, 12], args.reps)}, indent=1))
 
 
 if __name__ == "__main__":

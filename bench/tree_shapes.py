@@ -92,14 +92,19 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=1, help="prompts per Spec-Bench category")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--matmul-dtypes", default="float16",
+                        help="evaluate every shape with the drafter's matrix products in each of these dtypes "
+                             "(the draft service's --matmul-dtype; float16 is its default)")
     parser.add_argument("--shapes", default="chain+ngram0,chain+ngram2,1x4x7+ngram0,1x4x7+ngram1,1x4x7+ngram2,"
                                                 "1x4x7+ngram3,4x4x7+ngram0,4x4x7+ngram2,1x4x10+ngram2")
     args = parser.parse_args()
     model = models.load_model(args.target)
     tokenizer = models.load_tokenizer(args.target)
     runner = ModelRunner(model, model.config.vocab_size)
-    drafter = FeatureDrafter.load(args.drafter or models.default_drafter(args.target), target=args.target)
-    layers = tuple(drafter.feature_layers)
+    folder = args.drafter or models.default_drafter(args.target)
+    drafters = {dtype: FeatureDrafter.load(folder, target=args.target, matmul_dtype=dtype)
+                for dtype in args.matmul_dtypes.split(",")}
+    layers = tuple(next(iter(drafters.values())).feature_layers)
     answers = []
     for prompt in load_prompts(default_prompts_file(), args.limit, ()):
         ids = turn_tokens(tokenizer, prompt.text, raw=False, history=(), eos_ids=())
@@ -108,7 +113,8 @@ def main() -> None:
         full = out[0].tolist()
         features = runner.forward([ForwardJob(SessionCache(), full, len(full) - 1, layers, 0)])[0].features
         answers.append((prompt.category, full, len(ids), features))
-    results = [evaluate(drafter, answers, args.k, shape) for shape in args.shapes.split(",")]
+    results = [{"matmul_dtype": dtype, **evaluate(drafter, answers, args.k, shape)}
+               for shape in args.shapes.split(",") for dtype, drafter in drafters.items()]
     print(json.dumps({"k": args.k, "prompts": len(answers), "shapes": results}, indent=1))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specdec.config import batch_invariant_option, compile_option, option
+from specdec.eagle import DRAFT_MATMUL_DTYPE, MATMUL_DTYPES
 from specdec.ngram import HYBRID_MIN_NGRAM
 
 
@@ -16,6 +17,9 @@ class DraftConfig:
     tree_expand: int = option(0, "feature drafter, trees of drafts: nodes expanded per depth (0 = auto: 1 on CPU, where "
                               "a 4-row step of the head costs 1.5x a 1-row one, 4 on CUDA, where rows are nearly free)")
     tree_children: int = option(4, "feature drafter, trees of drafts: children drafted per expanded node")
+    matmul_dtype: str = option(DRAFT_MATMUL_DTYPE, "feature drafter: dtype of the head's matrix products (weights "
+                               "held in it; norms, attention and the residual stay float32): "
+                               f"{', '.join(MATMUL_DTYPES)}. Drafts only steer, so no output changes")
     feature_target: str = option("", "a feature drafter's target model, whose embeddings it reads (default: the one "
                                  "it was trained for, from its config.json)")
     host: str = option("127.0.0.1", "address to listen on")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from draft_service.drafters import Proposal, ProposeJob
 from specdec.ngram import HYBRID_MIN_NGRAM, ngram_lookup
-from specdec.eagle import KIND, EagleDrafter
+from specdec.eagle import DRAFT_MATMUL_DTYPE, KIND, MATMUL_DTYPES, EagleDrafter
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import DRAFT, SamplingParams, coupling_noise, probs_from_logits, sample, uniform
 
@@ -56,12 +56,15 @@ class FeatureDrafter:
 
     @classmethod
     def load(cls, folder: str, target: str = "", device: str = "cpu", hybrid_ngram: int = HYBRID_MIN_NGRAM,
-             tree_expand: int = 0, tree_children: int = TREE_CHILDREN) -> "FeatureDrafter":
+             tree_expand: int = 0, tree_children: int = TREE_CHILDREN,
+             matmul_dtype: str = DRAFT_MATMUL_DTYPE) -> "FeatureDrafter":
         """The head in `folder`, reading the embeddings of `target` (default: the model it was
-        trained for)."""
+        trained for), its matrix products in `matmul_dtype` (EagleDrafter.with_matmul_dtype)."""
         from specdec import models
 
-        head = EagleDrafter.load(Path(folder), device=device)
+        if matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"matmul dtype {matmul_dtype!r} is not one of {', '.join(MATMUL_DTYPES)}")
+        head = EagleDrafter.load(Path(folder), device=device).with_matmul_dtype(getattr(torch, matmul_dtype))
         model = models.load_model(target or head.config.target, device=device)
         return cls(head, model.get_input_embeddings().weight.detach().float(), hybrid_ngram, tree_expand,
                    tree_children)

@@ -10,7 +10,7 @@ from draft_service.config import DraftConfig
 from draft_service.drafters import ModelDrafter, NgramDrafter
 from draft_service.feature_drafter import FeatureDrafter
 from specdec import models
-from specdec.eagle import is_drafter_folder
+from specdec.eagle import MATMUL_DTYPES, is_drafter_folder
 from specdec.serving import StartupError
 from draft_service.servicer import DraftServicer
 from specdec.service_base import ModelFacts, SessionHost, load_causal_lm, open_snapshots, tier_keys
@@ -37,9 +37,11 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
     elif is_drafter_folder(config.model):
         if config.tree_expand < 0 or config.tree_children < 1:
             raise StartupError("--tree-expand must be >= 0 (0 = auto) and --tree-children >= 1")
+        if config.matmul_dtype not in MATMUL_DTYPES:
+            raise StartupError(f"--matmul-dtype must be one of {', '.join(MATMUL_DTYPES)}, not {config.matmul_dtype!r}")
         drafter = worker.call(lambda: FeatureDrafter.load(config.model, config.feature_target, config.device,
                                                           config.hybrid_ngram, config.tree_expand,
-                                                          config.tree_children))
+                                                          config.tree_children, config.matmul_dtype))
         target = config.feature_target or drafter.config.target
         tokenizer = models.load_tokenizer(target)
         if models.vocab_fingerprint(tokenizer) != drafter.config.vocab_fingerprint:

@@ -147,12 +147,21 @@ async def start_redis(pipeline: Pipeline) -> None:
     await client.aclose()
 
 
+# The services' OpenMP runtime (torch's CPU threads), unless the environment says otherwise: after
+# a parallel region a thread spins this many times before it sleeps (libgomp's default, 300 000,
+# is ~10x longer). Tiers that share cores then hand them over sooner: the draft's threads are
+# still spinning when the target's Verify starts, and the target's when Propose starts
+# (bench/RESULTS.md, "Cheaper proposals"). The Dockerfile sets the same.
+OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "100000"}
+
+
 async def spawn_service(
     name: str, module: str, args: list[str], timeout_s: float, env: dict[str, str] | None = None
 ) -> Child:
     """Start `python -m module args` and wait for its {"listening": ...} line."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, *args, stdout=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})}
+        sys.executable, "-m", module, *args, stdout=asyncio.subprocess.PIPE,
+        env={**OPENMP_DEFAULTS, **os.environ, **(env or {})},
     )
     child = Child(name, process)
     assert process.stdout is not None

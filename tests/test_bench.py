@@ -58,6 +58,9 @@ def test_drafter_specs_name_trees_hybrids_and_ks():
     assert drafter_name("/d/x+ngram3+tree8") == "x+ngram3+tree8"
     assert drafter_name("auto+ngram0") == "eagle3+no-lookup" and drafter_name("auto+ngram3") == "eagle3+ngram3"
     assert drafter_service("/d/x+ngram0", "smollm2") == ("/d/x", ("--hybrid-ngram", "0"))
+    assert drafter_service("/d/x+ngram0+float32@4", "smollm2") == (
+        "/d/x", ("--hybrid-ngram", "0", "--matmul-dtype", "float32"))
+    assert drafter_name("auto+tree7+float32") == "eagle3+tree7+float32" and drafter_ks("auto+float32@5") == (5,)
 
 
 def test_prompt_selection(prompt_file):

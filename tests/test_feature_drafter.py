@@ -164,6 +164,34 @@ def test_a_tree_takes_prompt_lookups_continuation_as_its_leading_branch(tiny_tar
     assert chain.tokens == copied and chain.parents is None and chain.point_mass
 
 
+def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tiny_target, feature_drafter):
+    from safetensors.torch import load_file
+
+    from draft_service.drafters import ProposeJob
+    from draft_service.feature_drafter import FeatureDrafter
+    from specdec.eagle import CastLinear, DrafterConfig
+    from specdec.kv_cache import SessionCache
+
+    shipped = load_file(str(feature_drafter / "model.safetensors"))
+    exact = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float32")
+    half = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target))  # the default: float16
+    assert isinstance(half.head.lm_head, CastLinear) and isinstance(exact.head.lm_head, torch.nn.Linear)
+    assert torch.equal(half.head.lm_head.weight, shipped["lm_head.weight"])  # the stored weights, bit for bit
+    h = torch.randn(5, half.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        close, reference = half.head.logits(h), exact.head.logits(h)
+    assert close.dtype == torch.float32 and torch.allclose(close, reference, atol=1e-2, rtol=1e-2)
+    assert torch.equal(close.argmax(-1), reference.argmax(-1))
+    config = DrafterConfig.load(feature_drafter)
+    committed = list(range(3, 40))
+    features = torch.randn(len(committed) - 1, len(config.feature_layers) * config.hidden_size,
+                           generator=torch.Generator().manual_seed(1)).half()
+    job = lambda: ProposeJob(SessionCache(), committed, 4, SamplingParams(), features, 0, (), 7)  # noqa: E731
+    assert [half.propose_batch([job()])[0].tokens] == [exact.propose_batch([job()])[0].tokens]
+    with pytest.raises(ValueError, match="float64"):
+        FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float64")
+
+
 def _path(parents: list[int], node: int) -> list[int]:
     """Node indices from the root's child down to `node`."""
     path = []
