@@ -37,22 +37,41 @@ from specdec.runner import ForwardJob, ModelRunner
 from specdec.sampling import SamplingParams, tree_accept, tree_depths
 
 
-def kept(tokens: list[int], parents: list[int] | None, continuation: list[int]) -> int:
-    """How many drafts the round keeps (tree_accept) when the target's choices are `continuation`
-    (a chain when parents is None): the choice after a draft at depth d is continuation[d], -1 past
-    its end."""
+def kept_path(tokens: list[int], parents: list[int] | None, continuation: list[int]) -> tuple[int, ...]:
+    """The drafts the round keeps (tree_accept's path, root to leaf) when the target's choices are
+    `continuation` (a chain when parents is None): the choice after a draft at depth d is
+    continuation[d], -1 past its end."""
     parents = parents if parents is not None else [i - 1 for i in range(len(tokens))]
     choice = lambda depth: continuation[depth] if depth < len(continuation) else -1  # noqa: E731
-    return tree_accept(tokens, parents, [choice(0)] + [choice(d) for d in tree_depths(parents)]).accepted
+    return tree_accept(tokens, parents, [choice(0)] + [choice(d) for d in tree_depths(parents)]).path
+
+
+def kept(tokens: list[int], parents: list[int] | None, continuation: list[int]) -> int:
+    """How many drafts the round keeps (see kept_path)."""
+    return len(kept_path(tokens, parents, continuation))
+
+
+def off_the_leading_chain(path: tuple[int, ...]) -> int:
+    """Kept nodes from the first one off the tree's leading chain (nodes 0, 1, ... in a chain) on:
+    the positions a target cache that held the leading chain would compute again next round
+    (what ModelRunner.keep_path now saves)."""
+    on = next((j for j, node in enumerate(path) if node != j), len(path))
+    return len(path) - on
+
+
+def _walk(per_position: list[int]) -> list[int]:
+    """The positions a decode of an answer starts a round at, when a round from position i yields
+    per_position[i] tokens."""
+    starts, position = [], 0
+    while position < len(per_position):
+        starts.append(position)
+        position += per_position[position]
+    return starts
 
 
 def _rounds(per_position: list[int]) -> int:
-    """Rounds a decode of an answer runs when a round from position i yields per_position[i] tokens."""
-    rounds, position = 0, 0
-    while position < len(per_position):
-        rounds += 1
-        position += per_position[position]
-    return rounds
+    """Rounds a decode of an answer runs (see _walk)."""
+    return len(_walk(per_position))
 
 
 def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, torch.Tensor]], k: int,
@@ -62,10 +81,11 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, t
     drafter.tree_expand, drafter.tree_children = expand, children
     drafter.hybrid_ngram = int(hybrid or 0)
     steps: dict[str, list[int]] = {}
-    rows, times, walked = [], [], []
+    rows, times, walked, recomputed = [], [], [], []
     for category, full, prompt_len, features in answers:
         entry = SessionCache()
         answer_steps = []  # tokens a round from each answer position yields
+        answer_off = []  # of those kept drafts, how many lie off the tree's leading chain
         for position in range(prompt_len, len(full)):
             committed = full[:position]
             job = ProposeJob(entry, committed, k, SamplingParams(), features[: position - 1], 0, (), nodes)
@@ -73,13 +93,21 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, t
             proposal = drafter.propose_batch([job])[0]
             times.append(time.perf_counter() - started)
             rows.append(len(proposal.tokens) + 1)
-            answer_steps.append(1 + kept(proposal.tokens, proposal.parents, full[position : position + k]))
+            path = kept_path(proposal.tokens, proposal.parents, full[position : position + k])
+            answer_steps.append(1 + len(path))
+            answer_off.append(off_the_leading_chain(path))
         steps.setdefault(category, []).extend(answer_steps)
-        walked.append(_rounds(answer_steps))
+        starts = _walk(answer_steps)
+        walked.append(len(starts))
+        recomputed += [answer_off[start] for start in starts]
     every = [s for per in steps.values() for s in per]
     return {"shape": shape, "tokens_per_step": round(statistics.mean(every), 3),
             "tokens_per_round": round(sum(len(full) - length for _, full, length, _ in answers) / sum(walked), 3),
             "verify_rows_mean": round(statistics.mean(rows), 2),
+            # Walked rounds whose kept path left the leading chain, and the rows a cache holding
+            # only that chain would recompute in the next Verify (keep_path saves them).
+            "rounds_off_the_leading_chain": round(sum(1 for r in recomputed if r) / len(recomputed), 3),
+            "recomputed_rows_per_round": round(statistics.mean(recomputed), 3),
             "draft_ms_median": round(statistics.median(times) * 1000, 2), "rounds": len(every),
             "by_category": {c: round(statistics.mean(per), 2) for c, per in steps.items()}}
 

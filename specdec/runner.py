@@ -302,9 +302,7 @@ class ModelRunner:
                 pieces[i].append(logits)
             for i, _, end in spans:
                 done[i] = end
-        results = [ForwardResult(torch.cat(p).float()[:, : self.vocab_size], keep,
-                                 job.entry.features.read(job.features_from, len(job.tokens)) if job.feature_layers
-                                 else None)
+        results = [ForwardResult(torch.cat(p).float()[:, : self.vocab_size], keep, self._features_of(job))
                    for p, keep, job in zip(pieces, starts, jobs)]
         for job in jobs:
             if job.tree:  # keep what a chain would hold: the tokens before the tree, its leading chain
@@ -314,6 +312,36 @@ class ModelRunner:
                 if job.feature_layers:
                     job.entry.features.crop(valid)
         return results
+
+    @torch.inference_mode()
+    def keep_path(self, job: ForwardJob, path: Sequence[int]) -> None:
+        """Right after forward() of a tree job: make its cache hold the tokens before the tree and
+        the nodes on `path` (root to leaf: what the round kept), as a chain of those tokens would,
+        instead of the tree's leading chain. An off-chain node's keys, values and features are
+        bitwise its chain's (its attention ran on its ancestors' chain layout) and still sit in
+        the buffers' slots past the leading chain, so they move into place and the next Verify
+        computes none of them again."""
+        if not job.tree:
+            return
+        entry, start = job.entry, job.tree_start
+        slots, end = [start + node for node in path], start + len(path)
+        moved = list(path) != list(range(len(path)))  # else the leading chain holds it in place
+        if moved:
+            entry.kv.data[:, :, :, start:end] = entry.kv.data[:, :, :, slots]
+        entry.kv.length = end
+        if job.feature_layers and entry.features is not None and entry.features.lo <= start:
+            if moved:
+                entry.features.data[start:end] = entry.features.data[slots]
+            entry.features.hi = end
+        entry.tokens = list(job.tokens[:start]) + [job.tokens[slot] for slot in slots]
+
+    @staticmethod
+    def _features_of(job: ForwardJob) -> torch.Tensor | None:
+        """The job's features: a view of its buffer, a copy for a tree (keep_path moves rows)."""
+        if not job.feature_layers:
+            return None
+        rows = job.entry.features.read(job.features_from, len(job.tokens))
+        return rows.clone() if job.tree else rows
 
     def feature_width(self, layers: Sequence[int]) -> int:
         return len(layers) * self.config.hidden_size

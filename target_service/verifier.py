@@ -9,7 +9,7 @@ import torch
 
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ForwardResult, ModelRunner
-from specdec.sampling import SamplingParams, coupled_draws, probs_from_logits, tree_depths
+from specdec.sampling import SamplingParams, coupled_draws, probs_from_logits, tree_accept, tree_depths
 
 
 @dataclass
@@ -65,7 +65,15 @@ def _verification(job: VerifyJob, result: ForwardResult) -> Verification:
 
 
 def verify_batch(runner: ModelRunner, jobs: Sequence[VerifyJob]) -> list[Verification]:
-    """Score every job's drafts in one forward pass (k+1 distributions or argmax ids each)."""
-    results = runner.forward([job.forward_job() for job in jobs])
-    return [_verification(job, result) for job, result in zip(jobs, results)]
+    """Score every job's drafts in one forward pass (k+1 distributions or argmax ids each). After
+    a tree, each cache keeps the path the coordinator will keep: tree_accept over the target's own
+    choices (greedy or coupled, the rules a tree is verified for), so that the next Verify
+    computes none of its nodes again. Were the coordinator to keep another, that Verify's tokens
+    would differ from the cached ones there and it would recompute from that point, as before."""
+    forward_jobs = [job.forward_job() for job in jobs]
+    verifications = [_verification(job, result) for job, result in zip(jobs, runner.forward(forward_jobs))]
+    for job, forward_job, verification in zip(jobs, forward_jobs, verifications):
+        if job.draft_parents and verification.tokens is not None:
+            runner.keep_path(forward_job, tree_accept(job.draft_tokens, job.draft_parents, verification.tokens).path)
+    return verifications
 

@@ -145,3 +145,28 @@ def test_a_tree_of_drafts_scores_each_draft_as_the_chain_of_its_ancestors(runner
     _, reference = _one_prefill(runner, prefix + nodes[:3])
     assert entry.tokens == prefix + nodes[:3]
     _assert_same_cache(entry, reference)
+
+
+@pytest.mark.parametrize("path", [[0, 5, 6], [3, 4], [0, 1]], ids=["leaves-the-chain", "off-at-the-root", "on-it"])
+def test_after_a_tree_the_cache_keeps_the_path_the_round_kept(runner, path):
+    """ModelRunner.keep_path: the cache then holds the tokens before the tree and the kept path,
+    keys, values and features bitwise what a chain of them computes, so the next Verify reuses
+    all of it; the features the pass returned are not moved."""
+    prefix, layers = _sequence(runner.vocab_size, 70, 3), (1, 2)
+    nodes, parents = [5, 6, 7, 8, 9, 10, 11, 12], [-1, 0, 1, -1, 3, 0, 5, 2]  # leading chain: 0, 1, 2
+    entry = SessionCache()
+    runner.forward([ForwardJob(entry, prefix[:-1], 0, layers, 0)])
+    job = ForwardJob(entry, prefix + nodes, len(prefix) - 1, layers, len(prefix) - 1, tree=parents)
+    returned = runner.forward([job])[0].features
+    sent = returned.clone()
+    runner.keep_path(job, path)
+    assert torch.equal(returned, sent)
+    kept = prefix + [nodes[i] for i in path]
+    reference = SessionCache()
+    runner.forward([ForwardJob(reference, kept, 0, layers, 0)])
+    assert entry.tokens == kept
+    _assert_same_cache(entry, reference)
+    assert torch.equal(entry.features.read(len(prefix), len(kept)), reference.features.read(len(prefix), len(kept)))
+    after = runner.forward([ForwardJob(entry, kept + [13], len(kept), layers, len(kept))])[0]
+    assert after.reused == len(kept)
+    assert torch.equal(after.logits, runner.forward([ForwardJob(reference, kept + [13], len(kept))])[0].logits)
