@@ -46,11 +46,6 @@ def kept_path(tokens: list[int], parents: list[int] | None, continuation: list[i
     return tree_accept(tokens, parents, [choice(0)] + [choice(d) for d in tree_depths(parents)]).path
 
 
-def kept(tokens: list[int], parents: list[int] | None, continuation: list[int]) -> int:
-    """How many drafts the round keeps (see kept_path)."""
-    return len(kept_path(tokens, parents, continuation))
-
-
 def off_the_leading_chain(path: tuple[int, ...]) -> int:
     """Kept nodes from the first one off the tree's leading chain (nodes 0, 1, ... in a chain) on:
     the positions a target cache that held the leading chain would compute again next round
@@ -67,11 +62,6 @@ def _walk(per_position: list[int]) -> list[int]:
         starts.append(position)
         position += per_position[position]
     return starts
-
-
-def _rounds(per_position: list[int]) -> int:
-    """Rounds a decode of an answer runs (see _walk)."""
-    return len(_walk(per_position))
 
 
 def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, torch.Tensor]], k: int,

@@ -228,14 +228,21 @@ def load_conversations(path: Path) -> tuple[list[Conversation], float]:
 
 def draft_vocabulary(conversations: list[Conversation], size: int, eos: list[int]) -> tuple[list[int], float]:
     """The most frequent answer tokens (EOS always in), and the share of answer tokens they cover."""
-    counts = Counter(t for c in conversations for t in c.answer)
+    counts = _answer_counts(conversations)
     chosen = sorted(list(dict.fromkeys(list(eos) + [t for t, _ in counts.most_common(size)]))[:size])
-    return chosen, vocabulary_coverage(conversations, chosen)
+    return chosen, _covered(counts, chosen)
 
 
 def vocabulary_coverage(conversations: list[Conversation], draft_ids: list[int]) -> float:
     """The share of the answers' tokens that are in a draft vocabulary."""
-    counts = Counter(t for c in conversations for t in c.answer)
+    return _covered(_answer_counts(conversations), draft_ids)
+
+
+def _answer_counts(conversations: list[Conversation]) -> Counter:
+    return Counter(t for c in conversations for t in c.answer)
+
+
+def _covered(counts: Counter, draft_ids: list[int]) -> float:
     return sum(counts[t] for t in draft_ids) / max(1, sum(counts.values()))
 
 

@@ -111,15 +111,14 @@ async def test_the_snapshot_bench_runs_and_both_paths_agree(tiny_target, tmp_pat
 
 
 def test_tree_shapes_counts_kept_drafts_and_walks_rounds_as_a_decode_would():
-    from bench.tree_shapes import _rounds, _walk, kept, kept_path, off_the_leading_chain
+    from bench.tree_shapes import _walk, kept_path, off_the_leading_chain
 
     # A chain 5 6 7 against the target's 5 6 9: two kept; a tree with 9 beside 7 keeps all three.
-    assert kept([5, 6, 7], None, [5, 6, 9]) == 2
-    assert kept([5, 6, 7, 9], [-1, 0, 1, 1], [5, 6, 9]) == 3
-    assert kept([5, 6, 7], None, [5]) == 1  # past the answer's end nothing more is kept
+    assert len(kept_path([5, 6, 7], None, [5, 6, 9])) == 2
+    assert len(kept_path([5, 6, 7, 9], [-1, 0, 1, 1], [5, 6, 9])) == 3
+    assert len(kept_path([5, 6, 7], None, [5])) == 1  # past the answer's end nothing more is kept
     # Rounds from positions 0 (3 tokens) and 3 (2 tokens): positions 1, 2 and 4 never start one.
-    assert _rounds([3, 1, 1, 2, 1]) == 2 and _rounds([1, 1, 1]) == 3 and _rounds([]) == 0
-    assert _walk([3, 1, 1, 2, 1]) == [0, 3]
+    assert _walk([3, 1, 1, 2, 1]) == [0, 3] and len(_walk([1, 1, 1])) == 3 and _walk([]) == []
     # The tree 5 6 7 | 9 (under 6): the target's 5 6 9 keeps nodes 0, 1, 3, the last off the chain.
     assert kept_path([5, 6, 7, 9], [-1, 0, 1, 1], [5, 6, 9]) == (0, 1, 3)
     assert off_the_leading_chain((0, 1, 3)) == 1 and off_the_leading_chain((0, 1, 2)) == 0
