@@ -187,7 +187,7 @@ def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tin
     features = torch.randn(len(committed) - 1, len(config.feature_layers) * config.hidden_size,
                            generator=torch.Generator().manual_seed(1)).half()
     job = lambda: ProposeJob(SessionCache(), committed, 4, SamplingParams(), features, 0, (), 7)  # noqa: E731
-    assert [half.propose_batch([job()])[0].tokens] == [exact.propose_batch([job()])[0].tokens]
+    assert half.propose_batch([job()])[0].tokens == exact.propose_batch([job()])[0].tokens
     with pytest.raises(ValueError, match="float64"):
         FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float64")
 
