@@ -11,7 +11,9 @@ round at a time, after a rollback, or rebuilt on another replica from a snapshot
 recomputed tail. Seeded sampling then gives the same tokens after any failover. It holds
 because every reduction is done the same way whatever the batch:
   * matrix products see a row count padded to a multiple of ROWS: the BLAS picks other kernels
-    (with other rounding) for some small row counts;
+    (with other rounding) for some small row counts; and where it also picks other kernels for
+    larger counts (MKL on AVX-512 Xeons does from 16 rows), the eager stages run in pieces of
+    rows no larger than the span it treats alike, probed at start-up (product_rows);
   * attention runs per session over fixed blocks of BLOCK key positions, aligned to absolute
     positions, and adds the blocks' contributions in order (a running sum); blocks past a
     query's position contribute exact zeros, so the number of blocks (the session's current
@@ -161,12 +163,43 @@ def mix(x: torch.Tensor, attended: torch.Tensor, layer: _Layer, eps: float) -> t
     return x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, padded: int) -> torch.Tensor:
-    """x [n, in] @ weight.T, computed on `padded` rows (see the module's docstring)."""
+def _linear(x: torch.Tensor, weight: torch.Tensor, padded: int, piece: int) -> torch.Tensor:
+    """x [n, in] @ weight.T, computed on `padded` rows, in pieces of at most `piece` (see the
+    module's docstring)."""
     rows = x.shape[0]
     if padded != rows:
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-    return F.linear(x, weight)[:rows]
+    return torch.cat([F.linear(x[i : i + piece], weight) for i in range(0, padded, piece)])[:rows]
+
+
+def product_rows(weights: Sequence[torch.Tensor], limit: int = 256) -> int:
+    """The largest row count (a multiple of ROWS, at most `limit`) up to which this BLAS gives
+    every row of x @ w.T the same bits whatever the product's row count: measured on random
+    rows for each weight's shape. Products of more rows are computed in pieces of this many."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {tuple(w.shape): w for w in weights}
+    span = limit
+    for weight in shapes.values():
+        x = torch.randn(limit, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
+        reference = F.linear(x[:ROWS], weight)
+        for rows in range(2 * ROWS, span + 1, ROWS):
+            if not torch.equal(F.linear(x[:rows], weight)[:ROWS], reference):
+                span = rows - ROWS
+                break
+    return span
+
+
+def by_row_pieces(stage, piece: int, row_wise: tuple[int, ...]):
+    """`stage` run on pieces of at most `piece` rows of its row-wise arguments (those at the
+    indices `row_wise`; the stage computes each row on its own), the outputs joined back."""
+    def run(*args):
+        rows = args[0].shape[0]
+        if rows <= piece:
+            return stage(*args)
+        parts = [stage(*(a[i : i + piece] if n in row_wise else a for n, a in enumerate(args)))
+                 for i in range(0, rows, piece)]
+        return tuple(torch.cat(p) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
+    return run
 
 
 def _cat_bias(*linears) -> torch.Tensor | None:
@@ -214,7 +247,12 @@ class ModelRunner:
         # Not invariant: rows are not padded (a 1-row product takes the BLAS's faster kernel), so a
         # position's numbers may differ in the last bits with the batch it was computed in.
         self.invariant = invariant
-        self._eager_stages = (project, mix)
+        # Invariant eager passes: products of more rows than the BLAS treats alike run in pieces.
+        # (The LM head is not probed, for its size: it is pieced like the layers' products.)
+        weights = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self.product_rows = product_rows(weights) if invariant else 1 << 30
+        self._eager_stages = (by_row_pieces(project, self.product_rows, (0, 2, 3)),
+                              by_row_pieces(mix, self.product_rows, (0, 1)))
         self._stages = (self._compiled(project), self._compiled(mix)) if compile else self._eager_stages
         self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self._cos = self._sin = torch.empty(0, self.head_dim, device=self.device)
@@ -400,7 +438,7 @@ class ModelRunner:
         if not len(rows):
             return [x.new_zeros(0, self.lm_head.shape[0]) for _ in spans]
         last = rms_norm(x[rows], self.final_norm, self.eps)
-        logits = _linear(last, self.lm_head, self._rows(len(last)))
+        logits = _linear(last, self.lm_head, self._rows(len(last)), self.product_rows)
         return list(logits.split([len(w) for w in wanted]))
 
     def _positions(self, job: ForwardJob, start: int, end: int) -> torch.Tensor:

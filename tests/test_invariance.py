@@ -14,7 +14,7 @@ from specdec import models
 from specdec.kv_cache import SessionCache
 from specdec.kv_snapshot import decode_chunks, encode_chunk
 from specdec.kv_cache import SessionKV
-from specdec.runner import ForwardJob, ModelRunner
+from specdec.runner import ForwardJob, ModelRunner, by_row_pieces, product_rows
 
 LENGTH = 150
 
@@ -170,3 +170,16 @@ def test_after_a_tree_the_cache_keeps_the_path_the_round_kept(runner, path):
     after = runner.forward([ForwardJob(entry, kept + [13], len(kept), layers, len(kept))])[0]
     assert after.reused == len(kept)
     assert torch.equal(after.logits, runner.forward([ForwardJob(reference, kept + [13], len(kept))])[0].logits)
+
+
+def test_products_run_in_pieces_the_blas_treats_alike():
+    """product_rows finds the span of row counts whose products give each row the same bits, and
+    a stage run in pieces of it returns what each piece computes, joined in order."""
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(1))
+    span = product_rows([weight], limit=64)
+    assert span % 4 == 0 and 4 <= span <= 64
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
+    pieces = torch.cat([torch.nn.functional.linear(x[i : i + span], weight) for i in range(0, 40, span)])
+    stage = by_row_pieces(lambda rows, w, scale: (torch.nn.functional.linear(rows, w) * scale, rows), span, (0, 2))
+    out, rows = stage(x, weight, torch.full((40, 1), 2.0))
+    assert torch.equal(out, pieces * 2.0) and torch.equal(rows, x)
