@@ -69,6 +69,34 @@ def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], co
     return rows
 
 
+def measure_prefills(model_spec: str, lengths: tuple[int, ...], reps: int) -> list[dict]:
+    """A prompt's prefill in one pass: our invariant runner (its products in pieces of
+    product_rows rows) against our runner not invariant (one piece) and Hugging Face's forward."""
+    model = models.load_model(model_spec)
+    vocab = len(models.load_tokenizer(model_spec))
+    runner, loose = ModelRunner(model, vocab), ModelRunner(model, vocab, invariant=False)
+    tokens = torch.randint(0, vocab, (max(lengths),), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(reps + 1):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:])
+
+    rows = []
+    for n in lengths:
+        prefill = lambda r: r.forward([ForwardJob(SessionCache(), tokens[:n], n - 1)])  # noqa: E731
+        with torch.inference_mode():
+            hf = timed(lambda: model(input_ids=torch.tensor([tokens[:n]]), logits_to_keep=1))
+        rows.append({"prompt_tokens": n, "product_rows": runner.product_rows,
+                     "ours_ms": round(1000 * timed(lambda: prefill(runner)), 1),
+                     "ours_not_invariant_ms": round(1000 * timed(lambda: prefill(loose)), 1),
+                     "hf_ms": round(1000 * hf, 1)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -76,7 +104,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--sizes", default="1,2,3,4,5,6,8")
     parser.add_argument("--compiled", action="store_true", help="also our runner with --compile on")
+    parser.add_argument("--prefills", default="",
+                        help="instead: prefills of these prompt lengths (comma-separated), what the invariant "
+                             "runner's products in pieces of product_rows rows cost")
     args = parser.parse_args()
+    if args.prefills:
+        rows = measure_prefills(args.model, tuple(int(n) for n in args.prefills.split(",")), min(args.reps, 3))
+        print(json.dumps({"model": args.model, "torch_threads": torch.get_num_threads(), "prefills": rows}, indent=1))
+        return
     rows = measure(args.model, args.context, args.reps, tuple(int(s) for s in args.sizes.split(",")), args.compiled)
     print(json.dumps({"model": args.model, "context": args.context, "torch_threads": torch.get_num_threads(),
                       "rows": rows}, indent=1))
