@@ -169,7 +169,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, padded: int, piece: int) -> t
     rows = x.shape[0]
     if padded != rows:
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-    return torch.cat([F.linear(x[i : i + piece], weight) for i in range(0, padded, piece)])[:rows]
+    return by_row_pieces(F.linear, piece, (0,))(x, weight)[:rows]
 
 
 def product_rows(weights: Sequence[torch.Tensor], limit: int = 256) -> int:
