@@ -18,7 +18,8 @@ on data the target writes itself.
    distributions for every answer position; the drafter learns to match them (soft cross entropy
    over the draft vocabulary), unrolled --ttt-steps drafting steps on its own outputs (EAGLE-3's
    training-time test), later steps weighted 0.8^j. AdamW, warm-up then cosine over the time
-   budget (--minutes). Checkpoints every --checkpoint-s to OUT/checkpoint.pt; --resume goes on from
+   budget (--minutes), or over --max-steps when that is given (then the run's weights depend on
+   the seed alone, not on the machine's speed; --minutes stays a hard stop). Checkpoints every --checkpoint-s to OUT/checkpoint.pt; --resume goes on from
    the last one. Seeded.
 4. Held-out: chain drafting of 5 tokens from every answer position of greedy held-out
    conversations; the acceptance per position and the tokens a target step would yield go in
@@ -90,6 +91,7 @@ class TrainOptions:
     out: Path = Path("drafters/draft")
     device: str = "cpu"
     minutes: float = 5.0  # training time (after the data)
+    max_steps: int = 0  # > 0: stop after this many steps and schedule the learning rate by steps, not time
     conversations: int = 2000
     data_minutes: float = 5.0  # the data stops at this, or at `conversations`
     batch_conversations: int = 64  # generated together
@@ -455,15 +457,18 @@ def train(options: TrainOptions, log=print) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if options.device.startswith("cuda") \
         else torch.autocast("cpu", enabled=False)
     weights = [0.8**j for j in range(options.ttt_steps)]
-    bar = tqdm(total=round(budget), desc="train", unit="s", disable=not options.progress,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}] {postfix}")
-    bar.update(min(budget, state.trained_s))
+    by_steps = options.max_steps > 0
+    bar = tqdm(total=options.max_steps if by_steps else round(budget), desc="train", unit="step" if by_steps else "s",
+               disable=not options.progress,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} " + ("steps" if by_steps else "s")
+               + " [{elapsed}<{remaining}] {postfix}")
+    bar.update(min(bar.total, state.step if by_steps else state.trained_s))
     last_checkpoint = time.monotonic()
     drafter.train()
-    while state.trained_s < budget:
+    while state.trained_s < budget and not (by_steps and state.step >= options.max_steps):
         tick = time.perf_counter()
         batch = [training[i] for i in next(batches)]
-        progress = state.trained_s / budget
+        progress = state.step / options.max_steps if by_steps else state.trained_s / budget
         lr = options.lr * min(1.0, (state.step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -479,7 +484,7 @@ def train(options: TrainOptions, log=print) -> dict:
         state.losses.append(loss.item())
         spent = time.perf_counter() - tick
         state.trained_s += spent
-        bar.update(min(spent, bar.total - bar.n))
+        bar.update(min(1 if by_steps else spent, bar.total - bar.n))
         bar.set_postfix_str(f"step {state.step} loss {state.losses[-1]:.3f}")
         if time.monotonic() - last_checkpoint > options.checkpoint_s:
             _save_checkpoint(checkpoint_file, drafter, optimizer, state, rng)
@@ -557,6 +562,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write the drafter to")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (after the data)")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="stop after this many steps, the learning rate scheduled by steps (a run that "
+                        "depends on the seed alone); --minutes stays a hard stop")
     parser.add_argument("--conversations", type=int, default=2000, help="conversations the target writes")
     parser.add_argument("--data-minutes", type=float, default=5.0, help="time budget for writing them")
     parser.add_argument("--batch-conversations", type=int, default=64, help="conversations generated at once")
@@ -583,6 +591,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(
         target=args.target, out=Path(args.out), device=args.device, minutes=args.minutes,
+        max_steps=args.max_steps,
         conversations=args.conversations, data_minutes=args.data_minutes,
         batch_conversations=args.batch_conversations, answer_tokens=args.answer_tokens, grounded=args.grounded,
         follow_ups=args.follow_ups, draft_vocab=args.draft_vocab,

@@ -37,8 +37,12 @@ def _train(target: Path, out: Path, **overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def feature_drafter(tiny_target, tmp_path_factory) -> Path:
+    """A drafter bounded by steps, not time, so its weights are the same on a fast machine and a
+    slow one (a time-bounded head differs with the machine's speed, and the float16 test below
+    would then meet near-tied candidates on some machines and not on others)."""
     out = tmp_path_factory.mktemp("drafter") / "tiny-eagle3"
-    _train(tiny_target, out)
+    training = _train(tiny_target, out, minutes=5.0, max_steps=120)
+    assert training["steps"] == 120
     return out
 
 
@@ -82,6 +86,18 @@ def test_train_draft_fine_tunes_a_drafter_it_is_given(tiny_target, feature_draft
     assert "initialised from" in (tmp_path / "tuned" / "README.md").read_text()
     with pytest.raises(ValueError, match="fuses layers"):
         _train(tiny_target, tmp_path / "other", init=str(feature_drafter), feature_layers=(1,), minutes=0.01)
+
+
+def test_a_step_bounded_run_depends_on_the_seed_not_on_the_time_it_is_given(tiny_target, feature_drafter, tmp_path):
+    data = str(feature_drafter / "data.pt")
+    runs = [_train(tiny_target, tmp_path / name, data=data, max_steps=6, minutes=minutes)
+            for name, minutes in (("roomy", 5.0), ("tight", 1.0))]
+    assert [run["steps"] for run in runs] == [6, 6]
+    roomy, tight = EagleDrafter.load(tmp_path / "roomy"), EagleDrafter.load(tmp_path / "tight")
+    assert all(torch.equal(a, b) for a, b in zip(roomy.state_dict().values(), tight.state_dict().values()))
+    other_seed = _train(tiny_target, tmp_path / "seed1", data=data, max_steps=6, minutes=5.0, seed=1)
+    assert other_seed["steps"] == 6
+    assert not torch.equal(EagleDrafter.load(tmp_path / "seed1").fc.weight, roomy.fc.weight)
 
 
 def test_the_training_mask_sees_what_drafting_holds():
