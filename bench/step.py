@@ -6,7 +6,9 @@ pass with its DynamicCache, for 1 to 8 new tokens after a cached context.
 Median of --reps timed steps after a warm-up, each a crop back to the context and a forward of
 the new tokens (what a verify of k + 1 = n tokens costs). The ratio is what bitwise invariance
 (row counts padded to a multiple of 4, blockwise attention) costs, or saves, per step;
-ours_not_invariant_ms is our runner with --batch-invariant false (one-row passes unpadded).
+ours_not_invariant_ms is our runner with --batch-invariant false (one-row passes unpadded);
+ours_f_linear_ms our runner with its products through F.linear instead of oneDNN (what they were
+before oneDNN; the same where oneDNN does not run).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], co
     model = models.load_model(model_spec)
     vocab = len(models.load_tokenizer(model_spec))
     runner, loose = ModelRunner(model, vocab), ModelRunner(model, vocab, invariant=False)
+    dense = ModelRunner(model, vocab, onednn=False)
     fused = ModelRunner(model, vocab, compile=True) if compiled else None
     if fused is not None:
         fused.warm_up()
@@ -61,9 +64,10 @@ def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], co
     rows = []
     for n in sizes:
         ours, theirs = _ours(runner, tokens, context, n, reps), _hugging_face(model, tokens, context, n, reps)
-        unpadded = _ours(loose, tokens, context, n, reps)
+        unpadded, f_linear = _ours(loose, tokens, context, n, reps), _ours(dense, tokens, context, n, reps)
         rows.append({"new_tokens": n, "ours_ms": round(1000 * ours, 1), "hf_ms": round(1000 * theirs, 1),
-                     "ours_vs_hf": round(ours / theirs, 2), "ours_not_invariant_ms": round(1000 * unpadded, 1)})
+                     "ours_vs_hf": round(ours / theirs, 2), "ours_not_invariant_ms": round(1000 * unpadded, 1),
+                     "ours_f_linear_ms": round(1000 * f_linear, 1)})
         if fused is not None:
             rows[-1]["ours_compiled_ms"] = round(1000 * _ours(fused, tokens, context, n, reps), 1)
     return rows
@@ -75,6 +79,7 @@ def measure_prefills(model_spec: str, lengths: tuple[int, ...], reps: int) -> li
     model = models.load_model(model_spec)
     vocab = len(models.load_tokenizer(model_spec))
     runner, loose = ModelRunner(model, vocab), ModelRunner(model, vocab, invariant=False)
+    dense = ModelRunner(model, vocab, onednn=False)
     tokens = torch.randint(0, vocab, (max(lengths),), generator=torch.Generator().manual_seed(0)).tolist()
 
     def timed(fn) -> float:
@@ -93,6 +98,7 @@ def measure_prefills(model_spec: str, lengths: tuple[int, ...], reps: int) -> li
         rows.append({"prompt_tokens": n, "product_rows": runner.product_rows,
                      "ours_ms": round(1000 * timed(lambda: prefill(runner)), 1),
                      "ours_not_invariant_ms": round(1000 * timed(lambda: prefill(loose)), 1),
+                     "ours_f_linear_ms": round(1000 * timed(lambda: prefill(dense)), 1),
                      "hf_ms": round(1000 * hf, 1)})
     return rows
 

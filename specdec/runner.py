@@ -13,7 +13,8 @@ because every reduction is done the same way whatever the batch:
   * matrix products see a row count padded to a multiple of ROWS: the BLAS picks other kernels
     (with other rounding) for some small row counts; and where it also picks other kernels for
     larger counts (MKL on AVX-512 Xeons does from 16 rows), the eager stages run in pieces of
-    rows no larger than the span it treats alike, probed at start-up (product_rows);
+    rows no larger than the span it treats alike, probed at start-up (product_rows); the LM head
+    (oneDNN on CPU) has its own probed span;
   * attention runs per session over fixed blocks of BLOCK key positions, aligned to absolute
     positions, and adds the blocks' contributions in order (a running sum); blocks past a
     query's position contribute exact zeros, so the number of blocks (the session's current
@@ -27,6 +28,7 @@ tests/test_invariance.py checks it on every path; its cost is measured in bench/
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -142,11 +144,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def project(x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-            head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A layer's queries (rotated), keys (rotated) and values for rows x [P, hidden]."""
+            head_dim: int, eps: float, product=F.linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's queries (rotated), keys (rotated) and values for rows x [P, hidden]; `product` is
+    F.linear or onednn_linear (as the layer's weights are stored)."""
     rows = x.shape[0]
     h = rms_norm(x, layer.input_norm, eps)
-    q, k, v = F.linear(h, layer.qkv, layer.qkv_bias).split([heads * head_dim, kv_heads * head_dim,
+    q, k, v = product(h, layer.qkv, layer.qkv_bias).split([heads * head_dim, kv_heads * head_dim,
                                                            kv_heads * head_dim], dim=-1)
     q, k = q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim)
     if layer.q_norm is not None:
@@ -156,24 +159,43 @@ def project(x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor
     return q, k, v.reshape(rows, kv_heads, head_dim)
 
 
-def mix(x: torch.Tensor, attended: torch.Tensor, layer: _Layer, eps: float) -> torch.Tensor:
+def mix(x: torch.Tensor, attended: torch.Tensor, layer: _Layer, eps: float, product=F.linear) -> torch.Tensor:
     """The rest of the layer: output projection, residual, MLP (SiLU-gated), residual."""
-    x = x + F.linear(attended, layer.o, layer.o_bias)
-    gate, up = F.linear(rms_norm(x, layer.post_norm, eps), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+    x = x + product(attended, layer.o, layer.o_bias)
+    gate, up = product(rms_norm(x, layer.post_norm, eps), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+    return x + product(F.silu(gate) * up, layer.down, layer.down_bias)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, padded: int, piece: int) -> torch.Tensor:
-    """x [n, in] @ weight.T, computed on `padded` rows, in pieces of at most `piece` (see the
-    module's docstring)."""
+def _linear(x: torch.Tensor, weight: torch.Tensor, padded: int, piece: int, product=F.linear) -> torch.Tensor:
+    """product(x, weight) (x [n, in] @ weight.T), computed on `padded` rows, in pieces of at most
+    `piece` (see the module's docstring)."""
     rows = x.shape[0]
     if padded != rows:
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-    return by_row_pieces(F.linear, piece, (0,))(x, weight)[:rows]
+    return by_row_pieces(product, piece, (0,))(x, weight)[:rows]
 
 
-def product_rows(weights: Sequence[torch.Tensor], limit: int = 256) -> int:
-    """The largest row count (a multiple of ROWS, at most `limit`) up to which this BLAS gives
+def onednn_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [n, in] @ weight.T (+ bias) by oneDNN, `blocked` being weight.to_mkldnn() (reordered once
+    into oneDNN's blocked layout)."""
+    y = torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), blocked, None).to_dense()
+    return y if bias is None else y + bias
+
+
+def onednn_runs(weights: Sequence[torch.Tensor]) -> bool:
+    """Whether oneDNN can run products with these weights (float32 CPU tensors, a build with it)."""
+    return torch.backends.mkldnn.is_available() and all(
+        w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
+
+
+def _reordered(layer: _Layer) -> _Layer:
+    """The layer with its four products' weights in oneDNN's layout (onednn_linear's)."""
+    return dataclasses.replace(layer, qkv=layer.qkv.to_mkldnn(), o=layer.o.to_mkldnn(),
+                               gate_up=layer.gate_up.to_mkldnn(), down=layer.down.to_mkldnn())
+
+
+def product_rows(weights: Sequence[torch.Tensor], limit: int = 256, product=F.linear) -> int:
+    """The largest row count (a multiple of ROWS, at most `limit`) up to which `product` gives
     every row of x @ w.T the same bits whatever the product's row count: measured on random
     rows for each weight's shape. Products of more rows are computed in pieces of this many."""
     generator = torch.Generator().manual_seed(0)
@@ -181,9 +203,9 @@ def product_rows(weights: Sequence[torch.Tensor], limit: int = 256) -> int:
     span = limit
     for weight in shapes.values():
         x = torch.randn(limit, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
-        reference = F.linear(x[:ROWS], weight)
+        reference = product(x[:ROWS], weight)
         for rows in range(2 * ROWS, span + 1, ROWS):
-            if not torch.equal(F.linear(x[:rows], weight)[:ROWS], reference):
+            if not torch.equal(product(x[:rows], weight)[:ROWS], reference):
                 span = rows - ROWS
                 break
     return span
@@ -212,7 +234,7 @@ class ModelRunner:
     service's model worker)."""
 
     def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK, compile: bool = False,
-                 invariant: bool = True):
+                 invariant: bool = True, onednn: bool = True):
         config = model.config
         model_type = getattr(config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -247,12 +269,24 @@ class ModelRunner:
         # Not invariant: rows are not padded (a 1-row product takes the BLAS's faster kernel), so a
         # position's numbers may differ in the last bits with the batch it was computed in.
         self.invariant = invariant
-        # Invariant eager passes: products of more rows than the BLAS treats alike run in pieces.
-        # (The LM head is not probed, for its size: it is pieced like the layers' products.)
+        # Eager products through oneDNN on CPU, each weight reordered once into its blocked layout
+        # (a copy): a step of 1-16 rows 20-30% faster than F.linear's here, the LM head 2-2.5x
+        # (bench/RESULTS.md). Compiled stages keep F.linear (torch.compile takes plain tensors).
+        self.onednn = onednn and not compile and onednn_runs([self.lm_head] + [
+            w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)])
+        self.product = onednn_linear if self.onednn else F.linear
+        if self.onednn:
+            self.layers = [_reordered(layer) for layer in self.layers]
+        self.head_weight = self.lm_head.to_mkldnn() if self.onednn else self.lm_head
+        # Invariant eager passes: products of more rows than the product treats alike run in
+        # pieces: the layers' span probed up to 256 rows, the LM head's up to 64 (more rows in one
+        # product gain nothing here).
         weights = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        self.product_rows = product_rows(weights) if invariant else 1 << 30
-        self._eager_stages = (by_row_pieces(project, self.product_rows, (0, 2, 3)),
-                              by_row_pieces(mix, self.product_rows, (0, 1)))
+        self.product_rows = product_rows(weights, 256, self.product) if invariant else 1 << 30
+        self.head_rows = product_rows([self.head_weight], 64, self.product) if invariant else 1 << 30
+        self._eager_stages = (by_row_pieces(functools.partial(project, product=self.product), self.product_rows,
+                                            (0, 2, 3)),
+                              by_row_pieces(functools.partial(mix, product=self.product), self.product_rows, (0, 1)))
         self._stages = (self._compiled(project), self._compiled(mix)) if compile else self._eager_stages
         self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self._cos = self._sin = torch.empty(0, self.head_dim, device=self.device)
@@ -438,7 +472,7 @@ class ModelRunner:
         if not len(rows):
             return [x.new_zeros(0, self.lm_head.shape[0]) for _ in spans]
         last = rms_norm(x[rows], self.final_norm, self.eps)
-        logits = _linear(last, self.lm_head, self._rows(len(last)), self.product_rows)
+        logits = _linear(last, self.head_weight, self._rows(len(last)), self.head_rows, self.product)
         return list(logits.split([len(w) for w in wanted]))
 
     def _positions(self, job: ForwardJob, start: int, end: int) -> torch.Tensor:

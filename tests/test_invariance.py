@@ -14,16 +14,20 @@ from specdec import models
 from specdec.kv_cache import SessionCache
 from specdec.kv_snapshot import decode_chunks, encode_chunk
 from specdec.kv_cache import SessionKV
-from specdec.runner import ForwardJob, ModelRunner, by_row_pieces, product_rows
+from specdec.runner import ForwardJob, ModelRunner, by_row_pieces, onednn_linear, product_rows
 
 LENGTH = 150
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["eager", "compiled"])
+@pytest.fixture(scope="module", params=["eager", "f-linear", "compiled"])
 def runner(tiny_target, request):
-    """Both paths keep the invariance: the compiled one (torch.compile) pads to other row counts."""
+    """Every path keeps the invariance: eager products through oneDNN (the default on CPU) or
+    F.linear, and the compiled one (torch.compile), which pads to other row counts."""
     model = models.load_model(str(tiny_target))
-    return ModelRunner(model, model.config.vocab_size, max_chunk=32, compile=request.param)
+    runner = ModelRunner(model, model.config.vocab_size, max_chunk=32, compile=request.param == "compiled",
+                         onednn=request.param == "eager")
+    assert runner.onednn == (request.param == "eager")  # this CPU build has oneDNN
+    return runner
 
 
 def _sequence(vocab: int, length: int, seed: int) -> list[int]:
@@ -170,6 +174,19 @@ def test_after_a_tree_the_cache_keeps_the_path_the_round_kept(runner, path):
     after = runner.forward([ForwardJob(entry, kept + [13], len(kept), layers, len(kept))])[0]
     assert after.reused == len(kept)
     assert torch.equal(after.logits, runner.forward([ForwardJob(reference, kept + [13], len(kept))])[0].logits)
+
+
+def test_onednn_products_match_f_linear_and_keep_rows_alike():
+    """onednn_linear (the weight reordered once) computes x @ w.T + b as F.linear does, to the
+    last bits or nearly, and product_rows finds its span like any product's."""
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(96, 64, generator=generator), torch.randn(96, generator=generator)
+    x = torch.randn(40, 64, generator=generator)
+    blocked = weight.to_mkldnn()
+    assert torch.allclose(onednn_linear(x, blocked, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-5)
+    span = product_rows([blocked], limit=64, product=onednn_linear)
+    assert span % 4 == 0 and 4 <= span <= 64
+    assert torch.equal(onednn_linear(x[:span], blocked)[:4], onednn_linear(x[:4], blocked))
 
 
 def test_products_run_in_pieces_the_blas_treats_alike():
