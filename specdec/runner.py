@@ -175,23 +175,27 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, padded: int, piece: int, prod
     return by_row_pieces(product, piece, (0,))(x, weight)[:rows]
 
 
-def onednn_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [n, in] @ weight.T (+ bias) by oneDNN, `blocked` being weight.to_mkldnn() (reordered once
-    into oneDNN's blocked layout)."""
-    y = torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), blocked, None).to_dense()
-    return y if bias is None else y + bias
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [n, in] @ weight.T (+ bias) by oneDNN, `packed` being reorder_for_onednn(weight). The op
+    is the one torch's inductor emits for CPU linears; it takes and returns plain tensors."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def reorder_for_onednn(weight: torch.Tensor) -> torch.Tensor:
+    """The weight [out, in] reordered once into oneDNN's blocked layout (a copy)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
 def onednn_runs(weights: Sequence[torch.Tensor]) -> bool:
     """Whether oneDNN can run products with these weights (float32 CPU tensors, a build with it)."""
-    return torch.backends.mkldnn.is_available() and all(
-        w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights))
 
 
 def _reordered(layer: _Layer) -> _Layer:
     """The layer with its four products' weights in oneDNN's layout (onednn_linear's)."""
-    return dataclasses.replace(layer, qkv=layer.qkv.to_mkldnn(), o=layer.o.to_mkldnn(),
-                               gate_up=layer.gate_up.to_mkldnn(), down=layer.down.to_mkldnn())
+    return dataclasses.replace(layer, qkv=reorder_for_onednn(layer.qkv), o=reorder_for_onednn(layer.o),
+                               gate_up=reorder_for_onednn(layer.gate_up), down=reorder_for_onednn(layer.down))
 
 
 def product_rows(weights: Sequence[torch.Tensor], limit: int = 256, product=F.linear) -> int:
@@ -277,7 +281,7 @@ class ModelRunner:
         self.product = onednn_linear if self.onednn else F.linear
         if self.onednn:
             self.layers = [_reordered(layer) for layer in self.layers]
-        self.head_weight = self.lm_head.to_mkldnn() if self.onednn else self.lm_head
+        self.head_weight = reorder_for_onednn(self.lm_head) if self.onednn else self.lm_head
         # Invariant eager passes: products of more rows than the product treats alike run in
         # pieces: the layers' span probed up to 256 rows, the LM head's up to 64 (more rows in one
         # product gain nothing here).

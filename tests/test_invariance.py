@@ -14,7 +14,7 @@ from specdec import models
 from specdec.kv_cache import SessionCache
 from specdec.kv_snapshot import decode_chunks, encode_chunk
 from specdec.kv_cache import SessionKV
-from specdec.runner import ForwardJob, ModelRunner, by_row_pieces, onednn_linear, product_rows
+from specdec.runner import ForwardJob, ModelRunner, by_row_pieces, onednn_linear, product_rows, reorder_for_onednn
 
 LENGTH = 150
 
@@ -182,11 +182,11 @@ def test_onednn_products_match_f_linear_and_keep_rows_alike():
     generator = torch.Generator().manual_seed(3)
     weight, bias = torch.randn(96, 64, generator=generator), torch.randn(96, generator=generator)
     x = torch.randn(40, 64, generator=generator)
-    blocked = weight.to_mkldnn()
-    assert torch.allclose(onednn_linear(x, blocked, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-5)
-    span = product_rows([blocked], limit=64, product=onednn_linear)
+    packed = reorder_for_onednn(weight)
+    assert torch.allclose(onednn_linear(x, packed, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-5)
+    span = product_rows([packed], limit=64, product=onednn_linear)
     assert span % 4 == 0 and 4 <= span <= 64
-    assert torch.equal(onednn_linear(x[:span], blocked)[:4], onednn_linear(x[:4], blocked))
+    assert torch.equal(onednn_linear(x[:span], packed)[:4], onednn_linear(x[:4], packed))
 
 
 def test_products_run_in_pieces_the_blas_treats_alike():
