@@ -32,7 +32,8 @@ def batch_invariant_option() -> Any:
     """--batch-invariant of a service that runs a model."""
     return option(True, "numbers that do not depend on batching or chunking (matrix rows padded to a multiple of "
                   "4), so seeded output survives batching and failover; false: single-token steps run unpadded "
-                  "(faster on CPU; bitwise reproducibility lost)", negation=False)
+                  "(faster where the BLAS has a faster one-row kernel: F.linear on CPU, not oneDNN; bitwise "
+                  "reproducibility lost)", negation=False)
 
 
 def env_name(prefix: str, field_name: str) -> str:
