@@ -187,9 +187,18 @@ def reorder_for_onednn(weight: torch.Tensor) -> torch.Tensor:
 
 
 def onednn_runs(weights: Sequence[torch.Tensor]) -> bool:
-    """Whether oneDNN can run products with these weights (float32 CPU tensors, a build with it)."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights))
+    """Whether oneDNN can run products with these weights: float32 CPU tensors, and a torch build
+    whose oneDNN ops exist and run on this CPU (tried once on a small product)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if not all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights):
+        return False
+    try:
+        onednn_linear(torch.ones(ROWS, 8), reorder_for_onednn(torch.ones(4, 8)))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _reordered(layer: _Layer) -> _Layer:

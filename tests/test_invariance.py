@@ -14,7 +14,7 @@ from specdec import models
 from specdec.kv_cache import SessionCache
 from specdec.kv_snapshot import decode_chunks, encode_chunk
 from specdec.kv_cache import SessionKV
-from specdec.runner import ForwardJob, ModelRunner, by_row_pieces, onednn_linear, product_rows, reorder_for_onednn
+from specdec.runner import ForwardJob, ModelRunner, by_row_pieces, onednn_linear, onednn_runs, product_rows, reorder_for_onednn
 
 LENGTH = 150
 
@@ -187,6 +187,8 @@ def test_onednn_products_match_f_linear_and_keep_rows_alike():
     span = product_rows([packed], limit=64, product=onednn_linear)
     assert span % 4 == 0 and 4 <= span <= 64
     assert torch.equal(onednn_linear(x[:span], packed)[:4], onednn_linear(x[:4], packed))
+    # Float32 CPU weights only: another dtype keeps F.linear.
+    assert onednn_runs([weight]) and not onednn_runs([weight, weight.double()])
 
 
 def test_products_run_in_pieces_the_blas_treats_alike():
