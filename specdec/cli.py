@@ -232,9 +232,8 @@ def _add_runner_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
                         help="torch.compile the target and a model drafter (CUDA graphs on CUDA); auto: on for CUDA")
     parser.add_argument("--no-batch-invariant", action="store_true",
-                        help="unpadded single-token steps (faster with F.linear products, not with oneDNN's); seeded "
-                             "output may then change with "
-                             "batching or failover")
+                        help="unpadded single-token steps (faster with F.linear products, not with oneDNN's); "
+                             "seeded output may then change with batching or failover")
 
 
 def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:

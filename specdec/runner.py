@@ -13,8 +13,8 @@ because every reduction is done the same way whatever the batch:
   * matrix products see a row count padded to a multiple of ROWS: the BLAS picks other kernels
     (with other rounding) for some small row counts; and where it also picks other kernels for
     larger counts (MKL on AVX-512 Xeons does from 16 rows), the eager stages run in pieces of
-    rows no larger than the span it treats alike, probed at start-up (product_rows); the LM head
-    (oneDNN on CPU) has its own probed span;
+    rows no larger than the span it treats alike, probed at start-up (product_rows; the LM head
+    has its own). On CPU the products are oneDNN's (onednn_linear), probed the same way;
   * attention runs per session over fixed blocks of BLOCK key positions, aligned to absolute
     positions, and adds the blocks' contributions in order (a running sum); blocks past a
     query's position contribute exact zeros, so the number of blocks (the session's current
@@ -283,8 +283,8 @@ class ModelRunner:
         # position's numbers may differ in the last bits with the batch it was computed in.
         self.invariant = invariant
         # Eager products through oneDNN on CPU, each weight reordered once into its blocked layout
-        # (a copy): a step of 1-16 rows 20-30% faster than F.linear's here, the LM head 2-2.5x
-        # (bench/RESULTS.md). Compiled stages keep F.linear (torch.compile takes plain tensors).
+        # (a copy): a SmolLM2 step of 1-16 rows about half F.linear's time here (bench/RESULTS.md).
+        # Compiled stages keep F.linear (torch.compile is handed the plain weights).
         self.onednn = onednn and not compile and onednn_runs([self.lm_head] + [
             w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)])
         self.product = onednn_linear if self.onednn else F.linear

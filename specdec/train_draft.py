@@ -19,8 +19,8 @@ on data the target writes itself.
    over the draft vocabulary), unrolled --ttt-steps drafting steps on its own outputs (EAGLE-3's
    training-time test), later steps weighted 0.8^j. AdamW, warm-up then cosine over the time
    budget (--minutes), or over --max-steps when that is given (then the run's weights depend on
-   the seed alone, not on the machine's speed; --minutes stays a hard stop). Checkpoints every --checkpoint-s to OUT/checkpoint.pt; --resume goes on from
-   the last one. Seeded.
+   the seed alone, not on the machine's speed; --minutes stays a hard stop). Checkpoints every
+   --checkpoint-s to OUT/checkpoint.pt; --resume goes on from the last one. Seeded.
 4. Held-out: chain drafting of 5 tokens from every answer position of greedy held-out
    conversations; the acceptance per position and the tokens a target step would yield go in
    the card (OUT/README.md) with the data size, steps, wall time and device.

@@ -14,7 +14,8 @@ from specdec import models
 from specdec.kv_cache import SessionCache
 from specdec.kv_snapshot import decode_chunks, encode_chunk
 from specdec.kv_cache import SessionKV
-from specdec.runner import ForwardJob, ModelRunner, by_row_pieces, onednn_linear, onednn_runs, product_rows, reorder_for_onednn
+from specdec.runner import (ForwardJob, ModelRunner, by_row_pieces, onednn_linear, onednn_runs, product_rows,
+                            reorder_for_onednn)
 
 LENGTH = 150
 
