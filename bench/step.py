@@ -52,11 +52,17 @@ def _hugging_face(model, tokens: list[int], context: int, n: int, reps: int) -> 
     return statistics.median(times[2:])
 
 
-def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], compiled: bool = False) -> list[dict]:
+def _our_runners(model_spec: str):
+    """The model, its vocabulary size, and our runner three ways: invariant (the default), not
+    invariant, and with F.linear products instead of oneDNN's."""
     model = models.load_model(model_spec)
     vocab = len(models.load_tokenizer(model_spec))
-    runner, loose = ModelRunner(model, vocab), ModelRunner(model, vocab, invariant=False)
-    dense = ModelRunner(model, vocab, onednn=False)
+    return (model, vocab, ModelRunner(model, vocab), ModelRunner(model, vocab, invariant=False),
+            ModelRunner(model, vocab, onednn=False))
+
+
+def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], compiled: bool = False) -> list[dict]:
+    model, vocab, runner, loose, dense = _our_runners(model_spec)
     fused = ModelRunner(model, vocab, compile=True) if compiled else None
     if fused is not None:
         fused.warm_up()
@@ -76,10 +82,7 @@ def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], co
 def measure_prefills(model_spec: str, lengths: tuple[int, ...], reps: int) -> list[dict]:
     """A prompt's prefill in one pass: our invariant runner (its products in pieces of
     product_rows rows) against our runner not invariant (one piece) and Hugging Face's forward."""
-    model = models.load_model(model_spec)
-    vocab = len(models.load_tokenizer(model_spec))
-    runner, loose = ModelRunner(model, vocab), ModelRunner(model, vocab, invariant=False)
-    dense = ModelRunner(model, vocab, onednn=False)
+    model, vocab, runner, loose, dense = _our_runners(model_spec)
     tokens = torch.randint(0, vocab, (max(lengths),), generator=torch.Generator().manual_seed(0)).tolist()
 
     def timed(fn) -> float:

@@ -201,10 +201,17 @@ def onednn_runs(weights: Sequence[torch.Tensor]) -> bool:
     return True
 
 
+# The weights a layer's matrix products take (what oneDNN reorders and product_rows probes).
+_PRODUCT_WEIGHTS = ("qkv", "o", "gate_up", "down")
+
+
+def _product_weights(layers: Sequence[_Layer]) -> list[torch.Tensor]:
+    return [getattr(layer, name) for layer in layers for name in _PRODUCT_WEIGHTS]
+
+
 def _reordered(layer: _Layer) -> _Layer:
-    """The layer with its four products' weights in oneDNN's layout (onednn_linear's)."""
-    return dataclasses.replace(layer, qkv=reorder_for_onednn(layer.qkv), o=reorder_for_onednn(layer.o),
-                               gate_up=reorder_for_onednn(layer.gate_up), down=reorder_for_onednn(layer.down))
+    """The layer with its products' weights in oneDNN's layout (onednn_linear's)."""
+    return dataclasses.replace(layer, **{name: reorder_for_onednn(getattr(layer, name)) for name in _PRODUCT_WEIGHTS})
 
 
 def product_rows(weights: Sequence[torch.Tensor], limit: int = 256, product=F.linear) -> int:
@@ -285,8 +292,7 @@ class ModelRunner:
         # Eager products through oneDNN on CPU, each weight reordered once into its blocked layout
         # (a copy): a SmolLM2 step of 1-16 rows about half F.linear's time here (bench/RESULTS.md).
         # Compiled stages keep F.linear (torch.compile is handed the plain weights).
-        self.onednn = onednn and not compile and onednn_runs([self.lm_head] + [
-            w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)])
+        self.onednn = onednn and not compile and onednn_runs([self.lm_head] + _product_weights(self.layers))
         self.product = onednn_linear if self.onednn else F.linear
         if self.onednn:
             self.layers = [_reordered(layer) for layer in self.layers]
@@ -294,8 +300,7 @@ class ModelRunner:
         # Invariant eager passes: products of more rows than the product treats alike run in
         # pieces: the layers' span probed up to 256 rows, the LM head's up to 64 (more rows in one
         # product gain nothing here).
-        weights = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        self.product_rows = product_rows(weights, 256, self.product) if invariant else 1 << 30
+        self.product_rows = product_rows(_product_weights(self.layers), 256, self.product) if invariant else 1 << 30
         self.head_rows = product_rows([self.head_weight], 64, self.product) if invariant else 1 << 30
         self._eager_stages = (by_row_pieces(functools.partial(project, product=self.product), self.product_rows,
                                             (0, 2, 3)),
