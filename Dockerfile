@@ -35,6 +35,12 @@ ENV GOMP_SPINCOUNT=100000
 
 WORKDIR /app
 
+# A C compiler: the runner builds its CPU attention kernel (specdec/cpu_attention.c) on first use,
+# for the CPU it runs on, into /cache (without one it keeps its slower torch attention).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first, so code changes do not reinstall them.
 # torch alone from TORCH_INDEX_URL (at the version requirements.txt pins), then the rest from PyPI;
 # the installed torch (+cpu or +cuXXX) already satisfies the pin, so pip leaves it in place.

@@ -8,7 +8,8 @@ the new tokens (what a verify of k + 1 = n tokens costs). The ratio is what bitw
 (row counts padded to a multiple of 4, blockwise attention) costs, or saves, per step;
 ours_not_invariant_ms is our runner with --batch-invariant false (one-row passes unpadded);
 ours_f_linear_ms our runner with its products through F.linear instead of oneDNN (what they were
-before oneDNN; the same where oneDNN does not run).
+before oneDNN; the same where oneDNN does not run); ours_torch_attention_ms our runner with its
+attention in torch's blocks instead of C (specdec.cpu_attention; the same where no C compiler is).
 """
 
 from __future__ import annotations
@@ -53,16 +54,16 @@ def _hugging_face(model, tokens: list[int], context: int, n: int, reps: int) -> 
 
 
 def _our_runners(model_spec: str):
-    """The model, its vocabulary size, and our runner three ways: invariant (the default), not
-    invariant, and with F.linear products instead of oneDNN's."""
+    """The model, its vocabulary size, and our runner four ways: invariant (the default), not
+    invariant, with F.linear products instead of oneDNN's, and with torch's attention instead of C's."""
     model = models.load_model(model_spec)
     vocab = len(models.load_tokenizer(model_spec))
     return (model, vocab, ModelRunner(model, vocab), ModelRunner(model, vocab, invariant=False),
-            ModelRunner(model, vocab, onednn=False))
+            ModelRunner(model, vocab, onednn=False), ModelRunner(model, vocab, c_attention=False))
 
 
 def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], compiled: bool = False) -> list[dict]:
-    model, vocab, runner, loose, dense = _our_runners(model_spec)
+    model, vocab, runner, loose, dense, blocks = _our_runners(model_spec)
     fused = ModelRunner(model, vocab, compile=True) if compiled else None
     if fused is not None:
         fused.warm_up()
@@ -71,9 +72,11 @@ def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], co
     for n in sizes:
         ours, theirs = _ours(runner, tokens, context, n, reps), _hugging_face(model, tokens, context, n, reps)
         unpadded, f_linear = _ours(loose, tokens, context, n, reps), _ours(dense, tokens, context, n, reps)
+        torch_attention = _ours(blocks, tokens, context, n, reps)
         rows.append({"new_tokens": n, "ours_ms": round(1000 * ours, 1), "hf_ms": round(1000 * theirs, 1),
                      "ours_vs_hf": round(ours / theirs, 2), "ours_not_invariant_ms": round(1000 * unpadded, 1),
-                     "ours_f_linear_ms": round(1000 * f_linear, 1)})
+                     "ours_f_linear_ms": round(1000 * f_linear, 1),
+                     "ours_torch_attention_ms": round(1000 * torch_attention, 1)})
         if fused is not None:
             rows[-1]["ours_compiled_ms"] = round(1000 * _ours(fused, tokens, context, n, reps), 1)
     return rows
@@ -82,7 +85,7 @@ def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], co
 def measure_prefills(model_spec: str, lengths: tuple[int, ...], reps: int) -> list[dict]:
     """A prompt's prefill in one pass: our invariant runner (its products in pieces of
     product_rows rows) against our runner not invariant (one piece) and Hugging Face's forward."""
-    model, vocab, runner, loose, dense = _our_runners(model_spec)
+    model, vocab, runner, loose, dense, blocks = _our_runners(model_spec)
     tokens = torch.randint(0, vocab, (max(lengths),), generator=torch.Generator().manual_seed(0)).tolist()
 
     def timed(fn) -> float:
@@ -102,6 +105,7 @@ def measure_prefills(model_spec: str, lengths: tuple[int, ...], reps: int) -> li
                      "ours_ms": round(1000 * timed(lambda: prefill(runner)), 1),
                      "ours_not_invariant_ms": round(1000 * timed(lambda: prefill(loose)), 1),
                      "ours_f_linear_ms": round(1000 * timed(lambda: prefill(dense)), 1),
+                     "ours_torch_attention_ms": round(1000 * timed(lambda: prefill(blocks)), 1),
                      "hf_ms": round(1000 * hf, 1)})
     return rows
 

@@ -1,5 +1,5 @@
 """What a tree of drafts costs, in process: the target's verify of a chain against a tree of the same
-number of drafts, and the feature drafter proposing a chain of k against a tree of N drafts, its matrix products in
+number of drafts (its attention in C, the default on CPU, and in torch's blocks), and the feature drafter proposing a chain of k against a tree of N drafts, its matrix products in
 float16 (the default) and float32.
 
     python -m bench.tree_cost --context 300      # make bench-tree
@@ -46,18 +46,24 @@ def _tree(size: int) -> list[int]:
     return [i - 1 for i in range(min(4, size))] + [(i % 4) - 1 for i in range(max(0, size - 4))]
 
 
-def verify_costs(runner: ModelRunner, context: list[int], sizes: list[int], reps: int) -> list[dict]:
-    entry = SessionCache()
-    runner.forward([ForwardJob(entry, context, len(context) - 1)])
+def verify_costs(runners: dict[str, ModelRunner], context: list[int], sizes: list[int], reps: int) -> list[dict]:
+    """Verify times of chains and trees, for each runner (by name: its attention), in turns."""
+    entries = {name: SessionCache() for name in runners}
+    for name, runner in runners.items():
+        runner.forward([ForwardJob(entries[name], context, len(context) - 1)])
 
-    def verify(drafts: int, tree: list[int] | None):
+    def verify(name: str, drafts: int, tree: list[int] | None):
         nodes = list(range(100, 100 + drafts))
-        return lambda: runner.forward([ForwardJob(entry, context + nodes, len(context) - 1, tree=tree)])
+        job = lambda: ForwardJob(entries[name], context + nodes, len(context) - 1, tree=tree)  # noqa: E731
+        return lambda: runners[name].forward([job()])
 
-    rows = [{"drafts": 0, **_medians_ms({"chain_ms": verify(0, None)}, reps)}]
+    rows = [{"drafts": 0, **_medians_ms({f"{name}_chain_ms": verify(name, 0, None) for name in runners}, reps)}]
     for size in sizes:
-        rows.append({"drafts": size, **_medians_ms({"chain_ms": verify(size, None),
-                                                    "tree_ms": verify(size, _tree(size))}, reps)})
+        calls = {}
+        for name in runners:
+            calls[f"{name}_chain_ms"] = verify(name, size, None)
+            calls[f"{name}_tree_ms"] = verify(name, size, _tree(size))
+        rows.append({"drafts": size, **_medians_ms(calls, reps)})
     return rows
 
 
@@ -99,11 +105,12 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     model = models.load_model(args.target)
     runner = ModelRunner(model, model.config.vocab_size)
+    runners = {"c_attention": runner, "torch_attention": ModelRunner(model, model.config.vocab_size, c_attention=False)}
     folder = args.drafter or models.default_drafter(args.target)
     drafters = {dtype: FeatureDrafter.load(folder, target=args.target, matmul_dtype=dtype)
                 for dtype in args.matmul_dtypes.split(",")}
     context = torch.randint(0, 40000, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
-    print(json.dumps({"context": args.context, "verify": verify_costs(runner, context, sizes, args.reps),
+    print(json.dumps({"context": args.context, "verify": verify_costs(runners, context, sizes, args.reps),
                       "propose": draft_costs(drafters, runner, context, args.k, [7, 12], args.reps)}, indent=1))
 
 

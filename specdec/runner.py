@@ -15,13 +15,18 @@ because every reduction is done the same way whatever the batch:
     larger counts (MKL on AVX-512 Xeons does from 16 rows), the eager stages run in pieces of
     rows no larger than the span it treats alike, probed at start-up (product_rows; the LM head
     has its own). On CPU the products are oneDNN's (onednn_linear), probed the same way;
-  * attention runs per session over fixed blocks of BLOCK key positions, aligned to absolute
-    positions, and adds the blocks' contributions in order (a running sum); blocks past a
-    query's position contribute exact zeros, so the number of blocks (the session's current
-    length) does not change the sums;
-  * rotary tables are computed once per position, not per call;
-  * a tree of drafts (ForwardJob.tree) is scored as chains: a node off the tree's leading chain
-    attends to a copy of the cache laid out as its ancestors' chain would be (_tree_layout).
+  * attention on CPU runs in C (specdec.cpu_attention), each query row over its own list of
+    key slots in a fixed order, so nothing else in the call changes its numbers; a tree's node
+    off its leading chain lists the slots before the tree, then its ancestors' and its own
+    (_key_lists): the keys, in order, that a chain of those tokens reads;
+  * elsewhere (CUDA, or no C compiler) attention runs per session over fixed blocks of BLOCK key
+    positions, aligned to absolute positions, and adds the blocks' contributions in order (a
+    running sum); blocks past a query's position contribute exact zeros, so the number of blocks
+    (the session's current length) does not change the sums; a tree's node off its leading
+    chain attends to a copy of the cache laid out as its ancestors' chain would be (_tree_layout);
+  * rotary tables are computed once per position, not per call.
+A replica's numbers are its own: replicas that take over each other's sessions run the same
+paths (the same torch, CPU kind and attention), as they run the same model.
 tests/test_invariance.py checks it on every path; its cost is measured in bench/RESULTS.md.
 """
 
@@ -35,6 +40,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from specdec import cpu_attention
 from specdec.kv_cache import BLOCK, FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import tree_depths
 
@@ -254,7 +260,7 @@ class ModelRunner:
     service's model worker)."""
 
     def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK, compile: bool = False,
-                 invariant: bool = True, onednn: bool = True):
+                 invariant: bool = True, onednn: bool = True, c_attention: bool = True):
         config = model.config
         model_type = getattr(config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -306,6 +312,10 @@ class ModelRunner:
                                             (0, 2, 3)),
                               by_row_pieces(functools.partial(mix, product=self.product), self.product_rows, (0, 1)))
         self._stages = (self._compiled(project), self._compiled(mix)) if compile else self._eager_stages
+        # Attention on CPU in C (specdec.cpu_attention), when it builds here: one call a layer
+        # instead of the torch blocks' thirty small operations; else (and on CUDA) the torch blocks.
+        self.c_attention = cpu_attention.load() if c_attention and cpu_attention.usable(
+            self.dtype, self.device, self.heads, self.kv_heads, self.head_dim) else None
         self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self._cos = self._sin = torch.empty(0, self.head_dim, device=self.device)
 
@@ -469,7 +479,7 @@ class ModelRunner:
         wanted_layers = sorted({layer for job, _, _ in spans for layer in job.feature_layers})
         x = F.pad(F.embedding(ids, self.embed), (0, 0, 0, padded - real))
         outputs = {0: x} if 0 in wanted_layers else {}
-        layouts = [self._tree_layout(job, a, b) for job, a, b in spans]
+        layouts = [(self._key_lists if self.c_attention else self._tree_layout)(job, a, b) for job, a, b in spans]
         for index, layer in enumerate(self.layers):
             q, k, v = project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
             attended = self._attention(index, q, k, v, spans, layouts)
@@ -507,21 +517,47 @@ class ModelRunner:
         return count if count == 1 and not self.invariant else _padded_rows(count)
 
     def _attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans,
-                   layouts: list["_TreeLayout | None"]) -> torch.Tensor:
+                   layouts: list) -> torch.Tensor:
         """Each session's new keys and values into its cache, and its queries' attention over it:
-        [real rows, heads * head_dim]."""
+        [real rows, heads * head_dim]. `layouts`: per span, its KeyLists for the C attention, or
+        its _TreeLayout (or None) for the torch blocks."""
         out, row = [], 0
         for (job, a, b), layout in zip(spans, layouts):
             kv = job.entry.kv
             kv.keys(index)[:, a:b] = k[row : row + b - a].transpose(0, 1)
             kv.values(index)[:, a:b] = v[row : row + b - a].transpose(0, 1)
-            out.append(self._attend(q[row : row + b - a], kv, index, a, b, layout))
+            if self.c_attention:
+                attended = self.c_attention.attend(q[row : row + b - a], kv.keys(index), kv.values(index), layout,
+                                                   self.scale)
+                out.append(attended.reshape(b - a, -1))
+            else:
+                out.append(self._attend(q[row : row + b - a], kv, index, a, b, layout))
             row += b - a
         if index == len(self.layers) - 1:
             for job, a, b in spans:
                 job.entry.kv.length = b
                 job.entry.tokens = list(job.tokens[:b])
         return torch.cat(out)
+
+    @staticmethod
+    def _key_lists(job: ForwardJob, start: int, end: int) -> cpu_attention.KeyLists:
+        """For the C attention: the cache slots each of slots [start, end) attends to. A slot
+        before the tree or on its leading chain reads every slot up to itself; a node off the
+        chain reads the slots before the tree, then its ancestors' and its own, root first: the
+        keys, in the order, that a chain of those tokens would read."""
+        tree_start, chain_end = job.tree_start, job.tree_start + job.chain_len()
+        prefix, extra = [], []
+        for slot in range(start, end):
+            if slot < chain_end:
+                prefix.append(slot + 1)
+                extra.append([])
+                continue
+            path = [slot - tree_start]
+            while job.tree[path[0]] >= 0:
+                path.insert(0, job.tree[path[0]])
+            prefix.append(tree_start)
+            extra.append([tree_start + node for node in path])
+        return cpu_attention.KeyLists(prefix, extra)
 
     def _tree_layout(self, job: ForwardJob, start: int, end: int) -> "_TreeLayout | None":
         """For the slots [start, end) of a tree job: where each node off the tree's leading chain

@@ -20,14 +20,17 @@ from specdec.runner import (ForwardJob, ModelRunner, by_row_pieces, onednn_linea
 LENGTH = 150
 
 
-@pytest.fixture(scope="module", params=["eager", "f-linear", "compiled"])
+@pytest.fixture(scope="module", params=["eager", "torch-attention", "f-linear", "compiled"])
 def runner(tiny_target, request):
     """Every path keeps the invariance: eager products through oneDNN (the default on CPU) or
-    F.linear, and the compiled one (torch.compile), which pads to other row counts."""
+    F.linear, and the compiled one (torch.compile), which pads to other row counts; attention in C
+    (the default on CPU) or in torch's blocks."""
     model = models.load_model(str(tiny_target))
     runner = ModelRunner(model, model.config.vocab_size, max_chunk=32, compile=request.param == "compiled",
-                         onednn=request.param == "eager")
-    assert runner.onednn == (request.param == "eager")  # this CPU build has oneDNN
+                         onednn=request.param in ("eager", "torch-attention"),
+                         c_attention=request.param != "torch-attention")
+    assert runner.onednn == (request.param in ("eager", "torch-attention"))  # this CPU build has oneDNN
+    assert (runner.c_attention is not None) == (request.param != "torch-attention")  # this machine has cc
     return runner
 
 

@@ -1,0 +1,305 @@
+/* Attention for the runner on CPU (specdec/cpu_attention.py builds and loads this file).
+
+   Each query row attends to its own list of key slots: slots [0, prefix) of its session's
+   cache, then `extra` slots in order (a tree node's ancestors and itself). Its output depends on
+   nothing else: not on the other rows of the call, their number, the cache's length or the
+   threads. Every number is made by one fixed sequence of operations on its own inputs: a score
+   is one dot product (eight_sums' order), a weight one exp8, and a row's value sums run over its
+   keys in order of j, split by j's parity. So a position's numbers are the same bits however it
+   is computed: alone, in a prefill, batched with other sessions, or as a tree node reading its
+   ancestors where they sit instead of in a chain. (The compiler may fuse multiplies and adds:
+   it does so the same way wherever one loop runs, and one library computes every row.)
+
+   Layouts (float32, contiguous): q and out [rows, heads, dim]; keys and values of one layer
+   [kv_heads, capacity, dim]; query head h reads kv head h / (heads / kv_heads). */
+
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
+static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+/* Lanes summed pairwise, in a fixed order. */
+static inline float lanes_sum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+static inline float dot(const float *q, const float *k, int dim) {
+    v8 a = splat(0);
+    for (int c = 0; c < dim; c += 8) a = a + load8(q + c) * load8(k + c);
+    return lanes_sum(a);
+}
+
+/* exp(x) for x <= 0, eight at once (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r,
+   times 2^n); within a few ulp, and no libm (whose exp may differ between machines). */
+static inline v8 exp8(v8 x) {
+    const v8 lowest = splat(-87.0f);
+    const v8i below = x < lowest; /* all ones where x < lowest */
+    x = (v8)(((v8i)lowest & below) | ((v8i)x & ~below));
+    const v8 magic = splat(12582912.0f); /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
+    const v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
+    const v8 r = (x - n * splat(0.693359375f)) - n * splat(-2.12194440e-4f);
+    v8 p = splat(1.9875691500E-4f);
+    p = p * r + splat(1.3981999507E-3f);
+    p = p * r + splat(8.3334519073E-3f);
+    p = p * r + splat(4.1665795894E-2f);
+    p = p * r + splat(1.6666665459E-1f);
+    p = p * r + splat(5.0000001201E-1f);
+    p = (p * (r * r) + r) + splat(1.0f);
+    const v8i scaled = (__builtin_convertvector(n, v8i) + 127) << 23;
+    v8 two_n;
+    memcpy(&two_n, &scaled, sizeof two_n);
+    return p * two_n;
+}
+
+typedef struct {
+    const float *q, *keys, *values;
+    const int *prefix, *extra, *n_extra;
+    int max_extra, heads, kv_heads, dim, capacity;
+    float scale;
+    float *out;
+    int row_from, row_to;
+} Job;
+
+/* Where row `row`'s keys sit: offsets (slot * dim) of its n keys, in order. */
+static void key_offsets(const Job *job, int row, long *offsets) {
+    const int prefix = job->prefix[row], extra = job->n_extra[row];
+    for (int j = 0; j < prefix; j++) offsets[j] = (long)j * job->dim;
+    for (int j = 0; j < extra; j++) offsets[prefix + j] = (long)job->extra[(long)row * job->max_extra + j] * job->dim;
+}
+
+/* Scores s[0, n) (unscaled dot products) into unnormalised weights exp(scale s - max), and
+   their sum: lanes over j mod 8, then the lanes in a fixed order, then the tail in order. */
+static void softmax_weights(float *s, int n, float scale, float *total) {
+    /* s is padded to a multiple of 8; the maximum (exact in any order) over the first n */
+    v8 most = splat(-INFINITY);
+    for (int j = 0; j < n; j += 8) {
+        v8 x = load8(s + j) * splat(scale);
+        store8(s + j, x);
+        if (j + 8 > n) {
+            const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7}, past = lane >= n - j;
+            x = (v8)(((v8i)splat(-INFINITY) & past) | ((v8i)x & ~past));
+        }
+        const v8i higher = x > most;
+        most = (v8)(((v8i)x & higher) | ((v8i)most & ~higher));
+    }
+    float top = -INFINITY;
+    for (int t = 0; t < 8; t++) top = most[t] > top ? most[t] : top;
+    v8 sum = splat(0);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const v8 w = exp8(load8(s + j) - splat(top));
+        store8(s + j, w);
+        sum = sum + w;
+    }
+    float rest = 0.0f;
+    if (j < n) {
+        float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        memcpy(tail, s + j, sizeof(float) * (n - j));
+        const v8 w = exp8(load8(tail) - splat(top));
+        for (int t = 0; j + t < n; t++) s[j + t] = w[t], rest += w[t];
+    }
+    *total = lanes_sum(sum) + rest;
+}
+
+/* Eight sums of eight lanes each, one per vector, as one vector: ((l0 + l1) + (l2 + l3)) +
+   ((l4 + l5) + (l6 + l7)) for every one of them. */
+static inline v8 pair_sums(v8 a, v8 b) {
+    return __builtin_shuffle(a, b, (v8i){0, 2, 8, 10, 4, 6, 12, 14}) +
+           __builtin_shuffle(a, b, (v8i){1, 3, 9, 11, 5, 7, 13, 15});
+}
+
+static inline v8 eight_sums(v8 a, v8 b, v8 c, v8 d, v8 e, v8 f, v8 g, v8 h) {
+    const v8 abcd = pair_sums(pair_sums(a, b), pair_sums(c, d)), efgh = pair_sums(pair_sums(e, f), pair_sums(g, h));
+    return __builtin_shuffle(abcd, efgh, (v8i){0, 1, 2, 3, 8, 9, 10, 11}) +
+           __builtin_shuffle(abcd, efgh, (v8i){4, 5, 6, 7, 12, 13, 14, 15});
+}
+
+/* Keys (and values) are read in blocks of this many, each by every query head of its kv head
+   while it is in the nearest cache. Even: the value sums' split into even and odd keys runs on. */
+#define KEY_BLOCK 32
+
+/* s[j] = q . key_j for keys [from, to) at `offsets` (`to` a multiple of 8; offsets past the
+   row's keys point at a zero key): key j's products summed in eight lanes along dim, then the
+   lanes as eight_sums does, so a score is a function of q and its key alone. */
+static void scores_of(const float *q, const float *keys, const long *offsets, int from, int to, int dim, float *s) {
+    for (int j = from; j < to; j += 8) {
+        const float *k0 = keys + offsets[j], *k1 = keys + offsets[j + 1], *k2 = keys + offsets[j + 2],
+                    *k3 = keys + offsets[j + 3], *k4 = keys + offsets[j + 4], *k5 = keys + offsets[j + 5],
+                    *k6 = keys + offsets[j + 6], *k7 = keys + offsets[j + 7];
+        v8 a0 = splat(0), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int c = 0; c < dim; c += 8) {
+            const v8 x = load8(q + c);
+            a0 = a0 + x * load8(k0 + c), a1 = a1 + x * load8(k1 + c);
+            a2 = a2 + x * load8(k2 + c), a3 = a3 + x * load8(k3 + c);
+            a4 = a4 + x * load8(k4 + c), a5 = a5 + x * load8(k5 + c);
+            a6 = a6 + x * load8(k6 + c), a7 = a7 + x * load8(k7 + c);
+        }
+        store8(s + j, eight_sums(a0, a1, a2, a3, a4, a5, a6, a7));
+    }
+}
+
+/* Adds keys [from, to) (from even) to the running sums of w[j] * value_j: per lane, even[] over
+   the even keys and odd[] over the odd ones, each in order of j; the output is even + odd. Four
+   chunks of eight lanes at a time, so that eight sums are in flight. */
+static void add_values(const float *w, const float *values, const long *offsets, int from, int to, int dim,
+                       float *even, float *odd) {
+    int c = 0;
+    for (; c + 32 <= dim; c += 32) {
+        v8 e0 = load8(even + c), e1 = load8(even + c + 8), e2 = load8(even + c + 16), e3 = load8(even + c + 24);
+        v8 o0 = load8(odd + c), o1 = load8(odd + c + 8), o2 = load8(odd + c + 16), o3 = load8(odd + c + 24);
+        int j = from;
+        for (; j + 2 <= to; j += 2) {
+            const float *v = values + offsets[j] + c, *u = values + offsets[j + 1] + c;
+            const v8 we = splat(w[j]), wo = splat(w[j + 1]);
+            e0 = e0 + we * load8(v), e1 = e1 + we * load8(v + 8), e2 = e2 + we * load8(v + 16), e3 = e3 + we * load8(v + 24);
+            o0 = o0 + wo * load8(u), o1 = o1 + wo * load8(u + 8), o2 = o2 + wo * load8(u + 16), o3 = o3 + wo * load8(u + 24);
+        }
+        if (j < to) {
+            const float *v = values + offsets[j] + c;
+            const v8 we = splat(w[j]);
+            e0 = e0 + we * load8(v), e1 = e1 + we * load8(v + 8), e2 = e2 + we * load8(v + 16), e3 = e3 + we * load8(v + 24);
+        }
+        store8(even + c, e0), store8(even + c + 8, e1), store8(even + c + 16, e2), store8(even + c + 24, e3);
+        store8(odd + c, o0), store8(odd + c + 8, o1), store8(odd + c + 16, o2), store8(odd + c + 24, o3);
+    }
+    for (; c < dim; c += 8) {
+        v8 e = load8(even + c), o = load8(odd + c);
+        int j = from;
+        for (; j + 2 <= to; j += 2) {
+            e = e + splat(w[j]) * load8(values + offsets[j] + c);
+            o = o + splat(w[j + 1]) * load8(values + offsets[j + 1] + c);
+        }
+        if (j < to) e = e + splat(w[j]) * load8(values + offsets[j] + c);
+        store8(even + c, e), store8(odd + c, o);
+    }
+}
+
+/* Rows [row_from, row_to), kv head by kv head, keys in blocks of KEY_BLOCK: each block is read
+   by every row and query head that attends to it while it sits in the nearest cache. The order
+   of the work changes no number: each score is its own, and each row's value sums run over its
+   keys in order of j. */
+static int run_rows(const Job *job) {
+    const int group = job->heads / job->kv_heads, dim = job->dim, rows = job->row_to - job->row_from;
+    int most = 8;
+    for (int r = job->row_from; r < job->row_to; r++) {
+        const int n = job->prefix[r] + job->n_extra[r] + 8;
+        most = n > most ? n : most;
+    }
+    float *scores = malloc(sizeof(float) * (size_t)rows * group * most);
+    float *sums = calloc((size_t)rows * group * 2 * dim + dim, sizeof(float)); /* even, odd per query; a zero key */
+    long *offsets = malloc(sizeof(long) * (size_t)rows * most);
+    float *totals = malloc(sizeof(float) * (size_t)rows * group);
+    if (!scores || !sums || !offsets || !totals) {
+        free(scores), free(sums), free(offsets), free(totals);
+        return -1;
+    }
+    const float *zero = sums + (size_t)rows * group * 2 * dim;
+    int longest = 0;
+    for (int i = 0; i < rows; i++) {
+        const int n = job->prefix[job->row_from + i] + job->n_extra[job->row_from + i];
+        key_offsets(job, job->row_from + i, offsets + (long)i * most);
+        longest = n > longest ? n : longest;
+    }
+    for (int g = 0; g < job->kv_heads; g++) {
+        const float *keys = job->keys + (long)g * job->capacity * dim;
+        const float *values = job->values + (long)g * job->capacity * dim;
+        for (int i = 0; i < rows; i++) { /* keys past a row's n, up to a multiple of 8: the zero key */
+            const int n = job->prefix[job->row_from + i] + job->n_extra[job->row_from + i];
+            for (int j = n; j % 8; j++) offsets[(long)i * most + j] = zero - keys;
+        }
+        for (int from = 0; from < longest; from += KEY_BLOCK)
+            for (int i = 0; i < rows; i++) {
+                const int r = job->row_from + i, padded = (job->prefix[r] + job->n_extra[r] + 7) / 8 * 8;
+                if (padded <= from) continue;
+                const int to = from + KEY_BLOCK < padded ? from + KEY_BLOCK : padded;
+                for (int h = 0; h < group; h++)
+                    scores_of(job->q + ((long)r * job->heads + (long)g * group + h) * dim, keys, offsets + (long)i * most,
+                              from, to, dim, scores + ((long)i * group + h) * most);
+            }
+        for (int i = 0; i < rows; i++) {
+            const int n = job->prefix[job->row_from + i] + job->n_extra[job->row_from + i];
+            for (int h = 0; h < group; h++)
+                softmax_weights(scores + ((long)i * group + h) * most, n, job->scale, &totals[i * group + h]);
+        }
+        memset(sums, 0, sizeof(float) * (size_t)rows * group * 2 * dim);
+        for (int from = 0; from < longest; from += KEY_BLOCK)
+            for (int i = 0; i < rows; i++) {
+                const int n = job->prefix[job->row_from + i] + job->n_extra[job->row_from + i];
+                if (n <= from) continue;
+                const int to = from + KEY_BLOCK < n ? from + KEY_BLOCK : n;
+                for (int h = 0; h < group; h++) {
+                    float *even = sums + ((long)i * group + h) * 2 * dim;
+                    add_values(scores + ((long)i * group + h) * most, values, offsets + (long)i * most, from, to, dim,
+                               even, even + dim);
+                }
+            }
+        for (int i = 0; i < rows; i++) {
+            const int r = job->row_from + i, n = job->prefix[r] + job->n_extra[r];
+            for (int h = 0; h < group; h++) {
+                const float *even = sums + ((long)i * group + h) * 2 * dim, *total = &totals[i * group + h];
+                float *out = job->out + ((long)r * job->heads + (long)g * group + h) * dim;
+                for (int c = 0; c < dim; c++) out[c] = n ? (even[c] + even[dim + c]) / *total : 0.0f;
+            }
+        }
+    }
+    free(scores), free(sums), free(offsets), free(totals);
+    return 0;
+}
+
+static void *run_thread(void *job) { return (void *)(long)run_rows((const Job *)job); }
+
+/* Returns 0, or -1 when memory or threads ran out (out is then incomplete). Long calls split
+   their rows among up to `threads` threads by their share of the keys read; each row's numbers
+   are the same whichever thread computes it. */
+int specdec_attend(const float *q, const float *keys, const float *values, int capacity, const int *prefix,
+                   const int *extra, const int *n_extra, int max_extra, int rows, int heads, int kv_heads,
+                   int dim, float scale, float *out, int threads) {
+    if (dim % 8 || heads % kv_heads) return -1;
+    Job base = {q, keys, values, prefix, extra, n_extra, max_extra, heads, kv_heads, dim, capacity, scale, out,
+                0, rows};
+    long work = 0;
+    for (int r = 0; r < rows; r++) work += prefix[r] + n_extra[r];
+    /* Starting a thread costs tens of microseconds here: only long calls (prefills) take them. */
+    if (threads > 16) threads = 16;
+    if (threads > rows) threads = rows;
+    if (threads <= 1 || work * heads < 262144) return run_rows(&base);
+    Job jobs[16];
+    pthread_t ids[16];
+    int started = 0, failed = 0, row = 0;
+    long done = 0;
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = base;
+        jobs[t].row_from = row;
+        const long target = work * (t + 1) / threads;
+        while (row < rows && (done < target || row == jobs[t].row_from)) done += prefix[row] + n_extra[row], row++;
+        if (t == threads - 1) row = rows;
+        jobs[t].row_to = row;
+    }
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&ids[t], NULL, run_thread, &jobs[t]) != 0) {
+            failed |= run_rows(&jobs[t]);
+        } else {
+            started |= 1 << t;
+        }
+    }
+    failed |= run_rows(&jobs[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started & (1 << t)) {
+            void *result;
+            pthread_join(ids[t], &result);
+            failed |= (int)(long)result;
+        }
+    }
+    return failed ? -1 : 0;
+}

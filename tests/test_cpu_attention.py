@@ -1,0 +1,98 @@
+"""The runner's C attention (specdec.cpu_attention): it computes attention (checked against a
+float64 reference), each row from its own key list alone (bitwise, whatever else the call holds or
+however it is split among threads), and it steps aside without a C compiler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import cpu_attention
+from specdec.cpu_attention import KeyLists
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("SPECDEC_CACHE_DIR", str(tmp_path_factory.mktemp("kernel-cache")))
+    kernel = cpu_attention.load()
+    assert kernel is not None, "this machine has a C compiler: the kernel must build"
+    return kernel
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def _cache(kv_heads: int, capacity: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(kv_heads, capacity, dim, generator=generator),
+            torch.randn(kv_heads, capacity, dim, generator=generator))
+
+
+def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: list[list[int]],
+               scale: float) -> torch.Tensor:
+    """Softmax attention in float64, row r over the keys at slots[r]."""
+    heads, kv_heads = q.shape[1], keys.shape[0]
+    out = []
+    for row, row_slots in enumerate(slots):
+        k = keys[:, row_slots].double().repeat_interleave(heads // kv_heads, 0)
+        v = values[:, row_slots].double().repeat_interleave(heads // kv_heads, 0)
+        weights = (torch.einsum("hd,hkd->hk", q[row].double(), k) * scale).softmax(-1)
+        out.append(torch.einsum("hk,hkd->hd", weights, v))
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("dim", [8, 24, 64, 72])
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (6, 1)])
+def test_it_computes_attention_over_each_rows_keys(kernel, dim, heads, kv_heads):
+    keys, values = _cache(kv_heads, 128, dim, seed=dim)
+    # causal rows at slots 90..96 (key counts not multiples of 8), and tree-like rows: a prefix, then slots past it
+    prefix = [91, 92, 93, 97, 1, 85, 85]
+    extra = [[], [], [], [], [], [101, 104], [101, 102, 103, 110]]
+    q = torch.randn(len(prefix), heads, dim, generator=torch.Generator().manual_seed(1))
+    out = kernel.attend(q, keys, values, KeyLists(prefix, extra), dim**-0.5)
+    slots = [list(range(p)) + e for p, e in zip(prefix, extra)]
+    torch.testing.assert_close(out, _reference(q, keys, values, slots, dim**-0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_is_bitwise_the_same_alone_in_company_and_split_among_threads(kernel):
+    dim, heads, kv_heads = 64, 9, 3
+    keys, values = _cache(kv_heads, 1024, dim, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    q = torch.randn(300, heads, dim, generator=generator)
+    prefix = torch.randint(1, 1000, (300,), generator=generator).tolist()
+    extra = [[] for _ in prefix]
+    extra[7] = [1001, 1003]  # a tree node: its own keys after a prefix
+    batch = kernel.attend(q, keys, values, KeyLists(prefix, extra), 0.125)  # big enough to run on threads
+    for row in (0, 7, 150, 299):
+        alone = kernel.attend(q[row : row + 1], keys, values, KeyLists([prefix[row]], [extra[row]]), 0.125)
+        assert torch.equal(alone[0], batch[row])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(kernel.attend(q, keys, values, KeyLists(prefix, extra), 0.125), batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_tree_node_reading_its_ancestors_equals_the_chain_of_them(kernel):
+    """A node off a tree's leading chain reads the slots before the tree, then its ancestors'
+    slots wherever they sit: bitwise what the chain of those tokens, laid out in order, computes."""
+    dim, heads, kv_heads = 64, 9, 3
+    keys, values = _cache(kv_heads, 256, dim, seed=8)
+    q = torch.randn(1, heads, dim, generator=torch.Generator().manual_seed(9))
+    path = [200, 203, 207]  # the tree's slots of the node's ancestors and itself
+    chained_keys, chained_values = keys.clone(), values.clone()
+    chained_keys[:, 200:203], chained_values[:, 200:203] = keys[:, path], values[:, path]
+    as_node = kernel.attend(q, keys, values, KeyLists([200], [path]), 0.125)
+    as_chain = kernel.attend(q, chained_keys, chained_values, KeyLists([203], [[]]), 0.125)
+    assert torch.equal(as_node, as_chain)
+
+
+def test_without_a_c_compiler_the_runner_keeps_its_torch_attention(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert cpu_attention.load() is None
+    assert not list(tmp_path.glob("*.so"))
