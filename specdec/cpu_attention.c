@@ -34,12 +34,6 @@ static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
 /* Lanes summed pairwise, in a fixed order. */
 static inline float lanes_sum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
-static inline float dot(const float *q, const float *k, int dim) {
-    v8 a = splat(0);
-    for (int c = 0; c < dim; c += 8) a = a + load8(q + c) * load8(k + c);
-    return lanes_sum(a);
-}
-
 /* exp(x) for x <= 0, eight at once (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r,
    times 2^n); within a few ulp, and no libm (whose exp may differ between machines). */
 static inline v8 exp8(v8 x) {
@@ -191,6 +185,7 @@ static void add_values(const float *w, const float *values, const long *offsets,
    keys in order of j. */
 static int run_rows(const Job *job) {
     const int group = job->heads / job->kv_heads, dim = job->dim, rows = job->row_to - job->row_from;
+    if (rows <= 0) return 0; /* a thread left without rows by the split */
     int most = 8;
     for (int r = job->row_from; r < job->row_to; r++) {
         const int n = job->prefix[r] + job->n_extra[r] + 8;
