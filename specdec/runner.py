@@ -131,6 +131,14 @@ class _Layer:
     down_bias: torch.Tensor | None
 
 
+def _root_path(parents: Sequence[int], node: int) -> list[int]:
+    """A tree node's ancestors, root first, then the node itself."""
+    path = [node]
+    while parents[path[0]] >= 0:
+        path.insert(0, parents[path[0]])
+    return path
+
+
 def _padded_rows(count: int) -> int:
     return max(ROWS, -(-count // ROWS) * ROWS)
 
@@ -552,11 +560,8 @@ class ModelRunner:
                 prefix.append(slot + 1)
                 extra.append([])
                 continue
-            path = [slot - tree_start]
-            while job.tree[path[0]] >= 0:
-                path.insert(0, job.tree[path[0]])
             prefix.append(tree_start)
-            extra.append([tree_start + node for node in path])
+            extra.append([tree_start + node for node in _root_path(job.tree, slot - tree_start)])
         return cpu_attention.KeyLists(prefix, extra)
 
     def _tree_layout(self, job: ForwardJob, start: int, end: int) -> "_TreeLayout | None":
@@ -576,9 +581,7 @@ class ModelRunner:
         gather = torch.arange(first_block * BLOCK, blocks * BLOCK).repeat(len(nodes), 1)
         positions = []
         for row, node in enumerate(nodes):
-            path = [node]
-            while job.tree[path[0]] >= 0:
-                path.insert(0, job.tree[path[0]])
+            path = _root_path(job.tree, node)
             gather[row, tree_start - first_block * BLOCK : tree_start - first_block * BLOCK + len(path)] = \
                 torch.tensor(path) + tree_start
             positions.append(tree_start - 1 + len(path))
