@@ -4,8 +4,10 @@ pass with its DynamicCache, for 1 to 8 new tokens after a cached context.
     python -m bench.step --context 400          # make bench-step
 
 Median of --reps timed steps after a warm-up, each a crop back to the context and a forward of
-the new tokens (what a verify of k + 1 = n tokens costs). The ratio is what bitwise invariance
-(row counts padded to a multiple of 4, blockwise attention) costs, or saves, per step;
+the new tokens (what a verify of k + 1 = n tokens costs), the runners taking turns step by step
+(bench.timing.medians_ms), so that drift in the machine's speed falls on all of them alike. The
+ratio is what bitwise invariance (row counts padded to a multiple of 4, attention row by row)
+costs, or saves, per step;
 ours_not_invariant_ms is our runner with --batch-invariant false (one-row passes unpadded);
 ours_f_linear_ms our runner with its products through F.linear instead of oneDNN (what they were
 before oneDNN; the same where oneDNN does not run); ours_torch_attention_ms our runner with its
@@ -16,41 +18,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from bench.timing import medians_ms
 from specdec import models
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ModelRunner
 
 
-def _ours(runner: ModelRunner, tokens: list[int], context: int, n: int, reps: int) -> float:
+def _our_step(runner: ModelRunner, tokens: list[int], context: int, n: int):
+    """One verify of n new tokens after a cached context: a crop back to it and a forward."""
     entry = SessionCache()
     runner.forward([ForwardJob(entry, tokens[:context], context - 1)])
-    times = []
-    for _ in range(reps + 2):
-        started = time.perf_counter()
-        runner.forward([ForwardJob(entry, tokens[: context + n], context)])
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[2:])
+    return lambda: runner.forward([ForwardJob(entry, tokens[: context + n], context)])
 
 
-@torch.inference_mode()
-def _hugging_face(model, tokens: list[int], context: int, n: int, reps: int) -> float:
+def _hugging_face_step(model, tokens: list[int], context: int, n: int):
+    """The same step through Hugging Face's forward with its DynamicCache."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([tokens[:context]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    times = []
-    for _ in range(reps + 2):
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([tokens[:context]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    @torch.inference_mode()
+    def step():
         if cache.get_seq_length() > context:
             cache.crop(context - cache.get_seq_length())
-        started = time.perf_counter()
-        model(input_ids=torch.tensor([tokens[context : context + n]]), past_key_values=cache, use_cache=True, logits_to_keep=n)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[2:])
+        model(input_ids=torch.tensor([tokens[context : context + n]]), past_key_values=cache, use_cache=True,
+              logits_to_keep=n)
+    return step
 
 
 def _our_runners(model_spec: str):
@@ -68,17 +66,15 @@ def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], co
     if fused is not None:
         fused.warm_up()
     tokens = torch.randint(0, vocab, (context + max(sizes),), generator=torch.Generator().manual_seed(0)).tolist()
+    runners = {"ours_ms": runner, "ours_not_invariant_ms": loose, "ours_f_linear_ms": dense,
+               "ours_torch_attention_ms": blocks, **({"ours_compiled_ms": fused} if fused is not None else {})}
     rows = []
     for n in sizes:
-        ours, theirs = _ours(runner, tokens, context, n, reps), _hugging_face(model, tokens, context, n, reps)
-        unpadded, f_linear = _ours(loose, tokens, context, n, reps), _ours(dense, tokens, context, n, reps)
-        torch_attention = _ours(blocks, tokens, context, n, reps)
-        rows.append({"new_tokens": n, "ours_ms": round(1000 * ours, 1), "hf_ms": round(1000 * theirs, 1),
-                     "ours_vs_hf": round(ours / theirs, 2), "ours_not_invariant_ms": round(1000 * unpadded, 1),
-                     "ours_f_linear_ms": round(1000 * f_linear, 1),
-                     "ours_torch_attention_ms": round(1000 * torch_attention, 1)})
-        if fused is not None:
-            rows[-1]["ours_compiled_ms"] = round(1000 * _ours(fused, tokens, context, n, reps), 1)
+        calls = {name: _our_step(r, tokens, context, n) for name, r in runners.items()}
+        calls["hf_ms"] = _hugging_face_step(model, tokens, context, n)
+        times = medians_ms(calls, reps)
+        rows.append({"new_tokens": n, **{name: round(ms, 1) for name, ms in times.items()},
+                     "ours_vs_hf": round(times["ours_ms"] / times["hf_ms"], 2)})
     return rows
 
 
@@ -87,26 +83,15 @@ def measure_prefills(model_spec: str, lengths: tuple[int, ...], reps: int) -> li
     product_rows rows) against our runner not invariant (one piece) and Hugging Face's forward."""
     model, vocab, runner, loose, dense, blocks = _our_runners(model_spec)
     tokens = torch.randint(0, vocab, (max(lengths),), generator=torch.Generator().manual_seed(0)).tolist()
-
-    def timed(fn) -> float:
-        times = []
-        for _ in range(reps + 1):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times[1:])
-
     rows = []
     for n in lengths:
-        prefill = lambda r: r.forward([ForwardJob(SessionCache(), tokens[:n], n - 1)])  # noqa: E731
-        with torch.inference_mode():
-            hf = timed(lambda: model(input_ids=torch.tensor([tokens[:n]]), logits_to_keep=1))
+        prefill = lambda r: lambda: r.forward([ForwardJob(SessionCache(), tokens[:n], n - 1)])  # noqa: E731
+        calls = {"ours_ms": prefill(runner), "ours_not_invariant_ms": prefill(loose),
+                 "ours_f_linear_ms": prefill(dense), "ours_torch_attention_ms": prefill(blocks),
+                 "hf_ms": torch.inference_mode()(lambda: model(input_ids=torch.tensor([tokens[:n]]), logits_to_keep=1))}
+        times = medians_ms(calls, reps)
         rows.append({"prompt_tokens": n, "product_rows": runner.product_rows,
-                     "ours_ms": round(1000 * timed(lambda: prefill(runner)), 1),
-                     "ours_not_invariant_ms": round(1000 * timed(lambda: prefill(loose)), 1),
-                     "ours_f_linear_ms": round(1000 * timed(lambda: prefill(dense)), 1),
-                     "ours_torch_attention_ms": round(1000 * timed(lambda: prefill(blocks)), 1),
-                     "hf_ms": round(1000 * hf, 1)})
+                     **{name: round(ms, 1) for name, ms in times.items()}})
     return rows
 
 

@@ -13,31 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from bench.timing import medians_ms
 from draft_service.drafters import ProposeJob
 from draft_service.feature_drafter import FeatureDrafter
 from specdec import models
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ModelRunner
 from specdec.sampling import COUPLED, SamplingParams
-
-
-def _medians_ms(calls: dict, reps: int) -> dict:
-    """Median time of each call, the calls taking turns rep by rep (so that drift in this
-    machine's speed falls on all of them alike)."""
-    times: dict = {name: [] for name in calls}
-    for call in calls.values():
-        call()
-    for _ in range(reps):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - started)
-    return {name: round(statistics.median(t) * 1000, 2) for name, t in times.items()}
 
 
 def _tree(size: int) -> list[int]:
@@ -57,13 +42,13 @@ def verify_costs(runners: dict[str, ModelRunner], context: list[int], sizes: lis
         job = lambda: ForwardJob(entries[name], context + nodes, len(context) - 1, tree=tree)  # noqa: E731
         return lambda: runners[name].forward([job()])
 
-    rows = [{"drafts": 0, **_medians_ms({f"{name}_chain_ms": verify(name, 0, None) for name in runners}, reps)}]
+    rows = [{"drafts": 0, **medians_ms({f"{name}_chain_ms": verify(name, 0, None) for name in runners}, reps)}]
     for size in sizes:
         calls = {}
         for name in runners:
             calls[f"{name}_chain_ms"] = verify(name, size, None)
             calls[f"{name}_tree_ms"] = verify(name, size, _tree(size))
-        rows.append({"drafts": size, **_medians_ms(calls, reps)})
+        rows.append({"drafts": size, **medians_ms(calls, reps)})
     return rows
 
 
@@ -87,7 +72,7 @@ def draft_costs(drafters: dict[str, FeatureDrafter], runner: ModelRunner, contex
             entry = SessionCache()
             calls[f"{dtype}_chain_ms"] = propose(drafter, entry, 0, params)
             calls.update({f"{dtype}_tree{n}_ms": propose(drafter, entry, n, params) for n in sizes})
-        rows.append({"sampling": name, **_medians_ms(calls, reps)})
+        rows.append({"sampling": name, **medians_ms(calls, reps)})
     return rows
 
 
