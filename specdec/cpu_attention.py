@@ -52,6 +52,8 @@ class CpuAttention:
                scale: float) -> torch.Tensor:
         """q [rows, heads, dim] over keys and values [kv_heads, capacity, dim] (float32, CPU):
         [rows, heads, dim]."""
+        if not (keys.is_contiguous() and values.is_contiguous()):
+            raise ValueError("the CPU attention kernel reads contiguous keys and values")
         q = q.contiguous()
         rows, heads, dim = q.shape
         out = torch.empty_like(q)
@@ -60,7 +62,7 @@ class CpuAttention:
                               lists.extra.shape[1], rows, heads, keys.shape[0], dim, scale, out.data_ptr(),
                               torch.get_num_threads())
         if status:
-            raise MemoryError("the CPU attention kernel could not allocate its buffers or threads")
+            raise MemoryError("the CPU attention kernel could not allocate its buffers")
         return out
 
 

@@ -96,3 +96,10 @@ def test_without_a_c_compiler_the_runner_keeps_its_torch_attention(monkeypatch, 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert cpu_attention.load() is None
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_keys_laid_out_otherwise_are_refused_not_misread(kernel):
+    keys, values = _cache(2, 64, 8, seed=3)
+    q = torch.randn(1, 2, 8)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel.attend(q, keys.transpose(0, 1).contiguous().transpose(0, 1), values, KeyLists([5], [[]]), 0.5)
