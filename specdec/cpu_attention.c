@@ -119,8 +119,9 @@ static inline v8 eight_sums(v8 a, v8 b, v8 c, v8 d, v8 e, v8 f, v8 g, v8 h) {
            __builtin_shuffle(abcd, efgh, (v8i){4, 5, 6, 7, 12, 13, 14, 15});
 }
 
-/* Keys (and values) are read in blocks of this many, each by every query head of its kv head
-   while it is in the nearest cache. Even: the value sums' split into even and odd keys runs on. */
+/* Keys (and values) are read in blocks of this many, each by every row and query head of its kv
+   head while it is in the nearest cache. Even, so that the value sums' split into even and odd
+   keys carries on across blocks. */
 #define KEY_BLOCK 32
 
 /* s[j] = q . key_j for keys [from, to) at `offsets` (`to` a multiple of 8; offsets past the
