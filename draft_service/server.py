@@ -55,7 +55,8 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
     else:
         loaded = worker.call(lambda: load_causal_lm(config.model, "model", config.device, config.dtype,
                                                     config.compile, max_batch=config.max_batch,
-                                                    invariant=config.batch_invariant))
+                                                    invariant=config.batch_invariant,
+                                                    cpu_attention=config.cpu_attention))
         facts, drafter = loaded.facts, ModelDrafter(loaded.runner)
         snapshots = open_snapshots(config, "draft", loaded, metrics)
     host = SessionHost(facts, config.cache_bytes, worker, snapshots)

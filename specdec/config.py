@@ -28,6 +28,14 @@ def compile_option(what: str) -> Any:
                   "'off', or 'auto' (on for CUDA devices, off on CPU, where it measured no faster)", negation="off")
 
 
+def cpu_attention_option() -> Any:
+    """--cpu-attention of a service that runs a model."""
+    return option("auto", "attention on CPU (float32): 'c' (the C kernel, built at start-up with the machine's C "
+                  "compiler; refuse to start without it), 'torch' (torch's blocks), or 'auto' (C where it builds, "
+                  "else torch with a warning). The two differ in the last bits: replicas that take over each "
+                  "other's sessions must run the same one")
+
+
 def batch_invariant_option() -> Any:
     """--batch-invariant of a service that runs a model."""
     return option(True, "numbers that do not depend on batching or chunking (matrix rows padded to a multiple of "

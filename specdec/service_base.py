@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from specdec.access import KeyRing, read_keys
+from specdec.cpu_attention import usable as c_attention_applies
 from specdec.kv_cache import SessionCache, SessionCacheTable, committed_tokens
 from specdec.runner import ModelRunner, UnsupportedModel
 from specdec.kv_snapshot import Snapshot, Snapshots, SnapshotSettings, SnapshotStore
@@ -145,6 +146,16 @@ class LoadedModel:
     facts: ModelFacts
 
 
+def check_cpu_attention(setting: str, runner: ModelRunner) -> None:
+    """--cpu-attention c refuses to start without the C kernel (where it applies: float32 on CPU);
+    the attention the runner got is logged either way."""
+    applies = c_attention_applies(runner.dtype, runner.device, runner.heads, runner.kv_heads, runner.head_dim)
+    if setting == "c" and applies and runner.c_attention is None:
+        raise StartupError("--cpu-attention c: the C attention kernel did not build here (the log says why; a C "
+                           "compiler is needed); --cpu-attention auto falls back to torch's attention")
+    log.info("attention: %s", "C kernel" if runner.c_attention else "torch blocks")
+
+
 def should_compile(setting: str, device: str) -> bool:
     """--compile on|off|auto: auto compiles on CUDA only (on CPU it measured no faster)."""
     if setting not in ("on", "off", "auto"):
@@ -153,12 +164,14 @@ def should_compile(setting: str, device: str) -> bool:
 
 
 def load_causal_lm(spec: str, kind: str, device: str, dtype: str, compile: str = "off",
-                   max_batch: int = 1, invariant: bool = True) -> LoadedModel:
+                   max_batch: int = 1, invariant: bool = True, cpu_attention: str = "auto") -> LoadedModel:
     """Load model + tokenizer and describe them. Logits are cut to the tokenizer's vocabulary
     (embedding tables are often padded), so draft and target distributions line up. A compiled
     runner is warmed up for passes of up to max_batch sessions, so that no request pays a compile."""
     from specdec import models
 
+    if cpu_attention not in ("c", "torch", "auto"):
+        raise StartupError(f"--cpu-attention must be 'c', 'torch' or 'auto', not {cpu_attention!r}")
     tokenizer = models.load_tokenizer(spec)
     model = models.load_model(spec, device=device, dtype=dtype)
     vocab_size = len(tokenizer)
@@ -175,9 +188,11 @@ def load_causal_lm(spec: str, kind: str, device: str, dtype: str, compile: str =
         feature_hidden_size=model.config.hidden_size,
     )
     try:
-        runner = ModelRunner(model, vocab_size, compile=should_compile(compile, device), invariant=invariant)
+        runner = ModelRunner(model, vocab_size, compile=should_compile(compile, device), invariant=invariant,
+                             c_attention=cpu_attention != "torch")
     except UnsupportedModel as exc:
         raise StartupError(f"{spec}: {exc}") from None
+    check_cpu_attention(cpu_attention, runner)
     if runner.compiled:
         started = time.monotonic()
         shapes = runner.warm_up(max_batch)

@@ -19,7 +19,8 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 def build_servicer(config: TargetConfig, metrics: ServiceMetrics) -> TargetServicer:
     worker = ModelWorker("target-model")
     loaded = worker.call(lambda: load_causal_lm(config.model, "target", config.device, config.dtype, config.compile,
-                                                max_batch=config.max_batch, invariant=config.batch_invariant))
+                                                max_batch=config.max_batch, invariant=config.batch_invariant,
+                                                cpu_attention=config.cpu_attention))
     snapshots = open_snapshots(config, "target", loaded, metrics)
     host = SessionHost(loaded.facts, config.cache_bytes, worker, snapshots)
     metrics.watch_cache(host.table)

@@ -103,3 +103,21 @@ def test_keys_laid_out_otherwise_are_refused_not_misread(kernel):
     q = torch.randn(1, 2, 8)
     with pytest.raises(ValueError, match="contiguous"):
         kernel.attend(q, keys.transpose(0, 1).contiguous().transpose(0, 1), values, KeyLists([5], [[]]), 0.5)
+
+
+def test_the_services_choose_their_attention_and_c_refuses_to_start_without_the_kernel(tiny_target, monkeypatch,
+                                                                                         tmp_path):
+    from specdec.service_base import load_causal_lm
+    from specdec.serving import StartupError
+
+    load = lambda setting: load_causal_lm(str(tiny_target), "target", "cpu", "float32",  # noqa: E731
+                                          cpu_attention=setting).runner
+    assert load("auto").c_attention is not None
+    assert load("torch").c_attention is None
+    with pytest.raises(StartupError, match="'c', 'torch' or 'auto'"):
+        load("fast")
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert load("auto").c_attention is None  # falls back, with a warning
+    with pytest.raises(StartupError, match="did not build"):
+        load("c")
