@@ -80,7 +80,8 @@ def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], co
 
 def measure_prefills(model_spec: str, lengths: tuple[int, ...], reps: int) -> list[dict]:
     """A prompt's prefill in one pass: our invariant runner (its products in pieces of
-    product_rows rows) against our runner not invariant (one piece) and Hugging Face's forward."""
+    product_rows rows) against our runner not invariant (one piece), with F.linear products, with
+    torch's attention, and Hugging Face's forward, taking turns."""
     model, vocab, runner, loose, dense, blocks = _our_runners(model_spec)
     tokens = torch.randint(0, vocab, (max(lengths),), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []

@@ -1,6 +1,7 @@
 """What a tree of drafts costs, in process: the target's verify of a chain against a tree of the same
-number of drafts (its attention in C, the default on CPU, and in torch's blocks), and the feature drafter proposing a chain of k against a tree of N drafts, its matrix products in
-float16 (the default) and float32.
+number of drafts (its attention in C, the default on CPU, and in torch's blocks), and the feature
+drafter proposing a chain of k against a tree of N drafts, its matrix products in float16 (the
+default) and float32.
 
     python -m bench.tree_cost --context 300      # make bench-tree
 
@@ -39,8 +40,7 @@ def verify_costs(runners: dict[str, ModelRunner], context: list[int], sizes: lis
 
     def verify(name: str, drafts: int, tree: list[int] | None):
         nodes = list(range(100, 100 + drafts))
-        job = lambda: ForwardJob(entries[name], context + nodes, len(context) - 1, tree=tree)  # noqa: E731
-        return lambda: runners[name].forward([job()])
+        return lambda: runners[name].forward([ForwardJob(entries[name], context + nodes, len(context) - 1, tree=tree)])
 
     rows = [{"drafts": 0, **medians_ms({f"{name}_chain_ms": verify(name, 0, None) for name in runners}, reps)}]
     for size in sizes:
