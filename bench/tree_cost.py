@@ -1,13 +1,13 @@
 """What a tree of drafts costs, in process: the target's verify of a chain against a tree of the same
-number of drafts (its attention in C, the default on CPU, and in torch's blocks), and the feature
-drafter proposing a chain of k against a tree of N drafts, its matrix products in float16 (the
-default) and float32.
+number of drafts (its attention in C, the default on CPU; the same kernel held to one thread; and
+torch's blocks), and the feature drafter proposing a chain of k against a tree of N drafts, its
+matrix products in float16 (the default) and float32.
 
     python -m bench.tree_cost --context 300      # make bench-tree
 
-Medians of --reps timed calls after a warm-up, the compared calls taking turns. A verify is a crop back to the context and a
-forward of the drafts (tree: a chain of 4, then siblings); a proposal starts from one newly
-committed token, as a round's does.
+Medians of --reps timed calls after a warm-up, the compared calls taking turns. A verify is a crop
+back to the context and a forward of the drafts (tree: a chain of 4, then siblings); a proposal
+starts from one newly committed token, as a round's does.
 """
 
 from __future__ import annotations
@@ -90,7 +90,11 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     model = models.load_model(args.target)
     runner = ModelRunner(model, model.config.vocab_size)
-    runners = {"c_attention": runner, "torch_attention": ModelRunner(model, model.config.vocab_size, c_attention=False)}
+    one_thread = ModelRunner(model, model.config.vocab_size)
+    if one_thread.c_attention is not None:
+        one_thread.c_attention.threads = 1
+    runners = {"c_attention": runner, "c_attention_one_thread": one_thread,
+               "torch_attention": ModelRunner(model, model.config.vocab_size, c_attention=False)}
     folder = args.drafter or models.default_drafter(args.target)
     drafters = {dtype: FeatureDrafter.load(folder, target=args.target, matmul_dtype=dtype)
                 for dtype in args.matmul_dtypes.split(",")}

@@ -14,7 +14,9 @@
    [kv_heads, capacity, dim]; query head h reads kv head h / (heads / kv_heads). */
 
 #include <math.h>
-#include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -62,7 +64,6 @@ typedef struct {
     int max_extra, heads, kv_heads, dim, capacity;
     float scale;
     float *out;
-    int row_from, row_to;
 } Job;
 
 /* Where row `row`'s keys sit: offsets (slot * dim) of its n keys, in order. */
@@ -123,6 +124,9 @@ static inline v8 eight_sums(v8 a, v8 b, v8 c, v8 d, v8 e, v8 f, v8 g, v8 h) {
    head while it is in the nearest cache. Even, so that the value sums' split into even and odd
    keys carries on across blocks. */
 #define KEY_BLOCK 32
+/* Calls of fewer (query head, key) pairs run on the calling thread alone: below this, waking the
+   team's other threads costs about what they would save. */
+#define PARALLEL_FROM 1024
 
 /* s[j] = q . key_j for keys [from, to) at `offsets` (`to` a multiple of 8; offsets past the
    row's keys point at a zero key): key j's products summed in eight lanes along dim, then the
@@ -180,15 +184,15 @@ static void add_values(const float *w, const float *values, const long *offsets,
     }
 }
 
-/* Rows [row_from, row_to), kv head by kv head, keys in blocks of KEY_BLOCK: each block is read
-   by every row and query head that attends to it while it sits in the nearest cache. The order
-   of the work changes no number: each score is its own, and each row's value sums run over its
-   keys in order of j. */
-static int run_rows(const Job *job) {
-    const int group = job->heads / job->kv_heads, dim = job->dim, rows = job->row_to - job->row_from;
-    if (rows <= 0) return 0; /* a thread left without rows by the split */
+/* Rows [row_from, row_to) of the query heads that read kv head g, keys in blocks of KEY_BLOCK:
+   each block is read by every row and query head that attends to it while it sits in the nearest
+   cache. The order of the work changes no number: each score is its own, and each row's value
+   sums run over its keys in order of j. */
+static int run_rows(const Job *job, int g, int row_from, int row_to) {
+    const int group = job->heads / job->kv_heads, dim = job->dim, rows = row_to - row_from;
+    if (rows <= 0) return 0;
     int most = 8;
-    for (int r = job->row_from; r < job->row_to; r++) {
+    for (int r = row_from; r < row_to; r++) {
         const int n = job->prefix[r] + job->n_extra[r] + 8;
         most = n > most ? n : most;
     }
@@ -203,20 +207,20 @@ static int run_rows(const Job *job) {
     const float *zero = sums + (size_t)rows * group * 2 * dim;
     int longest = 0;
     for (int i = 0; i < rows; i++) {
-        const int n = job->prefix[job->row_from + i] + job->n_extra[job->row_from + i];
-        key_offsets(job, job->row_from + i, offsets + (long)i * most);
+        const int n = job->prefix[row_from + i] + job->n_extra[row_from + i];
+        key_offsets(job, row_from + i, offsets + (long)i * most);
         longest = n > longest ? n : longest;
     }
-    for (int g = 0; g < job->kv_heads; g++) {
+    {
         const float *keys = job->keys + (long)g * job->capacity * dim;
         const float *values = job->values + (long)g * job->capacity * dim;
         for (int i = 0; i < rows; i++) { /* keys past a row's n, up to a multiple of 8: the zero key */
-            const int n = job->prefix[job->row_from + i] + job->n_extra[job->row_from + i];
+            const int n = job->prefix[row_from + i] + job->n_extra[row_from + i];
             for (int j = n; j % 8; j++) offsets[(long)i * most + j] = zero - keys;
         }
         for (int from = 0; from < longest; from += KEY_BLOCK)
             for (int i = 0; i < rows; i++) {
-                const int r = job->row_from + i, padded = (job->prefix[r] + job->n_extra[r] + 7) / 8 * 8;
+                const int r = row_from + i, padded = (job->prefix[r] + job->n_extra[r] + 7) / 8 * 8;
                 if (padded <= from) continue;
                 const int to = from + KEY_BLOCK < padded ? from + KEY_BLOCK : padded;
                 for (int h = 0; h < group; h++)
@@ -224,14 +228,14 @@ static int run_rows(const Job *job) {
                               from, to, dim, scores + ((long)i * group + h) * most);
             }
         for (int i = 0; i < rows; i++) {
-            const int n = job->prefix[job->row_from + i] + job->n_extra[job->row_from + i];
+            const int n = job->prefix[row_from + i] + job->n_extra[row_from + i];
             for (int h = 0; h < group; h++)
                 softmax_weights(scores + ((long)i * group + h) * most, n, job->scale, &totals[i * group + h]);
         }
         memset(sums, 0, sizeof(float) * (size_t)rows * group * 2 * dim);
         for (int from = 0; from < longest; from += KEY_BLOCK)
             for (int i = 0; i < rows; i++) {
-                const int n = job->prefix[job->row_from + i] + job->n_extra[job->row_from + i];
+                const int n = job->prefix[row_from + i] + job->n_extra[row_from + i];
                 if (n <= from) continue;
                 const int to = from + KEY_BLOCK < n ? from + KEY_BLOCK : n;
                 for (int h = 0; h < group; h++) {
@@ -241,7 +245,7 @@ static int run_rows(const Job *job) {
                 }
             }
         for (int i = 0; i < rows; i++) {
-            const int r = job->row_from + i, n = job->prefix[r] + job->n_extra[r];
+            const int r = row_from + i, n = job->prefix[r] + job->n_extra[r];
             for (int h = 0; h < group; h++) {
                 const float *even = sums + ((long)i * group + h) * 2 * dim, *total = &totals[i * group + h];
                 float *out = job->out + ((long)r * job->heads + (long)g * group + h) * dim;
@@ -253,49 +257,62 @@ static int run_rows(const Job *job) {
     return 0;
 }
 
-static void *run_thread(void *job) { return (void *)(long)run_rows((const Job *)job); }
+/* A thread's share of the call: the (kv head, row) pairs, in that order, whose keys read run
+   from work * t / threads to work * (t + 1) / threads of the call's total. */
+static int run_share(const Job *job, const int *keys_of, int rows, long work, int t, int threads) {
+    const long from = work * t / threads, to = work * (t + 1) / threads;
+    long done = 0;
+    int failed = 0;
+    for (int g = 0; g < job->kv_heads; g++) {
+        int first = -1, last = -1;
+        for (int r = 0; r < rows; r++) {
+            if (done >= from && done < to) {
+                if (first < 0) first = r;
+                last = r + 1;
+            }
+            done += keys_of[r];
+        }
+        if (first >= 0) failed |= run_rows(job, g, first, last);
+    }
+    return failed;
+}
 
-/* Returns 0, or -1 when memory or threads ran out (out is then incomplete). Long calls split
-   their rows among up to `threads` threads by their share of the keys read; each row's numbers
-   are the same whichever thread computes it. */
+/* Returns 0, or -1 when memory ran out (out is then incomplete). A call of enough work splits
+   its (kv head, row) pairs among up to `threads` threads of the OpenMP team that torch's own
+   parallel operations use (the same libgomp, already running and waiting in this process, so
+   that a split costs microseconds); each row's numbers are the same whichever thread computes
+   them. */
 int specdec_attend(const float *q, const float *keys, const float *values, int capacity, const int *prefix,
                    const int *extra, const int *n_extra, int max_extra, int rows, int heads, int kv_heads,
                    int dim, float scale, float *out, int threads) {
     if (dim % 8 || heads % kv_heads) return -1;
-    Job base = {q, keys, values, prefix, extra, n_extra, max_extra, heads, kv_heads, dim, capacity, scale, out,
-                0, rows};
+    if (rows <= 0) return 0;
+    const Job job = {q, keys, values, prefix, extra, n_extra, max_extra, heads, kv_heads, dim, capacity, scale, out};
+    int *keys_of = malloc(sizeof(int) * (size_t)rows);
+    if (!keys_of) return -1;
     long work = 0;
-    for (int r = 0; r < rows; r++) work += prefix[r] + n_extra[r];
-    /* Starting a thread costs tens of microseconds here: only long calls (prefills) take them. */
-    if (threads > 16) threads = 16;
-    if (threads > rows) threads = rows;
-    if (threads <= 1 || work * heads < 262144) return run_rows(&base);
-    Job jobs[16];
-    pthread_t ids[16];
-    int started = 0, failed = 0, row = 0;
-    long done = 0;
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = base;
-        jobs[t].row_from = row;
-        const long target = work * (t + 1) / threads;
-        while (row < rows && (done < target || row == jobs[t].row_from)) done += prefix[row] + n_extra[row], row++;
-        if (t == threads - 1) row = rows;
-        jobs[t].row_to = row;
+    for (int r = 0; r < rows; r++) {
+        keys_of[r] = prefix[r] + n_extra[r] + 1; /* + 1: a row without keys still costs its output */
+        work += keys_of[r];
     }
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&ids[t], NULL, run_thread, &jobs[t]) != 0) {
-            failed |= run_rows(&jobs[t]);
-        } else {
-            started |= 1 << t;
-        }
-    }
-    failed |= run_rows(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started & (1 << t)) {
-            void *result;
-            pthread_join(ids[t], &result);
-            failed |= (int)(long)result;
-        }
-    }
+    work *= kv_heads;
+    if (threads < 1 || work * (heads / kv_heads) < PARALLEL_FROM) threads = 1;
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(| : failed) if (threads > 1)
+    failed |= run_share(&job, keys_of, rows, work, omp_get_thread_num(), omp_get_num_threads());
+#else
+    failed = run_share(&job, keys_of, rows, work, 0, 1);
+#endif
+    free(keys_of);
     return failed ? -1 : 0;
+}
+
+/* 1 when built with OpenMP (long calls split among threads), else 0. */
+int specdec_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }

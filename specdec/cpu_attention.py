@@ -34,14 +34,20 @@ from specdec.models import default_cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".c")
-FLAGS = ("-O2", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-pthread")
+FLAGS = ("-O2", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
+# OpenMP: the kernel splits long calls among the threads of the OpenMP team torch already runs
+# (torch's wheels ship libgomp.so.1, which the kernel's libgomp.so.1 resolves to once torch is
+# loaded). A compiler without OpenMP builds the kernel single-threaded.
+OPENMP = ("-fopenmp",)
 
 
 class CpuAttention:
     """specdec_attend, loaded: attention of query rows over one layer's cache, each row over its
     own key slots (KeyLists)."""
 
-    def __init__(self, library: ctypes.CDLL):
+    def __init__(self, library: ctypes.CDLL, threads: int = 0):
+        self.threads = threads  # the most threads a call may use; 0: torch's thread count
+        self.openmp = bool(library.specdec_openmp())  # False: built without OpenMP, every call on one thread
         self._attend = library.specdec_attend
         self._attend.restype = ctypes.c_int
         pointer, integer = ctypes.c_void_p, ctypes.c_int
@@ -60,7 +66,7 @@ class CpuAttention:
         status = self._attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1],
                               lists.prefix.data_ptr(), lists.extra.data_ptr(), lists.n_extra.data_ptr(),
                               lists.extra.shape[1], rows, heads, keys.shape[0], dim, scale, out.data_ptr(),
-                              torch.get_num_threads())
+                              self.threads or torch.get_num_threads())
         if status:
             raise MemoryError("the CPU attention kernel could not allocate its buffers")
         return out
@@ -89,10 +95,18 @@ def load() -> CpuAttention | None:
     if not compiler:
         log.warning("no C compiler (cc, gcc or $CC): the runner keeps its torch attention")
         return None
-    library = default_cache_dir() / f"cpu_attention-{_build_key(compiler)}.so"
     try:
-        if not library.exists():
-            _build(compiler, library)
+        for flags in (FLAGS + OPENMP, FLAGS):
+            library = default_cache_dir() / f"cpu_attention-{_build_key(compiler, flags)}.so"
+            if library.exists():
+                break
+            try:
+                _build(compiler, flags, library)
+                break
+            except subprocess.CalledProcessError:
+                if flags == FLAGS:
+                    raise
+                log.warning("%s cannot build with OpenMP: the CPU attention kernel runs on one thread", compiler)
         return CpuAttention(ctypes.CDLL(str(library)))
     except subprocess.CalledProcessError as error:
         log.warning("the CPU attention kernel did not build (%s: %s): the runner keeps its torch attention",
@@ -103,9 +117,9 @@ def load() -> CpuAttention | None:
     return None
 
 
-def _build_key(compiler: str) -> str:
+def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join((compiler,) + FLAGS).encode())
+    digest.update(" ".join((compiler,) + flags).encode())
     digest.update(_compiler_version(compiler).encode())
     digest.update((platform.machine() + _cpu_flags()).encode())
     return digest.hexdigest()[:16]
@@ -128,14 +142,14 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(compiler: str, library: Path) -> None:
+def _build(compiler: str, flags: tuple[str, ...], library: Path) -> None:
     """Compiles into a temporary file renamed into place, so that processes building at once
     (services starting together) never load a half-written library."""
     library.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
     os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", partial, "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(partial, library)
     finally:

@@ -153,7 +153,9 @@ def check_cpu_attention(setting: str, runner: ModelRunner) -> None:
     if setting == "c" and applies and runner.c_attention is None:
         raise StartupError("--cpu-attention c: the C attention kernel did not build here (the log says why; a C "
                            "compiler is needed); --cpu-attention auto falls back to torch's attention")
-    log.info("attention: %s", "C kernel" if runner.c_attention else "torch blocks")
+    kernel = runner.c_attention
+    log.info("attention: %s", "torch blocks" if kernel is None else
+             "C kernel, long calls split among torch's OpenMP threads" if kernel.openmp else "C kernel, one thread")
 
 
 def should_compile(setting: str, device: str) -> bool:

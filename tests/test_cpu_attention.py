@@ -58,6 +58,7 @@ def test_it_computes_attention_over_each_rows_keys(kernel, dim, heads, kv_heads)
 
 
 def test_a_row_is_bitwise_the_same_alone_in_company_and_split_among_threads(kernel):
+    assert kernel.openmp, "gcc builds the kernel with OpenMP: long calls must be able to split"
     dim, heads, kv_heads = 64, 9, 3
     keys, values = _cache(kv_heads, 1024, dim, seed=5)
     generator = torch.Generator().manual_seed(6)
@@ -65,16 +66,18 @@ def test_a_row_is_bitwise_the_same_alone_in_company_and_split_among_threads(kern
     prefix = torch.randint(1, 1000, (300,), generator=generator).tolist()
     extra = [[] for _ in prefix]
     extra[7] = [1001, 1003]  # a tree node: its own keys after a prefix
-    batch = kernel.attend(q, keys, values, KeyLists(prefix, extra), 0.125)  # big enough to run on threads
-    for row in (0, 7, 150, 299):
-        alone = kernel.attend(q[row : row + 1], keys, values, KeyLists([prefix[row]], [extra[row]]), 0.125)
-        assert torch.equal(alone[0], batch[row])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    lists = KeyLists(prefix, extra)
     try:
-        assert torch.equal(kernel.attend(q, keys, values, KeyLists(prefix, extra), 0.125), batch)
+        kernel.threads = 1
+        one_thread = kernel.attend(q, keys, values, lists, 0.125)
+        for threads in (2, 3, 5):  # rows split among threads, and a lone row's kv heads
+            kernel.threads = threads
+            assert torch.equal(kernel.attend(q, keys, values, lists, 0.125), one_thread)
+            for row in (0, 7, 150, 299):
+                alone = kernel.attend(q[row : row + 1], keys, values, KeyLists([prefix[row]], [extra[row]]), 0.125)
+                assert torch.equal(alone[0], one_thread[row])
     finally:
-        torch.set_num_threads(threads)
+        kernel.threads = 0
 
 
 def test_a_tree_node_reading_its_ancestors_equals_the_chain_of_them(kernel):
