@@ -1,7 +1,8 @@
 """What a tree of drafts costs, in process: the target's verify of a chain against a tree of the same
 number of drafts (its attention in C, the default on CPU; the same kernel held to one thread; and
 torch's blocks), and the feature drafter proposing a chain of k against a tree of N drafts, its
-matrix products in float16 (the default) and float32.
+matrix products in float16 (the default) and float32, and several sessions' trees drafted in one
+batch against one call each.
 
     python -m bench.tree_cost --context 300      # make bench-tree
 
@@ -76,6 +77,31 @@ def draft_costs(drafters: dict[str, FeatureDrafter], runner: ModelRunner, contex
     return rows
 
 
+def session_batch_costs(drafter: FeatureDrafter, runner: ModelRunner, context: list[int], k: int, nodes: int,
+                        sessions: list[int], reps: int) -> list[dict]:
+    """The draft service's batching: S sessions' proposals (trees of `nodes`, greedy) in one
+    propose_batch against the same S one call each, in turns."""
+    job = ForwardJob(SessionCache(), context, len(context) - 1, drafter.feature_layers)
+    features = runner.forward([job])[0].features
+    entries = [SessionCache() for _ in range(max(sessions))]
+
+    def propose(count: int, together: bool):
+        def call():
+            jobs = []
+            for entry in entries[:count]:
+                if entry.kv is not None:
+                    entry.kv.crop(len(context) - 2)
+                jobs.append(ProposeJob(entry, context, k, SamplingParams(), features, 0, (), nodes))
+            if together:
+                return drafter.propose_batch(jobs)
+            return [drafter.propose_batch([job]) for job in jobs]
+        return call
+
+    return [{"sessions": count, **medians_ms({"one_batch_ms": propose(count, True),
+                                              "one_call_each_ms": propose(count, False)}, reps)}
+            for count in sessions]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2")
@@ -84,6 +110,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--sizes", default="4,7,8,12,16")
     parser.add_argument("--reps", type=int, default=12)
+    parser.add_argument("--sessions", default="1,4,8", help="sessions proposing trees of 7 in one batch")
     parser.add_argument("--matmul-dtypes", default="float16,float32",
                         help="the drafter's matrix products in each of these dtypes (the draft service's --matmul-dtype)")
     args = parser.parse_args()
@@ -100,7 +127,10 @@ def main() -> None:
                 for dtype in args.matmul_dtypes.split(",")}
     context = torch.randint(0, 40000, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
     print(json.dumps({"context": args.context, "verify": verify_costs(runners, context, sizes, args.reps),
-                      "propose": draft_costs(drafters, runner, context, args.k, [7, 12], args.reps)}, indent=1))
+                      "propose": draft_costs(drafters, runner, context, args.k, [7, 12], args.reps),
+                      "propose_sessions": session_batch_costs(next(iter(drafters.values())), runner, context, args.k, 7,
+                                                              [int(s) for s in args.sessions.split(",")], args.reps)},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ evicted session, a new turn's prompt) proposes nothing and says from which posit
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -39,7 +40,7 @@ class FeatureDrafter:
                  tree_expand: int = 0, tree_children: int = TREE_CHILDREN):
         self.head = head
         default_expand = TREE_EXPAND_CUDA if embeddings.device.type == "cuda" else TREE_EXPAND_CPU
-        # Trees' shape (_draft_tree); tree_expand 0: the device's default.
+        # Trees' shape (_draft_trees); tree_expand 0: the device's default.
         self.tree_expand, self.tree_children = tree_expand or default_expand, tree_children
         # Hybrid: where the context repeats its last `hybrid_ngram` tokens, propose what followed
         # them (prompt lookup): instead of the head's chain, or as a tree's leading branch. 0 = never.
@@ -88,7 +89,9 @@ class FeatureDrafter:
             entry.kv = SessionKV(self.kv_shape, len(committed) + job.k + 1)
         if entry.features is None:
             entry.features = FeatureBuffer(self.feature_layers, self.feature_width, self.device, len(committed))
-        entry.kv.crop(min(entry.kv.length, common))
+        # Drafting starts from the head's output at the last committed position: run it again
+        # when the cache already holds it (the same Propose a second time).
+        entry.kv.crop(min(entry.kv.length, common, max(0, len(committed) - 1)))
         entry.features.crop(common)
         entry.tokens = committed
         if job.features is not None and job.features.shape[0]:
@@ -110,22 +113,27 @@ class FeatureDrafter:
             rows = torch.cat([torch.zeros(1, self.feature_width, device=self.device), rows])
         return self.head.fuse(rows)
 
-    def _layer(self, entry: SessionCache, tokens: torch.Tensor, previous: torch.Tensor, start: int) -> torch.Tensor:
-        """Run the head's layer over positions [start, start + n) of one session (its KV extended):
-        inputs e(tokens) and the previous hidden states, [n, hidden] each; returns h [n, hidden]."""
-        n = tokens.shape[0]
-        positions = torch.arange(start, start + n, device=self.device)
+    def _layer(self, segments: Sequence[tuple[SessionCache, int, int]], tokens: torch.Tensor,
+               previous: torch.Tensor) -> torch.Tensor:
+        """Run the head's layer over positions [start, start + n) of each segment's session (entry,
+        start, n; its KV extended), the segments' rows concatenated: inputs e(tokens) and the
+        previous hidden states, [rows, hidden] each, in one product each; attention session by
+        session. Returns h [rows, hidden]."""
+        positions = torch.cat([torch.arange(start, start + n, device=self.device) for _, start, n in segments])
         q, k, v = self.head.qkv(self.embeddings[tokens], previous, positions)
-        kv = entry.kv
-        kv.reserve(start + n)
-        kv.keys(0)[:, start : start + n] = k
-        kv.values(0)[:, start : start + n] = v
-        kv.length = start + n
-        keys, values = kv.keys(0)[:, : start + n], kv.values(0)[:, : start + n]
-        allowed = torch.arange(start + n, device=self.device)[None, :] <= positions[:, None]
-        attended = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=allowed,
-                                                  enable_gqa=True)[0]
-        return self.head.finish(previous, attended)
+        attended, at = [], 0
+        for entry, start, n in segments:
+            rows, kv = slice(at, at + n), entry.kv
+            kv.reserve(start + n)
+            kv.keys(0)[:, start : start + n] = k[:, rows]
+            kv.values(0)[:, start : start + n] = v[:, rows]
+            kv.length = start + n
+            keys, values = kv.keys(0)[:, : start + n], kv.values(0)[:, : start + n]
+            allowed = torch.arange(start + n, device=self.device)[None, :] <= positions[rows, None]
+            attended.append(F.scaled_dot_product_attention(q[None, :, rows], keys[None], values[None],
+                                                           attn_mask=allowed, enable_gqa=True)[0])
+            at += n
+        return self.head.finish(previous, torch.cat(attended, dim=1))
 
     # --- drafting --------------------------------------------------------------------------
 
@@ -154,96 +162,134 @@ class FeatureDrafter:
         q = probs_from_logits(logits, params)
         return torch.log_softmax(q.clamp_min(1e-30).log() - noise[self.d2t.cpu()].log().to(q.device), dim=-1)
 
-    def _tree_layer(self, entry: SessionCache, committed: int, tokens: list[int], previous: torch.Tensor,
-                    depth: int, nodes_kv: tuple[torch.Tensor, torch.Tensor] | None,
-                    sees: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The head's layer over tree nodes of one depth (their position committed - 1 + depth):
-        each attends to the committed positions and, of the nodes already run (nodes_kv, [kv_heads,
-        m, dim] each), to those `sees` marks ([n, m]: its ancestors), and itself. Returns h [n,
-        hidden] and the nodes' keys and values."""
-        n = len(tokens)
-        positions = torch.full((n,), committed - 1 + depth, device=self.device)
-        q, k, v = self.head.qkv(self.embeddings[torch.tensor(tokens, device=self.device)], previous, positions)
-        keys, values = [entry.kv.keys(0)[:, :committed]], [entry.kv.values(0)[:, :committed]]
+    def _tree_attention(self, tree: "_Tree", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        sees: torch.Tensor) -> torch.Tensor:
+        """Attention of one tree's new nodes (q [heads, n, dim]; k and v [kv_heads, n, dim]): each
+        attends to the committed positions, to the nodes already run that `sees` marks ([n, m]:
+        its ancestors) and to itself. Returns [heads, n, dim]."""
+        n, committed, kv = q.shape[1], len(tree.job.committed), tree.job.entry.kv
+        keys, values = [kv.keys(0)[:, :committed]], [kv.values(0)[:, :committed]]
         allowed = [torch.ones(n, committed, dtype=torch.bool, device=self.device)]
-        if nodes_kv is not None:
-            keys.append(nodes_kv[0])
-            values.append(nodes_kv[1])
+        if tree.nodes_kv is not None:
+            keys.append(tree.nodes_kv[0])
+            values.append(tree.nodes_kv[1])
             allowed.append(sees.to(self.device))
         keys.append(k)
         values.append(v)
         allowed.append(torch.eye(n, dtype=torch.bool, device=self.device))
-        attended = F.scaled_dot_product_attention(q[None], torch.cat(keys, dim=1)[None], torch.cat(values, dim=1)[None],
-                                                  attn_mask=torch.cat(allowed, dim=1), enable_gqa=True)[0]
-        return self.head.finish(previous, attended), k, v
+        return F.scaled_dot_product_attention(q[None], torch.cat(keys, dim=1)[None], torch.cat(values, dim=1)[None],
+                                              attn_mask=torch.cat(allowed, dim=1), enable_gqa=True)[0]
 
-    def _draft_tree(self, job: ProposeJob, root_h: torch.Tensor) -> tuple[list[int], list[int]]:
-        """EAGLE-2's dynamic tree (Li et al. 2024): expand, depth by depth, the `tree_expand` nodes
-        of highest cumulative confidence (sum of log-confidences along the path), each with its
-        `tree_children` likeliest next tokens; then keep the job.tree_nodes nodes of highest
-        cumulative confidence (a node never scores above its parent, so they form a tree). The
-        drafter's best chain comes first in the answer (node i's parent is i - 1), then the rest
-        by depth. Returns (tokens, parents)."""
-        params, committed = job.params, len(job.committed)
-        expand, children = min(self.tree_expand, job.tree_nodes), min(self.tree_children, job.tree_nodes)
-        # Every candidate: (cumulative confidence, depth, token, parent candidate or -1).
-        candidates: list[tuple[float, int, int, int]] = []
-        frontier = [-1]  # candidates expanded at this depth (-1: the root)
-        frontier_h = root_h
-        expanded: list[int] = []  # candidates run through the layer, in the order of nodes_kv
-        nodes_kv: tuple[torch.Tensor, torch.Tensor] | None = None
-        for depth in range(1, job.k + 1):
-            confidence = self._confidence(self.head.logits(frontier_h), params, committed - 1 + depth)
-            best = confidence.topk(min(children, confidence.shape[-1]), dim=-1)
-            first_new = len(candidates)
-            for row, parent in enumerate(frontier):
-                base = candidates[parent][0] if parent >= 0 else 0.0
-                for score, index in zip(best.values[row].tolist(), best.indices[row].tolist()):
-                    candidates.append((base + score, depth, self.d2t_list[index], parent))
-            if depth == job.k:
-                break
-            fresh = sorted(range(first_new, len(candidates)), key=lambda c: -candidates[c][0])[:expand]
-            sees = torch.zeros(len(fresh), len(expanded), dtype=torch.bool)
+    def _score(self, tree: "_Tree", logits: torch.Tensor, depth: int) -> list[int]:
+        """A depth of one tree: its frontier's likeliest children become candidates (their
+        cumulative confidence, the sum of log-confidences along the path); returns the candidates
+        to expand next (none at the last depth)."""
+        job = tree.job
+        confidence = self._confidence(logits, job.params, len(job.committed) - 1 + depth)
+        best = confidence.topk(min(tree.children, confidence.shape[-1]), dim=-1)
+        first_new = len(tree.candidates)
+        for row, parent in enumerate(tree.frontier):
+            base = tree.candidates[parent][0] if parent >= 0 else 0.0
+            for score, index in zip(best.values[row].tolist(), best.indices[row].tolist()):
+                tree.candidates.append((base + score, depth, self.d2t_list[index], parent))
+        if depth == job.k:
+            return []
+        fresh = range(first_new, len(tree.candidates))
+        return sorted(fresh, key=lambda c: -tree.candidates[c][0])[: tree.expand]
+
+    def _run_nodes(self, growing: list[tuple["_Tree", list[int]]], depth: int) -> None:
+        """The head's layer over the nodes each tree expands at this depth (position committed -
+        1 + depth), all trees' rows in one product each, their attention tree by tree."""
+        tokens, previous, positions, sees = [], [], [], []
+        for tree, fresh in growing:
+            candidates = tree.candidates
+            seen = torch.zeros(len(fresh), len(tree.expanded), dtype=torch.bool)
             for row, c in enumerate(fresh):
                 ancestor = candidates[c][3]
                 while ancestor >= 0:
-                    sees[row, expanded.index(ancestor)] = True
+                    seen[row, tree.expanded.index(ancestor)] = True
                     ancestor = candidates[ancestor][3]
-            previous = torch.cat([frontier_h[frontier.index(candidates[c][3])][None] for c in fresh])
-            frontier_h, k, v = self._tree_layer(job.entry, committed, [candidates[c][2] for c in fresh], previous,
-                                                depth, nodes_kv, sees)
-            nodes_kv = (k, v) if nodes_kv is None else (torch.cat([nodes_kv[0], k], dim=1),
-                                                        torch.cat([nodes_kv[1], v], dim=1))
-            expanded += fresh
-            frontier = fresh
-        return _tree_answer(candidates, job.tree_nodes)
+            sees.append(seen)
+            tokens += [candidates[c][2] for c in fresh]
+            previous += [tree.frontier_h[tree.frontier.index(candidates[c][3])] for c in fresh]
+            positions += [len(tree.job.committed) - 1 + depth] * len(fresh)
+        previous_h = torch.stack(previous)
+        q, k, v = self.head.qkv(self.embeddings[torch.tensor(tokens, device=self.device)], previous_h,
+                                torch.tensor(positions, device=self.device))
+        attended, at = [], 0
+        for (tree, fresh), seen in zip(growing, sees):
+            rows = slice(at, at + len(fresh))
+            attended.append(self._tree_attention(tree, q[:, rows], k[:, rows], v[:, rows], seen))
+            tree.nodes_kv = (k[:, rows], v[:, rows]) if tree.nodes_kv is None else (
+                torch.cat([tree.nodes_kv[0], k[:, rows]], dim=1), torch.cat([tree.nodes_kv[1], v[:, rows]], dim=1))
+            at += len(fresh)
+        h, at = self.head.finish(previous_h, torch.cat(attended, dim=1)), 0
+        for tree, fresh in growing:
+            tree.frontier_h, tree.frontier = h[at : at + len(fresh)], fresh
+            tree.expanded += fresh
+            at += len(fresh)
+
+    def _draft_trees(self, trees: list["_Tree"]) -> list[tuple[list[int], list[int]]]:
+        """EAGLE-2's dynamic tree (Li et al. 2024), for several sessions at once: expand, depth by
+        depth, the `tree_expand` nodes of highest cumulative confidence, each with its
+        `tree_children` likeliest next tokens; then keep the job.tree_nodes nodes of highest
+        cumulative confidence (a node never scores above its parent, so they form a tree). Every
+        depth runs the head once for all the trees still growing. Returns (tokens, parents) per
+        tree, the drafter's best chain first (node i's parent is i - 1), then the rest by depth."""
+        for depth in range(1, max(tree.job.k for tree in trees) + 1):
+            growing = [tree for tree in trees if depth <= tree.job.k]
+            logits, at, expanding = self.head.logits(torch.cat([tree.frontier_h for tree in growing])), 0, []
+            for tree in growing:
+                fresh = self._score(tree, logits[at : at + len(tree.frontier)], depth)
+                at += len(tree.frontier)
+                if fresh:
+                    expanding.append((tree, fresh))
+            if expanding:
+                self._run_nodes(expanding, depth)
+        return [_tree_answer(tree.candidates, tree.job.tree_nodes) for tree in trees]
 
     @torch.inference_mode()
     def propose_batch(self, jobs: Sequence[ProposeJob]) -> list[Proposal]:
-        proposals: list[Proposal] = []
-        active: list[tuple[int, ProposeJob, torch.Tensor]] = []
+        """Every session's drafts, the head's passes shared: one over all sessions' newly committed
+        positions, then one per drafting step (chains) or tree depth (trees) for all of them."""
+        proposals = [Proposal([], None, point_mass=False) for _ in jobs]
+        ready: list[int] = []
         for i, job in enumerate(jobs):
             missing = self._prepare(job)
-            if missing is not None:
-                proposals.append(Proposal([], None, point_mass=False, features_from=missing))
-                continue
-            entry, c = job.entry, len(job.committed)
-            start = entry.kv.length
-            tokens = torch.tensor(job.committed[start:c], device=self.device)
-            h = self._layer(entry, tokens, self._fused(entry, start - 1, c - 1), start)
+            if missing is None:
+                ready.append(i)
+            else:
+                proposals[i].features_from = missing
+        # (entry, first new position, count) per ready session: its committed positions not yet in its cache
+        segments = [(jobs[i].entry, jobs[i].entry.kv.length, len(jobs[i].committed) - jobs[i].entry.kv.length)
+                    for i in ready]
+        if ready:
+            new_tokens = [t for i, (_, start, _) in zip(ready, segments) for t in jobs[i].committed[start:]]
+            fused = torch.cat([self._fused(entry, start - 1, start + n - 1) for entry, start, n in segments])
+            h_all = self._layer(segments, torch.tensor(new_tokens, device=self.device), fused)
+        active: list[tuple[int, ProposeJob, torch.Tensor]] = []
+        trees: list[tuple[int, list[int], _Tree]] = []  # (proposal, prompt lookup's copy, its tree)
+        at = 0
+        for i, (entry, start, n) in zip(ready, segments):
+            job, c = jobs[i], len(jobs[i].committed)
+            h = h_all[at + n - 1 : at + n]
+            at += n
             for offset, token in enumerate(job.provisional):  # not committed: no features, its own outputs
-                h = self._layer(entry, torch.tensor([token], device=self.device), h[-1:], c + offset)
+                h = self._layer([(entry, c + offset, 1)], torch.tensor([token], device=self.device), h)
             copied = self._lookup(job)
             tree = job.tree_nodes > job.k and not job.provisional
-            proposals.append(Proposal([], None, point_mass=bool(copied) and not tree, reused_tokens=start,
-                                      computed_tokens=c - start))
+            proposals[i].point_mass = bool(copied) and not tree
+            proposals[i].reused_tokens, proposals[i].computed_tokens = start, n
             if tree:
-                tokens, parents = self._draft_tree(job, h[-1:])
-                proposals[i].tokens, proposals[i].parents = graft_chain(copied, tokens, parents, job.tree_nodes)
+                trees.append((i, copied, _Tree(job, h, min(self.tree_expand, job.tree_nodes),
+                                               min(self.tree_children, job.tree_nodes))))
             elif copied:
                 proposals[i].tokens = copied
             else:
-                active.append((i, job, h[-1:]))
+                active.append((i, job, h))
+        if trees:
+            for (i, copied, tree), (tokens, parents) in zip(trees, self._draft_trees([t for _, _, t in trees])):
+                proposals[i].tokens, proposals[i].parents = graft_chain(copied, tokens, parents, tree.job.tree_nodes)
         rows: dict[int, list[torch.Tensor]] = {i: [] for i, _, _ in active}
         for step in range(max((job.k for _, job, _ in active), default=0)):
             logits = self.head.logits(torch.cat([h for _, _, h in active])) if active else None
@@ -255,9 +301,11 @@ class FeatureDrafter:
                     rows[i].append(q)
                 if step + 1 < job.k:
                     still.append((i, job, h))
-            for index, (i, job, h) in enumerate(still):
-                token = torch.tensor(proposals[i].tokens[-1:], device=self.device)
-                still[index] = (i, job, self._layer(job.entry, token, h, len(job.sequence) + step))
+            if still:  # every chain's next step in one pass of the head
+                h = self._layer([(job.entry, len(job.sequence) + step, 1) for _, job, _ in still],
+                                torch.tensor([proposals[i].tokens[-1] for i, _, _ in still], device=self.device),
+                                torch.cat([h for _, _, h in still]))
+                still = [(i, job, h[row : row + 1]) for row, (i, job, _) in enumerate(still)]
             active = still
         for job in jobs:  # positions run on the head's own outputs (provisional, drafted) go
             if job.entry.kv is not None:
@@ -267,6 +315,20 @@ class FeatureDrafter:
                 proposals[i].probs = torch.stack(drafted)
         return proposals
 
+
+@dataclass
+class _Tree:
+    """One session's tree while it is drafted (FeatureDrafter._draft_trees)."""
+
+    job: ProposeJob
+    frontier_h: torch.Tensor  # the head's outputs at the frontier's nodes [n, hidden] (at first the root's)
+    expand: int  # nodes expanded per depth
+    children: int  # children drafted per expanded node
+    # Every candidate: (cumulative confidence, depth, token, parent candidate or -1).
+    candidates: list[tuple[float, int, int, int]] = field(default_factory=list)
+    frontier: list[int] = field(default_factory=lambda: [-1])  # the candidates expanded last (-1: the root)
+    expanded: list[int] = field(default_factory=list)  # candidates run through the layer, in nodes_kv's order
+    nodes_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # their keys and values [kv_heads, m, dim]
 
 
 def _tree_answer(candidates: list[tuple[float, int, int, int]], budget: int) -> tuple[list[int], list[int]]:

@@ -180,6 +180,40 @@ def test_a_tree_takes_prompt_lookups_continuation_as_its_leading_branch(tiny_tar
     assert chain.tokens == copied and chain.parents is None and chain.point_mass
 
 
+def test_trees_of_several_sessions_are_drafted_together_as_each_alone(tiny_target, feature_drafter):
+    """Batched across sessions: one Propose batch of trees runs the head once per depth for all the
+    sessions still growing (greedy and coupled, different k and tree sizes), and each tree is the
+    one its session gets alone."""
+    from draft_service.drafters import ProposeJob
+    from draft_service.feature_drafter import FeatureDrafter
+    from specdec.kv_cache import SessionCache
+    from specdec.sampling import COUPLED, tree_depths
+
+    config = DrafterConfig.load(feature_drafter)
+    drafter = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), hybrid_ngram=0,
+                                  matmul_dtype="float32")
+    sessions = [([4, 9, 12, 3, 7, 15], 4, 7, SamplingParams()), ([5, 6, 7, 8, 2, 11, 19, 1, 3], 3, 6, SamplingParams()),
+                ([8, 1, 14, 2], 4, 10, SamplingParams(0.8, seed=5, rule=COUPLED))]
+
+    def jobs():
+        return [ProposeJob(SessionCache(), committed, k, params,
+                           torch.randn(len(committed) - 1, len(config.feature_layers) * config.hidden_size,
+                                       generator=torch.Generator().manual_seed(len(committed))), 0, (), nodes)
+                for committed, k, nodes, params in sessions]
+
+    alone = [drafter.propose_batch([job])[0] for job in jobs()]
+    calls = []
+    qkv = drafter.head.qkv
+    drafter.head.qkv = lambda *args: calls.append(args[0].shape[0]) or qkv(*args)
+    together = drafter.propose_batch(jobs())
+    for one, batched in zip(alone, together):
+        assert (batched.tokens, batched.parents) == (one.tokens, one.parents)
+        assert len(batched.tokens) > max(tree_depths(batched.parents))  # a tree, not a chain
+    # One pass over every session's committed positions, then one per depth over the trees still
+    # growing (a node expanded each; the k = 3 tree stops a depth sooner).
+    assert calls == [sum(len(committed) for committed, _, _, _ in sessions), 3, 3, 2]
+
+
 def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tiny_target, feature_drafter):
     from safetensors.torch import load_file
 
