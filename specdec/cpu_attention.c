@@ -211,46 +211,43 @@ static int run_rows(const Job *job, int g, int row_from, int row_to) {
         key_offsets(job, row_from + i, offsets + (long)i * most);
         longest = n > longest ? n : longest;
     }
-    {
-        const float *keys = job->keys + (long)g * job->capacity * dim;
-        const float *values = job->values + (long)g * job->capacity * dim;
-        for (int i = 0; i < rows; i++) { /* keys past a row's n, up to a multiple of 8: the zero key */
-            const int n = job->prefix[row_from + i] + job->n_extra[row_from + i];
-            for (int j = n; j % 8; j++) offsets[(long)i * most + j] = zero - keys;
-        }
-        for (int from = 0; from < longest; from += KEY_BLOCK)
-            for (int i = 0; i < rows; i++) {
-                const int r = row_from + i, padded = (job->prefix[r] + job->n_extra[r] + 7) / 8 * 8;
-                if (padded <= from) continue;
-                const int to = from + KEY_BLOCK < padded ? from + KEY_BLOCK : padded;
-                for (int h = 0; h < group; h++)
-                    scores_of(job->q + ((long)r * job->heads + (long)g * group + h) * dim, keys, offsets + (long)i * most,
-                              from, to, dim, scores + ((long)i * group + h) * most);
-            }
+    const float *keys = job->keys + (long)g * job->capacity * dim;
+    const float *values = job->values + (long)g * job->capacity * dim;
+    for (int i = 0; i < rows; i++) { /* keys past a row's n, up to a multiple of 8: the zero key */
+        const int n = job->prefix[row_from + i] + job->n_extra[row_from + i];
+        for (int j = n; j % 8; j++) offsets[(long)i * most + j] = zero - keys;
+    }
+    for (int from = 0; from < longest; from += KEY_BLOCK)
         for (int i = 0; i < rows; i++) {
-            const int n = job->prefix[row_from + i] + job->n_extra[row_from + i];
+            const int r = row_from + i, padded = (job->prefix[r] + job->n_extra[r] + 7) / 8 * 8;
+            if (padded <= from) continue;
+            const int to = from + KEY_BLOCK < padded ? from + KEY_BLOCK : padded;
             for (int h = 0; h < group; h++)
-                softmax_weights(scores + ((long)i * group + h) * most, n, job->scale, &totals[i * group + h]);
+                scores_of(job->q + ((long)r * job->heads + (long)g * group + h) * dim, keys, offsets + (long)i * most,
+                          from, to, dim, scores + ((long)i * group + h) * most);
         }
-        memset(sums, 0, sizeof(float) * (size_t)rows * group * 2 * dim);
-        for (int from = 0; from < longest; from += KEY_BLOCK)
-            for (int i = 0; i < rows; i++) {
-                const int n = job->prefix[row_from + i] + job->n_extra[row_from + i];
-                if (n <= from) continue;
-                const int to = from + KEY_BLOCK < n ? from + KEY_BLOCK : n;
-                for (int h = 0; h < group; h++) {
-                    float *even = sums + ((long)i * group + h) * 2 * dim;
-                    add_values(scores + ((long)i * group + h) * most, values, offsets + (long)i * most, from, to, dim,
-                               even, even + dim);
-                }
-            }
+    for (int i = 0; i < rows; i++) {
+        const int n = job->prefix[row_from + i] + job->n_extra[row_from + i];
+        for (int h = 0; h < group; h++)
+            softmax_weights(scores + ((long)i * group + h) * most, n, job->scale, &totals[i * group + h]);
+    }
+    for (int from = 0; from < longest; from += KEY_BLOCK)
         for (int i = 0; i < rows; i++) {
-            const int r = row_from + i, n = job->prefix[r] + job->n_extra[r];
+            const int n = job->prefix[row_from + i] + job->n_extra[row_from + i];
+            if (n <= from) continue;
+            const int to = from + KEY_BLOCK < n ? from + KEY_BLOCK : n;
             for (int h = 0; h < group; h++) {
-                const float *even = sums + ((long)i * group + h) * 2 * dim, *total = &totals[i * group + h];
-                float *out = job->out + ((long)r * job->heads + (long)g * group + h) * dim;
-                for (int c = 0; c < dim; c++) out[c] = n ? (even[c] + even[dim + c]) / *total : 0.0f;
+                float *even = sums + ((long)i * group + h) * 2 * dim;
+                add_values(scores + ((long)i * group + h) * most, values, offsets + (long)i * most, from, to, dim,
+                           even, even + dim);
             }
+        }
+    for (int i = 0; i < rows; i++) {
+        const int r = row_from + i, n = job->prefix[r] + job->n_extra[r];
+        for (int h = 0; h < group; h++) {
+            const float *even = sums + ((long)i * group + h) * 2 * dim, *total = &totals[i * group + h];
+            float *out = job->out + ((long)r * job->heads + (long)g * group + h) * dim;
+            for (int c = 0; c < dim; c++) out[c] = n ? (even[c] + even[dim + c]) / *total : 0.0f;
         }
     }
     free(scores), free(sums), free(offsets), free(totals);
