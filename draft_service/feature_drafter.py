@@ -162,7 +162,7 @@ class FeatureDrafter:
         q = probs_from_logits(logits, params)
         return torch.log_softmax(q.clamp_min(1e-30).log() - noise[self.d2t.cpu()].log().to(q.device), dim=-1)
 
-    def _tree_attention(self, tree: "_Tree", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def _tree_attention(self, tree: _Tree, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         sees: torch.Tensor) -> torch.Tensor:
         """Attention of one tree's new nodes (q [heads, n, dim]; k and v [kv_heads, n, dim]): each
         attends to the committed positions, to the nodes already run that `sees` marks ([n, m]:
@@ -180,7 +180,7 @@ class FeatureDrafter:
         return F.scaled_dot_product_attention(q[None], torch.cat(keys, dim=1)[None], torch.cat(values, dim=1)[None],
                                               attn_mask=torch.cat(allowed, dim=1), enable_gqa=True)[0]
 
-    def _score(self, tree: "_Tree", logits: torch.Tensor, depth: int) -> list[int]:
+    def _score(self, tree: _Tree, logits: torch.Tensor, depth: int) -> list[int]:
         """A depth of one tree: its frontier's likeliest children become candidates (their
         cumulative confidence, the sum of log-confidences along the path); returns the candidates
         to expand next (none at the last depth)."""
@@ -197,7 +197,7 @@ class FeatureDrafter:
         fresh = range(first_new, len(tree.candidates))
         return sorted(fresh, key=lambda c: -tree.candidates[c][0])[: tree.expand]
 
-    def _run_nodes(self, growing: list[tuple["_Tree", list[int]]], depth: int) -> None:
+    def _run_nodes(self, growing: list[tuple[_Tree, list[int]]], depth: int) -> None:
         """The head's layer over the nodes each tree expands at this depth (position committed -
         1 + depth), all trees' rows in one product each, their attention tree by tree."""
         tokens, previous, positions, sees = [], [], [], []
@@ -229,7 +229,7 @@ class FeatureDrafter:
             tree.expanded += fresh
             at += len(fresh)
 
-    def _draft_trees(self, trees: list["_Tree"]) -> list[tuple[list[int], list[int]]]:
+    def _draft_trees(self, trees: list[_Tree]) -> list[tuple[list[int], list[int]]]:
         """EAGLE-2's dynamic tree (Li et al. 2024), for several sessions at once: expand, depth by
         depth, the `tree_expand` nodes of highest cumulative confidence, each with its
         `tree_children` likeliest next tokens; then keep the job.tree_nodes nodes of highest
