@@ -186,7 +186,7 @@ class FeatureDrafter:
         to expand next (none at the last depth)."""
         job = tree.job
         confidence = self._confidence(logits, job.params, len(job.committed) - 1 + depth)
-        best = confidence.topk(min(tree.children, confidence.shape[-1]), dim=-1)
+        best = confidence.topk(min(self.tree_children, job.tree_nodes, confidence.shape[-1]), dim=-1)
         first_new = len(tree.candidates)
         for row, parent in enumerate(tree.frontier):
             base = tree.candidates[parent][0] if parent >= 0 else 0.0
@@ -195,7 +195,7 @@ class FeatureDrafter:
         if depth == job.k:
             return []
         fresh = range(first_new, len(tree.candidates))
-        return sorted(fresh, key=lambda c: -tree.candidates[c][0])[: tree.expand]
+        return sorted(fresh, key=lambda c: -tree.candidates[c][0])[: min(self.tree_expand, job.tree_nodes)]
 
     def _run_nodes(self, growing: list[tuple[_Tree, list[int]]], depth: int) -> None:
         """The head's layer over the nodes each tree expands at this depth (position committed -
@@ -281,8 +281,7 @@ class FeatureDrafter:
             proposals[i].point_mass = bool(copied) and not tree
             proposals[i].reused_tokens, proposals[i].computed_tokens = start, n
             if tree:
-                trees.append((i, copied, _Tree(job, h, min(self.tree_expand, job.tree_nodes),
-                                               min(self.tree_children, job.tree_nodes))))
+                trees.append((i, copied, _Tree(job, h)))
             elif copied:
                 proposals[i].tokens = copied
             else:
@@ -322,8 +321,6 @@ class _Tree:
 
     job: ProposeJob
     frontier_h: torch.Tensor  # the head's outputs at the frontier's nodes [n, hidden] (at first the root's)
-    expand: int  # nodes expanded per depth
-    children: int  # children drafted per expanded node
     # Every candidate: (cumulative confidence, depth, token, parent candidate or -1).
     candidates: list[tuple[float, int, int, int]] = field(default_factory=list)
     frontier: list[int] = field(default_factory=lambda: [-1])  # the candidates expanded last (-1: the root)
