@@ -53,53 +53,49 @@ def verify_costs(runners: dict[str, ModelRunner], context: list[int], sizes: lis
     return rows
 
 
-def draft_costs(drafters: dict[str, FeatureDrafter], runner: ModelRunner, context: list[int], k: int,
+def _proposing(drafter: FeatureDrafter, entries: list[SessionCache], context: list[int], features: torch.Tensor,
+               k: int, params: SamplingParams, nodes: int, together: bool = True):
+    """A call proposing for each session entry after `context`, with one newly committed token to
+    take in, as a round's proposal has: in one propose_batch, or one call per session."""
+    def call():
+        jobs = []
+        for entry in entries:
+            if entry.kv is not None:
+                entry.kv.crop(len(context) - 2)
+            jobs.append(ProposeJob(entry, context, k, params, features, 0, (), nodes))
+        if together:
+            return drafter.propose_batch(jobs)
+        return [drafter.propose_batch([job]) for job in jobs]
+    return call
+
+
+def draft_costs(drafters: dict[str, FeatureDrafter], context: list[int], features: torch.Tensor, k: int,
                 sizes: list[int], reps: int) -> list[dict]:
     """Proposal times per sampling, for each drafter (by its matrix products' dtype), in turns."""
-    layers = tuple(next(iter(drafters.values())).feature_layers)
-    features = runner.forward([ForwardJob(SessionCache(), context, len(context) - 1, layers)])[0].features
-
-    def propose(drafter: FeatureDrafter, entry: SessionCache, nodes: int, params: SamplingParams):
-        def call():
-            if entry.kv is not None:
-                entry.kv.crop(len(context) - 2)  # one newly committed token to take in, as in a round
-            return drafter.propose_batch([ProposeJob(entry, context, k, params, features, 0, (), nodes)])
-        return call
-
     rows = []
     for name, params in (("greedy", SamplingParams()), ("coupled", SamplingParams(0.7, seed=1, rule=COUPLED))):
         calls = {}
         for dtype, drafter in drafters.items():
-            entry = SessionCache()
-            calls[f"{dtype}_chain_ms"] = propose(drafter, entry, 0, params)
-            calls.update({f"{dtype}_tree{n}_ms": propose(drafter, entry, n, params) for n in sizes})
+            entry = [SessionCache()]
+            calls[f"{dtype}_chain_ms"] = _proposing(drafter, entry, context, features, k, params, 0)
+            calls.update({f"{dtype}_tree{n}_ms": _proposing(drafter, entry, context, features, k, params, n)
+                          for n in sizes})
         rows.append({"sampling": name, **medians_ms(calls, reps)})
     return rows
 
 
-def session_batch_costs(drafter: FeatureDrafter, runner: ModelRunner, context: list[int], k: int, nodes: int,
+def session_batch_costs(drafter: FeatureDrafter, context: list[int], features: torch.Tensor, k: int, nodes: int,
                         sessions: list[int], reps: int) -> list[dict]:
     """The draft service's batching: S sessions' proposals (trees of `nodes`, greedy) in one
     propose_batch against the same S one call each, in turns."""
-    job = ForwardJob(SessionCache(), context, len(context) - 1, drafter.feature_layers)
-    features = runner.forward([job])[0].features
     entries = [SessionCache() for _ in range(max(sessions))]
-
-    def propose(count: int, together: bool):
-        def call():
-            jobs = []
-            for entry in entries[:count]:
-                if entry.kv is not None:
-                    entry.kv.crop(len(context) - 2)
-                jobs.append(ProposeJob(entry, context, k, SamplingParams(), features, 0, (), nodes))
-            if together:
-                return drafter.propose_batch(jobs)
-            return [drafter.propose_batch([job]) for job in jobs]
-        return call
-
-    return [{"sessions": count, **medians_ms({"one_batch_ms": propose(count, True),
-                                              "one_call_each_ms": propose(count, False)}, reps)}
-            for count in sessions]
+    rows = []
+    for count in sessions:
+        calls = {f"{way}_ms": _proposing(drafter, entries[:count], context, features, k, SamplingParams(), nodes,
+                                         together=way == "one_batch")
+                 for way in ("one_batch", "one_call_each")}
+        rows.append({"sessions": count, **medians_ms(calls, reps)})
+    return rows
 
 
 def main() -> None:
@@ -126,11 +122,14 @@ def main() -> None:
     drafters = {dtype: FeatureDrafter.load(folder, target=args.target, matmul_dtype=dtype)
                 for dtype in args.matmul_dtypes.split(",")}
     context = torch.randint(0, 40000, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
+    drafter = next(iter(drafters.values()))
+    prefill = ForwardJob(SessionCache(), context, len(context) - 1, drafter.feature_layers)
+    features = runner.forward([prefill])[0].features  # the drafter's features of the context, for every proposal
+    sessions = [int(s) for s in args.sessions.split(",")]
     print(json.dumps({"context": args.context, "verify": verify_costs(runners, context, sizes, args.reps),
-                      "propose": draft_costs(drafters, runner, context, args.k, [7, 12], args.reps),
-                      "propose_sessions": session_batch_costs(next(iter(drafters.values())), runner, context, args.k, 7,
-                                                              [int(s) for s in args.sessions.split(",")], args.reps)},
-                     indent=1))
+                      "propose": draft_costs(drafters, context, features, args.k, [7, 12], args.reps),
+                      "propose_sessions": session_batch_costs(drafter, context, features, args.k, 7, sessions,
+                                                              args.reps)}, indent=1))
 
 
 if __name__ == "__main__":
