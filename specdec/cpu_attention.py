@@ -96,18 +96,7 @@ def load() -> CpuAttention | None:
         log.warning("no C compiler (cc, gcc or $CC): the runner keeps its torch attention")
         return None
     try:
-        for flags in (FLAGS + OPENMP, FLAGS):
-            library = default_cache_dir() / f"cpu_attention-{_build_key(compiler, flags)}.so"
-            if library.exists():
-                break
-            try:
-                _build(compiler, flags, library)
-                break
-            except subprocess.CalledProcessError:
-                if flags == FLAGS:
-                    raise
-                log.warning("%s cannot build with OpenMP: the CPU attention kernel runs on one thread", compiler)
-        return CpuAttention(ctypes.CDLL(str(library)))
+        return CpuAttention(ctypes.CDLL(str(_library(compiler))))
     except subprocess.CalledProcessError as error:
         log.warning("the CPU attention kernel did not build (%s: %s): the runner keeps its torch attention",
                     compiler, error.stderr.strip()[-2000:])
@@ -117,11 +106,30 @@ def load() -> CpuAttention | None:
     return None
 
 
-def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
+def _library(compiler: str) -> Path:
+    """The kernel's library for this machine, built if missing: with OpenMP, or without it where
+    that build failed before (its library then exists, so a compiler without OpenMP is not asked
+    again at every start)."""
+    machine = _compiler_version(compiler) + platform.machine() + _cpu_flags()
+    with_openmp, alone = (default_cache_dir() / f"cpu_attention-{_build_key(compiler, flags, machine)}.so"
+                          for flags in (FLAGS + OPENMP, FLAGS))
+    for library in (with_openmp, alone):
+        if library.exists():
+            return library
+    try:
+        _build(compiler, FLAGS + OPENMP, with_openmp)
+        return with_openmp
+    except subprocess.CalledProcessError:
+        log.warning("%s cannot build with OpenMP: the CPU attention kernel runs on one thread", compiler)
+    _build(compiler, FLAGS, alone)
+    return alone
+
+
+def _build_key(compiler: str, flags: tuple[str, ...], machine: str) -> str:
+    """A library's name: a hash of the source, the command, the compiler's version and the CPU."""
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(" ".join((compiler,) + flags).encode())
-    digest.update(_compiler_version(compiler).encode())
-    digest.update((platform.machine() + _cpu_flags()).encode())
+    digest.update(machine.encode())
     return digest.hexdigest()[:16]
 
 

@@ -124,3 +124,24 @@ def test_the_services_choose_their_attention_and_c_refuses_to_start_without_the_
     assert load("auto").c_attention is None  # falls back, with a warning
     with pytest.raises(StartupError, match="did not build"):
         load("c")
+
+
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel_once(monkeypatch, tmp_path):
+    """Where the OpenMP build fails the kernel is built without it (calls on one thread, the same
+    numbers), and later starts load that build instead of trying OpenMP again."""
+    tried = tmp_path / "openmp-tries"
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text(f'#!/bin/sh\ncase "$*" in *-fopenmp*) echo x >> {tried}; exit 1;; esac\nexec gcc "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(compiler))
+    first = cpu_attention.load()
+    assert first is not None and not first.openmp
+    assert cpu_attention.load() is not None
+    assert tried.read_text().count("x") == 1
+    keys, values = _cache(3, 64, 16, seed=2)
+    q = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(4))
+    lists = KeyLists([40, 60], [[], []])
+    torch.testing.assert_close(first.attend(q, keys, values, lists, 0.25),
+                               _reference(q, keys, values, [list(range(40)), list(range(60))], 0.25),
+                               rtol=1e-5, atol=1e-5)
