@@ -6,12 +6,13 @@ pass with its DynamicCache, for 1 to 8 new tokens after a cached context.
 Median of --reps timed steps after a warm-up, each a crop back to the context and a forward of
 the new tokens (what a verify of k + 1 = n tokens costs), the runners taking turns step by step
 (bench.timing.medians_ms), so that drift in the machine's speed falls on all of them alike. The
-ratio is what bitwise invariance (row counts padded to a multiple of 4, attention row by row)
-costs, or saves, per step;
-ours_not_invariant_ms is our runner with --batch-invariant false (one-row passes unpadded);
-ours_f_linear_ms our runner with its products through F.linear instead of oneDNN (what they were
-before oneDNN; the same where oneDNN does not run); ours_torch_attention_ms our runner with its
-attention in torch's blocks instead of C (specdec.cpu_attention; the same where no C compiler is).
+ratio to hf_ms is what bitwise invariance (each output's sums in a fixed order, attention row by
+row) costs, or saves, per step. Our runner, besides its default (products and attention in C,
+specdec.cpu_kernels): ours_onednn_ms with oneDNN's products instead (rows padded to a multiple of
+4; the default before the C products, and where no C compiler is); ours_f_linear_ms with
+F.linear's (MKL's; rows padded); ours_not_invariant_ms with F.linear's and --batch-invariant
+false (one-row passes unpadded: the BLAS's one-row kernel, as Hugging Face's forward has it);
+ours_torch_attention_ms with the C products but torch's attention blocks.
 """
 
 from __future__ import annotations
@@ -51,23 +52,25 @@ def _hugging_face_step(model, tokens: list[int], context: int, n: int):
     return step
 
 
-def _our_runners(model_spec: str):
-    """The model, its vocabulary size, and our runner four ways: invariant (the default), not
-    invariant, with F.linear products instead of oneDNN's, and with torch's attention instead of C's."""
+def _our_runners(model_spec: str) -> tuple[object, int, dict[str, ModelRunner]]:
+    """The model, its vocabulary size, and our runner the ways the module's docstring names."""
     model = models.load_model(model_spec)
     vocab = len(models.load_tokenizer(model_spec))
-    return (model, vocab, ModelRunner(model, vocab), ModelRunner(model, vocab, invariant=False),
-            ModelRunner(model, vocab, onednn=False), ModelRunner(model, vocab, c_attention=False))
+    return model, vocab, {
+        "ours_ms": ModelRunner(model, vocab),
+        "ours_onednn_ms": ModelRunner(model, vocab, c_products=False),
+        "ours_f_linear_ms": ModelRunner(model, vocab, c_products=False, onednn=False),
+        "ours_not_invariant_ms": ModelRunner(model, vocab, c_products=False, onednn=False, invariant=False),
+        "ours_torch_attention_ms": ModelRunner(model, vocab, c_attention=False),
+    }
 
 
 def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], compiled: bool = False) -> list[dict]:
-    model, vocab, runner, loose, dense, blocks = _our_runners(model_spec)
-    fused = ModelRunner(model, vocab, compile=True) if compiled else None
-    if fused is not None:
-        fused.warm_up()
+    model, vocab, runners = _our_runners(model_spec)
+    if compiled:
+        runners["ours_compiled_ms"] = ModelRunner(model, vocab, compile=True)
+        runners["ours_compiled_ms"].warm_up()
     tokens = torch.randint(0, vocab, (context + max(sizes),), generator=torch.Generator().manual_seed(0)).tolist()
-    runners = {"ours_ms": runner, "ours_not_invariant_ms": loose, "ours_f_linear_ms": dense,
-               "ours_torch_attention_ms": blocks, **({"ours_compiled_ms": fused} if fused is not None else {})}
     rows = []
     for n in sizes:
         calls = {name: _our_step(r, tokens, context, n) for name, r in runners.items()}
@@ -79,19 +82,18 @@ def measure(model_spec: str, context: int, reps: int, sizes: tuple[int, ...], co
 
 
 def measure_prefills(model_spec: str, lengths: tuple[int, ...], reps: int) -> list[dict]:
-    """A prompt's prefill in one pass: our invariant runner (its products in pieces of
-    product_rows rows) against our runner not invariant (one piece), with F.linear products, with
-    torch's attention, and Hugging Face's forward, taking turns."""
-    model, vocab, runner, loose, dense, blocks = _our_runners(model_spec)
+    """A prompt's prefill in one pass, our runners (the BLAS's products invariant in pieces of
+    product_rows rows, one piece when not invariant; the C products whole) and Hugging Face's
+    forward taking turns."""
+    model, vocab, runners = _our_runners(model_spec)
     tokens = torch.randint(0, vocab, (max(lengths),), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
     for n in lengths:
         prefill = lambda r: lambda: r.forward([ForwardJob(SessionCache(), tokens[:n], n - 1)])  # noqa: E731
-        calls = {"ours_ms": prefill(runner), "ours_not_invariant_ms": prefill(loose),
-                 "ours_f_linear_ms": prefill(dense), "ours_torch_attention_ms": prefill(blocks),
-                 "hf_ms": torch.inference_mode()(lambda: model(input_ids=torch.tensor([tokens[:n]]), logits_to_keep=1))}
+        calls = {name: prefill(r) for name, r in runners.items()}
+        calls["hf_ms"] = torch.inference_mode()(lambda: model(input_ids=torch.tensor([tokens[:n]]), logits_to_keep=1))
         times = medians_ms(calls, reps)
-        rows.append({"prompt_tokens": n, "product_rows": runner.product_rows,
+        rows.append({"prompt_tokens": n, "onednn_product_rows": runners["ours_onednn_ms"].product_rows,
                      **{name: round(ms, 1) for name, ms in times.items()}})
     return rows
 
@@ -104,8 +106,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,3,4,5,6,8")
     parser.add_argument("--compiled", action="store_true", help="also our runner with --compile on")
     parser.add_argument("--prefills", default="",
-                        help="instead: prefills of these prompt lengths (comma-separated), what the invariant "
-                             "runner's products in pieces of product_rows rows cost")
+                        help="instead: prefills of these prompt lengths (comma-separated), what our runners' "
+                             "products (the BLAS's in pieces of product_rows rows) cost")
     args = parser.parse_args()
     if args.prefills:
         rows = measure_prefills(args.model, tuple(int(n) for n in args.prefills.split(",")), min(args.reps, 3))

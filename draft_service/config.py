@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.config import batch_invariant_option, compile_option, cpu_attention_option, option
+from specdec.config import batch_invariant_option, compile_option, cpu_kernels_option, option
 from specdec.eagle import DRAFT_MATMUL_DTYPE, MATMUL_DTYPES
 from specdec.ngram import HYBRID_MIN_NGRAM
 
@@ -30,7 +30,7 @@ class DraftConfig:
     dtype: str = option("float32", "weights dtype for a model drafter")
     compile: str = compile_option("a model drafter's")
     batch_invariant: bool = batch_invariant_option()
-    cpu_attention: str = cpu_attention_option()
+    cpu_kernels: str = cpu_kernels_option()
     cache_bytes: int = option(1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most tokens proposed in one Propose")
     batch_window_ms: float = option(1.0, "model drafter: how long the first Propose of a batch waits for others (ms)")

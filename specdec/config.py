@@ -28,20 +28,21 @@ def compile_option(what: str) -> Any:
                   "'off', or 'auto' (on for CUDA devices, off on CPU, where it measured no faster)", negation="off")
 
 
-def cpu_attention_option() -> Any:
-    """--cpu-attention of a service that runs a model."""
-    return option("auto", "attention on CPU (float32): 'c' (the C kernel, built at start-up with the machine's C "
-                  "compiler; refuse to start without it), 'torch' (torch's blocks), or 'auto' (C where it builds, "
-                  "else torch with a warning). The two differ in the last bits: replicas that take over each "
-                  "other's sessions must run the same one")
+def cpu_kernels_option() -> Any:
+    """--cpu-kernels of a service that runs a model."""
+    return option("auto", "attention and matrix products on CPU (float32): 'c' (the C kernels, built at start-up "
+                  "with the machine's C compiler; refuse to start without them), 'torch' (torch's attention blocks "
+                  "and oneDNN's products), or 'auto' (C where they build, else torch with a warning). The two differ "
+                  "in the last bits: replicas that take over each other's sessions must run the same one")
 
 
 def batch_invariant_option() -> Any:
     """--batch-invariant of a service that runs a model."""
-    return option(True, "numbers that do not depend on batching or chunking (matrix rows padded to a multiple of "
-                  "4), so seeded output survives batching and failover; false: single-token steps run unpadded "
-                  "(faster where the BLAS has a faster one-row kernel: F.linear on CPU, not oneDNN; bitwise "
-                  "reproducibility lost)", negation=False)
+    return option(True, "numbers that do not depend on batching or chunking, so seeded output survives batching "
+                  "and failover (the C products are so by construction; oneDNN's and F.linear's pad rows to a "
+                  "multiple of 4 and run in pieces); false: single-token steps of those run unpadded (faster where "
+                  "the BLAS has a faster one-row kernel: F.linear on CPU; bitwise reproducibility lost)",
+                  negation=False)
 
 
 def env_name(prefix: str, field_name: str) -> str:

@@ -10,12 +10,15 @@ however it was computed: alone or batched with other sessions, in a prompt's pre
 round at a time, after a rollback, or rebuilt on another replica from a snapshot plus a
 recomputed tail. Seeded sampling then gives the same tokens after any failover. It holds
 because every reduction is done the same way whatever the batch:
-  * matrix products see a row count padded to a multiple of ROWS: the BLAS picks other kernels
+  * matrix products on CPU run in C (specdec.cpu_kernels), each output one chain of
+    multiply-adds over its inputs in order, the same at any row count. Elsewhere (CUDA, no C
+    compiler) they see a row count padded to a multiple of ROWS: the BLAS picks other kernels
     (with other rounding) for some small row counts; and where it also picks other kernels for
     larger counts (MKL on AVX-512 Xeons does from 16 rows), the eager stages run in pieces of
     rows no larger than the span it treats alike, probed at start-up (product_rows; the LM head
-    has its own). On CPU the products are oneDNN's (onednn_linear), probed the same way;
-  * attention on CPU runs in C (specdec.cpu_attention), each query row over its own list of
+    has its own). On CPU without the C kernels the products are oneDNN's (onednn_linear), probed
+    the same way;
+  * attention on CPU runs in C (specdec.cpu_kernels), each query row over its own list of
     key slots in a fixed order, so nothing else in the call changes its numbers; a tree's node
     off its leading chain lists the slots before the tree, then its ancestors' and its own
     (_key_lists): the keys, in order, that a chain of those tokens reads;
@@ -40,7 +43,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from specdec import cpu_attention
+from specdec import cpu_kernels
 from specdec.kv_cache import BLOCK, FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import tree_depths
 
@@ -159,8 +162,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def project(x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
             head_dim: int, eps: float, product=F.linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A layer's queries (rotated), keys (rotated) and values for rows x [P, hidden]; `product` is
-    F.linear or onednn_linear (as the layer's weights are stored)."""
+    """A layer's queries (rotated), keys (rotated) and values for rows x [P, hidden]; `product`
+    takes the layer's weights as they are stored (F.linear, onednn_linear or the C kernel's)."""
     rows = x.shape[0]
     h = rms_norm(x, layer.input_norm, eps)
     q, k, v = product(h, layer.qkv, layer.qkv_bias).split([heads * head_dim, kv_heads * head_dim,
@@ -215,7 +218,8 @@ def onednn_runs(weights: Sequence[torch.Tensor]) -> bool:
     return True
 
 
-# The weights a layer's matrix products take (what oneDNN reorders and product_rows probes).
+# The weights a layer's matrix products take (what the C products pack, oneDNN reorders and
+# product_rows probes).
 _PRODUCT_WEIGHTS = ("qkv", "o", "gate_up", "down")
 
 
@@ -223,9 +227,9 @@ def _product_weights(layers: Sequence[_Layer]) -> list[torch.Tensor]:
     return [getattr(layer, name) for layer in layers for name in _PRODUCT_WEIGHTS]
 
 
-def _reordered(layer: _Layer) -> _Layer:
-    """The layer with its products' weights in oneDNN's layout (onednn_linear's)."""
-    return dataclasses.replace(layer, **{name: reorder_for_onednn(getattr(layer, name)) for name in _PRODUCT_WEIGHTS})
+def _packed(layer: _Layer, pack) -> _Layer:
+    """The layer with its products' weights in the product's layout (`pack`: the product's packing)."""
+    return dataclasses.replace(layer, **{name: pack(getattr(layer, name)) for name in _PRODUCT_WEIGHTS})
 
 
 def product_rows(weights: Sequence[torch.Tensor], limit: int = 256, product=F.linear) -> int:
@@ -268,7 +272,7 @@ class ModelRunner:
     service's model worker)."""
 
     def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK, compile: bool = False,
-                 invariant: bool = True, onednn: bool = True, c_attention: bool = True):
+                 invariant: bool = True, onednn: bool = True, c_attention: bool = True, c_products: bool = True):
         config = model.config
         model_type = getattr(config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -303,26 +307,39 @@ class ModelRunner:
         # Not invariant: rows are not padded (a 1-row product takes the BLAS's faster kernel), so a
         # position's numbers may differ in the last bits with the batch it was computed in.
         self.invariant = invariant
-        # Eager products through oneDNN on CPU, each weight reordered once into its blocked layout
-        # (a copy): a SmolLM2 step of 1-16 rows about half F.linear's time here (bench/RESULTS.md).
-        # Compiled stages keep F.linear (torch.compile is handed the plain weights).
-        self.onednn = onednn and not compile and onednn_runs([self.lm_head] + _product_weights(self.layers))
-        self.product = onednn_linear if self.onednn else F.linear
-        if self.onednn:
-            self.layers = [_reordered(layer) for layer in self.layers]
-        self.head_weight = reorder_for_onednn(self.lm_head) if self.onednn else self.lm_head
-        # Invariant eager passes: products of more rows than the product treats alike run in
-        # pieces: the layers' span probed up to 256 rows, the LM head's up to 64 (more rows in one
-        # product gain nothing here).
-        self.product_rows = product_rows(_product_weights(self.layers), 256, self.product) if invariant else 1 << 30
-        self.head_rows = product_rows([self.head_weight], 64, self.product) if invariant else 1 << 30
+        # The CPU kernels in C (specdec.cpu_kernels), when they build here: the attention one call
+        # a layer instead of the torch blocks' thirty small operations; the products invariant at
+        # any row count and reading a step's weights once.
+        self.c_kernels = kernels = cpu_kernels.load() if (c_attention or c_products) and cpu_kernels.applies(
+            self.dtype, self.device) else None
+        # Eager products on CPU: the C kernel's (each weight packed once, a copy), else oneDNN's
+        # (each weight reordered once into its blocked layout, a copy: a SmolLM2 step of 1-16 rows
+        # about half F.linear's time), else F.linear. Compiled stages keep F.linear (torch.compile
+        # is handed the plain weights).
+        weights = [self.lm_head] + _product_weights(self.layers)
+        self.products = ("c" if c_products and kernels and not compile else
+                         "onednn" if onednn and not compile and onednn_runs(weights) else "torch")
+        if self.products == "c":
+            self.product, pack = kernels.linear, cpu_kernels.PackedWeight.of
+        elif self.products == "onednn":
+            self.product, pack = onednn_linear, reorder_for_onednn
+        else:
+            self.product, pack = F.linear, None
+        if pack:
+            self.layers = [_packed(layer, pack) for layer in self.layers]
+        self.head_weight = pack(self.lm_head) if pack else self.lm_head
+        # Invariant eager passes: products of more rows than the BLAS treats alike run in pieces:
+        # the layers' span probed up to 256 rows, the LM head's up to 64 (more rows in one product
+        # gain nothing there). The C products treat every row count alike.
+        pieces = invariant and self.products != "c"
+        self.product_rows = product_rows(_product_weights(self.layers), 256, self.product) if pieces else 1 << 30
+        self.head_rows = product_rows([self.head_weight], 64, self.product) if pieces else 1 << 30
         self._eager_stages = (by_row_pieces(functools.partial(project, product=self.product), self.product_rows,
                                             (0, 2, 3)),
                               by_row_pieces(functools.partial(mix, product=self.product), self.product_rows, (0, 1)))
         self._stages = (self._compiled(project), self._compiled(mix)) if compile else self._eager_stages
-        # Attention on CPU in C (specdec.cpu_attention), when it builds here: one call a layer
-        # instead of the torch blocks' thirty small operations; else (and on CUDA) the torch blocks.
-        self.c_attention = cpu_attention.load() if c_attention and cpu_attention.usable(
+        # Attention: the C kernel's, else (and on CUDA) the torch blocks.
+        self.c_attention = kernels.attention if kernels and c_attention and cpu_kernels.attention_applies(
             self.dtype, self.device, self.heads, self.kv_heads, self.head_dim) else None
         self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self._cos = self._sin = torch.empty(0, self.head_dim, device=self.device)
@@ -471,7 +488,7 @@ class ModelRunner:
     def _pass(self, spans: list[tuple[ForwardJob, int, int]]) -> list[torch.Tensor]:
         """One pass over positions [start, end) of each job's tokens; returns, per job, logits of
         the positions >= job.first among them ([0, V] when none). The rows of every matrix
-        product are padded to a multiple of ROWS (a power of two when compiled) with zeros."""
+        product are padded with zeros as _rows says (to a power of two when compiled)."""
         ids = torch.tensor([t for job, a, b in spans for t in job.tokens[a:b]], device=self.device)
         positions = torch.cat([self._positions(job, a, b) for job, a, b in spans])
         real = len(ids)
@@ -519,10 +536,12 @@ class ModelRunner:
         return torch.tensor(slots, device=self.device, dtype=torch.long)
 
     def _rows(self, count: int) -> int:
-        """The row count an eager matrix product of `count` rows is computed on: padded to a
-        multiple of ROWS, except a single row when not invariant (2 and 3 rows stay padded: they
-        are slower than 4 here)."""
-        return count if count == 1 and not self.invariant else _padded_rows(count)
+        """The row count an eager matrix product of `count` rows is computed on: as it is for the C
+        products (they treat every count alike); else padded to a multiple of ROWS, except a
+        single row when not invariant (2 and 3 rows stay padded: they are slower than 4 here)."""
+        if self.products == "c" or (count == 1 and not self.invariant):
+            return count
+        return _padded_rows(count)
 
     def _attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans,
                    layouts: list) -> torch.Tensor:
@@ -548,7 +567,7 @@ class ModelRunner:
         return torch.cat(out)
 
     @staticmethod
-    def _key_lists(job: ForwardJob, start: int, end: int) -> cpu_attention.KeyLists:
+    def _key_lists(job: ForwardJob, start: int, end: int) -> cpu_kernels.KeyLists:
         """For the C attention: the cache slots each of slots [start, end) attends to. A slot
         before the tree or on its leading chain reads every slot up to itself; a node off the
         chain reads the slots before the tree, then its ancestors' and its own, root first: the
@@ -562,7 +581,7 @@ class ModelRunner:
                 continue
             prefix.append(tree_start)
             extra.append([tree_start + node for node in _root_path(job.tree, slot - tree_start)])
-        return cpu_attention.KeyLists(prefix, extra)
+        return cpu_kernels.KeyLists(prefix, extra)
 
     def _tree_layout(self, job: ForwardJob, start: int, end: int) -> "_TreeLayout | None":
         """For the slots [start, end) of a tree job: where each node off the tree's leading chain

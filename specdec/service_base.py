@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from specdec.access import KeyRing, read_keys
-from specdec.cpu_attention import usable as c_attention_applies
+from specdec.cpu_kernels import applies as c_kernels_apply
 from specdec.kv_cache import SessionCache, SessionCacheTable, committed_tokens
 from specdec.runner import ModelRunner, UnsupportedModel
 from specdec.kv_snapshot import Snapshot, Snapshots, SnapshotSettings, SnapshotStore
@@ -146,16 +146,16 @@ class LoadedModel:
     facts: ModelFacts
 
 
-def check_cpu_attention(setting: str, runner: ModelRunner) -> None:
-    """--cpu-attention c refuses to start without the C kernel (where it applies: float32 on CPU);
-    the attention the runner got is logged either way."""
-    applies = c_attention_applies(runner.dtype, runner.device, runner.heads, runner.kv_heads, runner.head_dim)
-    if setting == "c" and applies and runner.c_attention is None:
-        raise StartupError("--cpu-attention c: the C attention kernel did not build here (the log says why; a C "
-                           "compiler is needed); --cpu-attention auto falls back to torch's attention")
+def check_cpu_kernels(setting: str, runner: ModelRunner) -> None:
+    """--cpu-kernels c refuses to start without the C kernels (where they apply: float32 on CPU);
+    the attention and products the runner got are logged either way."""
+    if setting == "c" and c_kernels_apply(runner.dtype, runner.device) and runner.c_kernels is None:
+        raise StartupError("--cpu-kernels c: the C kernels did not build here (the log says why; a C compiler is "
+                           "needed); --cpu-kernels auto falls back to torch's attention and oneDNN's products")
     kernel = runner.c_attention
-    log.info("attention: %s", "torch blocks" if kernel is None else
-             "C kernel, long calls split among torch's OpenMP threads" if kernel.openmp else "C kernel, one thread")
+    threads = "long calls split among torch's OpenMP threads" if kernel and kernel.openmp else "one thread"
+    log.info("attention: %s; products: %s", "torch blocks" if kernel is None else f"C kernel, {threads}",
+             {"c": f"C kernel, {threads}", "onednn": "oneDNN", "torch": "F.linear"}[runner.products])
 
 
 def should_compile(setting: str, device: str) -> bool:
@@ -166,14 +166,14 @@ def should_compile(setting: str, device: str) -> bool:
 
 
 def load_causal_lm(spec: str, kind: str, device: str, dtype: str, compile: str = "off",
-                   max_batch: int = 1, invariant: bool = True, cpu_attention: str = "auto") -> LoadedModel:
+                   max_batch: int = 1, invariant: bool = True, cpu_kernels: str = "auto") -> LoadedModel:
     """Load model + tokenizer and describe them. Logits are cut to the tokenizer's vocabulary
     (embedding tables are often padded), so draft and target distributions line up. A compiled
     runner is warmed up for passes of up to max_batch sessions, so that no request pays a compile."""
     from specdec import models
 
-    if cpu_attention not in ("c", "torch", "auto"):
-        raise StartupError(f"--cpu-attention must be 'c', 'torch' or 'auto', not {cpu_attention!r}")
+    if cpu_kernels not in ("c", "torch", "auto"):
+        raise StartupError(f"--cpu-kernels must be 'c', 'torch' or 'auto', not {cpu_kernels!r}")
     tokenizer = models.load_tokenizer(spec)
     model = models.load_model(spec, device=device, dtype=dtype)
     vocab_size = len(tokenizer)
@@ -191,10 +191,10 @@ def load_causal_lm(spec: str, kind: str, device: str, dtype: str, compile: str =
     )
     try:
         runner = ModelRunner(model, vocab_size, compile=should_compile(compile, device), invariant=invariant,
-                             c_attention=cpu_attention != "torch")
+                             c_attention=cpu_kernels != "torch", c_products=cpu_kernels != "torch")
     except UnsupportedModel as exc:
         raise StartupError(f"{spec}: {exc}") from None
-    check_cpu_attention(cpu_attention, runner)
+    check_cpu_kernels(cpu_kernels, runner)
     if runner.compiled:
         started = time.monotonic()
         shapes = runner.warm_up(max_batch)

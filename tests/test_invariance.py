@@ -20,17 +20,18 @@ from specdec.runner import (ForwardJob, ModelRunner, by_row_pieces, onednn_linea
 LENGTH = 150
 
 
-@pytest.fixture(scope="module", params=["eager", "torch-attention", "f-linear", "compiled"])
+@pytest.fixture(scope="module", params=["c", "onednn", "torch-attention", "f-linear", "compiled"])
 def runner(tiny_target, request):
-    """Every path keeps the invariance: eager products through oneDNN (the default on CPU) or
-    F.linear, and the compiled one (torch.compile), which pads to other row counts; attention in C
-    (the default on CPU) or in torch's blocks."""
+    """Every path keeps the invariance: eager products in C (the default on CPU), through oneDNN
+    (the fallback without a C compiler) or F.linear, and the compiled one (torch.compile), which
+    pads to other row counts; attention in C (the default on CPU) or in torch's blocks."""
     model = models.load_model(str(tiny_target))
     runner = ModelRunner(model, model.config.vocab_size, max_chunk=32, compile=request.param == "compiled",
-                         onednn=request.param in ("eager", "torch-attention"),
+                         c_products=request.param == "c", onednn=request.param in ("onednn", "torch-attention"),
                          c_attention=request.param != "torch-attention")
-    assert runner.onednn == (request.param in ("eager", "torch-attention"))  # this CPU build has oneDNN
-    assert (runner.c_attention is not None) == (request.param != "torch-attention")  # this machine has cc
+    expected = {"c": "c", "onednn": "onednn", "torch-attention": "onednn"}.get(request.param, "torch")
+    assert runner.products == expected  # this machine has cc, and this CPU build has oneDNN
+    assert (runner.c_attention is not None) == (request.param != "torch-attention")
     return runner
 
 

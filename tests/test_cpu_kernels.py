@@ -1,22 +1,28 @@
-"""The runner's C attention (specdec.cpu_attention): it computes attention (checked against a
-float64 reference), each row from its own key list alone (bitwise, whatever else the call holds or
-however it is split among threads), and it steps aside without a C compiler."""
+"""The runner's C kernels (specdec.cpu_kernels). The attention computes attention (checked
+against a float64 reference), each row from its own key list alone (bitwise, whatever else the
+call holds or however it is split among threads); the products compute x @ w.T + b, each row's
+outputs bitwise the same at any row count and split; and both step aside without a C compiler."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specdec import cpu_attention
-from specdec.cpu_attention import KeyLists
+from specdec import cpu_kernels
+from specdec.cpu_kernels import KeyLists, PackedWeight
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory, monkeypatch_module):
+def kernels(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("SPECDEC_CACHE_DIR", str(tmp_path_factory.mktemp("kernel-cache")))
-    kernel = cpu_attention.load()
-    assert kernel is not None, "this machine has a C compiler: the kernel must build"
-    return kernel
+    kernels = cpu_kernels.load()
+    assert kernels is not None, "this machine has a C compiler: the kernels must build"
+    return kernels
+
+
+@pytest.fixture(scope="module")
+def kernel(kernels):
+    return kernels.attention
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +100,58 @@ def test_a_tree_node_reading_its_ancestors_equals_the_chain_of_them(kernel):
     assert torch.equal(as_node, as_chain)
 
 
-def test_without_a_c_compiler_the_runner_keeps_its_torch_attention(monkeypatch, tmp_path):
+@pytest.mark.parametrize("outs,inputs", [(96, 64), (100, 37), (5, 576), (1000, 130)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_product_computes_x_times_w_transposed_plus_b(kernels, outs, inputs, bias):
+    generator = torch.Generator().manual_seed(outs + inputs)
+    weight = torch.randn(outs, inputs, generator=generator)
+    b = torch.randn(outs, generator=generator) if bias else None
+    x = torch.randn(30, inputs, generator=generator)
+    reference = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    torch.testing.assert_close(kernels.linear(x, PackedWeight.of(weight), b), reference.float(), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_a_rows_products_are_bitwise_the_same_at_any_row_count_and_split_among_threads(kernels):
+    """A row's outputs do not depend on the other rows of the call (more rows than a tile holds in
+    registers, so some rows go in a second group), its place among them, or the threads."""
+    assert kernels.linear.openmp
+    generator = torch.Generator().manual_seed(11)
+    weight, bias = torch.randn(1000, 576, generator=generator), torch.randn(1000, generator=generator)
+    packed = PackedWeight.of(weight)
+    x = torch.randn(29, 576, generator=generator)
+    linear = kernels.linear
+    try:
+        linear.threads = 1
+        one_thread = linear(x, packed, bias)
+        for threads in (2, 3, 7):
+            linear.threads = threads
+            assert torch.equal(linear(x, packed, bias), one_thread)
+            for rows in (slice(0, 1), slice(5, 6), slice(3, 16), slice(13, 29), slice(28, 29)):
+                assert torch.equal(linear(x[rows], packed, bias), one_thread[rows])
+    finally:
+        linear.threads = 0
+
+
+def test_the_product_refuses_shapes_that_do_not_match(kernels):
+    packed = PackedWeight.of(torch.randn(40, 16))
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.linear(torch.randn(2, 17), packed)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.linear(torch.randn(2, 16), packed, torch.randn(39))
+
+
+def test_without_a_c_compiler_the_runner_keeps_torch_attention_and_onednn_products(monkeypatch, tmp_path,
+                                                                                   tiny_target):
+    from specdec import models
+    from specdec.runner import ModelRunner
+
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    assert cpu_attention.load() is None
+    assert cpu_kernels.load() is None
+    model = models.load_model(str(tiny_target))
+    runner = ModelRunner(model, model.config.vocab_size)
+    assert runner.c_attention is None and runner.products == "onednn"
     assert not list(tmp_path.glob("*.so"))
 
 
@@ -108,15 +162,14 @@ def test_keys_laid_out_otherwise_are_refused_not_misread(kernel):
         kernel.attend(q, keys.transpose(0, 1).contiguous().transpose(0, 1), values, KeyLists([5], [[]]), 0.5)
 
 
-def test_the_services_choose_their_attention_and_c_refuses_to_start_without_the_kernel(tiny_target, monkeypatch,
-                                                                                         tmp_path):
+def test_the_services_choose_their_kernels_and_c_refuses_to_start_without_them(tiny_target, monkeypatch, tmp_path):
     from specdec.service_base import load_causal_lm
     from specdec.serving import StartupError
 
     load = lambda setting: load_causal_lm(str(tiny_target), "target", "cpu", "float32",  # noqa: E731
-                                          cpu_attention=setting).runner
-    assert load("auto").c_attention is not None
-    assert load("torch").c_attention is None
+                                          cpu_kernels=setting).runner
+    assert load("auto").c_attention is not None and load("auto").products == "c"
+    assert load("torch").c_attention is None and load("torch").products == "onednn"
     with pytest.raises(StartupError, match="'c', 'torch' or 'auto'"):
         load("fast")
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
@@ -126,8 +179,8 @@ def test_the_services_choose_their_attention_and_c_refuses_to_start_without_the_
         load("c")
 
 
-def test_a_compiler_without_openmp_builds_a_one_thread_kernel_once(monkeypatch, tmp_path):
-    """Where the OpenMP build fails the kernel is built without it (calls on one thread, the same
+def test_a_compiler_without_openmp_builds_one_thread_kernels_once(monkeypatch, tmp_path):
+    """Where the OpenMP build fails the kernels are built without it (calls on one thread, the same
     numbers), and later starts load that build instead of trying OpenMP again."""
     tried = tmp_path / "openmp-tries"
     compiler = tmp_path / "cc-without-openmp"
@@ -135,13 +188,16 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel_once(monkeypatch, 
     compiler.chmod(0o755)
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(compiler))
-    first = cpu_attention.load()
+    first = cpu_kernels.load()
     assert first is not None and not first.openmp
-    assert cpu_attention.load() is not None
+    assert cpu_kernels.load() is not None
     assert tried.read_text().count("x") == 1
     keys, values = _cache(3, 64, 16, seed=2)
     q = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(4))
     lists = KeyLists([40, 60], [[], []])
-    torch.testing.assert_close(first.attend(q, keys, values, lists, 0.25),
+    torch.testing.assert_close(first.attention.attend(q, keys, values, lists, 0.25),
                                _reference(q, keys, values, [list(range(40)), list(range(60))], 0.25),
                                rtol=1e-5, atol=1e-5)
+    weight, x = torch.randn(300, 64), torch.randn(20, 64)
+    torch.testing.assert_close(first.linear(x, PackedWeight.of(weight)), torch.nn.functional.linear(x, weight),
+                               rtol=1e-4, atol=1e-4)

@@ -1,0 +1,242 @@
+"""The runner's CPU kernels in C, built on first use with the machine's C compiler into one library
+and loaded through ctypes: its attention (cpu_attention.c) and its matrix products (cpu_linear.c).
+
+Why C: at a step's few rows the torch attention (specdec.runner's blocks, invariant by its fixed
+blocks and running sums) is some thirty small operations a layer, and on this project's 2-core
+machines their dispatch costs more than their arithmetic: about a quarter of a one-token step,
+and a tree's nodes off its leading chain cost as much again (bench/RESULTS.md). The C kernel does
+one call a layer, and a tree node reads its ancestors' slots where they are instead of a copy of
+the cache laid out as their chain. The products: a BLAS changes its kernel (and its rounding) with
+the row count, so the runner had to pad rows and cut large products into pieces to stay invariant
+(oneDNN's, four rows at least); the C product is invariant at any row count (each output one
+chain of multiply-adds in order) and reads a step's weights once for up to twelve rows, at the
+speed memory streams them. Both kernels' numbers are invariant by construction (see the .c files).
+
+The library is cached under $SPECDEC_CACHE_DIR (default ~/.cache/specdec), named by a hash of the
+sources, the flags, the compiler and this CPU's flags (it is built with -march=native), so a
+changed kernel or another machine builds its own. Without a C compiler the runner keeps its torch
+attention and oneDNN's products (load() returns None, and says why in the log).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specdec.models import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCES = (Path(__file__).with_name("cpu_attention.c"), Path(__file__).with_name("cpu_linear.c"))
+LINEAR_TILE = 32  # outputs in one tile of a packed weight: cpu_linear.c's TILE
+FLAGS = ("-O2", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
+# OpenMP: the kernels split long calls among the threads of the OpenMP team torch already runs
+# (torch's wheels ship libgomp.so.1, which the kernel's libgomp.so.1 resolves to once torch is
+# loaded). A compiler without OpenMP builds them single-threaded.
+OPENMP = ("-fopenmp",)
+
+
+class CpuAttention:
+    """specdec_attend, loaded: attention of query rows over one layer's cache, each row over its
+    own key slots (KeyLists)."""
+
+    def __init__(self, library: ctypes.CDLL, threads: int = 0):
+        self.threads = threads  # the most threads a call may use; 0: torch's thread count
+        self.openmp = _openmp(library)  # False: built without OpenMP, every call on one thread
+        self._attend = library.specdec_attend
+        self._attend.restype = ctypes.c_int
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        self._attend.argtypes = [pointer, pointer, pointer, integer, pointer, pointer, pointer, integer, integer,
+                                 integer, integer, integer, ctypes.c_float, pointer, integer]
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lists: "KeyLists",
+               scale: float) -> torch.Tensor:
+        """q [rows, heads, dim] over keys and values [kv_heads, capacity, dim] (float32, CPU):
+        [rows, heads, dim]."""
+        if not (keys.is_contiguous() and values.is_contiguous()):
+            raise ValueError("the CPU attention kernel reads contiguous keys and values")
+        q = q.contiguous()
+        rows, heads, dim = q.shape
+        out = torch.empty_like(q)
+        status = self._attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1],
+                              lists.prefix.data_ptr(), lists.extra.data_ptr(), lists.n_extra.data_ptr(),
+                              lists.extra.shape[1], rows, heads, keys.shape[0], dim, scale, out.data_ptr(),
+                              self.threads or torch.get_num_threads())
+        if status:
+            raise MemoryError("the CPU attention kernel could not allocate its buffers")
+        return out
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight [outs, in] laid out for specdec_linear: tiles of LINEAR_TILE outputs, each tile
+    [in, LINEAR_TILE] contiguous ([tiles, in, LINEAR_TILE]; the last tile's outputs past `outs` zero)."""
+
+    data: torch.Tensor
+    outs: int
+
+    @staticmethod
+    def of(weight: torch.Tensor) -> PackedWeight:
+        outs, inputs = weight.shape
+        tiles = -(-outs // LINEAR_TILE)
+        padded = torch.zeros(tiles * LINEAR_TILE, inputs, dtype=weight.dtype, device=weight.device)
+        padded[:outs] = weight
+        return PackedWeight(padded.view(tiles, LINEAR_TILE, inputs).transpose(1, 2).contiguous(), outs)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The weight's shape, [outs, in]."""
+        return self.outs, self.data.shape[1]
+
+
+class CpuLinear:
+    """specdec_linear, loaded: x @ w.T (+ bias) with w packed (PackedWeight), each output one chain
+    of multiply-adds in order, so a row's outputs do not depend on the call's other rows."""
+
+    def __init__(self, library: ctypes.CDLL, threads: int = 0):
+        if library.specdec_linear_tile() != LINEAR_TILE:
+            raise OSError(f"the product kernel packs {library.specdec_linear_tile()} outputs a tile, not {LINEAR_TILE}")
+        self.threads = threads  # the most threads a call may use; 0: torch's thread count
+        self.openmp = _openmp(library)
+        self._linear = library.specdec_linear
+        self._linear.restype = None
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        self._linear.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer, integer]
+
+    def __call__(self, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [rows, in] (float32, CPU) @ weight.T (+ bias [outs]): [rows, outs]."""
+        x = x.contiguous()
+        rows, inputs = x.shape
+        if inputs != weight.shape[1] or (bias is not None and bias.shape != (weight.outs,)):
+            raise ValueError(f"a product of x {tuple(x.shape)} with a weight {weight.shape} and bias "
+                             f"{None if bias is None else tuple(bias.shape)}: shapes do not match")
+        out = torch.empty(rows, weight.outs, dtype=x.dtype)
+        self._linear(x.data_ptr(), rows, inputs, weight.data.data_ptr(), weight.outs,
+                     None if bias is None else bias.contiguous().data_ptr(), out.data_ptr(),
+                     self.threads or torch.get_num_threads())
+        return out
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """The library, loaded: its attention and its products."""
+
+    attention: CpuAttention
+    linear: CpuLinear
+
+    @property
+    def openmp(self) -> bool:
+        return self.attention.openmp
+
+
+class KeyLists:
+    """Which cache slots each query row attends to, in order: slots [0, prefix[r]), then
+    extra[r, :n_extra[r]] (int32 tensors, built once a pass and read by every layer)."""
+
+    def __init__(self, prefix: list[int], extra: list[list[int]]):
+        width = max((len(e) for e in extra), default=0)
+        self.prefix = torch.tensor(prefix, dtype=torch.int32)
+        self.n_extra = torch.tensor([len(e) for e in extra], dtype=torch.int32)
+        self.extra = torch.tensor([e + [0] * (width - len(e)) for e in extra], dtype=torch.int32).reshape(
+            len(prefix), width)
+
+
+def applies(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the kernels compute for such a model's weights: float32 on CPU."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
+def attention_applies(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the attention kernel handles such a model: float32 on CPU, head_dim a multiple of 8."""
+    return applies(dtype, device) and head_dim % 8 == 0 and heads % kv_heads == 0
+
+
+def load() -> CpuKernels | None:
+    """The kernels, built if this machine has no copy yet; None without a working C compiler."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        log.warning("no C compiler (cc, gcc or $CC): the runner keeps torch's attention and oneDNN's products")
+        return None
+    try:
+        library = ctypes.CDLL(str(_library(compiler)))
+        return CpuKernels(CpuAttention(library), CpuLinear(library))
+    except subprocess.CalledProcessError as error:
+        log.warning("the CPU kernels did not build (%s: %s): the runner keeps torch's attention and oneDNN's "
+                    "products", compiler, error.stderr.strip()[-2000:])
+    except (OSError, subprocess.SubprocessError) as error:
+        log.warning("the CPU kernels did not build or load (%s): the runner keeps torch's attention and oneDNN's "
+                    "products", error)
+    return None
+
+
+def _openmp(library: ctypes.CDLL) -> bool:
+    return bool(library.specdec_openmp())
+
+
+def _library(compiler: str) -> Path:
+    """The kernels' library for this machine, built if missing: with OpenMP, or without it where
+    that build failed before (its library then exists, so a compiler without OpenMP is not asked
+    again at every start)."""
+    machine = _compiler_version(compiler) + platform.machine() + _cpu_flags()
+    with_openmp, alone = (default_cache_dir() / f"cpu_kernels-{_build_key(compiler, flags, machine)}.so"
+                          for flags in (FLAGS + OPENMP, FLAGS))
+    for library in (with_openmp, alone):
+        if library.exists():
+            return library
+    try:
+        _build(compiler, FLAGS + OPENMP, with_openmp)
+        return with_openmp
+    except subprocess.CalledProcessError:
+        log.warning("%s cannot build with OpenMP: the CPU kernels run on one thread", compiler)
+    _build(compiler, FLAGS, alone)
+    return alone
+
+
+def _build_key(compiler: str, flags: tuple[str, ...], machine: str) -> str:
+    """A library's name: a hash of the sources, the command, the compiler's version and the CPU."""
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    digest.update(" ".join((compiler,) + flags).encode())
+    digest.update(machine.encode())
+    return digest.hexdigest()[:16]
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, flags: tuple[str, ...], library: Path) -> None:
+    """Compiles into a temporary file renamed into place, so that processes building at once
+    (services starting together) never load a half-written library."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
+    os.close(handle)
+    try:
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", partial, "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
