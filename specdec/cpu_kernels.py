@@ -1,5 +1,6 @@
 """The runner's CPU kernels in C, built on first use with the machine's C compiler into one library
-and loaded through ctypes: its attention (cpu_attention.c) and its matrix products (cpu_linear.c).
+and loaded through ctypes: its attention (cpu_attention.c), its matrix products (cpu_linear.c) and
+a layer's small steps between them (cpu_layer.c: RMS norms, rotary embedding, gated activation).
 
 Why C: at a step's few rows the torch attention (specdec.runner's blocks, invariant by its fixed
 blocks and running sums) is some thirty small operations a layer, and on this project's 2-core
@@ -10,7 +11,9 @@ the cache laid out as their chain. The products: a BLAS changes its kernel (and 
 the row count, so the runner had to pad rows and cut large products into pieces to stay invariant
 (oneDNN's, four rows at least); the C product is invariant at any row count (each output one
 chain of multiply-adds in order) and reads a step's weights once for up to twelve rows, at the
-speed memory streams them. Both kernels' numbers are invariant by construction (see the .c files).
+speed memory streams them. The small steps: in torch each is several operations (a norm is
+seven) whose dispatch, thirty layers a step, cost more than their arithmetic. Every kernel's
+numbers are invariant by construction (see the .c files).
 
 The library is cached under $SPECDEC_CACHE_DIR (default ~/.cache/specdec), named by a hash of the
 sources, the flags, the compiler and this CPU's flags (it is built with -march=native), so a
@@ -37,7 +40,8 @@ from specdec.models import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("cpu_attention.c"), Path(__file__).with_name("cpu_linear.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_attention.c", "cpu_linear.c", "cpu_layer.c"))
+HEADERS = (Path(__file__).with_name("cpu_vector.h"),)
 LINEAR_TILE = 32  # outputs in one tile of a packed weight: cpu_linear.c's TILE
 FLAGS = ("-O2", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
 # OpenMP: the kernels split long calls among the threads of the OpenMP team torch already runs
@@ -111,28 +115,71 @@ class CpuLinear:
         self._linear = library.specdec_linear
         self._linear.restype = None
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        self._linear.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer, integer]
+        self._linear.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer, pointer, integer]
 
-    def __call__(self, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [rows, in] (float32, CPU) @ weight.T (+ bias [outs]): [rows, outs]."""
+    def __call__(self, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [rows, in] (float32, CPU) @ weight.T (+ bias [outs]) (+ residual [rows, outs]): [rows, outs]."""
         x = x.contiguous()
         rows, inputs = x.shape
-        if inputs != weight.shape[1] or (bias is not None and bias.shape != (weight.outs,)):
-            raise ValueError(f"a product of x {tuple(x.shape)} with a weight {weight.shape} and bias "
-                             f"{None if bias is None else tuple(bias.shape)}: shapes do not match")
+        if (inputs != weight.shape[1] or (bias is not None and bias.shape != (weight.outs,))
+                or (residual is not None and residual.shape != (rows, weight.outs))):
+            raise ValueError(f"a product of x {tuple(x.shape)} with a weight {weight.shape}, bias "
+                             f"{None if bias is None else tuple(bias.shape)} and residual "
+                             f"{None if residual is None else tuple(residual.shape)}: shapes do not match")
+        # Contiguous copies are held here: a temporary's memory is freed once its pointer is taken.
+        bias, residual = (None if t is None else t.contiguous() for t in (bias, residual))
         out = torch.empty(rows, weight.outs, dtype=x.dtype)
-        self._linear(x.data_ptr(), rows, inputs, weight.data.data_ptr(), weight.outs,
-                     None if bias is None else bias.contiguous().data_ptr(), out.data_ptr(),
-                     self.threads or torch.get_num_threads())
+        self._linear(x.data_ptr(), rows, inputs, weight.data.data_ptr(), weight.outs, _pointer(bias),
+                     _pointer(residual), out.data_ptr(), self.threads or torch.get_num_threads())
+        return out
+
+
+class CpuLayer:
+    """specdec_rms_norm, specdec_rotate and specdec_silu_mul, loaded: a layer's small steps, each
+    row on its own (float32, CPU)."""
+
+    def __init__(self, library: ctypes.CDLL):
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        self._norm, self._rotate, self._silu_mul = (library.specdec_rms_norm, library.specdec_rotate,
+                                                    library.specdec_silu_mul)
+        for function in (self._norm, self._rotate, self._silu_mul):
+            function.restype = None
+        self._norm.argtypes = [pointer, integer, integer, pointer, ctypes.c_float, pointer]
+        self._rotate.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer]
+        self._silu_mul.argtypes = [pointer, integer, integer, pointer]
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """Llama's RMSNorm of rows x [rows, dim]."""
+        x, weight = x.contiguous(), weight.contiguous()
+        out = torch.empty_like(x)
+        self._norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr())
+        return out
+
+    def rotate(self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """In place: the first `heads` heads of each row of x [rows, width] (contiguous) rotated by
+        the rows' cos and sin [rows, head_dim] (Hugging Face's rotate_half layout)."""
+        if not x.is_contiguous() or heads * head_dim > x.shape[1] or head_dim % 2:
+            raise ValueError(f"cannot rotate {heads} heads of {head_dim} in rows {tuple(x.shape)}")
+        cos, sin = cos.contiguous(), sin.contiguous()
+        self._rotate(x.data_ptr(), x.shape[0], x.shape[1], heads, head_dim, cos.data_ptr(), sin.data_ptr())
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of rows gate_up [rows, 2 * inner] = (gate, up): [rows, inner]."""
+        gate_up = gate_up.contiguous()
+        rows, width = gate_up.shape
+        out = gate_up.new_empty(rows, width // 2)
+        self._silu_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr())
         return out
 
 
 @dataclass(frozen=True)
 class CpuKernels:
-    """The library, loaded: its attention and its products."""
+    """The library, loaded: its attention, its products and a layer's small steps."""
 
     attention: CpuAttention
     linear: CpuLinear
+    layer: CpuLayer
 
     @property
     def openmp(self) -> bool:
@@ -169,7 +216,7 @@ def load() -> CpuKernels | None:
         return None
     try:
         library = ctypes.CDLL(str(_library(compiler)))
-        return CpuKernels(CpuAttention(library), CpuLinear(library))
+        return CpuKernels(CpuAttention(library), CpuLinear(library), CpuLayer(library))
     except subprocess.CalledProcessError as error:
         log.warning("the CPU kernels did not build (%s: %s): the runner keeps torch's attention and oneDNN's "
                     "products", compiler, error.stderr.strip()[-2000:])
@@ -181,6 +228,10 @@ def load() -> CpuKernels | None:
 
 def _openmp(library: ctypes.CDLL) -> bool:
     return bool(library.specdec_openmp())
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def _library(compiler: str) -> Path:
@@ -204,7 +255,7 @@ def _library(compiler: str) -> Path:
 
 def _build_key(compiler: str, flags: tuple[str, ...], machine: str) -> str:
     """A library's name: a hash of the sources, the command, the compiler's version and the CPU."""
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS))
     digest.update(" ".join((compiler,) + flags).encode())
     digest.update(machine.encode())
     return digest.hexdigest()[:16]

@@ -1,8 +1,9 @@
-/* Matrix products for the runner on CPU: out = x @ w.T (+ bias), built and loaded with
-   cpu_attention.c by specdec/cpu_kernels.py.
+/* Matrix products for the runner on CPU: out = x @ w.T (+ bias) (+ residual), built and loaded
+   with cpu_attention.c and cpu_layer.c by specdec/cpu_kernels.py.
 
    Every output element is one chain of multiply-adds over the inputs in order,
-   acc = acc + x[r][i] * w[o][i] for i = 0 .. in-1 from zero, then + bias[o]: the same operations
+   acc = acc + x[r][i] * w[o][i] for i = 0 .. in-1 from zero, then + bias[o], then residual[r][o]
+   + that: the same operations
    whatever the call's row count, the row's place in it, the other rows or the threads. So a
    row's outputs are the same bits alone, in a verify of k + 1 rows, batched with other sessions
    or in a prefill, which the BLAS's products (whose kernels and blocking change with the row
@@ -17,7 +18,8 @@
    threads.
 
    Layouts (float32, contiguous): x [rows, in]; packed [tiles, in, TILE] (outputs past `outs` in
-   the last tile are zero); bias [outs] or NULL; out [rows, outs]. */
+   the last tile are zero); bias [outs] or NULL; residual and out [rows, outs] (residual may be
+   NULL). */
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -44,7 +46,8 @@ static inline v16 splat16(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, 
 /* Rows [0, rows) of x times one tile: `rows` is a constant wherever this is inlined (tile_rows),
    so the sums stay in registers. */
 static inline __attribute__((always_inline)) void tile(const float *x, int in, const float *w, const float *bias,
-                                                       int valid, float *out, int outs, int rows) {
+                                                       const float *residual, int valid, float *out, int outs,
+                                                       int rows) {
     v16 sums[MAX_ROWS][VECTORS];
 #pragma GCC unroll 16
     for (int r = 0; r < rows; r++)
@@ -68,15 +71,17 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
         memcpy(row, sums[r], sizeof row);
         if (bias)
             for (int o = 0; o < valid; o++) row[o] += bias[o];
+        if (residual)
+            for (int o = 0; o < valid; o++) row[o] = residual[(long)r * outs + o] + row[o];
         memcpy(out + (long)r * outs, row, sizeof(float) * valid);
     }
 }
 
 #define ROWS_CASE(n) \
-    case n: tile(x, in, w, bias, valid, out, outs, n); break;
+    case n: tile(x, in, w, bias, residual, valid, out, outs, n); break;
 
-static void tile_rows(const float *x, int in, const float *w, const float *bias, int valid, float *out, int outs,
-                      int rows) {
+static void tile_rows(const float *x, int in, const float *w, const float *bias, const float *residual, int valid,
+                      float *out, int outs, int rows) {
     switch (rows) {
         ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6)
         ROWS_CASE(7) ROWS_CASE(8) ROWS_CASE(9) ROWS_CASE(10) ROWS_CASE(11) ROWS_CASE(12)
@@ -86,19 +91,20 @@ static void tile_rows(const float *x, int in, const float *w, const float *bias,
 /* Tiles [from, to), each over all rows, MAX_ROWS at a time (the tile stays in the core's cache
    between them). */
 static void run_tiles(const float *x, int rows, int in, const float *packed, int outs, const float *bias,
-                      float *out, int from, int to) {
+                      const float *residual, float *out, int from, int to) {
     for (int t = from; t < to; t++) {
         const int first = t * TILE, valid = outs - first < TILE ? outs - first : TILE;
         for (int r = 0; r < rows; r += MAX_ROWS)
-            tile_rows(x + (long)r * in, in, packed + (long)t * in * TILE, bias ? bias + first : 0, valid,
-                      out + (long)r * outs + first, outs, rows - r < MAX_ROWS ? rows - r : MAX_ROWS);
+            tile_rows(x + (long)r * in, in, packed + (long)t * in * TILE, bias ? bias + first : 0,
+                      residual ? residual + (long)r * outs + first : 0, valid, out + (long)r * outs + first, outs,
+                      rows - r < MAX_ROWS ? rows - r : MAX_ROWS);
     }
 }
 
-/* out = x @ w.T (+ bias), w packed as above. A call of enough work splits its tiles among up to
-   `threads` threads of torch's OpenMP team. */
-void specdec_linear(const float *x, int rows, int in, const float *packed, int outs, const float *bias, float *out,
-                    int threads) {
+/* out = x @ w.T (+ bias) (+ residual), w packed as above. A call of enough work splits its tiles
+   among up to `threads` threads of torch's OpenMP team. */
+void specdec_linear(const float *x, int rows, int in, const float *packed, int outs, const float *bias,
+                    const float *residual, float *out, int threads) {
     const int tiles = (outs + TILE - 1) / TILE;
     if (rows <= 0 || tiles <= 0) return;
     if (threads > tiles) threads = tiles;
@@ -107,10 +113,11 @@ void specdec_linear(const float *x, int rows, int in, const float *packed, int o
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        run_tiles(x, rows, in, packed, outs, bias, out, (int)((long)tiles * t / n), (int)((long)tiles * (t + 1) / n));
+        run_tiles(x, rows, in, packed, outs, bias, residual, out, (int)((long)tiles * t / n),
+                  (int)((long)tiles * (t + 1) / n));
     }
 #else
-    run_tiles(x, rows, in, packed, outs, bias, out, 0, tiles);
+    run_tiles(x, rows, in, packed, outs, bias, residual, out, 0, tiles);
 #endif
 }
 

@@ -160,27 +160,87 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+class TorchSteps:
+    """A layer's steps around its attention, in torch: its products by `product`, which takes the
+    weights as they are stored (F.linear, or onednn_linear on reordered weights)."""
+
+    def __init__(self, product=F.linear):
+        self.product = product
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    def linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T (+ bias), added to residual when given."""
+        y = self.product(x, weight, bias)
+        return y if residual is None else residual + y
+
+    def rotary(self, qkv: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+               kv_heads: int, head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys (normed where the layer has q and k norms, then rotated) and values of a
+        product's rows qkv [P, (heads + 2 kv_heads) * head_dim]."""
+        rows = qkv.shape[0]
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q, k = q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim)
+        if layer.q_norm is not None:
+            q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        return q, k, v.reshape(rows, kv_heads, head_dim)
+
+    def gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of rows (gate, up)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class CSteps(TorchSteps):
+    """The same steps through the C kernels (specdec.cpu_kernels): the products on packed weights,
+    a norm, a rotation and the gated activation one call each instead of several torch
+    operations. Layers with q and k norms (Qwen3) rotate in torch."""
+
+    def __init__(self, kernels: cpu_kernels.CpuKernels):
+        super().__init__(kernels.linear)
+        self.kernels = kernels
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.kernels.layer.rms_norm(x, weight, eps)
+
+    def linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.kernels.linear(x, weight, bias, residual)
+
+    def rotary(self, qkv: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+               kv_heads: int, head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if layer.q_norm is not None:
+            return super().rotary(qkv, layer, cos, sin, heads, kv_heads, head_dim, eps)
+        self.kernels.layer.rotate(qkv, heads + kv_heads, head_dim, cos, sin)  # queries and keys, side by side
+        rows = qkv.shape[0]
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        return q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim), v.reshape(rows, kv_heads, head_dim)
+
+    def gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.kernels.layer.silu_mul(gate_up)
+
+
+TORCH_STEPS = TorchSteps()
+
+
 def project(x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-            head_dim: int, eps: float, product=F.linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A layer's queries (rotated), keys (rotated) and values for rows x [P, hidden]; `product`
-    takes the layer's weights as they are stored (F.linear, onednn_linear or the C kernel's)."""
-    rows = x.shape[0]
-    h = rms_norm(x, layer.input_norm, eps)
-    q, k, v = product(h, layer.qkv, layer.qkv_bias).split([heads * head_dim, kv_heads * head_dim,
-                                                           kv_heads * head_dim], dim=-1)
-    q, k = q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim)
-    if layer.q_norm is not None:
-        q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
-    q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
-    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-    return q, k, v.reshape(rows, kv_heads, head_dim)
+            head_dim: int, eps: float, steps: TorchSteps = TORCH_STEPS
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's queries (rotated), keys (rotated) and values for rows x [P, hidden]."""
+    qkv = steps.linear(steps.norm(x, layer.input_norm, eps), layer.qkv, layer.qkv_bias)
+    return steps.rotary(qkv, layer, cos, sin, heads, kv_heads, head_dim, eps)
 
 
-def mix(x: torch.Tensor, attended: torch.Tensor, layer: _Layer, eps: float, product=F.linear) -> torch.Tensor:
+def mix(x: torch.Tensor, attended: torch.Tensor, layer: _Layer, eps: float,
+        steps: TorchSteps = TORCH_STEPS) -> torch.Tensor:
     """The rest of the layer: output projection, residual, MLP (SiLU-gated), residual."""
-    x = x + product(attended, layer.o, layer.o_bias)
-    gate, up = product(rms_norm(x, layer.post_norm, eps), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-    return x + product(F.silu(gate) * up, layer.down, layer.down_bias)
+    x = steps.linear(attended, layer.o, layer.o_bias, residual=x)
+    gate_up = steps.linear(steps.norm(x, layer.post_norm, eps), layer.gate_up, layer.gate_up_bias)
+    return steps.linear(steps.gated(gate_up), layer.down, layer.down_bias, residual=x)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, padded: int, piece: int, product=F.linear) -> torch.Tensor:
@@ -320,11 +380,12 @@ class ModelRunner:
         self.products = ("c" if c_products and kernels and not compile else
                          "onednn" if onednn and not compile and onednn_runs(weights) else "torch")
         if self.products == "c":
-            self.product, pack = kernels.linear, cpu_kernels.PackedWeight.of
+            self.steps, pack = CSteps(kernels), cpu_kernels.PackedWeight.of
         elif self.products == "onednn":
-            self.product, pack = onednn_linear, reorder_for_onednn
+            self.steps, pack = TorchSteps(onednn_linear), reorder_for_onednn
         else:
-            self.product, pack = F.linear, None
+            self.steps, pack = TORCH_STEPS, None
+        self.product = self.steps.product
         if pack:
             self.layers = [_packed(layer, pack) for layer in self.layers]
         self.head_weight = pack(self.lm_head) if pack else self.lm_head
@@ -334,9 +395,8 @@ class ModelRunner:
         pieces = invariant and self.products != "c"
         self.product_rows = product_rows(_product_weights(self.layers), 256, self.product) if pieces else 1 << 30
         self.head_rows = product_rows([self.head_weight], 64, self.product) if pieces else 1 << 30
-        self._eager_stages = (by_row_pieces(functools.partial(project, product=self.product), self.product_rows,
-                                            (0, 2, 3)),
-                              by_row_pieces(functools.partial(mix, product=self.product), self.product_rows, (0, 1)))
+        self._eager_stages = (by_row_pieces(functools.partial(project, steps=self.steps), self.product_rows, (0, 2, 3)),
+                              by_row_pieces(functools.partial(mix, steps=self.steps), self.product_rows, (0, 1)))
         self._stages = (self._compiled(project), self._compiled(mix)) if compile else self._eager_stages
         # Attention: the C kernel's, else (and on CUDA) the torch blocks.
         self.c_attention = kernels.attention if kernels and c_attention and cpu_kernels.attention_applies(
@@ -524,7 +584,7 @@ class ModelRunner:
         rows = torch.cat(wanted)
         if not len(rows):
             return [x.new_zeros(0, self.lm_head.shape[0]) for _ in spans]
-        last = rms_norm(x[rows], self.final_norm, self.eps)
+        last = self.steps.norm(x[rows], self.final_norm, self.eps)
         logits = _linear(last, self.head_weight, self._rows(len(last)), self.head_rows, self.product)
         return list(logits.split([len(w) for w in wanted]))
 

@@ -1,7 +1,8 @@
 """The runner's C kernels (specdec.cpu_kernels). The attention computes attention (checked
 against a float64 reference), each row from its own key list alone (bitwise, whatever else the
 call holds or however it is split among threads); the products compute x @ w.T + b, each row's
-outputs bitwise the same at any row count and split; and both step aside without a C compiler."""
+outputs bitwise the same at any row count and split; a layer's small steps (norm, rotation, gated
+activation) compute what torch's do; and all step aside without a C compiler."""
 
 from __future__ import annotations
 
@@ -133,6 +134,53 @@ def test_a_rows_products_are_bitwise_the_same_at_any_row_count_and_split_among_t
         linear.threads = 0
 
 
+def test_a_products_residual_is_added_after_its_bias(kernels):
+    generator = torch.Generator().manual_seed(12)
+    weight, bias = torch.randn(70, 48, generator=generator), torch.randn(70, generator=generator)
+    x, residual = torch.randn(5, 48, generator=generator), torch.randn(5, 70, generator=generator)
+    packed = PackedWeight.of(weight)
+    assert torch.equal(kernels.linear(x, packed, bias, residual), residual + kernels.linear(x, packed, bias))
+
+
+@pytest.mark.parametrize("dim", [64, 576, 37])
+def test_the_rms_norm_is_llamas_and_each_row_its_own(kernels, dim):
+    from specdec.runner import rms_norm
+
+    generator = torch.Generator().manual_seed(dim)
+    x, weight = torch.randn(9, dim, generator=generator) * 3, torch.randn(dim, generator=generator)
+    out = kernels.layer.rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(out, rms_norm(x, weight, 1e-5), rtol=1e-5, atol=1e-5)
+    assert torch.equal(kernels.layer.rms_norm(x[4:5], weight, 1e-5), out[4:5])
+
+
+def test_the_rotation_is_hugging_faces_on_queries_and_keys_in_place(kernels):
+    from specdec.runner import _rotate_half
+
+    generator = torch.Generator().manual_seed(13)
+    heads, kv_heads, dim, rows = 9, 3, 64, 6
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=generator)
+    angles = torch.rand(rows, dim // 2, generator=generator) * 50
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    rotated = qkv.clone()
+    kernels.layer.rotate(rotated, heads + kv_heads, dim, cos, sin)
+    heads_of = lambda t: t[:, : (heads + kv_heads) * dim].reshape(rows, heads + kv_heads, dim)  # noqa: E731
+    expected = heads_of(qkv) * cos[:, None] + _rotate_half(heads_of(qkv)) * sin[:, None]
+    torch.testing.assert_close(heads_of(rotated), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rotated[:, (heads + kv_heads) * dim :], qkv[:, (heads + kv_heads) * dim :])  # values untouched
+    with pytest.raises(ValueError, match="cannot rotate"):
+        kernels.layer.rotate(qkv[:, ::2], 2, dim, cos, sin)
+
+
+@pytest.mark.parametrize("inner", [1536, 21])
+def test_the_gated_activation_is_silu_of_gate_times_up(kernels, inner):
+    generator = torch.Generator().manual_seed(inner)
+    gate_up = torch.randn(7, 2 * inner, generator=generator) * 8  # large gates of both signs
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = kernels.layer.silu_mul(gate_up)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kernels.layer.silu_mul(gate_up[2:3]), out[2:3])
+
+
 def test_the_product_refuses_shapes_that_do_not_match(kernels):
     packed = PackedWeight.of(torch.randn(40, 16))
     with pytest.raises(ValueError, match="do not match"):
@@ -201,3 +249,30 @@ def test_a_compiler_without_openmp_builds_one_thread_kernels_once(monkeypatch, t
     weight, x = torch.randn(300, 64), torch.randn(20, 64)
     torch.testing.assert_close(first.linear(x, PackedWeight.of(weight)), torch.nn.functional.linear(x, weight),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("c_kernels", [True, False])
+def test_the_runner_computes_each_supported_layout_as_hugging_face_does(model_type, c_kernels):
+    """Qwen2's biases and Qwen3's q and k norms go through the C steps too (or their torch
+    fallback): the runner's logits match Hugging Face's forward, and so does its greedy choice."""
+    import transformers
+
+    from specdec.kv_cache import SessionCache
+    from specdec.runner import ForwardJob, ModelRunner
+
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                    "qwen3": transformers.Qwen3Config}[model_type]
+    config = config_class(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                          use_sliding_window=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    runner = ModelRunner(model, 300, c_products=c_kernels, c_attention=c_kernels)
+    assert runner.products == ("c" if c_kernels else "onednn")
+    tokens = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = runner.forward([ForwardJob(SessionCache(), tokens, 0)])[0].logits
+    with torch.inference_mode():
+        theirs = model(input_ids=torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
