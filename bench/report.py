@@ -38,7 +38,8 @@ def markdown(report: dict) -> str:
         "### Throughput, peers, ideal speedup and where the time goes (all prompts)",
         "",
         "| Configuration | tokens/s | vs ours-k0 | vs hf-plain | acceptance | by position | ideal (Leviathan) | "
-        "efficiency | compute-bound | overhead/round | draft s | verify s | net+coord s | redis s | greedy = baseline |",
+        "efficiency | compute-bound | overhead/round (drafting included) | draft s | verify s | "
+        "net+coord s (drafting included) | redis s | greedy = baseline |",
         "|---|" + "---|" * 14,
     ]
     for name, entry in report["configs"].items():

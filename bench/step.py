@@ -7,12 +7,14 @@ Median of --reps timed steps after a warm-up, each a crop back to the context an
 the new tokens (what a verify of k + 1 = n tokens costs), the runners taking turns step by step
 (bench.timing.medians_ms), so that drift in the machine's speed falls on all of them alike. The
 ratio to hf_ms is what bitwise invariance (each output's sums in a fixed order, attention row by
-row) costs, or saves, per step. Our runner, besides its default (products and attention in C,
-specdec.cpu_kernels): ours_onednn_ms with oneDNN's products instead (rows padded to a multiple of
-4; the default before the C products, and where no C compiler is); ours_f_linear_ms with
-F.linear's (MKL's; rows padded); ours_not_invariant_ms with F.linear's and --batch-invariant
-false (one-row passes unpadded: the BLAS's one-row kernel, as Hugging Face's forward has it);
-ours_torch_attention_ms with the C products but torch's attention blocks.
+row) costs, or saves, per step. Our runner, besides its default (products, attention and a
+layer's small steps in C, specdec.cpu_kernels): ours_torch_steps_ms with the small steps (norms,
+rotary, activation, residuals) in torch; ours_onednn_ms with oneDNN's products instead and
+torch's steps (rows padded to a multiple of 4; the default before the C products, and where no C
+compiler is); ours_f_linear_ms with F.linear's (MKL's; rows padded); ours_not_invariant_ms with
+F.linear's and --batch-invariant false (one-row passes unpadded: the BLAS's one-row kernel, as
+Hugging Face's forward has it); ours_torch_attention_ms with the C products and steps but
+torch's attention blocks.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def _our_runners(model_spec: str) -> tuple[object, int, dict[str, ModelRunner]]:
     vocab = len(models.load_tokenizer(model_spec))
     return model, vocab, {
         "ours_ms": ModelRunner(model, vocab),
+        "ours_torch_steps_ms": ModelRunner(model, vocab, c_steps=False),
         "ours_onednn_ms": ModelRunner(model, vocab, c_products=False),
         "ours_f_linear_ms": ModelRunner(model, vocab, c_products=False, onednn=False),
         "ours_not_invariant_ms": ModelRunner(model, vocab, c_products=False, onednn=False, invariant=False),

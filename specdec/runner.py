@@ -332,7 +332,8 @@ class ModelRunner:
     service's model worker)."""
 
     def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK, compile: bool = False,
-                 invariant: bool = True, onednn: bool = True, c_attention: bool = True, c_products: bool = True):
+                 invariant: bool = True, onednn: bool = True, c_attention: bool = True, c_products: bool = True,
+                 c_steps: bool = True):
         config = model.config
         model_type = getattr(config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -379,8 +380,9 @@ class ModelRunner:
         weights = [self.lm_head] + _product_weights(self.layers)
         self.products = ("c" if c_products and kernels and not compile else
                          "onednn" if onednn and not compile and onednn_runs(weights) else "torch")
-        if self.products == "c":
-            self.steps, pack = CSteps(kernels), cpu_kernels.PackedWeight.of
+        if self.products == "c":  # c_steps=False: the C products with torch's small steps (to measure them)
+            self.steps = CSteps(kernels) if c_steps else TorchSteps(kernels.linear)
+            pack = cpu_kernels.PackedWeight.of
         elif self.products == "onednn":
             self.steps, pack = TorchSteps(onednn_linear), reorder_for_onednn
         else:
