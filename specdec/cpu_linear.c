@@ -31,6 +31,9 @@
 #define TILE (LANES * VECTORS) /* outputs in a tile: cpu_kernels.py's LINEAR_TILE */
 #define MAX_ROWS 12           /* rows whose sums a tile holds in registers at once */
 #define PREFETCH 16           /* inputs ahead of the one being read: a tile's next 4 KB */
+#ifndef ROW_BLOCK
+#define ROW_BLOCK 96          /* rows whose inputs stay in the core's cache while every tile passes over them */
+#endif
 #define PARALLEL_FROM 65536   /* multiply-adds (rows * in * outs) from which a call splits */
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -88,16 +91,20 @@ static void tile_rows(const float *x, int in, const float *w, const float *bias,
     }
 }
 
-/* Tiles [from, to), each over all rows, MAX_ROWS at a time (the tile stays in the core's cache
-   between them). */
+/* Tiles [from, to) over all rows: ROW_BLOCK rows at a time (their inputs stay in the core's cache
+   while the tiles pass), and within those each tile MAX_ROWS rows at a time (the tile stays in
+   the core's cache between them). */
 static void run_tiles(const float *x, int rows, int in, const float *packed, int outs, const float *bias,
                       const float *residual, float *out, int from, int to) {
-    for (int t = from; t < to; t++) {
-        const int first = t * TILE, valid = outs - first < TILE ? outs - first : TILE;
-        for (int r = 0; r < rows; r += MAX_ROWS)
-            tile_rows(x + (long)r * in, in, packed + (long)t * in * TILE, bias ? bias + first : 0,
-                      residual ? residual + (long)r * outs + first : 0, valid, out + (long)r * outs + first, outs,
-                      rows - r < MAX_ROWS ? rows - r : MAX_ROWS);
+    for (int block = 0; block < rows; block += ROW_BLOCK) {
+        const int block_end = block + ROW_BLOCK < rows ? block + ROW_BLOCK : rows;
+        for (int t = from; t < to; t++) {
+            const int first = t * TILE, valid = outs - first < TILE ? outs - first : TILE;
+            for (int r = block; r < block_end; r += MAX_ROWS)
+                tile_rows(x + (long)r * in, in, packed + (long)t * in * TILE, bias ? bias + first : 0,
+                          residual ? residual + (long)r * outs + first : 0, valid, out + (long)r * outs + first,
+                          outs, block_end - r < MAX_ROWS ? block_end - r : MAX_ROWS);
+        }
     }
 }
 
