@@ -123,8 +123,10 @@ class CpuLinear:
         x = x.contiguous()
         rows, inputs = x.shape
         if (inputs != weight.shape[1] or (bias is not None and bias.shape != (weight.outs,))
-                or (residual is not None and residual.shape != (rows, weight.outs))):
-            raise ValueError(f"a product of x {tuple(x.shape)} with a weight {weight.shape}, bias "
+                or (residual is not None and residual.shape != (rows, weight.outs))
+                or any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu")
+                       for t in (x, weight.data, bias, residual))):
+            raise ValueError(f"a product of x {tuple(x.shape)} {x.dtype} with a weight {weight.shape}, bias "
                              f"{None if bias is None else tuple(bias.shape)} and residual "
                              f"{None if residual is None else tuple(residual.shape)}: shapes do not match")
         # Contiguous copies are held here: a temporary's memory is freed once its pointer is taken.
@@ -159,8 +161,10 @@ class CpuLayer:
     def rotate(self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """In place: the first `heads` heads of each row of x [rows, width] (contiguous) rotated by
         the rows' cos and sin [rows, head_dim] (Hugging Face's rotate_half layout)."""
-        if not x.is_contiguous() or heads * head_dim > x.shape[1] or head_dim % 2:
-            raise ValueError(f"cannot rotate {heads} heads of {head_dim} in rows {tuple(x.shape)}")
+        if (not x.is_contiguous() or heads * head_dim > x.shape[1] or head_dim % 2
+                or cos.shape != (x.shape[0], head_dim) or sin.shape != cos.shape):
+            raise ValueError(f"cannot rotate {heads} heads of {head_dim} in rows {tuple(x.shape)} by "
+                             f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)}")
         cos, sin = cos.contiguous(), sin.contiguous()
         self._rotate(x.data_ptr(), x.shape[0], x.shape[1], heads, head_dim, cos.data_ptr(), sin.data_ptr())
 

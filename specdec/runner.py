@@ -18,6 +18,8 @@ because every reduction is done the same way whatever the batch:
     rows no larger than the span it treats alike, probed at start-up (product_rows; the LM head
     has its own). On CPU without the C kernels the products are oneDNN's (onednn_linear), probed
     the same way;
+  * a layer's norms, rotary embedding and activation are row by row: on CPU in C (CSteps, a
+    norm's squares summed in fixed lanes), elsewhere torch's (TorchSteps);
   * attention on CPU runs in C (specdec.cpu_kernels), each query row over its own list of
     key slots in a fixed order, so nothing else in the call changes its numbers; a tree's node
     off its leading chain lists the slots before the tree, then its ancestors' and its own
@@ -218,7 +220,8 @@ class CSteps(TorchSteps):
         self.kernels.layer.rotate(qkv, heads + kv_heads, head_dim, cos, sin)  # queries and keys, side by side
         rows = qkv.shape[0]
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        return q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim), v.reshape(rows, kv_heads, head_dim)
+        return (q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim),
+                v.reshape(rows, kv_heads, head_dim))
 
     def gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.kernels.layer.silu_mul(gate_up)

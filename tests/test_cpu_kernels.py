@@ -170,6 +170,8 @@ def test_the_rotation_is_hugging_faces_on_queries_and_keys_in_place(kernels):
     assert torch.equal(rotated[:, (heads + kv_heads) * dim :], qkv[:, (heads + kv_heads) * dim :])  # values untouched
     with pytest.raises(ValueError, match="cannot rotate"):
         kernels.layer.rotate(qkv[:, ::2], 2, dim, cos, sin)
+    with pytest.raises(ValueError, match="cannot rotate"):
+        kernels.layer.rotate(qkv, heads + kv_heads, dim, cos[:3], sin[:3])  # fewer rows of angles than rows
 
 
 @pytest.mark.parametrize("inner", [1536, 21])
@@ -188,6 +190,8 @@ def test_the_product_refuses_shapes_that_do_not_match(kernels):
         kernels.linear(torch.randn(2, 17), packed)
     with pytest.raises(ValueError, match="do not match"):
         kernels.linear(torch.randn(2, 16), packed, torch.randn(39))
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.linear(torch.randn(2, 16, dtype=torch.float64), packed)
 
 
 def test_without_a_c_compiler_the_runner_keeps_torch_attention_and_onednn_products(monkeypatch, tmp_path,
