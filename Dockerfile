@@ -35,8 +35,9 @@ ENV GOMP_SPINCOUNT=100000
 
 WORKDIR /app
 
-# A C compiler: the runner builds its CPU attention kernel (specdec/cpu_attention.c) on first use,
-# for the CPU it runs on, into /cache (without one it keeps its slower torch attention).
+# A C compiler: the runner builds its CPU kernels (specdec/cpu_*.c: attention, matrix products, a
+# layer's small steps) on first use, for the CPU it runs on, into /cache (without one it keeps
+# torch's attention and oneDNN's products, slower).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
