@@ -182,14 +182,12 @@ class TorchSteps:
                kv_heads: int, head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries and keys (normed where the layer has q and k norms, then rotated) and values of a
         product's rows qkv [P, (heads + 2 kv_heads) * head_dim]."""
-        rows = qkv.shape[0]
-        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        q, k = q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim)
+        q, k, v = _heads_of(qkv, heads, kv_heads, head_dim)
         if layer.q_norm is not None:
             q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-        return q, k, v.reshape(rows, kv_heads, head_dim)
+        return q, k, v
 
     def gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of rows (gate, up)."""
@@ -218,16 +216,22 @@ class CSteps(TorchSteps):
         if layer.q_norm is not None:
             return super().rotary(qkv, layer, cos, sin, heads, kv_heads, head_dim, eps)
         self.kernels.layer.rotate(qkv, heads + kv_heads, head_dim, cos, sin)  # queries and keys, side by side
-        rows = qkv.shape[0]
-        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        return (q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim),
-                v.reshape(rows, kv_heads, head_dim))
+        return _heads_of(qkv, heads, kv_heads, head_dim)
 
     def gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.kernels.layer.silu_mul(gate_up)
 
 
 TORCH_STEPS = TorchSteps()
+
+
+def _heads_of(qkv: torch.Tensor, heads: int, kv_heads: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A projection's rows [P, (heads + 2 kv_heads) * head_dim] as queries [P, heads, head_dim],
+    keys and values [P, kv_heads, head_dim]."""
+    rows = qkv.shape[0]
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim), v.reshape(rows, kv_heads, head_dim)
 
 
 def project(x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
