@@ -152,9 +152,9 @@ def check_cpu_kernels(setting: str, runner: ModelRunner) -> None:
     if setting == "c" and c_kernels_apply(runner.dtype, runner.device) and runner.c_kernels is None:
         raise StartupError("--cpu-kernels c: the C kernels did not build here (the log says why; a C compiler is "
                            "needed); --cpu-kernels auto falls back to torch's attention and oneDNN's products")
-    kernel = runner.c_attention
-    threads = "long calls split among torch's OpenMP threads" if kernel and kernel.openmp else "one thread"
-    log.info("attention: %s; products: %s", "torch blocks" if kernel is None else f"C kernel, {threads}",
+    kernels = runner.c_kernels
+    threads = "long calls split among torch's OpenMP threads" if kernels and kernels.openmp else "one thread"
+    log.info("attention: %s; products: %s", "torch blocks" if runner.c_attention is None else f"C kernel, {threads}",
              {"c": f"C kernel, {threads}", "onednn": "oneDNN", "torch": "F.linear"}[runner.products])
 
 
