@@ -1,4 +1,5 @@
-/* Attention for the runner on CPU (specdec/cpu_kernels.py builds and loads this file, with cpu_linear.c).
+/* Attention for the runner on CPU (specdec/cpu_kernels.py builds it into one library with cpu_linear.c
+   and cpu_layer.c, and loads it).
 
    Each query row attends to its own list of key slots: slots [0, prefix) of its session's
    cache, then `extra` slots in order (a tree node's ancestors and itself). Its output depends on

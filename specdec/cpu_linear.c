@@ -31,9 +31,7 @@
 #define TILE (LANES * VECTORS) /* outputs in a tile: cpu_kernels.py's LINEAR_TILE */
 #define MAX_ROWS 12           /* rows whose sums a tile holds in registers at once */
 #define PREFETCH 16           /* inputs ahead of the one being read: a tile's next 4 KB */
-#ifndef ROW_BLOCK
 #define ROW_BLOCK 96          /* rows whose inputs stay in the core's cache while every tile passes over them */
-#endif
 #define PARALLEL_FROM 65536   /* multiply-adds (rows * in * outs) from which a call splits */
 
 typedef float v16 __attribute__((vector_size(64)));
