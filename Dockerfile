@@ -31,7 +31,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/cache/huggingface
 # torch's OpenMP threads sleep sooner after a parallel region (libgomp spins 300 000 times by
 # default): tiers sharing cores hand them over sooner (specdec/launcher.py OPENMP_DEFAULTS).
-ENV GOMP_SPINCOUNT=100000
+ENV GOMP_SPINCOUNT=20000
 
 WORKDIR /app
 

@@ -149,10 +149,11 @@ async def start_redis(pipeline: Pipeline) -> None:
 
 # The services' OpenMP runtime (torch's CPU threads), unless the environment says otherwise: after
 # a parallel region a thread spins this many times before it sleeps (libgomp's default, 300 000,
-# is ~10x longer). Tiers that share cores then hand them over sooner: the draft's threads are
+# is 15x longer). Tiers that share cores then hand them over sooner: the draft's threads are
 # still spinning when the target's Verify starts, and the target's when Propose starts
-# (bench/RESULTS.md, "Cheaper proposals"). The Dockerfile sets the same.
-OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "100000"}
+# (bench/RESULTS.md, "Cheaper proposals" and "Rounds with less waiting"); a step's own parallel
+# regions follow each other within microseconds, well inside the spin. The Dockerfile sets the same.
+OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "20000"}
 
 
 async def spawn_service(
