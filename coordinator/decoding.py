@@ -265,23 +265,33 @@ class Decoder:
             k = ceiling if params.fixed_k else planner.choose(ceiling)
             now = Round(len(committed), k)
             begun = time.perf_counter()
-            # Propose: the draft-ahead's drafts when the previous round ended as it supposed.
-            now.draft = await self._draft(now, previous, ahead, session, committed, params, tracker, stats, relay)
-            # Verify; meanwhile the next round's draft-ahead, and the previous round's stream.
-            feature_start = relay.verify_start(len(committed)) if relay is not None else 0
-            verifying = asyncio.create_task(self.target.verify(
-                session.session_id, committed, now.drafts, params.sampling, tracker, self.limits.vocab_size,
-                layers, feature_start, now.parents))
-            verifying.add_done_callback(lambda _, now=now: setattr(now, "verified_at", time.perf_counter()))
-            ahead = self._propose_ahead(now, ceiling, session, committed, params, tracker, stats, relay)
+            # Propose (the draft-ahead's drafts when the previous round ended as it supposed), then
+            # Verify and meanwhile the next round's draft-ahead. The previous round's stream runs
+            # beside the Propose call when there is one: the client, Redis and this loop then use
+            # the cores while the drafter drafts (a step of one row), not while the target verifies.
+            stream_beside_draft = previous is not None and self.draft is not None and now.k > 0
+            drafting = asyncio.create_task(self._draft(now, previous, ahead, session, committed, params, tracker,
+                                                       stats, relay))
+            drafting.add_done_callback(lambda _, now=now: setattr(now, "called_back_at", time.perf_counter()))
+            verifying = None
             try:
-                if previous is not None:
+                if stream_beside_draft:
+                    yield await self._streamed(previous, stats, started, beside=now)
+                now.draft = await drafting
+                feature_start = relay.verify_start(len(committed)) if relay is not None else 0
+                now.called_back_at = None
+                verifying = asyncio.create_task(self.target.verify(
+                    session.session_id, committed, now.drafts, params.sampling, tracker, self.limits.vocab_size,
+                    layers, feature_start, now.parents))
+                verifying.add_done_callback(lambda _, now=now: setattr(now, "called_back_at", time.perf_counter()))
+                ahead = self._propose_ahead(now, ceiling, session, committed, params, tracker, stats, relay)
+                if previous is not None and not stream_beside_draft:
                     yield await self._streamed(previous, stats, started, beside=now)
                 now.verification = await verifying
             except BaseException:
-                verifying.cancel()
-                if ahead is not None:
-                    ahead.cancel()
+                for call in (drafting, verifying, ahead):
+                    if call is not None:
+                        call.cancel()
                 raise
             self._decide(now, params, stats, generated, text)
             if relay is not None:
@@ -436,14 +446,14 @@ class Decoder:
 
     async def _streamed(self, done: Round, stats: Stats, started: float, beside: Round | None = None) -> Chunk:
         """A round's chunk, once its commit is in Redis (a token is streamed only once committed).
-        Waiting for the commit while the next round's Verify is still out costs nothing: redis_s
-        counts only what the wait lasted beyond that Verify's return."""
+        Waiting for the commit while the next round's call (its Propose or Verify) is still out
+        costs nothing: redis_s counts only what the wait lasted beyond that call's return."""
         waited = time.perf_counter()
         await done.commit
         if beside is None:
             stats.redis_s += time.perf_counter() - waited
-        elif beside.verified_at is not None:
-            stats.redis_s += max(0.0, time.perf_counter() - max(waited, beside.verified_at))
+        elif beside.called_back_at is not None:
+            stats.redis_s += max(0.0, time.perf_counter() - max(waited, beside.called_back_at))
         if done.finish is not None:
             stats.total_s = time.perf_counter() - started
         return done.chunk

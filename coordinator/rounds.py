@@ -21,7 +21,8 @@ class Round:
     """One round: plan (k) -> propose (drafts) -> verify (the target's choices) -> decide (a
     verdict) -> commit (Redis) -> stream (the client). The decoder overlaps rounds: while round r
     is verified, round r+1 may be proposed on the hypothesis that r keeps all its drafts
-    (draft-ahead), and round r's commit and stream run beside round r+1's calls."""
+    (draft-ahead), and round r's commit and stream run beside round r+1's calls (its Propose when
+    it makes one, else its Verify)."""
 
     committed_len: int  # committed tokens before the round
     k: int  # planned
@@ -31,7 +32,7 @@ class Round:
     new: list[int] = field(default_factory=list)  # tokens the round commits
     finish: str | None = None
     commit: asyncio.Task | None = None
-    verified_at: float | None = None  # perf_counter() when its Verify came back
+    called_back_at: float | None = None  # perf_counter() when its latest call (Propose, Verify) came back
     chunk: object = None  # what the stream sends once the commit is done
 
     @property
