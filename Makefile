@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http bench-tree bench-tree-shapes soak
+.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http bench-tree bench-tree-shapes bench-fixed soak
 
 setup: $(STAMP) redis-server
 
@@ -71,6 +71,10 @@ bench-tree: setup
 # Tree shapes offline: tokens per target step and drafting time on the target's Spec-Bench answers.
 bench-tree-shapes: setup
 	$(PY) -m bench.tree_shapes --limit 1 --max-new-tokens 64
+
+# One fixed workload through a fresh pipeline (12 prompts, k = 5, greedy): A/B runs of a setting or commit.
+bench-fixed: setup
+	$(PY) -m bench.fixed_workload --count 12 --k 5
 
 # A Verify step inside a target service against the same step alone (the service's own gap).
 bench-gap: setup

@@ -1,0 +1,75 @@
+"""One fixed workload through a fresh pipeline: A/B runs of a setting or a commit.
+
+    python -m bench.fixed_workload                          # this checkout, the defaults
+    GOMP_SPINCOUNT=100000 python -m bench.fixed_workload    # the services with another spin count
+
+Starts the pipeline as `specdec up` does (the default drafter, trees of 7), then sends the same
+prompts one after another (the first N Spec-Bench prompts of the short categories, greedy, a fixed
+k, 128 new tokens each, end of text ignored), so two runs do the same rounds and differ only in
+how long they take. Prints the wall time and the per-round split the stats report. The machine's
+speed drifts by several percent over minutes: alternate the runs being compared (A, B, A, B) and
+compare their walls, as bench/RESULTS.md does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.harness import load_prompts
+from specdec.config import default_prompts_file
+from specdec.launcher import LaunchOptions, launch
+from specdec.models import AUTO_DRAFTER, DEFAULT_MODEL
+from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+LONG_CATEGORIES = ("summarization", "rag", "extraction")  # long prefills: another measurement
+
+
+async def run(prompts_file: Path, count: int, k: int, max_new_tokens: int) -> dict:
+    prompts = [p for p in load_prompts(prompts_file, 2, ()) if p.category not in LONG_CATEGORIES][:count]
+    pipeline = await launch(LaunchOptions(target=DEFAULT_MODEL, draft=AUTO_DRAFTER))
+    try:
+        async with grpc.aio.insecure_channel(pipeline.coordinator.address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+
+            async def generate(text: str, tokens: int) -> coordinator_pb2.GenerationStats:
+                request = coordinator_pb2.GenerateRequest(prompt=text, max_new_tokens=tokens, k=k, fixed_k=True,
+                                                          ignore_eos=True)
+                async for message in stub.Generate(request):
+                    if message.HasField("stats"):
+                        return message.stats
+                raise RuntimeError("the stream ended without stats")
+
+            await generate(prompts[0].text, 8)  # warm-up
+            started = time.perf_counter()
+            stats = [await generate(p.text, max_new_tokens) for p in prompts]
+            wall = time.perf_counter() - started
+    finally:
+        await pipeline.stop()
+    rounds = sum(s.rounds for s in stats)
+    tokens = sum(s.generated_tokens for s in stats)
+    verify, draft, total = (sum(getattr(s, name) for s in stats) for name in ("verify_s", "draft_s", "total_s"))
+    return {"prompts": len(prompts), "k": k, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
+            "tokens_per_round": round(tokens / rounds, 3),
+            "per_round_ms": {"total": round(1000 * total / rounds, 2), "verify": round(1000 * verify / rounds, 2),
+                             "draft": round(1000 * draft / rounds, 2),
+                             "rest": round(1000 * (total - verify - draft) / rounds, 2)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=Path, default=default_prompts_file())
+    parser.add_argument("--count", type=int, default=12, help="prompts, from the short categories")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.prompts, args.count, args.k, args.max_new_tokens))))
+
+
+if __name__ == "__main__":
+    main()
