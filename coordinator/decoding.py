@@ -267,8 +267,8 @@ class Decoder:
             begun = time.perf_counter()
             # Propose (the draft-ahead's drafts when the previous round ended as it supposed), then
             # Verify and meanwhile the next round's draft-ahead. The previous round's stream runs
-            # beside the Propose call when there is one: the client, Redis and this loop then use
-            # the cores while the drafter drafts (a step of one row), not while the target verifies.
+            # beside the drafting when the round drafts: the client, Redis and this loop then use
+            # the cores while the drafter steps one row, not while the target verifies.
             stream_beside_draft = previous is not None and self.draft is not None and now.k > 0
             drafting = asyncio.create_task(self._draft(now, previous, ahead, session, committed, params, tracker,
                                                        stats, relay))
