@@ -242,6 +242,23 @@ def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tin
         FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float64")
 
 
+def test_a_float16_product_of_many_rows_runs_in_float32_on_the_same_weights():
+    """Few rows read the float16 weights; from WIDE_ROWS rows on (a prompt taken in) the product
+    is float32's, on a float32 copy of those same weights."""
+    from specdec.eagle import WIDE_ROWS, CastLinear
+
+    generator = torch.Generator().manual_seed(3)
+    layer = CastLinear(torch.nn.Linear(64, 96, bias=False), torch.float16)
+    assert torch.equal(layer.wide_weight, layer.weight.float())
+    for rows in (1, WIDE_ROWS - 1, WIDE_ROWS, 40):
+        x = torch.randn(rows, 64, generator=generator)
+        exact = torch.nn.functional.linear(x, layer.weight.float())
+        if rows >= WIDE_ROWS:
+            assert torch.equal(layer(x), exact)
+        else:  # a float16 product, rounded to float16
+            assert torch.equal(layer(x), layer(x).half().float()) and not torch.equal(layer(x), exact)
+
+
 def _path(parents: list[int], node: int) -> list[int]:
     """Node indices from the root's child down to `node`."""
     path = []
