@@ -166,19 +166,20 @@ class FeatureDrafter:
                         sees: torch.Tensor) -> torch.Tensor:
         """Attention of one tree's new nodes (q [heads, n, dim]; k and v [kv_heads, n, dim]): each
         attends to the committed positions, to the nodes already run that `sees` marks ([n, m]:
-        its ancestors) and to itself. Returns [heads, n, dim]."""
+        its ancestors) and to itself. The nodes' keys and values go into the session's cache after
+        the committed positions, in the order they were run (so attention reads the cache where it
+        is instead of a copy of it each depth; propose_batch crops them off). Returns [heads, n, dim]."""
         n, committed, kv = q.shape[1], len(tree.job.committed), tree.job.entry.kv
-        keys, values = [kv.keys(0)[:, :committed]], [kv.values(0)[:, :committed]]
-        allowed = [torch.ones(n, committed, dtype=torch.bool, device=self.device)]
-        if tree.nodes_kv is not None:
-            keys.append(tree.nodes_kv[0])
-            values.append(tree.nodes_kv[1])
-            allowed.append(sees.to(self.device))
-        keys.append(k)
-        values.append(v)
-        allowed.append(torch.eye(n, dtype=torch.bool, device=self.device))
-        return F.scaled_dot_product_attention(q[None], torch.cat(keys, dim=1)[None], torch.cat(values, dim=1)[None],
-                                              attn_mask=torch.cat(allowed, dim=1), enable_gqa=True)[0]
+        start = committed + len(tree.expanded)
+        kv.reserve(start + n)
+        kv.keys(0)[:, start : start + n] = k
+        kv.values(0)[:, start : start + n] = v
+        kv.length = start + n
+        allowed = torch.cat([torch.ones(n, committed, dtype=torch.bool, device=self.device), sees.to(self.device),
+                             torch.eye(n, dtype=torch.bool, device=self.device)], dim=1)
+        return F.scaled_dot_product_attention(q[None], kv.keys(0)[None, :, : start + n],
+                                              kv.values(0)[None, :, : start + n], attn_mask=allowed,
+                                              enable_gqa=True)[0]
 
     def _score(self, tree: _Tree, logits: torch.Tensor, depth: int) -> list[int]:
         """A depth of one tree: its frontier's likeliest children become candidates (their
@@ -220,8 +221,6 @@ class FeatureDrafter:
         for (tree, fresh), seen in zip(growing, sees):
             rows = slice(at, at + len(fresh))
             attended.append(self._tree_attention(tree, q[:, rows], k[:, rows], v[:, rows], seen))
-            tree.nodes_kv = (k[:, rows], v[:, rows]) if tree.nodes_kv is None else (
-                torch.cat([tree.nodes_kv[0], k[:, rows]], dim=1), torch.cat([tree.nodes_kv[1], v[:, rows]], dim=1))
             at += len(fresh)
         h, at = self.head.finish(previous_h, torch.cat(attended, dim=1)), 0
         for tree, fresh in growing:
@@ -324,8 +323,8 @@ class _Tree:
     # Every candidate: (cumulative confidence, depth, token, parent candidate or -1).
     candidates: list[tuple[float, int, int, int]] = field(default_factory=list)
     frontier: list[int] = field(default_factory=lambda: [-1])  # the candidates expanded last (-1: the root)
-    expanded: list[int] = field(default_factory=list)  # candidates run through the layer, in nodes_kv's order
-    nodes_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # their keys and values [kv_heads, m, dim]
+    # Candidates run through the layer, in the order their keys follow the committed ones in the cache.
+    expanded: list[int] = field(default_factory=list)
 
 
 def _tree_answer(candidates: list[tuple[float, int, int, int]], budget: int) -> tuple[list[int], list[int]]:
