@@ -18,12 +18,21 @@ import json
 import torch
 
 from bench.timing import medians_ms
+from bench.tree_cost import proposing
 from draft_service.drafters import ProposeJob
 from draft_service.feature_drafter import FeatureDrafter
 from specdec import eagle, models
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ModelRunner
 from specdec.sampling import SamplingParams
+
+
+def with_wide_rows(wide_rows: int, call):
+    """`call` with the drafter's float32 copies used from `wide_rows` rows on (1 << 30: never)."""
+    def timed():
+        eagle.WIDE_ROWS = wide_rows
+        return call()
+    return timed
 
 
 def main() -> None:
@@ -40,25 +49,17 @@ def main() -> None:
     for length in (int(c) for c in args.contexts.split(",")):
         context = torch.randint(0, 40000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
         features = runner.forward([ForwardJob(SessionCache(), context, length - 1, drafter.feature_layers)])[0].features
-        held = SessionCache()
-
-        def propose(wide_rows: int, entry: SessionCache | None):
-            def call():
-                eagle.WIDE_ROWS = wide_rows
-                if entry is not None and entry.kv is not None:
-                    entry.kv.crop(length - 2)  # a round: one newly committed token to take in
-                job = ProposeJob(entry if entry is not None else SessionCache(), context, 5, SamplingParams(),
-                                 features, 0, (), 7)
-                return drafter.propose_batch([job])
-            return call
-
-        propose(shipped_wide_rows, held)()  # the held session takes the prompt in once
+        # A fresh session each call takes the whole prompt in; the held one (after its first call,
+        # the warm-up) one newly committed token a round.
+        take_in = lambda: drafter.propose_batch(  # noqa: E731
+            [ProposeJob(SessionCache(), context, 5, SamplingParams(), features, 0, (), 7)])
+        a_round = proposing(drafter, [SessionCache()], context, features, 5, SamplingParams(), 7)
         try:
             report["contexts"][length] = medians_ms({
-                "take_in_ms": propose(shipped_wide_rows, None),
-                "take_in_float16_only_ms": propose(1 << 30, None),
-                "round_ms": propose(shipped_wide_rows, held),
-                "round_float16_only_ms": propose(1 << 30, held),
+                "take_in_ms": with_wide_rows(shipped_wide_rows, take_in),
+                "take_in_float16_only_ms": with_wide_rows(1 << 30, take_in),
+                "round_ms": with_wide_rows(shipped_wide_rows, a_round),
+                "round_float16_only_ms": with_wide_rows(1 << 30, a_round),
             }, args.reps)
         finally:
             eagle.WIDE_ROWS = shipped_wide_rows

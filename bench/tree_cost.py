@@ -53,7 +53,7 @@ def verify_costs(runners: dict[str, ModelRunner], context: list[int], sizes: lis
     return rows
 
 
-def _proposing(drafter: FeatureDrafter, entries: list[SessionCache], context: list[int], features: torch.Tensor,
+def proposing(drafter: FeatureDrafter, entries: list[SessionCache], context: list[int], features: torch.Tensor,
                k: int, params: SamplingParams, nodes: int, together: bool = True):
     """A call proposing for each session entry after `context`, with one newly committed token to
     take in, as a round's proposal has: in one propose_batch, or one call per session."""
@@ -77,8 +77,8 @@ def draft_costs(drafters: dict[str, FeatureDrafter], context: list[int], feature
         calls = {}
         for dtype, drafter in drafters.items():
             entry = [SessionCache()]
-            calls[f"{dtype}_chain_ms"] = _proposing(drafter, entry, context, features, k, params, 0)
-            calls.update({f"{dtype}_tree{n}_ms": _proposing(drafter, entry, context, features, k, params, n)
+            calls[f"{dtype}_chain_ms"] = proposing(drafter, entry, context, features, k, params, 0)
+            calls.update({f"{dtype}_tree{n}_ms": proposing(drafter, entry, context, features, k, params, n)
                           for n in sizes})
         rows.append({"sampling": name, **medians_ms(calls, reps)})
     return rows
@@ -91,7 +91,7 @@ def session_batch_costs(drafter: FeatureDrafter, context: list[int], features: t
     entries = [SessionCache() for _ in range(max(sessions))]
     rows = []
     for count in sessions:
-        calls = {f"{way}_ms": _proposing(drafter, entries[:count], context, features, k, SamplingParams(), nodes,
+        calls = {f"{way}_ms": proposing(drafter, entries[:count], context, features, k, SamplingParams(), nodes,
                                          together=way == "one_batch")
                  for way in ("one_batch", "one_call_each")}
         rows.append({"sessions": count, **medians_ms(calls, reps)})
