@@ -6,7 +6,9 @@
 Starts the pipeline as `specdec up` does (the default drafter, trees of 7), then sends the same
 prompts one after another (the first N Spec-Bench prompts of the short categories, greedy, a fixed
 k, 128 new tokens each, end of text ignored), so two runs do the same rounds and differ only in
-how long they take. Prints the wall time and the per-round split the stats report. The machine's
+how long they take. Prints the wall time, the per-round split the stats report, and the CPU time
+each process spent per round (from /proc: on 2 cores the pipeline's processes share the machine,
+so a round's wall is about their CPU time over 2). The machine's
 speed drifts by several percent over minutes: alternate the runs being compared (A, B, A, B) and
 compare their walls, as bench/RESULTS.md does.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +31,22 @@ from specdec.models import AUTO_DRAFTER, DEFAULT_MODEL
 from specdec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 LONG_CATEGORIES = ("summarization", "rag", "extraction")  # long prefills: another measurement
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) a live process has used, from /proc; None where there
+    is no /proc or the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _processes(pipeline) -> dict[str, int]:
+    return {"coordinator": pipeline.coordinator.pid, "draft": pipeline.drafts[0].pid,
+            "target": pipeline.targets[0].pid, "redis": pipeline.redis_process.pid, "client": os.getpid()}
 
 
 async def run(prompts_file: Path, count: int, k: int, max_new_tokens: int) -> dict:
@@ -46,9 +65,12 @@ async def run(prompts_file: Path, count: int, k: int, max_new_tokens: int) -> di
                 raise RuntimeError("the stream ended without stats")
 
             await generate(prompts[0].text, 8)  # warm-up
+            processes = _processes(pipeline)
+            cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
             started = time.perf_counter()
             stats = [await generate(p.text, max_new_tokens) for p in prompts]
             wall = time.perf_counter() - started
+            cpu_used = {name: cpu_seconds(pid) for name, pid in processes.items()}
     finally:
         await pipeline.stop()
     rounds = sum(s.rounds for s in stats)
@@ -58,7 +80,10 @@ async def run(prompts_file: Path, count: int, k: int, max_new_tokens: int) -> di
             "tokens_per_round": round(tokens / rounds, 3),
             "per_round_ms": {"total": round(1000 * total / rounds, 2), "verify": round(1000 * verify / rounds, 2),
                              "draft": round(1000 * draft / rounds, 2),
-                             "rest": round(1000 * (total - verify - draft) / rounds, 2)}}
+                             "rest": round(1000 * (total - verify - draft) / rounds, 2)},
+            "cpu_ms_per_round": {name: round(1000 * (used - cpu_before[name]) / rounds, 2)
+                                 for name, used in cpu_used.items()
+                                 if used is not None and cpu_before[name] is not None}}
 
 
 def main() -> None:

@@ -13,8 +13,11 @@ on it) and '+ngram0' for the head alone. Each shape reports tokens per step over
 category, and the rows a verify of its proposals scores (drafts + 1). Two means: over every answer
 position (`tokens_per_step`), and over the rounds a decode would run, walking each answer from its
 start and jumping past what each round keeps (`tokens_per_round`, what the pipeline's stats
-measure; lower, since long accepted runs cover many positions but few rounds). What the pipeline
-pays for a verify of that many rows is in `make bench-tree`.
+measure; lower, since long accepted runs cover many positions but few rounds). What bounds the
+head on these prompts is reported beside: P(a round keeps at least j drafts) for j = 1..k (for a
+chain, what the drafter's card gives on its held-out data), the share of answer tokens in the
+draft vocabulary per category, and the walked rounds that stopped at a token outside it. What the
+pipeline pays for a verify of that many rows is in `make bench-tree`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,13 @@ def off_the_leading_chain(path: tuple[int, ...]) -> int:
     return len(path) - on
 
 
+def stopped_outside(kept: int, continuation: list[int], k: int, vocabulary: set[int]) -> bool:
+    """Whether a round that kept `kept` drafts stopped short of depth k at a token the head cannot
+    propose: the target's choice after them lies outside the draft vocabulary (only a
+    prompt-lookup copy could have held it)."""
+    return kept < min(k, len(continuation)) and continuation[kept] not in vocabulary
+
+
 def _walk(per_position: list[int]) -> list[int]:
     """The positions a decode of an answer starts a round at, when a round from position i yields
     per_position[i] tokens."""
@@ -64,6 +74,20 @@ def _walk(per_position: list[int]) -> list[int]:
     return starts
 
 
+def draft_vocabulary_coverage(answers: list[tuple[str, list[int], int, torch.Tensor]],
+                              vocabulary: set[int]) -> dict[str, float]:
+    """The share of answer tokens the head can propose (in its draft vocabulary), per category and
+    over all answers ("all")."""
+    counts: dict[str, list[int]] = {}
+    for category, full, prompt_len, _ in answers:
+        answer = full[prompt_len:]
+        tally = counts.setdefault(category, [0, 0])
+        tally[0] += sum(token in vocabulary for token in answer)
+        tally[1] += len(answer)
+    counts["all"] = [sum(t[0] for t in counts.values()), sum(t[1] for t in counts.values())]
+    return {category: round(inside / max(1, total), 3) for category, (inside, total) in counts.items()}
+
+
 def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, torch.Tensor]], k: int,
              shape: str) -> dict:
     tree, _, hybrid = shape.partition("+ngram")
@@ -71,11 +95,13 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, t
     drafter.tree_expand, drafter.tree_children = expand, children
     drafter.hybrid_ngram = int(hybrid or 0)
     steps: dict[str, list[int]] = {}
-    rows, times, walked, recomputed = [], [], [], []
+    rows, times, walked, recomputed, stopped = [], [], [], [], []
+    vocabulary = set(drafter.d2t_list)
     for category, full, prompt_len, features in answers:
         entry = SessionCache()
         answer_steps = []  # tokens a round from each answer position yields
         answer_off = []  # of those kept drafts, how many lie off the tree's leading chain
+        answer_stopped = []  # whether the round stopped at a token outside the draft vocabulary
         for position in range(prompt_len, len(full)):
             committed = full[:position]
             job = ProposeJob(entry, committed, k, SamplingParams(), features[: position - 1], 0, (), nodes)
@@ -86,10 +112,12 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, t
             path = kept_path(proposal.tokens, proposal.parents, full[position : position + k])
             answer_steps.append(1 + len(path))
             answer_off.append(off_the_leading_chain(path))
+            answer_stopped.append(stopped_outside(len(path), full[position : position + k], k, vocabulary))
         steps.setdefault(category, []).extend(answer_steps)
         starts = _walk(answer_steps)
         walked.append(len(starts))
         recomputed += [answer_off[start] for start in starts]
+        stopped += [answer_stopped[start] for start in starts]
     every = [s for per in steps.values() for s in per]
     return {"shape": shape, "tokens_per_step": round(statistics.mean(every), 3),
             "tokens_per_round": round(sum(len(full) - length for _, full, length, _ in answers) / sum(walked), 3),
@@ -98,6 +126,11 @@ def evaluate(drafter: FeatureDrafter, answers: list[tuple[str, list[int], int, t
             # only that chain would recompute in the next Verify (keep_path saves them).
             "rounds_off_the_leading_chain": round(sum(1 for r in recomputed if r) / len(recomputed), 3),
             "recomputed_rows_per_round": round(statistics.mean(recomputed), 3),
+            # Walked rounds that stopped short of k at a token the head's vocabulary lacks.
+            "rounds_stopped_outside_draft_vocabulary": round(sum(stopped) / len(stopped), 3),
+            # Over every answer position, P(the round keeps at least j drafts), j = 1..k: for a
+            # chain the card's held-out "acceptance by position", here on Spec-Bench answers.
+            "kept_at_least": [round(sum(s > j for s in every) / len(every), 3) for j in range(1, k + 1)],
             "draft_ms_median": round(statistics.median(times) * 1000, 2), "rounds": len(every),
             "by_category": {c: round(statistics.mean(per), 2) for c, per in steps.items()}}
 
@@ -131,9 +164,12 @@ def main() -> None:
         full = out[0].tolist()
         features = runner.forward([ForwardJob(SessionCache(), full, len(full) - 1, layers, 0)])[0].features
         answers.append((prompt.category, full, len(ids), features))
+    vocabulary = set(next(iter(drafters.values())).d2t_list)
+    coverage = draft_vocabulary_coverage(answers, vocabulary)
     results = [{"matmul_dtype": dtype, **evaluate(drafter, answers, args.k, shape)}
                for shape in args.shapes.split(",") for dtype, drafter in drafters.items()]
-    print(json.dumps({"k": args.k, "prompts": len(answers), "shapes": results}, indent=1))
+    print(json.dumps({"k": args.k, "prompts": len(answers), "draft_vocabulary_coverage": coverage, "shapes": results},
+                     indent=1))
 
 
 if __name__ == "__main__":

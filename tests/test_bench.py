@@ -123,3 +123,36 @@ def test_tree_shapes_counts_kept_drafts_and_walks_rounds_as_a_decode_would():
     assert kept_path([5, 6, 7, 9], [-1, 0, 1, 1], [5, 6, 9]) == (0, 1, 3)
     assert off_the_leading_chain((0, 1, 3)) == 1 and off_the_leading_chain((0, 1, 2)) == 0
     assert off_the_leading_chain((3, 4)) == 2 and off_the_leading_chain(()) == 0
+
+
+def test_tree_shapes_names_what_the_draft_vocabulary_leaves_out():
+    from bench.tree_shapes import draft_vocabulary_coverage, stopped_outside
+
+    vocabulary = {5, 6, 7}
+    # Two drafts kept of k = 3, the target's next choice 9 lies outside: only a copy could hold it.
+    assert stopped_outside(2, [5, 6, 9], 3, vocabulary)
+    assert not stopped_outside(1, [5, 6, 9], 3, vocabulary)  # it stopped at 6, which the head has
+    assert not stopped_outside(3, [5, 6, 9, 4], 3, vocabulary)  # it reached k
+    assert not stopped_outside(2, [5, 6], 3, vocabulary)  # the answer ended
+    answers = [("a", [1, 2, 5, 9], 2, None), ("b", [1, 5, 6, 7, 8], 1, None)]
+    assert draft_vocabulary_coverage(answers, vocabulary) == {"a": 0.5, "b": 0.75, "all": round(4 / 6, 3)}
+
+
+def test_fixed_workload_reads_a_process_cpu_time_from_proc():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from bench.fixed_workload import cpu_seconds
+
+    before = cpu_seconds(os.getpid())
+    if before is None:
+        pytest.skip("no /proc on this system")
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # spend CPU time, which the kernel's tick count must show
+        pass
+    assert cpu_seconds(os.getpid()) >= before + 0.1
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert cpu_seconds(gone.pid) is None  # reaped: nothing left to read
