@@ -38,10 +38,13 @@ from specdec.wire import context_to_pb, sampling_to_pb
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Worth trying another replica for; anything else is the request's own fault.
-_RETRY_ELSEWHERE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# Worth trying another replica for; anything else is the request's own fault. CANCELLED reaches
+# us as a status only from the replica's side (a server stopping cancels the calls it holds; our
+# own cancellation raises CancelledError here instead), and every tier call is safe to repeat.
+_RETRY_ELSEWHERE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.CANCELLED}
 # The replica itself is in trouble (not merely busy): try it last until it is healthy again.
-_REPLICA_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_REPLICA_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 # Reconnect quickly to a replica that restarts: the retries' backoff, not gRPC's 1 s+, sets the pace.
 TIER_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.initial_reconnect_backoff_ms", 100),

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, TIER_TOKEN, RedisServer, specdec_up, start_stack
 from helpers import generate
-from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, target_pb2, target_pb2_grpc
 
 
 def _tiny_pipeline(tiny_target, *args: str) -> list[str]:
@@ -302,3 +302,41 @@ async def test_a_hung_target_replica_is_abandoned_at_the_deadline_and_nothing_ch
             os.kill(victim["pid"], signal.SIGCONT)
     assert tokens == undisturbed.token_ids, "the other replica must produce exactly the same tokens"
     assert last.finish_reason == coordinator_pb2.FINISH_REASON_LENGTH
+
+
+class _Replica(target_pb2_grpc.TargetServiceServicer):
+    """A target replica that answers every Verify, or cancels every one as a stopping server does."""
+
+    def __init__(self, cancels: bool):
+        self.cancels, self.calls = cancels, 0
+
+    async def Verify(self, request, context):
+        self.calls += 1
+        if self.cancels:
+            await context.abort(grpc.StatusCode.CANCELLED, "the server is shutting down")
+        return target_pb2.VerifyResponse(argmax_tokens=[7])
+
+
+async def test_a_call_the_replica_cancels_is_retried_on_the_next_one():
+    from coordinator.clients import DeltaTracker, ReplicaSet, RetryPolicy
+    from specdec.prefix import CommittedTokens
+
+    replicas, servers, addresses = [_Replica(cancels=True), _Replica(cancels=False)], [], []
+    for replica in replicas:
+        server = grpc.aio.server()
+        target_pb2_grpc.add_TargetServiceServicer_to_server(replica, server)
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        await server.start()
+        servers.append(server)
+    session = next(f"s{i}" for i in range(100) if _home_replica(f"s{i}", 2) == 0)  # starts at the cancelling one
+    tier = ReplicaSet(addresses, target_pb2_grpc.TargetServiceStub, 5.0, retry=RetryPolicy(attempts=2))
+    try:
+        reply = await tier.call(session, CommittedTokens([1, 2, 3]), DeltaTracker(),
+                                lambda stub, context: stub.Verify(target_pb2.VerifyRequest(context=context)))
+    finally:
+        await tier.close()
+        for server in servers:
+            await server.stop(None)
+    assert list(reply.argmax_tokens) == [7]
+    assert [r.calls for r in replicas] == [1, 1]
+    assert tier.healthy[addresses[0]] is False  # tried last until its health watch says otherwise
