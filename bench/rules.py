@@ -1,6 +1,7 @@
 """Acceptance of the two sampling rules on the same positions, without path noise.
 
-    python -m bench.rules --draft /path/to/draft --temperature 0.7      # make bench-rules
+    python -m bench.rules --draft /path/to/draft --temperature 0.7
+    python -m bench.rules --draft drafters/smollm2-eagle3 --draws 100  # the feature drafter
 
 For Spec-Bench prompts (first turn, --limit per category), the target writes --tokens tokens;
 at every position the target's p and the drafter's q are computed on the same prefix (after the
@@ -8,7 +9,9 @@ same temperature / top-p processing). Then, per position:
   rejection: P(accept) = sum_v min(p(v), q(v))                       (Leviathan et al., exact)
   coupled:   P(accept) = P(argmax p/E = argmax q/E), E ~ Exp(1)      (Monte Carlo, --draws noises)
 and for a point-mass drafter (n-gram: it proposes the token that followed the suffix's last
-match) both rules accept x with probability p(x).
+match) both rules accept x with probability p(x). A feature drafter's q is its first draft's at
+each position (reading the target's features, as a round's first draft does), processed on its
+draft vocabulary and zero elsewhere, as the draft service sends it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +28,9 @@ from bench.harness import load_prompts
 from specdec.ngram import ngram_lookup
 from specdec import models
 from specdec.config import default_prompts_file
+from specdec.eagle import EagleDrafter, is_drafter_folder
 from specdec.sampling import SamplingParams, probs_from_logits
+from specdec.train_draft import TargetView
 
 
 def coupled_agreement(p: np.ndarray, q: np.ndarray, draws: int, rng: np.random.Generator) -> float:
@@ -36,10 +42,30 @@ def coupled_agreement(p: np.ndarray, q: np.ndarray, draws: int, rng: np.random.G
     return float(np.mean(np.argmax(p / noise, axis=1) == np.argmax(q / noise, axis=1)))
 
 
+def draft_distributions(target_model, draft: str, vocab: int, params: SamplingParams):
+    """q for every position of a sequence [1, T] -> [T, vocab]: a draft model's, or a feature
+    drafter's first draft's (its draft vocabulary mapped back to the target's ids)."""
+    if not is_drafter_folder(draft):
+        draft_model = models.load_model(draft)
+        return lambda sequence: probs_from_logits(draft_model(sequence).logits[0, :, :vocab], params)
+    head = EagleDrafter.load(Path(draft))
+    target_view = TargetView(target_model, tuple(head.config.feature_layers), vocab)
+
+    def first_drafts(sequence: torch.Tensor) -> torch.Tensor:
+        features, _ = target_view(sequence, torch.ones_like(sequence))
+        logits = head.unrolled(target_view.embed(sequence), features, 1)[0][0]  # row t drafts token t + 1
+        q = torch.zeros(logits.shape[0], vocab)
+        q[:, head.d2t] = probs_from_logits(logits, params)
+        return q
+
+    return first_drafts
+
+
 def measure(target: str, draft: str, prompts, tokens: int, params: SamplingParams, draws: int) -> dict:
     tokenizer = models.load_tokenizer(target)
     vocab = len(tokenizer)
-    target_model, draft_model = models.load_model(target), models.load_model(draft)
+    target_model = models.load_model(target)
+    draft_probs = draft_distributions(target_model, draft, vocab, params)
     rng = np.random.default_rng(0)
     rejection, coupled, point_mass = [], [], []
     for prompt in prompts:
@@ -53,7 +79,7 @@ def measure(target: str, draft: str, prompts, tokens: int, params: SamplingParam
             sequence = out[0].tolist()
             positions = range(len(ids) - 1, len(sequence) - 1)
             p_all = probs_from_logits(target_model(out).logits[0, :, :vocab], params)
-            q_all = probs_from_logits(draft_model(out).logits[0, :, :vocab], params)
+            q_all = draft_probs(out)
         for t in positions:
             p, q = p_all[t].double().numpy(), q_all[t].double().numpy()
             rejection.append(float(np.minimum(p, q).sum()))
@@ -74,7 +100,7 @@ def measure(target: str, draft: str, prompts, tokens: int, params: SamplingParam
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2")
-    parser.add_argument("--draft", required=True, help="a draft model sharing the target's tokenizer")
+    parser.add_argument("--draft", required=True, help="a draft model sharing the target's tokenizer, or a feature drafter's folder")
     parser.add_argument("--prompts", default=str(default_prompts_file()))
     parser.add_argument("--limit", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=48)

@@ -242,6 +242,33 @@ def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tin
         FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float64")
 
 
+def test_the_rules_bench_measures_the_q_the_draft_service_sends(tiny_target, feature_drafter):
+    """bench.rules compares the two sampling rules on a feature drafter's first drafts: its q must
+    be the draft service's (the rejection rule's q over the draft vocabulary, zero elsewhere)."""
+    from bench.rules import draft_distributions
+    from draft_service.drafters import ProposeJob
+    from draft_service.feature_drafter import FeatureDrafter
+    from specdec.kv_cache import SessionCache
+    from specdec.runner import ForwardJob, ModelRunner
+
+    target = models.load_model(str(tiny_target))
+    vocab = target.config.vocab_size
+    params = SamplingParams(temperature=0.7)
+    sequence = list(range(3, 30))
+    with torch.inference_mode():
+        q_all = draft_distributions(target, str(feature_drafter), vocab, params)(torch.tensor([sequence]))
+    drafter = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float32", hybrid_ngram=0)
+    outside = torch.ones(vocab, dtype=torch.bool)
+    outside[drafter.d2t] = False
+    assert torch.allclose(q_all.sum(-1), torch.ones(len(sequence))) and not q_all[:, outside].any()
+    features = ModelRunner(target, vocab).forward(
+        [ForwardJob(SessionCache(), sequence, len(sequence) - 1, drafter.feature_layers, 0)])[0].features
+    for position in (5, 17, len(sequence) - 1):  # q of the token at `position`, drafted after the ones before
+        job = ProposeJob(SessionCache(), sequence[:position], 1, params, features[: position - 1], 0, (), 0)
+        sent = drafter.propose_batch([job])[0].probs[0]
+        assert torch.allclose(q_all[position - 1], sent, atol=1e-4), position
+
+
 def test_a_float16_product_of_many_rows_runs_in_float32_on_the_same_weights():
     """Few rows read the float16 weights; from WIDE_ROWS rows on (a prompt taken in) the product
     is float32's, on a float32 copy of those same weights."""
