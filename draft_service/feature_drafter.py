@@ -123,12 +123,8 @@ class FeatureDrafter:
         q, k, v = self.head.qkv(self.embeddings[tokens], previous, positions)
         attended, at = [], 0
         for entry, start, n in segments:
-            rows, kv = slice(at, at + n), entry.kv
-            kv.reserve(start + n)
-            kv.keys(0)[:, start : start + n] = k[:, rows]
-            kv.values(0)[:, start : start + n] = v[:, rows]
-            kv.length = start + n
-            keys, values = kv.keys(0)[:, : start + n], kv.values(0)[:, : start + n]
+            rows = slice(at, at + n)
+            keys, values = _written(entry.kv, start, k[:, rows], v[:, rows])
             allowed = torch.arange(start + n, device=self.device)[None, :] <= positions[rows, None]
             attended.append(F.scaled_dot_product_attention(q[None, :, rows], keys[None], values[None],
                                                            attn_mask=allowed, enable_gqa=True)[0])
@@ -169,16 +165,11 @@ class FeatureDrafter:
         its ancestors) and to itself. The nodes' keys and values go into the session's cache after
         the committed positions, in the order they were run (so attention reads the cache where it
         is instead of a copy of it each depth; propose_batch crops them off). Returns [heads, n, dim]."""
-        n, committed, kv = q.shape[1], len(tree.job.committed), tree.job.entry.kv
-        start = committed + len(tree.expanded)
-        kv.reserve(start + n)
-        kv.keys(0)[:, start : start + n] = k
-        kv.values(0)[:, start : start + n] = v
-        kv.length = start + n
+        n, committed = q.shape[1], len(tree.job.committed)
+        keys, values = _written(tree.job.entry.kv, committed + len(tree.expanded), k, v)
         allowed = torch.cat([torch.ones(n, committed, dtype=torch.bool, device=self.device), sees.to(self.device),
                              torch.eye(n, dtype=torch.bool, device=self.device)], dim=1)
-        return F.scaled_dot_product_attention(q[None], kv.keys(0)[None, :, : start + n],
-                                              kv.values(0)[None, :, : start + n], attn_mask=allowed,
+        return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=allowed,
                                               enable_gqa=True)[0]
 
     def _score(self, tree: _Tree, logits: torch.Tensor, depth: int) -> list[int]:
@@ -312,6 +303,18 @@ class FeatureDrafter:
             if drafted:
                 proposals[i].probs = torch.stack(drafted)
         return proposals
+
+
+def _written(kv: SessionKV, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [kv_heads, n, dim] of positions [start, start + n) written into the head's
+    one-layer cache (grown as needed), which then ends there; returns the cache's keys and values
+    of positions [0, start + n), in place."""
+    end = start + keys.shape[1]
+    kv.reserve(end)
+    kv.keys(0)[:, start:end] = keys
+    kv.values(0)[:, start:end] = values
+    kv.length = end
+    return kv.keys(0)[:, :end], kv.values(0)[:, :end]
 
 
 @dataclass
