@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http bench-tree bench-tree-shapes bench-fixed bench-take-in soak
+.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http bench-tree bench-tree-shapes bench-fixed bench-take-in bench-feature-ablation soak
 
 setup: $(STAMP) redis-server
 
@@ -75,6 +75,10 @@ bench-tree-shapes: setup
 # One fixed workload through a fresh pipeline (12 prompts, k = 5, greedy): A/B runs of a setting or commit.
 bench-fixed: setup
 	$(PY) -m bench.fixed_workload --count 12 --k 5
+
+# Fused target features against one layer alone: the shipped drafter refitted and fine-tuned to read each (about an hour).
+bench-feature-ablation: setup
+	nice $(PY) -m bench.feature_ablation --conversations 200 --steps 100
 
 # The feature drafter taking a prompt in (a session's first proposal), float16 products against wide float32 ones.
 bench-take-in: setup

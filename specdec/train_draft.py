@@ -287,7 +287,7 @@ def split_heldout(conversations: list[Conversation], fraction: float, seed: int)
     return order[:held], order[held:] or order
 
 
-def _batches(conversations: list[Conversation], batch_tokens: int, max_length: int, rng: random.Random):
+def length_batches(conversations: list[Conversation], batch_tokens: int, max_length: int, rng: random.Random):
     """Lists of conversations of similar length, about batch_tokens tokens each, forever."""
     order = sorted(range(len(conversations)), key=lambda i: len(conversations[i].prompt) + len(conversations[i].answer))
     while True:
@@ -305,7 +305,7 @@ def _batches(conversations: list[Conversation], batch_tokens: int, max_length: i
         yield from groups
 
 
-def _tensors(conversations: list[Conversation], max_length: int, device: str):
+def batch_tensors(conversations: list[Conversation], max_length: int, device: str):
     """ids, attention mask, loss mask (answer positions that have a next token), [B, T]."""
     rows = [(c.prompt + c.answer)[:max_length] for c in conversations]
     width = max(len(r) for r in rows)
@@ -322,14 +322,20 @@ def _tensors(conversations: list[Conversation], max_length: int, device: str):
 
 def step_losses(drafter: EagleDrafter, target: TargetView, batch: list[Conversation], options: TrainOptions,
                 d2t: torch.Tensor) -> list[torch.Tensor]:
-    """Soft cross entropy of each unrolled step against the target's distribution restricted to
-    the draft vocabulary."""
-    ids, attention, mask = _tensors(batch, options.max_length, options.device)
+    """draft_losses of a batch of conversations, the target run on them."""
+    ids, attention, mask = batch_tensors(batch, options.max_length, options.device)
     features, logits = target(ids, attention)
+    return draft_losses(drafter, target.embed(ids), features, logits, mask, options.ttt_steps, d2t)
+
+
+def draft_losses(drafter: EagleDrafter, embeddings: torch.Tensor, features: torch.Tensor, logits: torch.Tensor,
+                 mask: torch.Tensor, steps: int, d2t: torch.Tensor) -> list[torch.Tensor]:
+    """Soft cross entropy of each of `steps` unrolled steps against the target's distribution
+    (logits [B, T, V]) restricted to the draft vocabulary, over the positions in mask [B, T]."""
     p = torch.softmax(logits, dim=-1)[..., d2t]
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-9)
     losses = []
-    outputs = drafter.unrolled(target.embed(ids), features, options.ttt_steps)
+    outputs = drafter.unrolled(embeddings, features, steps)
     for step, draft_logits in enumerate(outputs, start=1):
         valid = mask.clone()
         valid[:, : step - 1] = False  # the chain would start before position 0
@@ -351,27 +357,37 @@ def _chain_tallies(drafter: EagleDrafter, target: TargetView, conversations: lis
     tallies = []
     for i in range(0, len(conversations), 8):
         batch = conversations[i : i + 8]
-        ids, attention, mask = _tensors(batch, options.max_length, options.device)
+        ids, attention, mask = batch_tensors(batch, options.max_length, options.device)
         features, logits = target(ids, attention)
-        wanted = logits.argmax(-1)  # the target's greedy token after each position
-        outputs = drafter.unrolled(target.embed(ids), features, depth)
-        guesses = [d2t[o.argmax(-1)] for o in outputs]  # step j at p drafts the token after p
-        length = ids.shape[1]
-        accepted = torch.zeros((len(batch), depth), dtype=torch.long, device=ids.device)
-        for start in range(length):
-            chain = mask[:, start].clone()
-            for j in range(depth):
-                p = start + j
-                if p >= length:
-                    chain[:] = False
-                else:
-                    chain &= mask[:, p] & (guesses[j][:, p] == wanted[:, p])
-                accepted[:, j] += chain
+        accepted = chain_hits(drafter, target.embed(ids), features, logits.argmax(-1), mask, depth, d2t)
         tallies += [(int(mask[row].sum()), accepted[row].tolist()) for row in range(len(batch))]
     return tallies
 
 
-def _acceptance(tallies: list[tuple[int, list[int]]], depth: int) -> dict:
+@torch.no_grad()
+def chain_hits(drafter: EagleDrafter, embeddings: torch.Tensor, features: torch.Tensor, wanted: torch.Tensor,
+               mask: torch.Tensor, depth: int, d2t: torch.Tensor) -> torch.Tensor:
+    """[B, depth]: per row, how many chains of greedy drafts starting at a position in mask [B, T]
+    have their first j + 1 drafts equal to `wanted` [B, T] (the target's greedy token after each
+    position)."""
+    outputs = drafter.unrolled(embeddings, features, depth)
+    guesses = [d2t[o.argmax(-1)] for o in outputs]  # step j at p drafts the token after p
+    length = embeddings.shape[1]
+    accepted = torch.zeros((embeddings.shape[0], depth), dtype=torch.long, device=embeddings.device)
+    for start in range(length):
+        chain = mask[:, start].clone()
+        for j in range(depth):
+            p = start + j
+            if p >= length:
+                chain[:] = False
+            else:
+                chain &= mask[:, p] & (guesses[j][:, p] == wanted[:, p])
+            accepted[:, j] += chain
+    return accepted
+
+
+def acceptance_summary(tallies: list[tuple[int, list[int]]], depth: int) -> dict:
+    """Chains' P(the first j drafts are all kept), j = 1..depth, and the tokens a step yields."""
     starts = sum(s for s, _ in tallies)
     by_position = [sum(a[j] for _, a in tallies) / max(1, starts) for j in range(depth)]
     return {"starts": starts, "acceptance_by_position": by_position, "tokens_per_step_k5": 1 + sum(by_position)}
@@ -388,7 +404,7 @@ def heldout_acceptance(drafter: EagleDrafter, target: TargetView, conversations:
     overall = chosen(conversations)
     evaluated = list({id(c): c for c in overall + [c for group in kinds.values() for c in group]}.values())
     tally = dict(zip(map(id, evaluated), _chain_tallies(drafter, target, evaluated, options, d2t, depth)))
-    summary = lambda group: _acceptance([tally[id(c)] for c in group], depth)  # noqa: E731
+    summary = lambda group: acceptance_summary([tally[id(c)] for c in group], depth)  # noqa: E731
     return {**summary(overall), "by_kind": {kind: summary(group) for kind, group in kinds.items() if group}}
 
 
@@ -451,7 +467,7 @@ def train(options: TrainOptions, log=print) -> dict:
         log(f"resumed at step {state.step} ({state.trained_s:.0f} s trained)")
     target = TargetView(model, tuple(layers), vocab)
     budget = 60 * options.minutes
-    batches = _batches(training, options.batch_tokens, options.max_length, rng)
+    batches = length_batches(training, options.batch_tokens, options.max_length, rng)
     for _ in range(state.step):  # the same order of batches as an uninterrupted run
         next(batches)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if options.device.startswith("cuda") \

@@ -5,6 +5,8 @@ features getting them back."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -240,6 +242,48 @@ def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tin
     assert half.propose_batch([job()])[0].tokens == exact.propose_batch([job()])[0].tokens
     with pytest.raises(ValueError, match="float64"):
         FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float64")
+
+
+def test_the_ablations_least_squares_fusion_recovers_an_affine_map_across_feature_scales():
+    """The target's features span many orders of magnitude in variance; a map from the smallest of
+    them must come back as exactly as one from the largest (a ridge on the raw sums would shrink it)."""
+    from bench.feature_ablation import least_squares_fusion
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 12, generator=generator, dtype=torch.float64) * torch.logspace(-2, 4, 12, dtype=torch.float64)
+    weight = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    bias = torch.randn(5, generator=generator, dtype=torch.float64)
+    with_ones = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    fused = least_squares_fusion(with_ones.T @ with_ones, with_ones.T @ (x @ weight.T + bias))
+    assert torch.allclose(fused.weight.double(), weight, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(fused.bias.double(), bias, rtol=1e-4, atol=1e-5)
+
+
+def test_the_feature_ablation_refits_the_drafters_own_fusion_and_compares_layers(tiny_target, feature_drafter,
+                                                                                 tmp_path):
+    """bench.feature_ablation end to end on the tiny target: refitting the drafter's fusion from its
+    own layers gives back its drafts (the fit's check), a variant reading no feature explains none
+    of g, one reading one layer less than both, and every variant is fine-tuned and measured on
+    the same batches and Spec-Bench answers."""
+    out = tmp_path / "ablation"
+    out.mkdir()
+    shutil.copy(feature_drafter / "data.pt", out / "data.pt")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.feature_ablation", "--target", str(tiny_target), "--drafter",
+         str(feature_drafter), "--out", str(out), "--variants", "none:;one:1", "--steps", "2", "--limit", "1",
+         "--max-new-tokens", "8", "--batch-tokens", "1024", "--fit-conversations", "20"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    fit = results["fit_r2"]
+    assert fit["fused"] > 0.9999 and abs(fit["none"]) < 1e-6 and 0 < fit["one"] < fit["fused"]
+    shipped = results["shipped"]["heldout"]["shipped"]
+    refit = results["after_fit"]["heldout"]["fused"]
+    assert refit["starts"] == shipped["starts"] > 0
+    assert refit["acceptance_by_position"] == pytest.approx(shipped["acceptance_by_position"], abs=0.03)
+    assert all(len(losses) == 2 for losses in results["losses"].values())
+    tuned = results["after_fine_tuning"]["specbench"]
+    assert set(tuned) == {"fused", "none", "one"} and len(tuned["fused"]["by_group"]) == 13
 
 
 def test_the_rules_bench_measures_the_q_the_draft_service_sends(tiny_target, feature_drafter):
