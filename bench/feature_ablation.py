@@ -16,10 +16,12 @@ fusion map `fc` (the target's features of the variant's layers -> the 576-wide g
 
 After each stage: greedy chains of 5 drafts from every answer position (train-draft's held-out
 measure) on held-out conversations the target wrote, and on its greedy answers to Spec-Bench
-prompts (the issue's setting: --limit 2, 128 tokens), per category. The data is train-draft's
-(OUT/data.pt is reused when it exists). The shipped layer was trained on fused features, so this
-favours fusing: where a single layer comes close, fusing buys little here; where it falls short,
-part of the gap is the layer's habit, which the fine-tuning steps can only partly undo.
+prompts (the issue's setting: --limit 2, 128 tokens), per category. The data is train-draft's;
+OUT/data.pt and OUT/specbench-answers.json are reused when they exist.
+
+The shipped layer was trained on fused features, so this favours fusing: where a single layer
+comes close, fusing buys little here; where it falls short, part of the gap is the layer's habit,
+which the fine-tuning steps can only partly undo.
 """
 
 from __future__ import annotations
@@ -36,10 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.harness import load_prompts
-from coordinator.prompting import turn_tokens
+from bench.harness import greedy_answers
 from specdec import models
-from specdec.config import default_prompts_file
 from specdec.eagle import EagleDrafter
 from specdec.train_draft import (Conversation, TargetView, TrainOptions, acceptance_summary, batch_tensors,
                                  chain_hits, draft_losses, length_batches, load_conversations, save_conversations,
@@ -166,18 +166,6 @@ def chain_acceptance(variants: list[Variant], view: TargetView, conversations: l
     return result
 
 
-def specbench_answers(model, tokenizer, limit: int, max_new_tokens: int) -> tuple[list[Conversation], list[str]]:
-    """The target's greedy answers to Spec-Bench prompts, as conversations, and their categories."""
-    conversations, categories = [], []
-    for prompt in load_prompts(default_prompts_file(), limit, ()):
-        ids = turn_tokens(tokenizer, prompt.text, raw=False, history=(), eos_ids=())
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
-        conversations.append(Conversation(ids, out[0, len(ids):].tolist(), greedy=True))
-        categories.append(prompt.category)
-    return conversations, categories
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2")
@@ -201,9 +189,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = TrainOptions(target=args.target, out=out, conversations=args.conversations, data_minutes=args.data_minutes,
-                           answer_tokens=192, batch_tokens=args.batch_tokens, ttt_steps=args.ttt_steps, max_length=2048,
-                           seed=args.seed, progress=False)
+    options = TrainOptions(target=args.target, out=out, conversations=args.conversations,
+                           data_minutes=args.data_minutes, answer_tokens=192, batch_tokens=args.batch_tokens,
+                           ttt_steps=args.ttt_steps, max_length=2048, seed=args.seed, progress=False)
     model, tokenizer = models.load_model(args.target), models.load_tokenizer(args.target)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -228,7 +216,10 @@ def main() -> None:
     heldout = [c for c in heldout if c.greedy] or heldout
     log(f"data: {len(training)} training conversations, {len(heldout)} held out "
         f"({sum(len(c.answer) for c in conversations)} answer tokens)")
-    specbench, categories = specbench_answers(model, tokenizer, args.limit, args.max_new_tokens)
+    answers = greedy_answers(args.target, model, tokenizer, args.limit, args.max_new_tokens,
+                             out / "specbench-answers.json")
+    specbench = [Conversation(a.prompt, a.answer, greedy=True) for a in answers]
+    categories = [a.category for a in answers]
     log(f"Spec-Bench: {len(specbench)} answers")
 
     def evaluate(stage: str, evaluated: list[Variant]) -> dict:

@@ -26,15 +26,14 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from bench.harness import load_prompts
-from coordinator.prompting import turn_tokens
+from bench.harness import greedy_answers
 from draft_service.drafters import ProposeJob
 from draft_service.feature_drafter import FeatureDrafter
 from specdec import models
-from specdec.config import default_prompts_file
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ModelRunner
 from specdec.sampling import SamplingParams, tree_accept, tree_depths
@@ -143,6 +142,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=1, help="prompts per Spec-Bench category")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--answers", type=Path, default=None,
+                        help="keep the target's answers in this file and reuse them when it holds the same settings")
     parser.add_argument("--matmul-dtypes", default="float16",
                         help="evaluate every shape with the drafter's matrix products in each of these dtypes "
                              "(the draft service's --matmul-dtype; float16 is its default)")
@@ -157,13 +158,10 @@ def main() -> None:
                 for dtype in args.matmul_dtypes.split(",")}
     layers = tuple(next(iter(drafters.values())).feature_layers)
     answers = []
-    for prompt in load_prompts(default_prompts_file(), args.limit, ()):
-        ids = turn_tokens(tokenizer, prompt.text, raw=False, history=(), eos_ids=())
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False)
-        full = out[0].tolist()
+    for made in greedy_answers(args.target, model, tokenizer, args.limit, args.max_new_tokens, args.answers):
+        full = made.prompt + made.answer
         features = runner.forward([ForwardJob(SessionCache(), full, len(full) - 1, layers, 0)])[0].features
-        answers.append((prompt.category, full, len(ids), features))
+        answers.append((made.category, full, len(made.prompt), features))
     vocabulary = set(next(iter(drafters.values())).d2t_list)
     coverage = draft_vocabulary_coverage(answers, vocabulary)
     results = [{"matmul_dtype": dtype, **evaluate(drafter, answers, args.k, shape)}
