@@ -10,8 +10,11 @@ on data the target writes itself.
    batches: the target's own answer, a passage it wrote, is put in a new prompt with a task on
    it, "Summarize the following text:" and the like, so the drafter sees answers that copy from
    and refer to a long prompt) and `follow-up` (--follow-ups of the batches: a second user turn,
-   "Can you give an example?" and the like, after the first answer). No benchmark prompt is
-   ever used. Saved to OUT/data.pt, so a resumed run reuses it.
+   "Can you give an example?" and the like, after the first answer); in --translations of the
+   grounded batches the task is instead a translation of the passage into another language and
+   the fourth kind, `translation`, asks for the target's own translation back into English, so
+   the drafter sees English answers to prompts in other languages. No benchmark prompt is ever
+   used. Saved to OUT/data.pt, so a resumed run reuses it.
 2. Draft vocabulary: the target's most frequent output tokens (--draft-vocab); the card reports
    how much of the answers it covers.
 3. Training: the target computes its features (the outputs of --feature-layers) and its
@@ -74,7 +77,9 @@ FOLLOW_UPS = [
     "Why is that?", "What else should I know?", "Rewrite your answer for a child.", "Are you sure? Check your answer.",
     "Thanks! Can you summarize your answer in one sentence?", "Continue.",
 ]
-KINDS = ("instruction", "grounded", "follow-up")
+# Languages the grounded passages are translated into, and back out of.
+LANGUAGES = ["French", "German", "Spanish", "Italian", "Portuguese", "Chinese", "Russian", "Japanese"]
+KINDS = ("instruction", "grounded", "follow-up", "translation")  # data.pt stores the index: append only
 
 
 @dataclass
@@ -99,6 +104,7 @@ class TrainOptions:
     answer_tokens: int = 256
     grounded: float = 0.3  # share of data batches that also write grounded conversations
     follow_ups: float = 0.2  # share of data batches that also write a second turn
+    translations: float = 0.3  # share of grounded batches whose task is a translation, then one back
     draft_vocab: int = 8192
     feature_layers: tuple[int, ...] = ()  # empty: EAGLE-3's low, middle and high (2, L/2, L-3)
     ttt_steps: int = 3
@@ -180,9 +186,24 @@ def _answer(model, tokenizer, dialogues: list[list[str]], kind: str, greedy: boo
             for turns, prompt, answer in zip(dialogues, prompts, answers) if len(answer) >= 4]
 
 
+def _grounded(model, tokenizer, passages: list[str], options: TrainOptions, rng: random.Random,
+              eos: list[int]) -> list[tuple[list[str], Conversation]]:
+    """Grounded conversations on passages the target wrote: a task on each (GROUNDED_TASKS), or,
+    in --translations of the batches, its translation into one of LANGUAGES and then, as
+    `translation` conversations, the target's translation of that back into English."""
+    if rng.random() >= options.translations:
+        tasks = [[rng.choice(GROUNDED_TASKS).format(passage=passage)] for passage in passages]
+        return _answer(model, tokenizer, tasks, "grounded", rng.random() < 0.5, options, eos)
+    tasks = [[f"Translate the following text into {rng.choice(LANGUAGES)}:\n\n{passage}"] for passage in passages]
+    translated = _answer(model, tokenizer, tasks, "grounded", rng.random() < 0.5, options, eos)
+    back = [[f"Translate the following text into English:\n\n{turns[-1]}"] for turns, _ in translated]
+    return translated + _answer(model, tokenizer, back, "translation", rng.random() < 0.5, options, eos)
+
+
 def synthesize(model, tokenizer, options: TrainOptions, rng: random.Random, log) -> list[Conversation]:
     """Instructions the target writes itself and its answers to them; for some batches, grounded
-    conversations (a task on a passage the target wrote) and second turns (KINDS)."""
+    conversations (a task on a passage the target wrote, or its translation and back) and second
+    turns (KINDS)."""
     eos = models.eos_token_ids(model, tokenizer)
     conversations: list[Conversation] = []
     deadline = time.monotonic() + 60 * options.data_minutes
@@ -197,8 +218,7 @@ def synthesize(model, tokenizer, options: TrainOptions, rng: random.Random, log)
         made = _answer(model, tokenizer, [[text] for text in instructions], "instruction", rng.random() < 0.5,
                        options, eos)
         if grounded and made:
-            tasks = [[rng.choice(GROUNDED_TASKS).format(passage=turns[-1])] for turns, _ in made]
-            made += _answer(model, tokenizer, tasks, "grounded", rng.random() < 0.5, options, eos)
+            made += _grounded(model, tokenizer, [turns[-1] for turns, _ in made], options, rng, eos)
         if rng.random() < options.follow_ups and made:
             dialogues = [turns + [rng.choice(FOLLOW_UPS)] for turns, _ in made]
             made += _answer(model, tokenizer, dialogues, "follow-up", rng.random() < 0.5, options, eos)
@@ -589,6 +609,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of data batches that also write grounded conversations (a task on a passage)")
     parser.add_argument("--follow-ups", type=float, default=0.2,
                         help="share of data batches that also write a second user turn and its answer")
+    parser.add_argument("--translations", type=float, default=0.3,
+                        help="share of grounded batches that translate the passage into another language and "
+                        "then back into English")
     parser.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size")
     parser.add_argument("--feature-layers", default="", help="comma-separated hidden-state indices (default: EAGLE-3's)")
     parser.add_argument("--ttt-steps", type=int, default=3, help="drafting steps unrolled in training")
@@ -610,7 +633,7 @@ def options_from(args: argparse.Namespace) -> TrainOptions:
         max_steps=args.max_steps,
         conversations=args.conversations, data_minutes=args.data_minutes,
         batch_conversations=args.batch_conversations, answer_tokens=args.answer_tokens, grounded=args.grounded,
-        follow_ups=args.follow_ups, draft_vocab=args.draft_vocab,
+        follow_ups=args.follow_ups, translations=args.translations, draft_vocab=args.draft_vocab,
         feature_layers=tuple(int(x) for x in args.feature_layers.split(",") if x.strip()),
         ttt_steps=args.ttt_steps, batch_tokens=args.batch_tokens, max_length=args.max_length, lr=args.lr,
         seed=args.seed, checkpoint_s=args.checkpoint_s, resume=args.resume, data=args.data, init=args.init,

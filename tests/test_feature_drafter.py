@@ -23,7 +23,7 @@ from specdec import models
 from specdec.eagle import DrafterConfig, EagleDrafter, ttt_mask
 from specdec.prefix import CommittedTokens
 from specdec.sampling import SamplingParams
-from specdec.train_draft import Conversation, TrainOptions, split_heldout, train
+from specdec.train_draft import LANGUAGES, Conversation, TrainOptions, load_conversations, split_heldout, train
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 from specdec.wire import context_to_pb
 from stats import chi_square_pvalue, two_token_law
@@ -52,17 +52,26 @@ def test_train_draft_end_to_end_writes_a_drafter_with_its_card(tiny_target, tmp_
     out = tmp_path / "drafter"
     done = subprocess.run(
         [sys.executable, "-m", "specdec.cli", "train-draft", "--target", str(tiny_target), "--out", str(out),
-         "--minutes", "0.1", "--conversations", "24", "--batch-conversations", "8", "--answer-tokens", "24",
-         "--draft-vocab", "20", "--batch-tokens", "1024", "--grounded", "1", "--follow-ups", "1", "--no-progress"],
+         "--minutes", "0.1", "--conversations", "48", "--batch-conversations", "8", "--answer-tokens", "24",
+         "--draft-vocab", "20", "--batch-tokens", "1024", "--grounded", "1", "--follow-ups", "1", "--translations", "1",
+         "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     config = DrafterConfig.load(out)
     assert config.draft_vocab_size == 20 and config.feature_layers and config.specdec_drafter == "eagle3"
     heldout = config.training["heldout"]
     assert len(heldout["acceptance_by_position"]) == 5 and heldout["starts"] > 0
-    assert config.training["steps"] > 0 and config.training["conversations"] == 24
-    # Every kind of conversation was written, and the card gives the held-out figure of each.
-    assert set(config.training["kinds"]) == {"instruction", "grounded", "follow-up"}
+    assert config.training["steps"] > 0 and config.training["conversations"] == 48
+    # Every kind of conversation was written (the grounded ones here translations, then back into
+    # English), and the card gives the held-out figure of each.
+    assert set(config.training["kinds"]) == {"instruction", "grounded", "follow-up", "translation"}
+    tokenizer = models.load_tokenizer(str(tiny_target))
+    conversations, _ = load_conversations(out / "data.pt")
+    prompts = {kind: [tokenizer.decode(c.prompt) for c in conversations if c.kind == kind]
+               for kind in ("grounded", "translation")}
+    # (The tiny tokenizer has no capitals: they come back as <unk>.)
+    assert all(any(f"text into <unk>{language[1:]}:" in text for language in LANGUAGES) for text in prompts["grounded"])
+    assert all("text into <unk>nglish:" in text for text in prompts["translation"])
     card = (out / "README.md").read_text()
     assert "held-out acceptance by position" in card and "cpu" in card
     assert set(heldout["by_kind"]) <= set(config.training["kinds"]) and heldout["by_kind"]

@@ -4,10 +4,10 @@
 # exits); the call that completes them trains the feature drafter.
 #   TRAIN_ARGS   flags for specdec train-draft (default: the budget below)
 #   DEVICE       cuda (default), or cpu to rehearse the script on a machine without a GPU
-# The data mixes train-draft's three kinds of conversation (instruction, grounded: a task on a
-# passage the target wrote, follow-up), and the run fine-tunes the shipped drafter (--init: its
-# weights and its draft vocabulary), which saw instructions alone (bench/RESULTS.md, "What the
-# drafter lacks").
+# The data mixes train-draft's four kinds of conversation (instruction, grounded: a task on a
+# passage the target wrote, follow-up, translation: that passage translated into another language
+# and back into English), and the run fine-tunes the shipped drafter (--init: its weights and its
+# draft vocabulary; bench/RESULTS.md, "What bounds the drafter on Spec-Bench").
 set -euo pipefail
 source "$(dirname "$0")/stage.sh"
 OUTDIR=${OUT:-/tmp/out}
