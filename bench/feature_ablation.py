@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--ttt-steps", type=int, default=3)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--max-length", type=int, default=2048, help="tokens of a conversation read (prompt first)")
     parser.add_argument("--limit", type=int, default=2, help="Spec-Bench prompts per category")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -191,7 +192,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     options = TrainOptions(target=args.target, out=out, conversations=args.conversations,
                            data_minutes=args.data_minutes, answer_tokens=192, batch_tokens=args.batch_tokens,
-                           ttt_steps=args.ttt_steps, max_length=2048, seed=args.seed, progress=False)
+                           ttt_steps=args.ttt_steps, max_length=args.max_length, seed=args.seed, progress=False)
     model, tokenizer = models.load_model(args.target), models.load_tokenizer(args.target)
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -52,7 +52,7 @@ def test_train_draft_end_to_end_writes_a_drafter_with_its_card(tiny_target, tmp_
     out = tmp_path / "drafter"
     done = subprocess.run(
         [sys.executable, "-m", "specdec.cli", "train-draft", "--target", str(tiny_target), "--out", str(out),
-         "--minutes", "0.1", "--conversations", "48", "--batch-conversations", "8", "--answer-tokens", "24",
+         "--minutes", "0.1", "--conversations", "24", "--batch-conversations", "4", "--answer-tokens", "24",
          "--draft-vocab", "20", "--batch-tokens", "1024", "--grounded", "1", "--follow-ups", "1", "--translations", "1",
          "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -61,7 +61,7 @@ def test_train_draft_end_to_end_writes_a_drafter_with_its_card(tiny_target, tmp_
     assert config.draft_vocab_size == 20 and config.feature_layers and config.specdec_drafter == "eagle3"
     heldout = config.training["heldout"]
     assert len(heldout["acceptance_by_position"]) == 5 and heldout["starts"] > 0
-    assert config.training["steps"] > 0 and config.training["conversations"] == 48
+    assert config.training["steps"] > 0 and config.training["conversations"] == 24
     # Every kind of conversation was written (the grounded ones here translations, then back into
     # English), and the card gives the held-out figure of each.
     assert set(config.training["kinds"]) == {"instruction", "grounded", "follow-up", "translation"}
@@ -280,7 +280,7 @@ def test_the_feature_ablation_refits_the_drafters_own_fusion_and_compares_layers
     done = subprocess.run(
         [sys.executable, "-m", "bench.feature_ablation", "--target", str(tiny_target), "--drafter",
          str(feature_drafter), "--out", str(out), "--variants", "none:;one:1", "--steps", "2", "--limit", "1",
-         "--max-new-tokens", "8", "--batch-tokens", "1024", "--fit-conversations", "20"],
+         "--max-new-tokens", "8", "--batch-tokens", "1024", "--fit-conversations", "20", "--max-length", "320"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
