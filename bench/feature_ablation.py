@@ -174,7 +174,7 @@ def main() -> None:
                         help="NAME:LAYERS;... besides the shipped layers ('fused'): the layers each reads")
     parser.add_argument("--out", default="/tmp/feature-ablation", help="data.pt and results.json go here")
     parser.add_argument("--conversations", type=int, default=200, help="conversations the target writes")
-    parser.add_argument("--data-minutes", type=float, default=10.0)
+    parser.add_argument("--data-minutes", type=float, default=15.0)
     parser.add_argument("--fit-conversations", type=int, default=80, help="training conversations the fit reads")
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps (0: the fit alone)")
     parser.add_argument("--batch-tokens", type=int, default=2048)
