@@ -42,8 +42,8 @@ from bench.harness import greedy_answers
 from specdec import models
 from specdec.eagle import EagleDrafter
 from specdec.train_draft import (Conversation, TargetView, TrainOptions, acceptance_summary, batch_tensors,
-                                 chain_hits, draft_losses, length_batches, load_conversations, save_conversations,
-                                 split_heldout, synthesize)
+                                 chain_tallies, draft_losses, length_batches, load_conversations,
+                                 save_conversations, split_heldout, synthesize)
 
 
 @dataclass
@@ -149,20 +149,13 @@ def chain_acceptance(variants: list[Variant], view: TargetView, conversations: l
     """Per variant: train-draft's held-out measure (greedy chains of `depth` from every answer
     position) over all `conversations` and per group (`groups[i]` is conversation i's), one target
     forward per batch for all variants."""
-    tallies: dict[str, list[tuple[int, list[int]]]] = {v.name: [] for v in variants}
-    for i in range(0, len(conversations), 4):
-        ids, attention, mask = batch_tensors(conversations[i : i + 4], options.max_length, options.device)
-        features, logits = view(ids, attention)
-        wanted, embeddings = logits.argmax(-1), view.embed(ids)
-        del logits
-        for v in variants:
-            hits = chain_hits(v.drafter, embeddings, features[..., v.columns], wanted, mask, depth, v.drafter.d2t)
-            tallies[v.name] += [(int(mask[row].sum()), hits[row].tolist()) for row in range(len(ids))]
+    tallies = chain_tallies([(v.drafter, v.columns) for v in variants], view, conversations, options, depth,
+                            batch_size=4)
     result = {}
-    for v in variants:
-        by_group = {group: acceptance_summary([t for t, g in zip(tallies[v.name], groups) if g == group], depth)
+    for v, tally in zip(variants, tallies):
+        by_group = {group: acceptance_summary([t for t, g in zip(tally, groups) if g == group], depth)
                     for group in dict.fromkeys(groups)}
-        result[v.name] = {**acceptance_summary(tallies[v.name], depth), "by_group": by_group}
+        result[v.name] = {**acceptance_summary(tally, depth), "by_group": by_group}
     return result
 
 

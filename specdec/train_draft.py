@@ -37,6 +37,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -369,40 +370,43 @@ def draft_losses(drafter: EagleDrafter, embeddings: torch.Tensor, features: torc
 
 
 @torch.no_grad()
-def _chain_tallies(drafter: EagleDrafter, target: TargetView, conversations: list[Conversation],
-                   options: TrainOptions, d2t: torch.Tensor, depth: int) -> list[tuple[int, list[int]]]:
-    """Per conversation: the answer positions a chain of `depth` greedy drafts starts from, and
-    for each j how many of those chains have their first j + 1 drafts equal to the target's
-    greedy tokens."""
-    tallies = []
-    for i in range(0, len(conversations), 8):
-        batch = conversations[i : i + 8]
-        ids, attention, mask = batch_tensors(batch, options.max_length, options.device)
+def chain_tallies(drafters: Sequence[tuple[EagleDrafter, torch.Tensor | None]], target: TargetView,
+                  conversations: list[Conversation], options: TrainOptions, depth: int,
+                  batch_size: int = 8) -> list[list[tuple[int, list[int]]]]:
+    """Per drafter (with the columns of the target's features it reads; None: all of them), per
+    conversation: the answer positions a chain of `depth` greedy drafts starts from, and for each j
+    how many of those chains have their first j + 1 drafts equal to the target's greedy tokens.
+    One target pass per batch serves every drafter."""
+    tallies: list[list[tuple[int, list[int]]]] = [[] for _ in drafters]
+    for i in range(0, len(conversations), batch_size):
+        ids, attention, mask = batch_tensors(conversations[i : i + batch_size], options.max_length, options.device)
         features, logits = target(ids, attention)
-        accepted = chain_hits(drafter, target.embed(ids), features, logits.argmax(-1), mask, depth, d2t)
-        tallies += [(int(mask[row].sum()), accepted[row].tolist()) for row in range(len(batch))]
+        wanted, embeddings = logits.argmax(-1), target.embed(ids)
+        del logits
+        for tally, (drafter, columns) in zip(tallies, drafters):
+            read = features if columns is None else features[..., columns]
+            accepted = chain_hits(drafter, embeddings, read, wanted, mask, depth)
+            tally += [(int(mask[row].sum()), accepted[row].tolist()) for row in range(len(ids))]
     return tallies
 
 
 @torch.no_grad()
 def chain_hits(drafter: EagleDrafter, embeddings: torch.Tensor, features: torch.Tensor, wanted: torch.Tensor,
-               mask: torch.Tensor, depth: int, d2t: torch.Tensor) -> torch.Tensor:
+               mask: torch.Tensor, depth: int) -> torch.Tensor:
     """[B, depth]: per row, how many chains of greedy drafts starting at a position in mask [B, T]
     have their first j + 1 drafts equal to `wanted` [B, T] (the target's greedy token after each
     position)."""
     outputs = drafter.unrolled(embeddings, features, depth)
-    guesses = [d2t[o.argmax(-1)] for o in outputs]  # step j at p drafts the token after p
     length = embeddings.shape[1]
     accepted = torch.zeros((embeddings.shape[0], depth), dtype=torch.long, device=embeddings.device)
-    for start in range(length):
-        chain = mask[:, start].clone()
-        for j in range(depth):
-            p = start + j
-            if p >= length:
-                chain[:] = False
-            else:
-                chain &= mask[:, p] & (guesses[j][:, p] == wanted[:, p])
-            accepted[:, j] += chain
+    alive = torch.ones_like(mask, dtype=torch.bool)  # [B, start]: the chain from start kept its drafts so far
+    for j, output in enumerate(outputs):
+        # Step j's output at position p drafts the token after p, for the chain that started at p - j.
+        kept = mask & (drafter.d2t[output.argmax(-1)] == wanted)
+        from_start = torch.zeros_like(kept)
+        from_start[:, : length - j] = kept[:, j:]
+        alive &= from_start
+        accepted[:, j] = alive.sum(1)
     return accepted
 
 
@@ -414,7 +418,7 @@ def acceptance_summary(tallies: list[tuple[int, list[int]]], depth: int) -> dict
 
 
 def heldout_acceptance(drafter: EagleDrafter, target: TargetView, conversations: list[Conversation],
-                       options: TrainOptions, d2t: torch.Tensor, depth: int = 5) -> dict:
+                       options: TrainOptions, depth: int = 5) -> dict:
     """Chain drafting of `depth` greedy tokens from every answer position of greedy conversations
     (all of them if none is greedy): P(the first j drafts all equal the target's greedy tokens),
     and tokens per target step; the same per kind of conversation (`by_kind`). Each conversation
@@ -423,7 +427,7 @@ def heldout_acceptance(drafter: EagleDrafter, target: TargetView, conversations:
     kinds = {kind: chosen([c for c in conversations if c.kind == kind]) for kind in KINDS}
     overall = chosen(conversations)
     evaluated = list({id(c): c for c in overall + [c for group in kinds.values() for c in group]}.values())
-    tally = dict(zip(map(id, evaluated), _chain_tallies(drafter, target, evaluated, options, d2t, depth)))
+    tally = dict(zip(map(id, evaluated), chain_tallies([(drafter, None)], target, evaluated, options, depth)[0]))
     summary = lambda group: acceptance_summary([tally[id(c)] for c in group], depth)  # noqa: E731
     return {**summary(overall), "by_kind": {kind: summary(group) for kind, group in kinds.items() if group}}
 
@@ -529,7 +533,7 @@ def train(options: TrainOptions, log=print) -> dict:
     _save_checkpoint(checkpoint_file, drafter, optimizer, state, rng)
     drafter.eval()
     with autocast:
-        evaluation = heldout_acceptance(drafter, target, heldout, options, d2t)
+        evaluation = heldout_acceptance(drafter, target, heldout, options)
     answer_tokens = sum(len(c.answer) for c in conversations)
     config.training = {
         "target": options.target, "device": options.device,

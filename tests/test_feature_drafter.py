@@ -253,6 +253,32 @@ def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tin
         FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float64")
 
 
+def test_chain_hits_counts_the_chains_whose_drafts_all_match_the_target(tiny_target, feature_drafter):
+    """The held-out measure's tally against the definition, chain by chain: a chain starting at an
+    answer position s counts at depth j when the drafts of steps 0..j (step i read at s + i) all
+    equal the target's greedy tokens inside the answer."""
+    from specdec.train_draft import TargetView, batch_tensors, chain_hits
+
+    drafter = EagleDrafter.load(feature_drafter)
+    view = TargetView(models.load_model(str(tiny_target)), tuple(drafter.config.feature_layers),
+                      drafter.config.target_vocab_size)
+    conversations, _ = load_conversations(feature_drafter / "data.pt")
+    ids, attention, mask = batch_tensors(conversations[:6], 2048, "cpu")
+    features, logits = view(ids, attention)
+    embeddings, wanted, depth = view.embed(ids), logits.argmax(-1), 4
+    with torch.no_grad():
+        guesses = [drafter.d2t[o.argmax(-1)] for o in drafter.unrolled(embeddings, features, depth)]
+    expected = torch.zeros((len(ids), depth), dtype=torch.long)
+    for row, start in mask.nonzero().tolist():
+        for j in range(depth):
+            p = start + j
+            if p >= ids.shape[1] or not (mask[row, p] and guesses[j][row, p] == wanted[row, p]):
+                break
+            expected[row, j] += 1
+    assert expected[:, 1].sum() > 0  # chains longer than one draft occur, so the shift is checked
+    assert torch.equal(chain_hits(drafter, embeddings, features, wanted, mask, depth), expected)
+
+
 def test_the_ablations_least_squares_fusion_recovers_an_affine_map_across_feature_scales():
     """The target's features span many orders of magnitude in variance; a map from the smallest of
     them must come back as exactly as one from the largest (a ridge on the raw sums would shrink it)."""

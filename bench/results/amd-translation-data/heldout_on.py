@@ -12,5 +12,5 @@ for data in sys.argv[2:]:
     for folder in sys.argv[1].split(","):
         d = EagleDrafter.load(Path(folder))
         view = TargetView(model, tuple(d.config.feature_layers), len(tok))
-        r = heldout_acceptance(d, view, held, TrainOptions(), d.d2t)
+        r = heldout_acceptance(d, view, held, TrainOptions())
         print(data, folder, round(r["tokens_per_step_k5"], 3), {k: round(v["tokens_per_step_k5"], 3) for k, v in r["by_kind"].items()}, flush=True)
