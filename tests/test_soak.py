@@ -23,8 +23,8 @@ from helpers import generate
 from specdec.launcher import spawn_service
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
-SOAK_S = float(os.environ.get("SPECDEC_SOAK_S", "75"))
-MIN_FAULTS = int(os.environ.get("SPECDEC_SOAK_MIN_FAULTS", "25"))
+SOAK_S = float(os.environ.get("SPECDEC_SOAK_S", "45"))
+MIN_FAULTS = int(os.environ.get("SPECDEC_SOAK_MIN_FAULTS", "15"))
 SESSIONS = 8
 GREEDY = dict(max_new_tokens=40, k=3, ignore_eos=True)
 SEEDED = dict(GREEDY, temperature=0.8, seed=7, sampling_rule=common_pb2.SAMPLING_RULE_COUPLED)
