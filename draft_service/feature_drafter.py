@@ -12,7 +12,7 @@ evicted session, a new turn's prompt) proposes nothing and says from which posit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -54,6 +54,9 @@ class FeatureDrafter:
         d2t = head.d2t
         self.d2t = d2t
         self.d2t_list = d2t.tolist()
+        self.temperature_scale = self.config.temperature_scale
+        if not self.temperature_scale > 0:
+            raise ValueError(f"the drafter's temperature_scale must be > 0, got {self.temperature_scale}")
 
     @classmethod
     def load(cls, folder: str, target: str = "", device: str = "cpu", hybrid_ngram: int = HYBRID_MIN_NGRAM,
@@ -138,13 +141,18 @@ class FeatureDrafter:
         vocabulary when the rejection rule needs it."""
         if params.greedy:
             return self.d2t_list[int(torch.argmax(logits))], None
-        q = probs_from_logits(logits, params)
+        q = self._q(logits, params)
         if params.coupled:  # the target's noise at this position, on the draft vocabulary's ids
             noise = torch.from_numpy(coupling_noise(params.seed, position, self.config.target_vocab_size))
             return self.d2t_list[int(torch.argmax(q.cpu() / noise[self.d2t.cpu()]))], None
         full = torch.zeros(self.config.target_vocab_size, device=q.device)
         full[self.d2t] = q
         return sample(full, uniform(params.seed, position, DRAFT)), full
+
+    def _q(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """The head's q over the draft vocabulary, at the request's temperature times the head's
+        temperature_scale (DrafterConfig)."""
+        return probs_from_logits(logits, replace(params, temperature=params.temperature * self.temperature_scale))
 
     # --- a tree of drafts (EAGLE-2) ------------------------------------------------------------
 
@@ -155,7 +163,7 @@ class FeatureDrafter:
         if params.greedy:
             return torch.log_softmax(logits.float(), dim=-1)
         noise = torch.from_numpy(coupling_noise(params.seed, position, self.config.target_vocab_size))
-        q = probs_from_logits(logits, params)
+        q = self._q(logits, params)
         return torch.log_softmax(q.clamp_min(1e-30).log() - noise[self.d2t.cpu()].log().to(q.device), dim=-1)
 
     def _tree_attention(self, tree: _Tree, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

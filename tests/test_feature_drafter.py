@@ -74,6 +74,11 @@ def test_train_draft_end_to_end_writes_a_drafter_with_its_card(tiny_target, tmp_
     assert all("text into <unk>nglish:" in text for text in prompts["translation"])
     card = (out / "README.md").read_text()
     assert "held-out acceptance by position" in card and "cpu" in card
+    # q's temperature scale: the best held-out first-draft acceptance, averaged over temperatures.
+    calibration = config.training["temperature_scale"]
+    by_scale = {s: sum(by_t[s] for by_t in calibration["acceptance"].values()) for s in calibration["acceptance"]["1.0"]}
+    assert config.temperature_scale == calibration["chosen"] == float(max(by_scale, key=by_scale.get))
+    assert calibration["positions"] > 0 and "temperature times" in card
     assert set(heldout["by_kind"]) <= set(config.training["kinds"]) and heldout["by_kind"]
     head = EagleDrafter.load(out)
     assert len(set(head.d2t.tolist())) == 20  # draft ids map to distinct target ids
@@ -279,6 +284,25 @@ def test_chain_hits_counts_the_chains_whose_drafts_all_match_the_target(tiny_tar
     assert torch.equal(chain_hits(drafter, embeddings, features, wanted, mask, depth), expected)
 
 
+def test_first_draft_acceptance_finds_the_scale_that_makes_q_the_targets_law():
+    """A head whose logits are half the target's is the target's law at half its temperature: there
+    the rejection rule keeps every draft, and nowhere else; a head on part of the vocabulary keeps
+    at most the target's mass on that part."""
+    from specdec.train_draft import first_draft_acceptance
+
+    generator = torch.Generator().manual_seed(0)
+    target_logits = 3 * torch.randn(300, 40, generator=generator)
+    everything = torch.arange(40)
+    kept = first_draft_acceptance(target_logits, 0.5 * target_logits, everything, (0.4, 1.0), (0.25, 0.5, 1.0))
+    assert kept.shape == (2, 3, 300)
+    assert torch.allclose(kept[:, 1], torch.ones(2, 300, dtype=torch.float64), atol=1e-5)
+    assert (kept[:, [0, 2]].mean(-1) < 0.95).all()  # cooler or warmer q keeps fewer (0.90 at best here)
+    part = torch.arange(10)
+    on_part = first_draft_acceptance(target_logits, 0.5 * target_logits[:, part], part, (1.0,), (0.5,))
+    mass = torch.softmax(target_logits, dim=-1)[:, part].sum(-1).double()
+    assert torch.allclose(on_part[0, 0], mass, atol=1e-5)
+
+
 def test_the_ablations_least_squares_fusion_recovers_an_affine_map_across_feature_scales():
     """The target's features span many orders of magnitude in variance; a map from the smallest of
     them must come back as exactly as one from the largest (a ridge on the raw sums would shrink it)."""
@@ -321,22 +345,29 @@ def test_the_feature_ablation_refits_the_drafters_own_fusion_and_compares_layers
     assert set(tuned) == {"fused", "none", "one"} and len(tuned["fused"]["by_group"]) == 13
 
 
-def test_the_rules_bench_measures_the_q_the_draft_service_sends(tiny_target, feature_drafter):
+def test_the_rules_bench_measures_the_q_the_draft_service_sends(tiny_target, feature_drafter, tmp_path):
     """bench.rules compares the two sampling rules on a feature drafter's first drafts: its q must
-    be the draft service's (the rejection rule's q over the draft vocabulary, zero elsewhere)."""
+    be the draft service's (the rejection rule's q over the draft vocabulary, zero elsewhere, at the
+    request's temperature times the drafter's temperature_scale)."""
     from bench.rules import draft_distributions
     from draft_service.drafters import ProposeJob
     from draft_service.feature_drafter import FeatureDrafter
     from specdec.kv_cache import SessionCache
     from specdec.runner import ForwardJob, ModelRunner
 
+    cooler = tmp_path / "cooler"
+    shutil.copytree(feature_drafter, cooler, ignore=shutil.ignore_patterns("*.pt"))
+    config = json.loads((cooler / "config.json").read_text())
+    (cooler / "config.json").write_text(json.dumps({**config, "temperature_scale": 0.5}))
     target = models.load_model(str(tiny_target))
     vocab = target.config.vocab_size
     params = SamplingParams(temperature=0.7)
     sequence = list(range(3, 30))
     with torch.inference_mode():
-        q_all = draft_distributions(target, str(feature_drafter), vocab, params)(torch.tensor([sequence]))
-    drafter = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float32", hybrid_ngram=0)
+        q_of = draft_distributions(target, str(cooler), vocab)
+        q_all, q_plain = q_of(torch.tensor([sequence]), params), q_of(torch.tensor([sequence]), params, 1.0)
+    assert not torch.allclose(q_all, q_plain, atol=1e-3)  # the scale shapes q
+    drafter = FeatureDrafter.load(str(cooler), target=str(tiny_target), matmul_dtype="float32", hybrid_ngram=0)
     outside = torch.ones(vocab, dtype=torch.bool)
     outside[drafter.d2t] = False
     assert torch.allclose(q_all.sum(-1), torch.ones(len(sequence))) and not q_all[:, outside].any()
@@ -481,11 +512,14 @@ async def small_feature_stack(redis_server, tmp_path_factory):
     """A chain stack and a tree stack (trees of 5 drafts, whatever the load) on one small target and
     drafter. The draft service's default hybrid is on and PROMPT repeats its last two tokens, so
     coupled chains are prompt lookup's copy and trees are grafted on it (the law must hold all the
-    same)."""
+    same). The drafter shapes q at 0.25 times the request's temperature (its temperature_scale): a
+    q that differs from the target's own shaping must keep the law too."""
     root = tmp_path_factory.mktemp("small-feature")
     target = build_tiny_model(root / "target", seed=10, chars=CHARS, logit_scale=3.0)
     drafter = root / "drafter"
     _train(target, drafter, draft_vocab=6)  # a draft vocabulary smaller than the target's: q is 0 elsewhere
+    config = json.loads((drafter / "config.json").read_text())
+    (drafter / "config.json").write_text(json.dumps({**config, "temperature_scale": 0.25}))
     stacks = {"chain": await start_stack(redis_server.url, target, str(drafter), tree_nodes=0),
               # Trees even under the test's concurrency (by default they give way to chains under load).
               "tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5, tree_max_sessions=64)}
