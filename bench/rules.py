@@ -24,6 +24,7 @@ import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from specdec import models
 from specdec.config import default_prompts_file
 from specdec.eagle import EagleDrafter, is_drafter_folder
 from specdec.sampling import SamplingParams, probs_from_logits
-from specdec.train_draft import TargetView
+from specdec.train_draft import Conversation, TargetView, TrainOptions, batch_tensors
 
 
 def coupled_agreement(p: np.ndarray, qs: list[np.ndarray], draws: int, rng: np.random.Generator) -> list[float]:
@@ -118,6 +119,57 @@ def measure(target: str, draft: str, prompts, tokens: int, params: SamplingParam
                                               "coupled_acceptance": statistics.mean(c)}
                                  for scale, r, c in zip(temperature_scales, rejection[1:], coupled[1:])},
     }
+
+
+# Scales of q's temperature (DrafterConfig.temperature_scale) and request temperatures that
+# temperature_calibration measures on conversations the target wrote itself.
+TEMPERATURE_SCALES = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+CALIBRATION_TEMPERATURES = (0.4, 0.7, 1.0)
+
+
+@torch.no_grad()
+def temperature_calibration(drafter: EagleDrafter, target: TargetView, conversations: list[Conversation],
+                            options: TrainOptions, temperatures: Sequence[float] = CALIBRATION_TEMPERATURES,
+                            scales: Sequence[float] = TEMPERATURE_SCALES) -> dict:
+    """The rejection rule's acceptance of a round's first draft (first_draft_acceptance) over the
+    answer positions of `conversations` (train-draft's data, not Spec-Bench's prompts), for each
+    request temperature and scale of q's; `chosen`: the scale with the best mean over the
+    temperatures (1.0 without positions). A measure of the first draft only: for the shipped
+    drafter its choice (0.75) kept fewer tokens per step in the default pipeline than 1.0
+    (bench/RESULTS.md), so nothing applies it by itself."""
+    totals = torch.zeros(len(temperatures), len(scales), dtype=torch.float64)
+    positions = 0
+    for i in range(0, len(conversations), 8):
+        ids, attention, mask = batch_tensors(conversations[i : i + 8], options.max_length, options.device)
+        features, logits = target(ids, attention)
+        draft_logits = drafter.unrolled(target.embed(ids), features, 1)[0][mask].float()
+        target_logits = logits[mask]
+        del logits
+        positions += len(target_logits)
+        totals += first_draft_acceptance(target_logits, draft_logits, drafter.d2t, temperatures, scales).sum(-1)
+    if not positions:
+        return {"chosen": 1.0, "positions": 0, "acceptance": {}}
+    acceptance = totals / positions
+    return {"chosen": scales[int(acceptance.mean(0).argmax())], "positions": positions,
+            "acceptance": {str(t): {str(s): round(float(acceptance[a, b]), 4) for b, s in enumerate(scales)}
+                           for a, t in enumerate(temperatures)}}
+
+
+def first_draft_acceptance(target_logits: torch.Tensor, draft_logits: torch.Tensor, d2t: torch.Tensor,
+                           temperatures: Sequence[float], scales: Sequence[float], rows: int = 256) -> torch.Tensor:
+    """[temperatures, scales, N] float64: per position, the rejection rule's chance of keeping a draft
+    sampled from q, sum_v min(p(v), q(v)) (Leviathan et al.), with p = softmax(target_logits / T)
+    [N, V] and q = softmax(draft_logits / (T * scale)) [N, Vd] on the draft vocabulary (target ids
+    d2t [Vd]; q is 0 elsewhere)."""
+    out = torch.zeros(len(temperatures), len(scales), len(target_logits), dtype=torch.float64)
+    for at in range(0, len(target_logits), rows):  # [rows, V] at a time: the target's vocabulary is wide
+        chunk, drafted = target_logits[at : at + rows].float(), draft_logits[at : at + rows].float()
+        for a, temperature in enumerate(temperatures):
+            p = torch.softmax(chunk / temperature, dim=-1)[:, d2t]
+            for b, scale in enumerate(scales):
+                q = torch.softmax(drafted / (temperature * scale), dim=-1)
+                out[a, b, at : at + rows] = torch.minimum(p, q).sum(-1).double()
+    return out
 
 
 def main() -> None:

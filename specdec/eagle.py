@@ -53,9 +53,9 @@ class DrafterConfig:
     specdec_drafter: str = KIND
     training: dict = field(default_factory=dict)  # what the card reports (data, steps, device, ...)
     # A sampled request's q is shaped at its temperature times this (and its top-k / top-p). Any q
-    # keeps both sampling rules exact; a head trained on the target's distributions at
-    # temperature 1 is flatter than the target at lower ones, and a cooler q is kept more often
-    # (`python -m bench.rules --draft-temperatures`, bench/RESULTS.md). 1.0: the request's own.
+    # keeps both sampling rules exact. A cooler q keeps more first drafts (`python -m bench.rules
+    # --temperature-scales`) but, for the shipped drafter, fewer tokens per step in the default
+    # pipeline (bench/RESULTS.md, "q's temperature"); 1.0: the request's own.
     temperature_scale: float = 1.0
 
     @classmethod

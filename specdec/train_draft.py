@@ -432,56 +432,6 @@ def heldout_acceptance(drafter: EagleDrafter, target: TargetView, conversations:
     return {**summary(overall), "by_kind": {kind: summary(group) for kind, group in kinds.items() if group}}
 
 
-# A sampled request's q is shaped at its temperature times a scale the drafter carries
-# (DrafterConfig.temperature_scale); train-draft picks it from these on held-out answers.
-TEMPERATURE_SCALES = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
-CALIBRATION_TEMPERATURES = (0.4, 0.7, 1.0)
-
-
-@torch.no_grad()
-def temperature_calibration(drafter: EagleDrafter, target: TargetView, conversations: list[Conversation],
-                            options: TrainOptions, temperatures: Sequence[float] = CALIBRATION_TEMPERATURES,
-                            scales: Sequence[float] = TEMPERATURE_SCALES) -> dict:
-    """The rejection rule's acceptance of a round's first draft (first_draft_acceptance) over the
-    answer positions of `conversations`, for each request temperature and scale of q's; `chosen`:
-    the scale with the best mean over the temperatures (1.0 without positions). Any q keeps the
-    sampling rules exact, so the scale is free: a head trained on the target's distributions at
-    temperature 1 is flatter than the target at lower ones, and a cooler q is kept more often."""
-    totals = torch.zeros(len(temperatures), len(scales), dtype=torch.float64)
-    positions = 0
-    for i in range(0, len(conversations), 8):
-        ids, attention, mask = batch_tensors(conversations[i : i + 8], options.max_length, options.device)
-        features, logits = target(ids, attention)
-        draft_logits = drafter.unrolled(target.embed(ids), features, 1)[0][mask].float()
-        target_logits = logits[mask]
-        del logits
-        positions += len(target_logits)
-        totals += first_draft_acceptance(target_logits, draft_logits, drafter.d2t, temperatures, scales).sum(-1)
-    if not positions:
-        return {"chosen": 1.0, "positions": 0, "acceptance": {}}
-    acceptance = totals / positions
-    return {"chosen": scales[int(acceptance.mean(0).argmax())], "positions": positions,
-            "acceptance": {str(t): {str(s): round(float(acceptance[a, b]), 4) for b, s in enumerate(scales)}
-                           for a, t in enumerate(temperatures)}}
-
-
-def first_draft_acceptance(target_logits: torch.Tensor, draft_logits: torch.Tensor, d2t: torch.Tensor,
-                           temperatures: Sequence[float], scales: Sequence[float], rows: int = 256) -> torch.Tensor:
-    """[temperatures, scales, N] float64: per position, the rejection rule's chance of keeping a draft
-    sampled from q, sum_v min(p(v), q(v)) (Leviathan et al.), with p = softmax(target_logits / T)
-    [N, V] and q = softmax(draft_logits / (T * scale)) [N, Vd] on the draft vocabulary (target ids
-    d2t [Vd]; q is 0 elsewhere)."""
-    out = torch.zeros(len(temperatures), len(scales), len(target_logits), dtype=torch.float64)
-    for at in range(0, len(target_logits), rows):  # [rows, V] at a time: the target's vocabulary is wide
-        chunk, drafted = target_logits[at : at + rows].float(), draft_logits[at : at + rows].float()
-        for a, temperature in enumerate(temperatures):
-            p = torch.softmax(chunk / temperature, dim=-1)[:, d2t]
-            for b, scale in enumerate(scales):
-                q = torch.softmax(drafted / (temperature * scale), dim=-1)
-                out[a, b, at : at + rows] = torch.minimum(p, q).sum(-1).double()
-    return out
-
-
 # --- 4. the loop ----------------------------------------------------------------------------
 
 
@@ -584,8 +534,6 @@ def train(options: TrainOptions, log=print) -> dict:
     drafter.eval()
     with autocast:
         evaluation = heldout_acceptance(drafter, target, heldout, options)
-        calibration = temperature_calibration(drafter, target, heldout, options)
-    config.temperature_scale = calibration["chosen"]
     answer_tokens = sum(len(c.answer) for c in conversations)
     config.training = {
         "target": options.target, "device": options.device,
@@ -598,7 +546,6 @@ def train(options: TrainOptions, log=print) -> dict:
         "draft_vocab_coverage": round(coverage, 4), "final_loss": round(sum(state.losses[-20:]) / max(1, len(state.losses[-20:])), 4),
         "seed": options.seed, "heldout": evaluation, "wall_seconds": round(time.perf_counter() - started, 1),
         "kinds": dict(Counter(c.kind for c in conversations)), "initialised_from": options.init or None,
-        "temperature_scale": calibration,
     }
     drafter.config = config
     drafter.save(out)
@@ -646,19 +593,8 @@ Trained by `specdec train-draft` with the target frozen, on data the target wrot
 | held-out acceptance by position (greedy chains of 5 from {heldout['starts']} positions) | {by_position} |
 | held-out tokens per target step at k = 5 | {heldout['tokens_per_step_k5']:.2f} |
 """ + "".join(f"| held-out tokens per target step at k = 5, {kind} conversations | {e['tokens_per_step_k5']:.2f} |\n"
-              for kind, e in heldout.get("by_kind", {}).items()) + _calibration_row(config) + (
+              for kind, e in heldout.get("by_kind", {}).items()) + (
         f"| initialised from | `{t['initialised_from']}` |\n" if t.get("initialised_from") else "")
-
-
-def _calibration_row(config: DrafterConfig) -> str:
-    calibration = config.training.get("temperature_scale")
-    if not calibration:
-        return ""
-    chosen = str(calibration["chosen"])
-    figures = ", ".join(f"T {t}: {by_scale[chosen]:.3f} (at 1: {by_scale['1.0']:.3f})"
-                        for t, by_scale in calibration["acceptance"].items())
-    return (f"| q shaped at the request's temperature times | {config.temperature_scale} (held-out first-draft "
-            f"acceptance, rejection rule, {figures}) |\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

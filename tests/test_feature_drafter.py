@@ -74,11 +74,6 @@ def test_train_draft_end_to_end_writes_a_drafter_with_its_card(tiny_target, tmp_
     assert all("text into <unk>nglish:" in text for text in prompts["translation"])
     card = (out / "README.md").read_text()
     assert "held-out acceptance by position" in card and "cpu" in card
-    # q's temperature scale: the best held-out first-draft acceptance, averaged over temperatures.
-    calibration = config.training["temperature_scale"]
-    by_scale = {s: sum(by_t[s] for by_t in calibration["acceptance"].values()) for s in calibration["acceptance"]["1.0"]}
-    assert config.temperature_scale == calibration["chosen"] == float(max(by_scale, key=by_scale.get))
-    assert calibration["positions"] > 0 and "temperature times" in card
     assert set(heldout["by_kind"]) <= set(config.training["kinds"]) and heldout["by_kind"]
     head = EagleDrafter.load(out)
     assert len(set(head.d2t.tolist())) == 20  # draft ids map to distinct target ids
@@ -288,7 +283,7 @@ def test_first_draft_acceptance_finds_the_scale_that_makes_q_the_targets_law():
     """A head whose logits are half the target's is the target's law at half its temperature: there
     the rejection rule keeps every draft, and nowhere else; a head on part of the vocabulary keeps
     at most the target's mass on that part."""
-    from specdec.train_draft import first_draft_acceptance
+    from bench.rules import first_draft_acceptance
 
     generator = torch.Generator().manual_seed(0)
     target_logits = 3 * torch.randn(300, 40, generator=generator)
@@ -377,6 +372,21 @@ def test_the_rules_bench_measures_the_q_the_draft_service_sends(tiny_target, fea
         job = ProposeJob(SessionCache(), sequence[:position], 1, params, features[: position - 1], 0, (), 0)
         sent = drafter.propose_batch([job])[0].probs[0]
         assert torch.allclose(q_all[position - 1], sent, atol=1e-4), position
+
+
+def test_temperature_calibration_reads_every_answer_position_and_picks_the_best_mean(tiny_target, feature_drafter):
+    from bench.rules import temperature_calibration
+    from specdec.train_draft import TargetView, batch_tensors
+
+    drafter = EagleDrafter.load(feature_drafter)
+    view = TargetView(models.load_model(str(tiny_target)), tuple(drafter.config.feature_layers),
+                      drafter.config.target_vocab_size)
+    conversations = load_conversations(feature_drafter / "data.pt")[0][:10]
+    result = temperature_calibration(drafter, view, conversations, TrainOptions(), (0.5, 1.0), (0.5, 0.75, 1.0))
+    assert result["positions"] == int(batch_tensors(conversations, 2048, "cpu")[2].sum()) > 0
+    means = {s: (result["acceptance"]["0.5"][s] + result["acceptance"]["1.0"][s]) / 2 for s in ("0.5", "0.75", "1.0")}
+    assert result["chosen"] == float(max(means, key=means.get))
+    assert all(0 < a <= 1 for by_scale in result["acceptance"].values() for a in by_scale.values())
 
 
 def test_a_float16_product_of_many_rows_runs_in_float32_on_the_same_weights():
