@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--max-length", type=int, default=2048, help="tokens of a conversation read (prompt first)")
     parser.add_argument("--limit", type=int, default=2, help="Spec-Bench prompts per category")
+    parser.add_argument("--prompts", type=Path, default=None, help="prompts file (default: Spec-Bench's)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -211,7 +212,7 @@ def main() -> None:
     log(f"data: {len(training)} training conversations, {len(heldout)} held out "
         f"({sum(len(c.answer) for c in conversations)} answer tokens)")
     answers = greedy_answers(args.target, model, tokenizer, args.limit, args.max_new_tokens,
-                             out / "specbench-answers.json")
+                             out / "specbench-answers.json", args.prompts)
     specbench = [Conversation(a.prompt, a.answer, greedy=True) for a in answers]
     categories = [a.category for a in answers]
     log(f"Spec-Bench: {len(specbench)} answers")

@@ -99,20 +99,21 @@ class GreedyAnswer:
 
 
 def greedy_answers(target: str, model, tokenizer, limit: int, max_new_tokens: int,
-                   cache: Path | None = None) -> list[GreedyAnswer]:
-    """The target's greedy answers (Hugging Face `generate`) to the first `limit` Spec-Bench prompts
-    of each category. With `cache`: read from that file when it holds answers made with the same
-    settings, else made and written there (26 answers of 128 tokens take minutes on a CPU)."""
+                   cache: Path | None = None, prompts: Path | None = None) -> list[GreedyAnswer]:
+    """The target's greedy answers (Hugging Face `generate`) to the first `limit` prompts of each
+    category of `prompts` (default: Spec-Bench's). With `cache`: read from that file when it holds
+    answers made with the same settings, else made and written there (26 answers of 128 tokens
+    take minutes on a CPU)."""
     from coordinator.prompting import turn_tokens
 
-    settings = {"target": target, "prompts": str(default_prompts_file()), "limit": limit,
-                "max_new_tokens": max_new_tokens}
+    prompts = Path(prompts or default_prompts_file())
+    settings = {"target": target, "prompts": str(prompts), "limit": limit, "max_new_tokens": max_new_tokens}
     if cache is not None and cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("settings") == settings:
             return [GreedyAnswer(**item) for item in saved["answers"]]
     answers = []
-    for prompt in load_prompts(default_prompts_file(), limit, ()):
+    for prompt in load_prompts(prompts, limit, ()):
         ids = turn_tokens(tokenizer, prompt.text, raw=False, history=(), eos_ids=())
         with torch.inference_mode():
             out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)

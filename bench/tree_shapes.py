@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--drafter", default="",
                         help="feature drafter folder (default: the one shipped for the target)")
     parser.add_argument("--limit", type=int, default=1, help="prompts per Spec-Bench category")
+    parser.add_argument("--prompts", type=Path, default=None, help="prompts file (default: Spec-Bench's)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--answers", type=Path, default=None,
@@ -158,7 +159,8 @@ def main() -> None:
                 for dtype in args.matmul_dtypes.split(",")}
     layers = tuple(next(iter(drafters.values())).feature_layers)
     answers = []
-    for made in greedy_answers(args.target, model, tokenizer, args.limit, args.max_new_tokens, args.answers):
+    for made in greedy_answers(args.target, model, tokenizer, args.limit, args.max_new_tokens, args.answers,
+                               args.prompts):
         full = made.prompt + made.answer
         features = runner.forward([ForwardJob(SessionCache(), full, len(full) - 1, layers, 0)])[0].features
         answers.append((made.category, full, len(made.prompt), features))

@@ -322,10 +322,14 @@ def test_the_feature_ablation_refits_the_drafters_own_fusion_and_compares_layers
     out = tmp_path / "ablation"
     out.mkdir()
     shutil.copy(feature_drafter / "data.pt", out / "data.pt")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"category": c, "turns": [f"tell me about the {c}"]}) + "\n"
+                               for c in ("sea", "sky", "hills")))
     done = subprocess.run(
         [sys.executable, "-m", "bench.feature_ablation", "--target", str(tiny_target), "--drafter",
          str(feature_drafter), "--out", str(out), "--variants", "none:;one:1", "--steps", "2", "--limit", "1",
-         "--max-new-tokens", "8", "--batch-tokens", "1024", "--fit-conversations", "20", "--max-length", "320"],
+         "--max-new-tokens", "8", "--batch-tokens", "1024", "--fit-conversations", "20", "--max-length", "320",
+         "--prompts", str(prompts)],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
@@ -337,7 +341,7 @@ def test_the_feature_ablation_refits_the_drafters_own_fusion_and_compares_layers
     assert refit["acceptance_by_position"] == pytest.approx(shipped["acceptance_by_position"], abs=0.03)
     assert all(len(losses) == 2 for losses in results["losses"].values())
     tuned = results["after_fine_tuning"]["specbench"]
-    assert set(tuned) == {"fused", "none", "one"} and len(tuned["fused"]["by_group"]) == 13
+    assert set(tuned) == {"fused", "none", "one"} and set(tuned["fused"]["by_group"]) == {"sea", "sky", "hills"}
 
 
 def test_the_rules_bench_measures_the_q_the_draft_service_sends(tiny_target, feature_drafter, tmp_path):
