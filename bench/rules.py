@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -56,7 +55,7 @@ def draft_distributions(target_model, draft: str, vocab: int):
     if not is_drafter_folder(draft):
         draft_model = models.load_model(draft)
         return lambda sequence, params, scale=None: probs_from_logits(
-            draft_model(sequence).logits[0, :, :vocab], _scaled(params, 1.0 if scale is None else scale))
+            draft_model(sequence).logits[0, :, :vocab], params.temperature_times(1.0 if scale is None else scale))
     head = EagleDrafter.load(Path(draft))
     target_view = TargetView(target_model, tuple(head.config.feature_layers), vocab)
 
@@ -64,15 +63,11 @@ def draft_distributions(target_model, draft: str, vocab: int):
         features, _ = target_view(sequence, torch.ones_like(sequence))
         logits = head.unrolled(target_view.embed(sequence), features, 1)[0][0]  # row t drafts token t + 1
         q = torch.zeros(logits.shape[0], vocab)
-        shaped = _scaled(params, head.config.temperature_scale if scale is None else scale)
+        shaped = params.temperature_times(head.config.temperature_scale if scale is None else scale)
         q[:, head.d2t] = probs_from_logits(logits, shaped)
         return q
 
     return first_drafts
-
-
-def _scaled(params: SamplingParams, scale: float) -> SamplingParams:
-    return replace(params, temperature=params.temperature * scale)
 
 
 def measure(target: str, draft: str, prompts, tokens: int, params: SamplingParams, draws: int,

@@ -12,7 +12,7 @@ evicted session, a new turn's prompt) proposes nothing and says from which posit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -152,7 +152,7 @@ class FeatureDrafter:
     def _q(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         """The head's q over the draft vocabulary, at the request's temperature times the head's
         temperature_scale (DrafterConfig)."""
-        return probs_from_logits(logits, replace(params, temperature=params.temperature * self.temperature_scale))
+        return probs_from_logits(logits, params.temperature_times(self.temperature_scale))
 
     # --- a tree of drafts (EAGLE-2) ------------------------------------------------------------
 

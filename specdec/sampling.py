@@ -59,6 +59,10 @@ class SamplingParams:
     def coupled(self) -> bool:
         return self.rule == COUPLED and not self.greedy
 
+    def temperature_times(self, scale: float) -> "SamplingParams":
+        """These parameters at `scale` times their temperature (a drafter shaping its own q)."""
+        return replace(self, temperature=self.temperature * scale)
+
     def validate(self) -> "SamplingParams":
         """These parameters checked, with a temperature below MIN_TEMPERATURE made greedy."""
         if not math.isfinite(self.temperature) or self.temperature < 0:
