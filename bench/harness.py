@@ -233,29 +233,34 @@ def machine_info(device: str) -> dict:
     return info
 
 
+TORCH_PRODUCTS = "torch"  # a --drafters entry's suffix: the draft service on torch's products
+
+
 @dataclass(frozen=True)
 class DrafterSpec:
-    """A --drafters entry, MODEL[+ngramN][+treeN][+DTYPE][@k1/k2]: 'auto' is the drafter shipped
-    for the target, '+ngramN' a feature drafter in hybrid with N-token prompt lookup ('+ngram0': the
-    head alone; by default the draft service's --hybrid-ngram), '+treeN' the coordinator asking it
-    for trees of N drafts ('+tree0': chains), '+float32' (or another of MATMUL_DTYPES) the feature
-    drafter's matrix products in that dtype, '@k1/k2' the ks to run it at."""
+    """A --drafters entry, MODEL[+ngramN][+treeN][+DTYPE][+torch][@k1/k2]: 'auto' is the drafter
+    shipped for the target, '+ngramN' a feature drafter in hybrid with N-token prompt lookup
+    ('+ngram0': the head alone; by default the draft service's --hybrid-ngram), '+treeN' the
+    coordinator asking it for trees of N drafts ('+tree0': chains), '+float32' (or another of
+    MATMUL_DTYPES) the feature drafter's matrix products in that dtype, '+torch' the draft service
+    on torch's products (--cpu-kernels torch), '@k1/k2' the ks to run it at."""
 
     model: str
     hybrid: str = ""
     tree: str = ""
     ks: tuple[int, ...] = ()
     matmul: str = ""
+    torch_products: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> "DrafterSpec":
         head, _, ks = spec.partition("@")
         first, *rest = head.split("+")
         matmul = next((part for part in rest if part in MATMUL_DTYPES), "")
-        head = "+".join([first] + [part for part in rest if part not in MATMUL_DTYPES])
+        head = "+".join([first] + [part for part in rest if part not in (*MATMUL_DTYPES, TORCH_PRODUCTS)])
         head, _, tree = head.partition("+tree")
         model, _, hybrid = head.partition("+ngram")
-        return cls(model, hybrid, tree, tuple(int(k) for k in ks.split("/") if k), matmul)
+        return cls(model, hybrid, tree, tuple(int(k) for k in ks.split("/") if k), matmul, TORCH_PRODUCTS in rest)
 
 
 def drafter_ks(spec: str) -> tuple[int, ...]:
@@ -274,7 +279,8 @@ def drafter_service(spec: str, target: str) -> tuple[str, tuple[str, ...]]:
     parsed = DrafterSpec.parse(spec)
     model = default_drafter(target) if parsed.model == AUTO_DRAFTER else parsed.model
     return model, ((("--hybrid-ngram", parsed.hybrid) if parsed.hybrid else ())
-                   + (("--matmul-dtype", parsed.matmul) if parsed.matmul else ()))
+                   + (("--matmul-dtype", parsed.matmul) if parsed.matmul else ())
+                   + (("--cpu-kernels", "torch") if parsed.torch_products else ()))
 
 
 async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, str]]:
@@ -310,7 +316,8 @@ def drafter_name(spec: str) -> str:
     parsed = DrafterSpec.parse(spec)
     tree = {"": "", "0": "+chains"}.get(parsed.tree, f"+tree{parsed.tree}")
     hybrid = {"": "", "0": "+no-lookup"}.get(parsed.hybrid, f"+ngram{parsed.hybrid}")
-    suffix = hybrid + tree + (f"+{parsed.matmul}" if parsed.matmul else "")
+    suffix = (hybrid + tree + (f"+{parsed.matmul}" if parsed.matmul else "")
+              + (f"+{TORCH_PRODUCTS}" if parsed.torch_products else ""))
     if parsed.model in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
         return ("eagle3" if parsed.model == AUTO_DRAFTER else parsed.model) + suffix
     return (Path(parsed.model).name or parsed.model) + suffix

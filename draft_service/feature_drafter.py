@@ -12,6 +12,7 @@ evicted session, a new turn's prompt) proposes nothing and says from which posit
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,10 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from draft_service.drafters import Proposal, ProposeJob
+from specdec import cpu_kernels
+from specdec.cpu_kernels import CpuLinear
 from specdec.ngram import HYBRID_MIN_NGRAM, ngram_lookup
 from specdec.eagle import DRAFT_MATMUL_DTYPE, KIND, MATMUL_DTYPES, EagleDrafter
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import DRAFT, SamplingParams, coupling_noise, probs_from_logits, sample, uniform
+
+log = logging.getLogger(__name__)
 
 # A tree's shape (EAGLE-2's): nodes expanded per depth, and children drafted per expanded node (its top-k).
 # Expanded per depth by default: 1 on CPU, where the head's 2- and 4-row steps cost 1.5x a 1-row one
@@ -61,14 +66,16 @@ class FeatureDrafter:
     @classmethod
     def load(cls, folder: str, target: str = "", device: str = "cpu", hybrid_ngram: int = HYBRID_MIN_NGRAM,
              tree_expand: int = 0, tree_children: int = TREE_CHILDREN,
-             matmul_dtype: str = DRAFT_MATMUL_DTYPE) -> "FeatureDrafter":
+             matmul_dtype: str = DRAFT_MATMUL_DTYPE, cpu_kernels: str = "auto") -> "FeatureDrafter":
         """The head in `folder`, reading the embeddings of `target` (default: the model it was
-        trained for), its matrix products in `matmul_dtype` (EagleDrafter.with_matmul_dtype)."""
+        trained for), its matrix products in `matmul_dtype` (EagleDrafter.with_matmul_dtype), the
+        narrow ones on a CPU through the C product per `cpu_kernels` (c_products)."""
         from specdec import models
 
         if matmul_dtype not in MATMUL_DTYPES:
             raise ValueError(f"matmul dtype {matmul_dtype!r} is not one of {', '.join(MATMUL_DTYPES)}")
-        head = EagleDrafter.load(Path(folder), device=device).with_matmul_dtype(getattr(torch, matmul_dtype))
+        products = c_products(cpu_kernels, device, getattr(torch, matmul_dtype))
+        head = EagleDrafter.load(Path(folder), device=device).with_matmul_dtype(getattr(torch, matmul_dtype), products)
         model = models.load_model(target or head.config.target, device=device)
         return cls(head, model.get_input_embeddings().weight.detach().float(), hybrid_ngram, tree_expand,
                    tree_children)
@@ -311,6 +318,25 @@ class FeatureDrafter:
             if drafted:
                 proposals[i].probs = torch.stack(drafted)
         return proposals
+
+
+def c_products(setting: str, device: str, dtype: torch.dtype) -> CpuLinear | None:
+    """The C product for the head's products in `dtype` on `device`, per --cpu-kernels (`setting`):
+    'auto' where it builds and computes that dtype, 'c' the same or a ValueError, 'torch' never;
+    None off a CPU."""
+    if setting not in ("c", "torch", "auto"):
+        raise ValueError(f"--cpu-kernels must be 'c', 'torch' or 'auto', not {setting!r}")
+    if setting == "torch" or torch.device(device).type != "cpu":
+        return None
+    kernels = cpu_kernels.load()
+    products = kernels.linear if kernels is not None and kernels.linear.computes(dtype) else None
+    if products is None and setting == "c":
+        raise ValueError(f"--cpu-kernels c: the C product did not build here or does not compute {dtype} on this "
+                         "CPU (float16 needs AVX-512 or F16C; the log says why it did not build); --cpu-kernels "
+                         "auto falls back to torch's products")
+    log.info("the feature drafter's products: %s", "torch's" if products is None else
+             f"the C kernel on {str(dtype).removeprefix('torch.')} weights")
+    return products
 
 
 def _written(kv: SessionKV, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,9 +39,13 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
             raise StartupError("--tree-expand must be >= 0 (0 = auto) and --tree-children >= 1")
         if config.matmul_dtype not in MATMUL_DTYPES:
             raise StartupError(f"--matmul-dtype must be one of {', '.join(MATMUL_DTYPES)}, not {config.matmul_dtype!r}")
-        drafter = worker.call(lambda: FeatureDrafter.load(config.model, config.feature_target, config.device,
-                                                          config.hybrid_ngram, config.tree_expand,
-                                                          config.tree_children, config.matmul_dtype))
+        try:
+            drafter = worker.call(lambda: FeatureDrafter.load(config.model, config.feature_target, config.device,
+                                                              config.hybrid_ngram, config.tree_expand,
+                                                              config.tree_children, config.matmul_dtype,
+                                                              config.cpu_kernels))
+        except ValueError as error:  # a setting the drafter refuses (--cpu-kernels, its config's)
+            raise StartupError(f"{config.model}: {error}") from None
         target = config.feature_target or drafter.config.target
         tokenizer = models.load_tokenizer(target)
         if models.vocab_fingerprint(tokenizer) != drafter.config.vocab_fingerprint:

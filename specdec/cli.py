@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--drafters", default="auto,ngram",
                        help="comma-separated: 'auto' (the drafter shipped for the target), 'ngram', feature drafter "
                             "folders (PATH+ngramN: hybrid with N-token prompt lookup, +ngram0 the head alone; "
-                            "+treeN: trees of N drafts, +tree0 chains; +float32, +bfloat16: the head's matrix products in that dtype), draft model paths")
+                            "+treeN: trees of N drafts, +tree0 chains; +float32, +bfloat16: the head's matrix products in that dtype; "
+                            "+torch: on torch's products, not the C kernel), draft model paths")
     bench.add_argument("--ks", default="4", help="comma-separated draft lengths (a drafter's own: DRAFTER@k1/k2)")
     bench.add_argument("--peer-ks", default="", help="ks of the Hugging Face prompt-lookup peer (default: --ks)")
     bench.add_argument("--no-adaptive", action="store_true",

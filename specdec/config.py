@@ -28,12 +28,12 @@ def compile_option(what: str) -> Any:
                   "'off', or 'auto' (on for CUDA devices, off on CPU, where it measured no faster)", negation="off")
 
 
-def cpu_kernels_option() -> Any:
-    """--cpu-kernels of a service that runs a model."""
+def cpu_kernels_option(more: str = "") -> Any:
+    """--cpu-kernels of a service that runs a model (`more`: what else it covers there)."""
     return option("auto", "attention and matrix products on CPU (float32): 'c' (the C kernels, built at start-up "
                   "with the machine's C compiler; refuse to start without them), 'torch' (torch's attention blocks "
                   "and oneDNN's products), or 'auto' (C where they build, else torch with a warning). The two differ "
-                  "in the last bits: replicas that take over each other's sessions must run the same one")
+                  "in the last bits: replicas that take over each other's sessions must run the same one" + more)
 
 
 def batch_invariant_option() -> Any:

@@ -83,8 +83,9 @@ class CpuAttention:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight [outs, in] laid out for specdec_linear: tiles of LINEAR_TILE outputs, each tile
-    [in, LINEAR_TILE] contiguous ([tiles, in, LINEAR_TILE]; the last tile's outputs past `outs` zero)."""
+    """A weight [outs, in] laid out for specdec_linear (float32) or specdec_linear_half (float16):
+    tiles of LINEAR_TILE outputs, each tile [in, LINEAR_TILE] contiguous ([tiles, in, LINEAR_TILE];
+    the last tile's outputs past `outs` zero)."""
 
     data: torch.Tensor
     outs: int
@@ -112,28 +113,39 @@ class CpuLinear:
             raise OSError(f"the product kernel packs {library.specdec_linear_tile()} outputs a tile, not {LINEAR_TILE}")
         self.threads = threads  # the most threads a call may use; 0: torch's thread count
         self.openmp = _openmp(library)
-        self._linear = library.specdec_linear
-        self._linear.restype = None
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        self._linear.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer, pointer, integer]
+        self._linear, self._linear_half = library.specdec_linear, library.specdec_linear_half
+        for function in (self._linear, self._linear_half):
+            function.restype = None
+            function.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer, pointer, integer]
+        # Whether weights packed in float16 compute here (the CPU has AVX-512 or F16C).
+        self.half = bool(library.specdec_linear_half_built())
+
+    def computes(self, dtype: torch.dtype) -> bool:
+        """Whether weights of `dtype` can be packed for this library's products."""
+        return dtype == torch.float32 or (dtype == torch.float16 and self.half)
 
     def __call__(self, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [rows, in] (float32, CPU) @ weight.T (+ bias [outs]) (+ residual [rows, outs]): [rows, outs]."""
+        """x [rows, in] (float32, CPU) @ weight.T (+ bias [outs]) (+ residual [rows, outs]): [rows, outs].
+        The weight is packed in float32, or in float16 where `half` says this library computes it."""
         x = x.contiguous()
         rows, inputs = x.shape
+        half = weight.data.dtype == torch.float16 and self.half
         if (inputs != weight.shape[1] or (bias is not None and bias.shape != (weight.outs,))
                 or (residual is not None and residual.shape != (rows, weight.outs))
                 or any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu")
-                       for t in (x, weight.data, bias, residual))):
+                       for t in (x, bias, residual))
+                or weight.data.device.type != "cpu" or not (half or weight.data.dtype == torch.float32)):
             raise ValueError(f"a product of x {tuple(x.shape)} {x.dtype} with a weight {weight.shape}, bias "
                              f"{None if bias is None else tuple(bias.shape)} and residual "
                              f"{None if residual is None else tuple(residual.shape)}: shapes do not match")
         # Contiguous copies are held here: a temporary's memory is freed once its pointer is taken.
         bias, residual = (None if t is None else t.contiguous() for t in (bias, residual))
         out = torch.empty(rows, weight.outs, dtype=x.dtype)
-        self._linear(x.data_ptr(), rows, inputs, weight.data.data_ptr(), weight.outs, _pointer(bias),
-                     _pointer(residual), out.data_ptr(), self.threads or torch.get_num_threads())
+        (self._linear_half if half else self._linear)(
+            x.data_ptr(), rows, inputs, weight.data.data_ptr(), weight.outs, _pointer(bias), _pointer(residual),
+            out.data_ptr(), self.threads or torch.get_num_threads())
         return out
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec.cpu_kernels import CpuLinear, PackedWeight
+
 KIND = "eagle3"
 # The head's matrix products when drafting (EagleDrafter.with_matmul_dtype): float16 by default
 # (the shipped weights exactly; a proposal takes a third of the float32 time on this CPU:
@@ -106,24 +108,38 @@ class RMSNorm(nn.Module):
 # float32 one shares the read among the rows: 1.2 against 1.5 ms at 8 rows, 3.7 against 12.4 at 64,
 # and a 1,200-token prompt taken in 2.7x faster (bench/RESULTS.md, "Rounds with less waiting").
 WIDE_ROWS = 8
+# The same where the C product (specdec.cpu_kernels) computes the narrow calls: it reads float16
+# weights once for up to twelve rows and widens them in registers, faster than torch's float32
+# product up to about 64 rows on the Intel host (bench/RESULTS.md, "The drafter's products in C").
+C_WIDE_ROWS = 64
 
 
 class CastLinear(nn.Module):
     """A bias-free linear layer computed in another dtype: its weight stored in `dtype`, the
     input cast to it and the product cast back to the layer's own dtype (inference only). On a
     CPU, calls of WIDE_ROWS rows or more (a prompt taken in, many sessions' trees) run in the
-    layer's own dtype on a copy of the same weights held in it."""
+    layer's own dtype on a copy of the same weights held in it. Given the C product
+    (`products`, where it computes `dtype`: float32, or float16 on CPUs that convert it), calls
+    of fewer than C_WIDE_ROWS rows run there on the same weights packed, the input kept in
+    float32."""
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, products: CpuLinear | None = None):
         super().__init__()
         self.out_dtype = linear.weight.dtype
         self.register_buffer("weight", linear.weight.detach().to(dtype))
-        wide = self.weight.to(self.out_dtype) if self.weight.device.type == "cpu" else None
+        cpu = self.weight.device.type == "cpu"
+        wide = self.weight.to(self.out_dtype) if cpu and dtype != self.out_dtype else None
         self.register_buffer("wide_weight", wide, persistent=False)
+        computes = products is not None and cpu and self.out_dtype == torch.float32 and products.computes(dtype)
+        self.products = products if computes else None
+        self.packed = PackedWeight.of(self.weight) if computes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.wide_weight is not None and x.numel() >= WIDE_ROWS * x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if self.wide_weight is not None and rows >= (WIDE_ROWS if self.packed is None else C_WIDE_ROWS):
             return F.linear(x.to(self.out_dtype), self.wide_weight)
+        if self.packed is not None:
+            return self.products(x.reshape(rows, x.shape[-1]).float(), self.packed).view(*x.shape[:-1], -1)
         return F.linear(x.to(self.weight.dtype), self.weight).to(self.out_dtype)
 
 
@@ -190,16 +206,17 @@ class EagleDrafter(nn.Module):
         """Draft-vocabulary logits [..., draft_vocab] of outputs h."""
         return self.lm_head(self.norm(h))
 
-    def with_matmul_dtype(self, dtype: torch.dtype) -> "EagleDrafter":
+    def with_matmul_dtype(self, dtype: torch.dtype, products: CpuLinear | None = None) -> "EagleDrafter":
         """For drafting only: every linear layer's product in `dtype` (CastLinear), norms,
         attention and the residual stream left in float32. Drafts only steer, so this changes
         no output; float16 holds the shipped weights exactly and, on a CPU, reads half the memory
         per draft step (bench/RESULTS.md: 3x faster proposals here); calls of many rows use a
-        float32 copy of the same weights (CastLinear)."""
-        if dtype != torch.float32:
+        float32 copy of the same weights (CastLinear). Given the C product (specdec.cpu_kernels),
+        the calls of few rows run there."""
+        if dtype != torch.float32 or products is not None:
             for name, child in list(self.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(self, name, CastLinear(child, dtype))
+                    setattr(self, name, CastLinear(child, dtype, products))
         return self
 
     # --- training ---------------------------------------------------------------------------

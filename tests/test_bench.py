@@ -61,6 +61,9 @@ def test_drafter_specs_name_trees_hybrids_and_ks():
     assert drafter_service("/d/x+ngram0+float32@4", "smollm2") == (
         "/d/x", ("--hybrid-ngram", "0", "--matmul-dtype", "float32"))
     assert drafter_name("auto+tree7+float32") == "eagle3+tree7+float32" and drafter_ks("auto+float32@5") == (5,)
+    assert drafter_service("/d/x+torch+tree7@5", "smollm2") == ("/d/x", ("--cpu-kernels", "torch"))
+    assert drafter_name("auto+torch+tree7") == "eagle3+tree7+torch" and coordinator_flags("auto+torch+tree7") == (
+        "--tree-nodes", "7")
 
 
 def test_prompt_selection(prompt_file):

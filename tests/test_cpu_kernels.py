@@ -184,6 +184,28 @@ def test_the_gated_activation_is_silu_of_gate_times_up(kernels, inner):
     assert torch.equal(kernels.layer.silu_mul(gate_up[2:3]), out[2:3])
 
 
+def test_a_product_on_half_weights_is_bitwise_the_float32_product_of_the_same_weights(kernels):
+    """The feature drafter's float16 weights: each is widened exactly as it is read, and the sums
+    run as float32's do, so the outputs equal the float32 product of the widened weights bit for
+    bit, at every row count (tiles of 1 to 12 rows, a block of rows and more) and split."""
+    if not kernels.linear.half:
+        pytest.skip("this CPU converts no half precision (neither AVX-512 nor F16C)")
+    generator = torch.Generator().manual_seed(13)
+    weight = torch.randn(1000, 576, generator=generator).half()
+    bias, x = torch.randn(1000, generator=generator), torch.randn(110, 576, generator=generator)
+    residual = torch.randn(110, 1000, generator=generator)
+    half, wide = PackedWeight.of(weight), PackedWeight.of(weight.float())
+    assert half.data.dtype == torch.float16 and half.data.nbytes * 2 == wide.data.nbytes
+    for rows in (1, 2, 5, 12, 13, 110):
+        assert torch.equal(kernels.linear(x[:rows], half, bias, residual[:rows]),
+                           kernels.linear(x[:rows], wide, bias, residual[:rows]))
+    torch.testing.assert_close(kernels.linear(x, half), torch.nn.functional.linear(x, weight.float()),
+                               rtol=1e-4, atol=1e-4)
+    assert kernels.linear.computes(torch.float16) and not kernels.linear.computes(torch.bfloat16)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.linear(x, PackedWeight.of(weight.bfloat16()))
+
+
 def test_the_product_refuses_shapes_that_do_not_match(kernels):
     packed = PackedWeight.of(torch.randn(40, 16))
     with pytest.raises(ValueError, match="do not match"):

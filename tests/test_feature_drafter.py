@@ -234,8 +234,9 @@ def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tin
     from specdec.kv_cache import SessionCache
 
     shipped = load_file(str(feature_drafter / "model.safetensors"))
-    exact = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float32")
-    half = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target))  # the default: float16
+    exact = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float32",
+                                cpu_kernels="torch")
+    half = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target))  # the default: float16, in C here
     assert isinstance(half.head.lm_head, CastLinear) and isinstance(exact.head.lm_head, torch.nn.Linear)
     assert torch.equal(half.head.lm_head.weight, shipped["lm_head.weight"])  # the stored weights, bit for bit
     h = torch.randn(5, half.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -408,6 +409,65 @@ def test_a_float16_product_of_many_rows_runs_in_float32_on_the_same_weights():
             assert torch.equal(layer(x), exact)
         else:  # a float16 product, rounded to float16
             assert torch.equal(layer(x), layer(x).half().float()) and not torch.equal(layer(x), exact)
+
+
+def test_the_drafters_narrow_products_run_in_c_on_its_float16_weights_and_wide_ones_in_float32():
+    """Given the C product, a CastLinear's calls of fewer than C_WIDE_ROWS rows are the C kernel's
+    on the same float16 weights (the input kept float32), wider ones float32's on their copy."""
+    from specdec import cpu_kernels
+    from specdec.eagle import C_WIDE_ROWS, CastLinear
+
+    kernels = cpu_kernels.load()
+    if kernels is None or not kernels.linear.half:
+        pytest.skip("no C product on float16 weights here")
+    generator = torch.Generator().manual_seed(4)
+    layer = CastLinear(torch.nn.Linear(64, 96, bias=False), torch.float16, kernels.linear)
+    torch_layer = CastLinear(torch.nn.Linear(64, 96, bias=False), torch.float16)
+    torch_layer.load_state_dict(layer.state_dict())
+    for rows in (1, 7, C_WIDE_ROWS - 1, C_WIDE_ROWS, 80):
+        x = torch.randn(2, rows, 64, generator=generator)  # leading dimensions kept
+        out = layer(x)
+        assert out.shape == (2, rows, 96) and out.dtype == torch.float32
+        if 2 * rows >= C_WIDE_ROWS:
+            assert torch.equal(out, torch.nn.functional.linear(x, layer.weight.float()))
+        else:
+            packed = cpu_kernels.PackedWeight.of(layer.weight.float())
+            assert torch.equal(out, kernels.linear(x.reshape(-1, 64), packed).view(2, rows, 96))
+            assert not torch.equal(out, torch_layer(x))  # torch's product rounds its input to float16
+    assert CastLinear(torch.nn.Linear(8, 8), torch.bfloat16, kernels.linear).packed is None  # not a C dtype
+
+
+def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target, feature_drafter, monkeypatch, tmp_path):
+    """--cpu-kernels for the feature drafter: auto and c draft through the C product (the same drafts
+    as torch's here), torch never does; c refuses to start where the kernel cannot run, auto falls back."""
+    from draft_service.config import DraftConfig
+    from draft_service.drafters import ProposeJob
+    from draft_service.feature_drafter import FeatureDrafter
+    from draft_service.server import build_servicer
+    from specdec.eagle import CastLinear, DrafterConfig
+    from specdec.kv_cache import SessionCache
+    from specdec.metrics import ServiceMetrics
+    from specdec.serving import StartupError
+
+    load = lambda setting: FeatureDrafter.load(str(feature_drafter), target=str(tiny_target),  # noqa: E731
+                                               cpu_kernels=setting)
+    in_c, in_torch = load("c"), load("torch")
+    assert in_c.head.lm_head.packed is not None and in_torch.head.lm_head.packed is None
+    assert isinstance(in_torch.head.lm_head, CastLinear)
+    config = DrafterConfig.load(feature_drafter)
+    committed = list(range(3, 40))
+    features = torch.randn(len(committed) - 1, len(config.feature_layers) * config.hidden_size,
+                           generator=torch.Generator().manual_seed(1)).half()
+    job = lambda: ProposeJob(SessionCache(), committed, 4, SamplingParams(), features, 0, (), 7)  # noqa: E731
+    assert in_c.propose_batch([job()])[0].tokens == in_torch.propose_batch([job()])[0].tokens
+    with pytest.raises(ValueError, match="'c', 'torch' or 'auto'"):
+        load("fast")
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert load("auto").head.lm_head.packed is None  # falls back to torch's products
+    with pytest.raises(StartupError, match="--cpu-kernels c: the C product did not build"):
+        build_servicer(DraftConfig(model=str(feature_drafter), feature_target=str(tiny_target), cpu_kernels="c"),
+                       ServiceMetrics())
 
 
 def _path(parents: list[int], node: int) -> list[int]:
