@@ -31,8 +31,9 @@ class DraftConfig:
     compile: str = compile_option("a model drafter's")
     batch_invariant: bool = batch_invariant_option()
     cpu_kernels: str = cpu_kernels_option(". A feature drafter's products of fewer than 64 rows run in the C "
-                                          "kernel on its float16 (or float32) weights under 'c' and 'auto' (float16 "
-                                          "needs AVX-512 or F16C); drafts only steer, so no output changes")
+                                          "kernel on its float16 (or float32) weights, and its norms and rotary "
+                                          "embedding in C, under 'c' and 'auto' (float16 needs AVX-512 or F16C); "
+                                          "drafts only steer, so no output changes")
     cache_bytes: int = option(1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most tokens proposed in one Propose")
     batch_window_ms: float = option(1.0, "model drafter: how long the first Propose of a batch waits for others (ms)")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from draft_service.drafters import Proposal, ProposeJob
 from specdec import cpu_kernels
-from specdec.cpu_kernels import CpuLinear
+from specdec.cpu_kernels import CpuKernels
 from specdec.ngram import HYBRID_MIN_NGRAM, ngram_lookup
 from specdec.eagle import DRAFT_MATMUL_DTYPE, KIND, MATMUL_DTYPES, EagleDrafter
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
@@ -68,14 +68,17 @@ class FeatureDrafter:
              tree_expand: int = 0, tree_children: int = TREE_CHILDREN,
              matmul_dtype: str = DRAFT_MATMUL_DTYPE, cpu_kernels: str = "auto") -> "FeatureDrafter":
         """The head in `folder`, reading the embeddings of `target` (default: the model it was
-        trained for), its matrix products in `matmul_dtype` (EagleDrafter.with_matmul_dtype), the
-        narrow ones on a CPU through the C product per `cpu_kernels` (c_products)."""
+        trained for), its matrix products in `matmul_dtype` (EagleDrafter.with_matmul_dtype), on a CPU
+        the narrow ones, the norms and the rotary embedding in C per `cpu_kernels` (c_kernels)."""
         from specdec import models
 
         if matmul_dtype not in MATMUL_DTYPES:
             raise ValueError(f"matmul dtype {matmul_dtype!r} is not one of {', '.join(MATMUL_DTYPES)}")
-        products = c_products(cpu_kernels, device, getattr(torch, matmul_dtype))
-        head = EagleDrafter.load(Path(folder), device=device).with_matmul_dtype(getattr(torch, matmul_dtype), products)
+        dtype = getattr(torch, matmul_dtype)
+        kernels = c_kernels(cpu_kernels, device, dtype)
+        head = (EagleDrafter.load(Path(folder), device=device)
+                .with_matmul_dtype(dtype, kernels.linear if kernels is not None else None)
+                .with_small_steps(kernels.layer if kernels is not None else None))
         model = models.load_model(target or head.config.target, device=device)
         return cls(head, model.get_input_embeddings().weight.detach().float(), hybrid_ngram, tree_expand,
                    tree_children)
@@ -320,23 +323,25 @@ class FeatureDrafter:
         return proposals
 
 
-def c_products(setting: str, device: str, dtype: torch.dtype) -> CpuLinear | None:
-    """The C product for the head's products in `dtype` on `device`, per --cpu-kernels (`setting`):
-    'auto' where it builds and computes that dtype, 'c' the same or a ValueError, 'torch' never;
-    None off a CPU."""
+def c_kernels(setting: str, device: str, dtype: torch.dtype) -> CpuKernels | None:
+    """The C kernels for drafting on `device` with products in `dtype`, per --cpu-kernels
+    (`setting`): 'auto' where they build and compute that dtype (float32, or float16 on CPUs that
+    convert it), 'c' the same or a ValueError, 'torch' never; None off a CPU."""
     if setting not in ("c", "torch", "auto"):
         raise ValueError(f"--cpu-kernels must be 'c', 'torch' or 'auto', not {setting!r}")
     if setting == "torch" or torch.device(device).type != "cpu":
         return None
     kernels = cpu_kernels.load()
-    products = kernels.linear if kernels is not None and kernels.linear.computes(dtype) else None
-    if products is None and setting == "c":
-        raise ValueError(f"--cpu-kernels c: the C product did not build here or does not compute {dtype} on this "
-                         "CPU (float16 needs AVX-512 or F16C; the log says why it did not build); --cpu-kernels "
-                         "auto falls back to torch's products")
-    log.info("the feature drafter's products: %s", "torch's" if products is None else
-             f"the C kernel on {str(dtype).removeprefix('torch.')} weights")
-    return products
+    if kernels is None or not kernels.linear.computes(dtype):
+        if setting == "c":
+            raise ValueError(f"--cpu-kernels c: the C product did not build here or does not compute {dtype} on "
+                             "this CPU (float16 needs AVX-512 or F16C; the log says why it did not build); "
+                             "--cpu-kernels auto falls back to torch's products")
+        log.info("the feature drafter's products and small steps: torch's")
+        return None
+    log.info("the feature drafter's products (on %s weights) and small steps: the C kernels",
+             str(dtype).removeprefix("torch."))
+    return kernels
 
 
 def _written(kv: SessionKV, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

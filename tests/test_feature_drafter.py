@@ -437,6 +437,29 @@ def test_the_drafters_narrow_products_run_in_c_on_its_float16_weights_and_wide_o
     assert CastLinear(torch.nn.Linear(8, 8), torch.bfloat16, kernels.linear).packed is None  # not a C dtype
 
 
+def test_the_heads_norms_and_rotary_in_c_compute_what_torchs_do(feature_drafter):
+    """with_small_steps: a drafting call's norms and rotary embedding through the runner's C steps
+    give torch's queries, keys and outputs (to float32 rounding); batched inputs (training's) keep
+    torch's path."""
+    from specdec import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        pytest.skip("no C compiler here")
+    in_c = EagleDrafter.load(feature_drafter).with_small_steps(kernels.layer)
+    in_torch = EagleDrafter.load(feature_drafter)
+    hidden = in_c.config.hidden_size
+    generator = torch.Generator().manual_seed(6)
+    embeddings, previous = torch.randn(5, hidden, generator=generator), torch.randn(5, hidden, generator=generator)
+    positions = torch.tensor([3, 4, 9, 40, 41])
+    with torch.inference_mode():
+        for ours, theirs in zip(in_c.qkv(embeddings, previous, positions), in_torch.qkv(embeddings, previous, positions)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(in_c.logits(previous), in_torch.logits(previous), rtol=1e-4, atol=1e-4)
+        batched = in_c.qkv(embeddings[None], previous[None], positions[None])[0]
+        assert torch.equal(batched, in_torch.qkv(embeddings[None], previous[None], positions[None])[0])
+
+
 def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target, feature_drafter, monkeypatch, tmp_path):
     """--cpu-kernels for the feature drafter: auto and c draft through the C product (the same drafts
     as torch's here), torch never does; c refuses to start where the kernel cannot run, auto falls back."""
@@ -454,6 +477,8 @@ def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target,
     in_c, in_torch = load("c"), load("torch")
     assert in_c.head.lm_head.packed is not None and in_torch.head.lm_head.packed is None
     assert isinstance(in_torch.head.lm_head, CastLinear)
+    assert in_c.head.steps is not None and in_c.head.norm.kernel is not None
+    assert in_torch.head.steps is None and in_torch.head.norm.kernel is None
     config = DrafterConfig.load(feature_drafter)
     committed = list(range(3, 40))
     features = torch.randn(len(committed) - 1, len(config.feature_layers) * config.hidden_size,
