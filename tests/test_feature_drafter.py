@@ -437,6 +437,20 @@ def test_the_drafters_narrow_products_run_in_c_on_its_float16_weights_and_wide_o
     assert CastLinear(torch.nn.Linear(8, 8), torch.bfloat16, kernels.linear).packed is None  # not a C dtype
 
 
+def test_the_drafters_kept_noise_is_the_targets_at_that_seed_and_position(tiny_target, feature_drafter):
+    """The coupled rule's noise the drafter keeps per (seed, position) is coupling_noise's on the
+    draft vocabulary, a second call the same, another seed or position another draw."""
+    from draft_service.feature_drafter import NOISE_CACHE_POSITIONS, FeatureDrafter
+    from specdec.sampling import coupling_noise
+
+    drafter = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target))
+    vocab, d2t = drafter.config.target_vocab_size, drafter.d2t_cpu
+    for seed, position in ((1, 10), (2, 10), (1, 11), (1, 10)):
+        assert torch.equal(drafter._draft_noise(seed, position), torch.from_numpy(coupling_noise(seed, position, vocab))[d2t])
+    assert drafter._draft_noise.cache_info().hits == 1 and drafter._draft_noise.cache_info().currsize == 3
+    assert drafter._draft_noise.cache_info().maxsize == NOISE_CACHE_POSITIONS
+
+
 def test_the_heads_norms_and_rotary_in_c_compute_what_torchs_do(feature_drafter):
     """with_small_steps: a drafting call's norms and rotary embedding through the runner's C steps
     give torch's queries, keys and outputs (to float32 rounding); batched inputs (training's) keep
