@@ -19,18 +19,25 @@ HYBRID_MIN_NGRAM = 2
 
 
 def ngram_lookup(tokens: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
-    """Find the latest earlier occurrence of the sequence's last n tokens (longest n first) and
-    propose the up to k tokens that followed it."""
+    """Find the latest earlier occurrence of the sequence's last n tokens (longest n first, n at
+    most max_ngram and at least min_ngram) and propose the up to k tokens that followed it."""
     seq = np.asarray(tokens, dtype=np.int64)
     length = len(seq)
-    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
-        if n <= 0:
-            break
-        suffix = seq[length - n :]
-        # Windows starting at 0..length-n-1 (the suffix itself excluded).
-        windows = np.lib.stride_tricks.sliding_window_view(seq[: length - 1], n)
-        matches = np.flatnonzero((windows == suffix).all(axis=1))
-        if len(matches):
-            start = int(matches[-1]) + n
-            return seq[start : start + k].tolist()
-    return []
+    longest = min(max_ngram, length - 1)
+    if longest < max(min_ngram, 1):
+        return []
+    # Earlier occurrences end where the last token recurs; each is extended backwards one token at
+    # a time (a few vector operations over those ends, not one pass over the sequence per n).
+    ends = np.flatnonzero(seq[: length - 1] == seq[length - 1])
+    matched = np.ones(len(ends), dtype=np.int64)
+    still = np.ones(len(ends), dtype=bool)
+    for back in range(1, longest):
+        earlier = ends - back
+        still &= earlier >= 0
+        still[still] &= seq[earlier[still]] == seq[length - 1 - back]
+        matched += still
+    best = int(matched.max(initial=0))
+    if best < max(min_ngram, 1):
+        return []
+    start = int(ends[np.flatnonzero(matched == best)[-1]]) + 1
+    return seq[start : start + k].tolist()

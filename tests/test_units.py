@@ -21,6 +21,26 @@ from coordinator.text_stream import TextStream
 from tiny_models import build_tokenizer
 
 
+def test_ngram_lookup_is_its_definition_on_random_sequences():
+    """Longest suffix of n in [min_ngram, max_ngram] tokens that occurred earlier, its latest
+    occurrence, the k tokens after it: written out by brute force, on small alphabets (many
+    matches, overlapping ones, matches at the very start)."""
+    import random
+
+    def definition(seq, k, max_ngram, min_ngram):
+        for n in range(min(max_ngram, len(seq) - 1), max(min_ngram, 1) - 1, -1):
+            for start in range(len(seq) - n - 1, -1, -1):
+                if seq[start : start + n] == seq[len(seq) - n :]:
+                    return seq[start + n : start + n + k]
+        return []
+
+    chance = random.Random(7)
+    for _ in range(3000):
+        seq = [chance.randrange(chance.choice([2, 3, 6, 40])) for _ in range(chance.randrange(0, 30))]
+        k, max_ngram, min_ngram = chance.randrange(1, 6), chance.randrange(0, 9), chance.randrange(0, 4)
+        assert ngram_lookup(seq, k, max_ngram, min_ngram) == definition(seq, k, max_ngram, min_ngram)
+
+
 def test_ngram_lookup_copies_what_followed_the_latest_match():
     assert ngram_lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], k=2) == [7, 8]
     assert ngram_lookup([5, 6, 7, 5, 6], k=4) == [7, 5, 6]  # continuation runs into the suffix
