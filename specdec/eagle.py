@@ -131,7 +131,7 @@ class CastLinear(nn.Module):
         self.out_dtype = linear.weight.dtype
         self.register_buffer("weight", linear.weight.detach().to(dtype))
         cpu = self.weight.device.type == "cpu"
-        wide = self.weight.to(self.out_dtype) if cpu and dtype != self.out_dtype else None
+        wide = (self.weight if dtype == self.out_dtype else self.weight.to(self.out_dtype)) if cpu else None
         self.register_buffer("wide_weight", wide, persistent=False)
         computes = products is not None and cpu and self.out_dtype == torch.float32 and products.computes(dtype)
         self.products = products if computes else None

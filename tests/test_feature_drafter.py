@@ -435,6 +435,9 @@ def test_the_drafters_narrow_products_run_in_c_on_its_float16_weights_and_wide_o
             assert torch.equal(out, kernels.linear(x.reshape(-1, 64), packed).view(2, rows, 96))
             assert not torch.equal(out, torch_layer(x))  # torch's product rounds its input to float16
     assert CastLinear(torch.nn.Linear(8, 8), torch.bfloat16, kernels.linear).packed is None  # not a C dtype
+    exact = CastLinear(torch.nn.Linear(64, 96, bias=False), torch.float32, kernels.linear)  # float32 weights
+    wide = torch.randn(C_WIDE_ROWS, 64, generator=generator)  # a prompt taken in: torch's product, in place
+    assert exact.wide_weight is exact.weight and torch.equal(exact(wide), torch.nn.functional.linear(wide, exact.weight))
 
 
 def test_the_drafters_kept_noise_is_the_targets_at_that_seed_and_position(tiny_target, feature_drafter):
