@@ -228,10 +228,8 @@ def test_trees_of_several_sessions_are_drafted_together_as_each_alone(tiny_targe
 def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tiny_target, feature_drafter):
     from safetensors.torch import load_file
 
-    from draft_service.drafters import ProposeJob
     from draft_service.feature_drafter import FeatureDrafter
-    from specdec.eagle import CastLinear, DrafterConfig
-    from specdec.kv_cache import SessionCache
+    from specdec.eagle import CastLinear
 
     shipped = load_file(str(feature_drafter / "model.safetensors"))
     exact = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float32",
@@ -244,12 +242,7 @@ def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tin
         close, reference = half.head.logits(h), exact.head.logits(h)
     assert close.dtype == torch.float32 and torch.allclose(close, reference, atol=1e-2, rtol=1e-2)
     assert torch.equal(close.argmax(-1), reference.argmax(-1))
-    config = DrafterConfig.load(feature_drafter)
-    committed = list(range(3, 40))
-    features = torch.randn(len(committed) - 1, len(config.feature_layers) * config.hidden_size,
-                           generator=torch.Generator().manual_seed(1)).half()
-    job = lambda: ProposeJob(SessionCache(), committed, 4, SamplingParams(), features, 0, (), 7)  # noqa: E731
-    assert half.propose_batch([job()])[0].tokens == exact.propose_batch([job()])[0].tokens
+    assert _drafts(half, feature_drafter) == _drafts(exact, feature_drafter)
     with pytest.raises(ValueError, match="float64"):
         FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float64")
 
@@ -481,11 +474,9 @@ def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target,
     """--cpu-kernels for the feature drafter: auto and c draft through the C product (the same drafts
     as torch's here), torch never does; c refuses to start where the kernel cannot run, auto falls back."""
     from draft_service.config import DraftConfig
-    from draft_service.drafters import ProposeJob
     from draft_service.feature_drafter import FeatureDrafter
     from draft_service.server import build_servicer
-    from specdec.eagle import CastLinear, DrafterConfig
-    from specdec.kv_cache import SessionCache
+    from specdec.eagle import CastLinear
     from specdec.metrics import ServiceMetrics
     from specdec.serving import StartupError
 
@@ -496,12 +487,7 @@ def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target,
     assert isinstance(in_torch.head.lm_head, CastLinear)
     assert in_c.head.steps is not None and in_c.head.norm.kernel is not None
     assert in_torch.head.steps is None and in_torch.head.norm.kernel is None
-    config = DrafterConfig.load(feature_drafter)
-    committed = list(range(3, 40))
-    features = torch.randn(len(committed) - 1, len(config.feature_layers) * config.hidden_size,
-                           generator=torch.Generator().manual_seed(1)).half()
-    job = lambda: ProposeJob(SessionCache(), committed, 4, SamplingParams(), features, 0, (), 7)  # noqa: E731
-    assert in_c.propose_batch([job()])[0].tokens == in_torch.propose_batch([job()])[0].tokens
+    assert _drafts(in_c, feature_drafter) == _drafts(in_torch, feature_drafter)
     with pytest.raises(ValueError, match="'c', 'torch' or 'auto'"):
         load("fast")
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
@@ -510,6 +496,19 @@ def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target,
     with pytest.raises(StartupError, match="--cpu-kernels c: the C product did not build"):
         build_servicer(DraftConfig(model=str(feature_drafter), feature_target=str(tiny_target), cpu_kernels="c"),
                        ServiceMetrics())
+
+
+def _drafts(drafter, folder: Path) -> list[int]:
+    """A tree of 7 at k = 4 that `drafter` proposes for a fresh session of 37 committed tokens with
+    seeded random features (the same for every drafter of `folder`'s config)."""
+    from draft_service.drafters import ProposeJob
+    from specdec.kv_cache import SessionCache
+
+    config = DrafterConfig.load(folder)
+    committed = list(range(3, 40))
+    features = torch.randn(len(committed) - 1, len(config.feature_layers) * config.hidden_size,
+                           generator=torch.Generator().manual_seed(1)).half()
+    return drafter.propose_batch([ProposeJob(SessionCache(), committed, 4, SamplingParams(), features, 0, (), 7)])[0].tokens
 
 
 def _path(parents: list[int], node: int) -> list[int]:
