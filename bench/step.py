@@ -8,7 +8,9 @@ the new tokens (what a verify of k + 1 = n tokens costs), the runners taking tur
 (bench.timing.medians_ms), so that drift in the machine's speed falls on all of them alike. The
 ratio to hf_ms is what bitwise invariance (each output's sums in a fixed order, attention row by
 row) costs, or saves, per step. Our runner, besides its default (products, attention and a
-layer's small steps in C, specdec.cpu_kernels): ours_torch_steps_ms with the small steps (norms,
+layer's small steps in C, specdec.cpu_kernels; the products on a .gguf model's weights packed
+back into its GGML blocks, specdec.ggml_blocks): ours_float32_weights_ms with the C products on
+float32 weights (the same bits, six times the bytes for Q4_1); ours_torch_steps_ms with the small steps (norms,
 rotary, activation, residuals) in torch; ours_onednn_ms with oneDNN's products instead and
 torch's steps (rows padded to a multiple of 4; the default before the C products, and where no C
 compiler is); ours_f_linear_ms with F.linear's (MKL's; rows padded); ours_not_invariant_ms with
@@ -60,6 +62,7 @@ def _our_runners(model_spec: str) -> tuple[object, int, dict[str, ModelRunner]]:
     vocab = len(models.load_tokenizer(model_spec))
     return model, vocab, {
         "ours_ms": ModelRunner(model, vocab),
+        "ours_float32_weights_ms": ModelRunner(model, vocab, c_blocks=False),
         "ours_torch_steps_ms": ModelRunner(model, vocab, c_steps=False),
         "ours_onednn_ms": ModelRunner(model, vocab, c_products=False),
         "ours_f_linear_ms": ModelRunner(model, vocab, c_products=False, onednn=False),

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from specdec import ggml_blocks
 from specdec.models import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_attention.c", "cpu_linear.c", "cpu_layer.c"))
 HEADERS = (Path(__file__).with_name("cpu_vector.h"),)
 LINEAR_TILE = 32  # outputs in one tile of a packed weight: cpu_linear.c's TILE
+BLOCK_FORMATS = {ggml_blocks.Q4_1: 2, ggml_blocks.Q8_0: 3}  # cpu_linear.c's format numbers
 FLAGS = ("-O2", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
 # OpenMP: the kernels split long calls among the threads of the OpenMP team torch already runs
 # (torch's wheels ship libgomp.so.1, which the kernel's libgomp.so.1 resolves to once torch is
@@ -85,10 +87,14 @@ class CpuAttention:
 class PackedWeight:
     """A weight [outs, in] laid out for specdec_linear (float32) or specdec_linear_half (float16):
     tiles of LINEAR_TILE outputs, each tile [in, LINEAR_TILE] contiguous ([tiles, in, LINEAR_TILE];
-    the last tile's outputs past `outs` zero)."""
+    the last tile's outputs past `outs` zero). Or, `blocks` set ("q4_1", "q8_0"), for
+    specdec_linear_blocks: a float32 weight found to be that GGML format's dequantization, its
+    blocks in tiles (uint8, specdec.ggml_blocks.packed)."""
 
     data: torch.Tensor
     outs: int
+    blocks: str | None = None
+    inputs: int = 0  # `in` of a weight in blocks (the packing's shape does not show it)
 
     @staticmethod
     def of(weight: torch.Tensor) -> PackedWeight:
@@ -98,10 +104,15 @@ class PackedWeight:
         padded[:outs] = weight
         return PackedWeight(padded.view(tiles, LINEAR_TILE, inputs).transpose(1, 2).contiguous(), outs)
 
+    @staticmethod
+    def of_blocks(blocks: ggml_blocks.Blocks) -> PackedWeight:
+        outs, inputs = blocks.codes.shape
+        return PackedWeight(ggml_blocks.packed(blocks, LINEAR_TILE), outs, blocks.format, inputs)
+
     @property
     def shape(self) -> tuple[int, int]:
         """The weight's shape, [outs, in]."""
-        return self.outs, self.data.shape[1]
+        return self.outs, self.inputs if self.blocks else self.data.shape[1]
 
 
 class CpuLinear:
@@ -118,8 +129,19 @@ class CpuLinear:
         for function in (self._linear, self._linear_half):
             function.restype = None
             function.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer, pointer, integer]
-        # Whether weights packed in float16 compute here (the CPU has AVX-512 or F16C).
+        self._linear_blocks = library.specdec_linear_blocks
+        self._linear_blocks.restype = None
+        self._linear_blocks.argtypes = [pointer, integer, integer, pointer, integer, integer, pointer, pointer, pointer,
+                                        integer]
+        # Whether weights packed in float16, or in GGML blocks (half-precision scales), compute here
+        # (the CPU has AVX-512 or F16C).
         self.half = bool(library.specdec_linear_half_built())
+
+    def pack(self, weight: torch.Tensor, blocks: bool = True) -> PackedWeight:
+        """`weight` packed for these products: in GGML blocks where it is exactly some block
+        format's dequantization and this library computes blocks (`blocks` True), else as it is."""
+        found = ggml_blocks.factor(weight) if blocks and self.half else None
+        return PackedWeight.of_blocks(found) if found is not None else PackedWeight.of(weight)
 
     def computes(self, dtype: torch.dtype) -> bool:
         """Whether weights of `dtype` can be packed for this library's products."""
@@ -132,20 +154,26 @@ class CpuLinear:
         x = x.contiguous()
         rows, inputs = x.shape
         half = weight.data.dtype == torch.float16 and self.half
+        blocks = weight.blocks is not None and self.half
         if (inputs != weight.shape[1] or (bias is not None and bias.shape != (weight.outs,))
                 or (residual is not None and residual.shape != (rows, weight.outs))
                 or any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu")
                        for t in (x, bias, residual))
-                or weight.data.device.type != "cpu" or not (half or weight.data.dtype == torch.float32)):
+                or weight.data.device.type != "cpu" or not (half or blocks or weight.data.dtype == torch.float32)):
             raise ValueError(f"a product of x {tuple(x.shape)} {x.dtype} with a weight {weight.shape}, bias "
                              f"{None if bias is None else tuple(bias.shape)} and residual "
                              f"{None if residual is None else tuple(residual.shape)}: shapes do not match")
         # Contiguous copies are held here: a temporary's memory is freed once its pointer is taken.
         bias, residual = (None if t is None else t.contiguous() for t in (bias, residual))
         out = torch.empty(rows, weight.outs, dtype=x.dtype)
-        (self._linear_half if half else self._linear)(
-            x.data_ptr(), rows, inputs, weight.data.data_ptr(), weight.outs, _pointer(bias), _pointer(residual),
-            out.data_ptr(), self.threads or torch.get_num_threads())
+        threads = self.threads or torch.get_num_threads()
+        if blocks:
+            self._linear_blocks(x.data_ptr(), rows, inputs, weight.data.data_ptr(), BLOCK_FORMATS[weight.blocks],
+                                weight.outs, _pointer(bias), _pointer(residual), out.data_ptr(), threads)
+        else:
+            (self._linear_half if half else self._linear)(
+                x.data_ptr(), rows, inputs, weight.data.data_ptr(), weight.outs, _pointer(bias), _pointer(residual),
+                out.data_ptr(), threads)
         return out
 
 

@@ -30,6 +30,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include <stdlib.h>
 #include <string.h>
 
 #define LANES 16              /* floats in one vector */
@@ -39,6 +40,18 @@
 #define PREFETCH 16           /* inputs ahead of the one being read: a tile's next 4 KB */
 #define ROW_BLOCK 96          /* rows whose inputs stay in the core's cache while every tile passes over them */
 #define PARALLEL_FROM 65536   /* multiply-adds (rows * in * outs) from which a call splits */
+
+/* Weight formats (cpu_kernels.py's WeightFormat) */
+#define FLOAT32 0
+#define HALF 1
+#define Q4_1 2 /* GGML's: per BLOCK inputs of an output a half scale d and offset m, 4-bit codes */
+#define Q8_0 3 /* GGML's: per BLOCK inputs of an output a half scale d, 8-bit signed codes */
+#define BLOCK 32 /* inputs in one of GGML's blocks */
+/* A tile's block of BLOCK inputs: Q4_1 d[TILE], m[TILE] (half), then per input TILE / 2 bytes of
+   codes; Q8_0 d[TILE] (half), then per input TILE signed bytes. */
+#define Q4_1_BLOCK_BYTES (2 * TILE * 2 + BLOCK * TILE / 2)
+#define Q8_0_BLOCK_BYTES (TILE * 2 + BLOCK * TILE)
+#define block_bytes(format) ((format) == Q4_1 ? Q4_1_BLOCK_BYTES : Q8_0_BLOCK_BYTES)
 
 typedef float v16 __attribute__((vector_size(64)));
 
@@ -72,10 +85,104 @@ static inline v16 load16_half(const unsigned short *p) {
 
 static inline v16 splat16(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
-/* Rows [0, rows) of x times one tile: `rows` is a constant wherever this is inlined (tile_rows),
-   so the sums stay in registers. */
+/* Sums of rows [0, rows) of x at input i times one input's TILE weights (`weights`): the one
+   multiply-add a sum takes per input, whatever the weights' format. */
+static inline __attribute__((always_inline)) void accumulate(v16 sums[MAX_ROWS][VECTORS], const float *x, int in,
+                                                             int i, const v16 weights[VECTORS], int rows) {
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++) {
+        const v16 input = splat16(x[(long)r * in + i]);
+#pragma GCC unroll 4
+        for (int c = 0; c < VECTORS; c++) sums[r][c] += input * weights[c];
+    }
+}
+
+#if HALF_WEIGHTS
+typedef int i32x16 __attribute__((vector_size(64)));
+
+/* Sixteen bytes widened to sixteen ints (zero- or sign-extended) by the CPU's widening loads
+   (GCC's generic conversion of byte vectors goes byte by byte). */
+static inline i32x16 widen16(const void *p, int is_signed) {
+    i32x16 v;
+#if defined(__AVX512F__)
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)p);
+    const __m512i wide = is_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+    memcpy(&v, &wide, sizeof v);
+#elif defined(__AVX2__)
+    const __m128i low = _mm_loadl_epi64((const __m128i *)p), high = _mm_loadl_epi64((const __m128i *)((const char *)p + 8));
+    const __m256i a = is_signed ? _mm256_cvtepi8_epi32(low) : _mm256_cvtepu8_epi32(low);
+    const __m256i b = is_signed ? _mm256_cvtepi8_epi32(high) : _mm256_cvtepu8_epi32(high);
+    memcpy(&v, &a, sizeof a);
+    memcpy((char *)&v + sizeof a, &b, sizeof b);
+#else
+    for (int l = 0; l < LANES; l++) v[l] = is_signed ? ((const signed char *)p)[l] : ((const unsigned char *)p)[l];
+#endif
+    return v;
+}
+
+/* A block's TILE scales (or offsets) in half precision, widened: VECTORS vectors. */
+static inline __attribute__((always_inline)) void load_scales(const unsigned short *p, v16 out[VECTORS]) {
+#pragma GCC unroll 4
+    for (int c = 0; c < VECTORS; c++) out[c] = load16_half(p + LANES * c);
+}
+
+/* One input's TILE weights of a Q4_1 block (GGML's 4-bit blocks with an offset): w = d * q + m
+   for q of 4 bits, d and m the block's half-precision scale and offset. d * q is exact in float32
+   (11 + 4 significant bits), so the one rounding of d * q + m gives the bits GGML's
+   dequantization (d * q, then + m) gives, fused into one multiply-add or not. `codes`: the
+   input's TILE / 2 bytes, byte o output o's code in its low half, output o + LANES's in its high. */
+static inline __attribute__((always_inline)) void q4_1_weights(const unsigned char *codes, const v16 scale[VECTORS],
+                                                               const v16 offset[VECTORS], v16 weights[VECTORS]) {
+    const i32x16 both = widen16(codes, 0);
+    weights[0] = scale[0] * __builtin_convertvector(both & 15, v16) + offset[0];
+    weights[1] = scale[1] * __builtin_convertvector(both >> 4, v16) + offset[1];
+}
+
+/* One input's TILE weights of a Q8_0 block (GGML's 8-bit blocks): w = d * q for q of 8 bits, exact
+   in float32 (11 + 8 significant bits), as GGML's dequantization gives it. */
+static inline __attribute__((always_inline)) void q8_0_weights(const unsigned char *codes, const v16 scale[VECTORS],
+                                                               v16 weights[VECTORS]) {
+#pragma GCC unroll 4
+    for (int c = 0; c < VECTORS; c++) weights[c] = scale[c] * __builtin_convertvector(widen16(codes + LANES * c, 1), v16);
+}
+
+/* The weights of one tile in blocks (`format` Q4_1 or Q8_0), input by input in order, each handed
+   to `use` (a statement that reads `i` and `weights`). */
+#define FOR_BLOCK_WEIGHTS(format, tile, in, use)                                                       \
+    for (int block = 0; block < (in) / BLOCK; block++) {                                               \
+        const unsigned char *start = (const unsigned char *)(tile) + (long)block * block_bytes(format); \
+        v16 scale[VECTORS], offset[VECTORS];                                                           \
+        load_scales((const unsigned short *)start, scale);                                             \
+        if ((format) == Q4_1) load_scales((const unsigned short *)start + TILE, offset);               \
+        const unsigned char *codes = start + ((format) == Q4_1 ? 4 : 2) * TILE;                       \
+        __builtin_prefetch(start + 4 * block_bytes(format));                                           \
+        __builtin_prefetch(start + 4 * block_bytes(format) + 64);                                      \
+        for (int j = 0; j < BLOCK; j++) {                                                              \
+            const int i = block * BLOCK + j;                                                           \
+            v16 weights[VECTORS];                                                                      \
+            if ((format) == Q4_1)                                                                      \
+                q4_1_weights(codes + j * TILE / 2, scale, offset, weights);                            \
+            else                                                                                       \
+                q8_0_weights(codes + j * TILE, scale, weights);                                        \
+            use;                                                                                       \
+        }                                                                                              \
+    }
+
+/* A tile in blocks written out as float32 weights [in][TILE] (the float32 packing's tile): for
+   calls of more rows than a tile's sums hold, so that each row chunk reads float32 weights from
+   the core's cache instead of widening the blocks again. */
+static void dequantize_tile(const void *tile, int in, int format, float *out) {
+    if (format == Q4_1)
+        FOR_BLOCK_WEIGHTS(Q4_1, tile, in, memcpy(out + (long)i * TILE, weights, sizeof weights))
+    else
+        FOR_BLOCK_WEIGHTS(Q8_0, tile, in, memcpy(out + (long)i * TILE, weights, sizeof weights))
+}
+#endif
+
+/* Rows [0, rows) of x times one tile of weights in `format`: `rows` and `format` are constants
+   wherever this is inlined (tile_rows), so the sums stay in registers. */
 static inline __attribute__((always_inline)) void tile(const float *x, int in, const void *weights_tile,
-                                                       int half, const float *bias, const float *residual,
+                                                       int format, const float *bias, const float *residual,
                                                        int valid, float *out, int outs, int rows) {
     const float *w = weights_tile;
     const unsigned short *w_half = weights_tile;
@@ -84,27 +191,30 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
     for (int r = 0; r < rows; r++)
 #pragma GCC unroll 4
         for (int c = 0; c < VECTORS; c++) sums[r][c] = splat16(0.0f);
-    for (int i = 0; i < in; i++) {
-        v16 weights[VECTORS];
-        if (half) { /* a tile's row of half weights is one 64-byte line */
+    if (format == FLOAT32 || format == HALF) {
+        for (int i = 0; i < in; i++) {
+            v16 weights[VECTORS];
+            if (format == HALF) { /* a tile's row of half weights is one 64-byte line */
 #if HALF_WEIGHTS
-            __builtin_prefetch(w_half + (long)(i + 2 * PREFETCH) * TILE);
+                __builtin_prefetch(w_half + (long)(i + 2 * PREFETCH) * TILE);
 #pragma GCC unroll 4
-            for (int c = 0; c < VECTORS; c++) weights[c] = load16_half(w_half + (long)i * TILE + LANES * c);
+                for (int c = 0; c < VECTORS; c++) weights[c] = load16_half(w_half + (long)i * TILE + LANES * c);
 #endif
-        } else {
-            __builtin_prefetch(w + (long)(i + PREFETCH) * TILE);
-            __builtin_prefetch(w + (long)(i + PREFETCH) * TILE + LANES);
+            } else {
+                __builtin_prefetch(w + (long)(i + PREFETCH) * TILE);
+                __builtin_prefetch(w + (long)(i + PREFETCH) * TILE + LANES);
 #pragma GCC unroll 4
-            for (int c = 0; c < VECTORS; c++) weights[c] = load16(w + (long)i * TILE + LANES * c);
-        }
-#pragma GCC unroll 16
-        for (int r = 0; r < rows; r++) {
-            const v16 input = splat16(x[(long)r * in + i]);
-#pragma GCC unroll 4
-            for (int c = 0; c < VECTORS; c++) sums[r][c] += input * weights[c];
+                for (int c = 0; c < VECTORS; c++) weights[c] = load16(w + (long)i * TILE + LANES * c);
+            }
+            accumulate(sums, x, in, i, weights, rows);
         }
     }
+#if HALF_WEIGHTS
+    else if (format == Q4_1)
+        FOR_BLOCK_WEIGHTS(Q4_1, weights_tile, in, accumulate(sums, x, in, i, weights, rows))
+    else if (format == Q8_0)
+        FOR_BLOCK_WEIGHTS(Q8_0, weights_tile, in, accumulate(sums, x, in, i, weights, rows))
+#endif
     for (int r = 0; r < rows; r++) {
         float row[TILE];
         memcpy(row, sums[r], sizeof row);
@@ -116,69 +226,107 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
     }
 }
 
-#define ROWS_CASE(n, half) \
-    case n: tile(x, in, w, half, bias, residual, valid, out, outs, n); break;
-#define ROWS_CASES(half) \
-    ROWS_CASE(1, half) ROWS_CASE(2, half) ROWS_CASE(3, half) ROWS_CASE(4, half) ROWS_CASE(5, half) \
-    ROWS_CASE(6, half) ROWS_CASE(7, half) ROWS_CASE(8, half) ROWS_CASE(9, half) ROWS_CASE(10, half) \
-    ROWS_CASE(11, half) ROWS_CASE(12, half)
+#define ROWS_CASE(n, format) \
+    case n: tile(x, in, w, format, bias, residual, valid, out, outs, n); break;
+#define ROWS_CASES(format) \
+    switch (rows) { \
+        ROWS_CASE(1, format) ROWS_CASE(2, format) ROWS_CASE(3, format) ROWS_CASE(4, format) \
+        ROWS_CASE(5, format) ROWS_CASE(6, format) ROWS_CASE(7, format) ROWS_CASE(8, format) \
+        ROWS_CASE(9, format) ROWS_CASE(10, format) ROWS_CASE(11, format) ROWS_CASE(12, format) \
+    }
 
-static void tile_rows(const float *x, int in, const void *w, int half, const float *bias, const float *residual,
+static void tile_rows(const float *x, int in, const void *w, int format, const float *bias, const float *residual,
                       int valid, float *out, int outs, int rows) {
-    if (half) {
-        switch (rows) { ROWS_CASES(1) }
-    } else {
-        switch (rows) { ROWS_CASES(0) }
+    switch (format) {
+    case FLOAT32: ROWS_CASES(FLOAT32) break;
+    case HALF: ROWS_CASES(HALF) break;
+    case Q4_1: ROWS_CASES(Q4_1) break;
+    case Q8_0: ROWS_CASES(Q8_0) break;
+    }
+}
+
+/* Bytes of one tile: TILE outputs' weights for all `in` inputs. */
+static long tile_bytes(int in, int format) {
+    switch (format) {
+    case HALF: return (long)in * TILE * 2;
+    case Q4_1: case Q8_0: return (long)(in / BLOCK) * block_bytes(format);
+    default: return (long)in * TILE * 4;
     }
 }
 
 /* Tiles [from, to) over all rows: ROW_BLOCK rows at a time (their inputs stay in the core's cache
    while the tiles pass), and within those each tile MAX_ROWS rows at a time (the tile stays in
-   the core's cache between them). */
-static void run_tiles(const float *x, int rows, int in, const void *packed, int half, int outs, const float *bias,
-                      const float *residual, float *out, int from, int to) {
-    const long tile_bytes = (long)in * TILE * (half ? sizeof(unsigned short) : sizeof(float));
+   the core's cache between them; a tile in blocks is widened to float32 once, into `scratch`
+   [in][TILE], where it serves more than MAX_ROWS rows). */
+static void run_tiles(const float *x, int rows, int in, const void *packed, int format, int outs, const float *bias,
+                      const float *residual, float *out, int from, int to, float *scratch) {
+    const long bytes = tile_bytes(in, format);
     for (int block = 0; block < rows; block += ROW_BLOCK) {
         const int block_end = block + ROW_BLOCK < rows ? block + ROW_BLOCK : rows;
         for (int t = from; t < to; t++) {
             const int first = t * TILE, valid = outs - first < TILE ? outs - first : TILE;
+            const void *tile = (const char *)packed + t * bytes;
+            int tile_format = format;
+#if HALF_WEIGHTS
+            if (scratch && block_end - block > MAX_ROWS) {
+                dequantize_tile(tile, in, format, scratch);
+                tile = scratch;
+                tile_format = FLOAT32;
+            }
+#endif
             for (int r = block; r < block_end; r += MAX_ROWS)
-                tile_rows(x + (long)r * in, in, (const char *)packed + t * tile_bytes, half, bias ? bias + first : 0,
+                tile_rows(x + (long)r * in, in, tile, tile_format, bias ? bias + first : 0,
                           residual ? residual + (long)r * outs + first : 0, valid, out + (long)r * outs + first,
                           outs, block_end - r < MAX_ROWS ? block_end - r : MAX_ROWS);
         }
     }
 }
 
-/* out = x @ w.T (+ bias) (+ residual), w packed as above (`half`: in half precision). A call of
-   enough work splits its tiles among up to `threads` threads of torch's OpenMP team. */
-static void linear(const float *x, int rows, int in, const void *packed, int half, int outs, const float *bias,
+/* out = x @ w.T (+ bias) (+ residual), w packed as above in `format`. A call of enough work
+   splits its tiles among up to `threads` threads of torch's OpenMP team. */
+static void linear(const float *x, int rows, int in, const void *packed, int format, int outs, const float *bias,
                    const float *residual, float *out, int threads) {
     const int tiles = (outs + TILE - 1) / TILE;
     if (rows <= 0 || tiles <= 0) return;
     if (threads > tiles) threads = tiles;
     if (threads < 1 || (long)rows * in * outs < PARALLEL_FROM) threads = 1;
+    /* blocks widened once a tile for calls of more rows than a tile's sums hold (a malloc failure
+       leaves them widened per row chunk: slower, the same bits) */
+    const int blocks = (format == Q4_1 || format == Q8_0) && rows > MAX_ROWS;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        run_tiles(x, rows, in, packed, half, outs, bias, residual, out, (int)((long)tiles * t / n),
-                  (int)((long)tiles * (t + 1) / n));
+        float *scratch = blocks ? malloc(sizeof(float) * in * TILE) : 0;
+        run_tiles(x, rows, in, packed, format, outs, bias, residual, out, (int)((long)tiles * t / n),
+                  (int)((long)tiles * (t + 1) / n), scratch);
+        free(scratch);
     }
 #else
-    run_tiles(x, rows, in, packed, half, outs, bias, residual, out, 0, tiles);
+    float *scratch = blocks ? malloc(sizeof(float) * in * TILE) : 0;
+    run_tiles(x, rows, in, packed, format, outs, bias, residual, out, 0, tiles, scratch);
+    free(scratch);
 #endif
 }
 
 void specdec_linear(const float *x, int rows, int in, const float *packed, int outs, const float *bias,
                     const float *residual, float *out, int threads) {
-    linear(x, rows, in, packed, 0, outs, bias, residual, out, threads);
+    linear(x, rows, in, packed, FLOAT32, outs, bias, residual, out, threads);
 }
 
 /* The same product on half-precision packed weights; does nothing where no half kernel was built. */
 void specdec_linear_half(const float *x, int rows, int in, const void *packed, int outs, const float *bias,
                          const float *residual, float *out, int threads) {
-    if (HALF_WEIGHTS) linear(x, rows, in, packed, 1, outs, bias, residual, out, threads);
+    if (HALF_WEIGHTS) linear(x, rows, in, packed, HALF, outs, bias, residual, out, threads);
+}
+
+/* The same product on weights packed in GGML's blocks (`format` Q4_1 or Q8_0, `in` a multiple of
+   BLOCK): the bits of the product on their float32 dequantization. Does nothing where no half
+   kernel was built (the blocks' scales are half precision). */
+void specdec_linear_blocks(const float *x, int rows, int in, const void *packed, int format, int outs,
+                           const float *bias, const float *residual, float *out, int threads) {
+    if (HALF_WEIGHTS && (format == Q4_1 || format == Q8_0) && in % BLOCK == 0)
+        linear(x, rows, in, packed, format, outs, bias, residual, out, threads);
 }
 
 /* Whether specdec_linear_half computes (the CPU converts half precision: AVX-512 or F16C). */

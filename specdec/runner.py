@@ -340,7 +340,7 @@ class ModelRunner:
 
     def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK, compile: bool = False,
                  invariant: bool = True, onednn: bool = True, c_attention: bool = True, c_products: bool = True,
-                 c_steps: bool = True):
+                 c_steps: bool = True, c_blocks: bool = True):
         config = model.config
         model_type = getattr(config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -389,7 +389,10 @@ class ModelRunner:
                          "onednn" if onednn and not compile and onednn_runs(weights) else "torch")
         if self.products == "c":  # c_steps=False: the C products with torch's small steps (to measure them)
             self.steps = CSteps(kernels) if c_steps else TorchSteps(kernels.linear)
-            pack = cpu_kernels.PackedWeight.of
+            # Weights dequantized from a .gguf's GGML blocks are packed back into them (a sixth of the
+            # bytes for Q4_1), the products' bits unchanged (specdec.ggml_blocks); c_blocks=False
+            # keeps float32 (to measure them).
+            pack = functools.partial(kernels.linear.pack, blocks=c_blocks)
         elif self.products == "onednn":
             self.steps, pack = TorchSteps(onednn_linear), reorder_for_onednn
         else:

@@ -303,3 +303,96 @@ def test_the_runner_computes_each_supported_layout_as_hugging_face_does(model_ty
         theirs = model(input_ids=torch.tensor([tokens])).logits[0]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def _ggml(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """`weight` through GGML's own quantizer and dequantizer (the gguf package's, which transformers
+    loads .gguf files with): the float32 numbers a .gguf model in that format has once loaded."""
+    import gguf
+
+    quant = getattr(gguf.GGMLQuantizationType, kind)
+    data = gguf.quants.quantize(weight.numpy(), quant)
+    return torch.from_numpy(gguf.quants.dequantize(data, quant).astype("float32")).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_weights_dequantized_from_ggml_blocks_are_found_back_exactly_and_others_are_not(kind):
+    from specdec import ggml_blocks
+
+    generator = torch.Generator().manual_seed(21)
+    raw = torch.randn(70, 96, generator=generator) * 0.05
+    raw[3, 32:64] = 0.25  # a constant block (a zero scale)
+    weight = _ggml(raw, kind)
+    found = ggml_blocks.factor(weight)
+    assert found is not None and found.format == kind.lower()
+    assert torch.equal(found.dequantized().view(torch.int32), weight.view(torch.int32))
+    assert ggml_blocks.factor(raw) is None  # plain float32 weights stay float32
+    nudged = weight.clone()
+    nudged[5, 7] = torch.nextafter(nudged[5, 7], torch.tensor(1.0))  # one weight one bit off its grid
+    assert ggml_blocks.factor(nudged) is None
+    assert ggml_blocks.factor(weight[:, :80]) is None  # inputs not a whole number of blocks
+    assert ggml_blocks.factor(weight.half()) is None
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("outs,inputs", [(1000, 576), (100, 64)])
+def test_a_product_on_ggml_blocks_is_bitwise_the_product_on_their_float32_weights(kernels, kind, outs, inputs):
+    """Each weight widened back in registers to the float32 number GGML's dequantization gives and
+    summed in the same order: the same bits at every row count (tiles of 1 to 12 rows, the blocks
+    widened once a tile for more, a block of rows and more), with bias and residual, and split
+    among threads; a sixth (Q4_1) or a quarter (Q8_0) of the float32 packing's bytes or less."""
+    if not kernels.linear.half:
+        pytest.skip("this CPU converts no half precision (neither AVX-512 nor F16C)")
+    generator = torch.Generator().manual_seed(outs + inputs)
+    weight = _ggml(torch.randn(outs, inputs, generator=generator) * 0.05, kind)
+    bias, x = torch.randn(outs, generator=generator), torch.randn(110, inputs, generator=generator)
+    residual = torch.randn(110, outs, generator=generator)
+    blocks, wide = kernels.linear.pack(weight), PackedWeight.of(weight)
+    assert blocks.blocks == kind.lower() and blocks.shape == wide.shape == (outs, inputs)
+    assert blocks.data.nbytes * (6 if kind == "Q4_1" else 3.5) < wide.data.nbytes
+    linear = kernels.linear
+    try:
+        for threads in (1, 2, 3):
+            linear.threads = threads
+            for rows in (1, 2, 5, 8, 12, 13, 40, 110):
+                assert torch.equal(linear(x[:rows], blocks, bias, residual[:rows]),
+                                   linear(x[:rows], wide, bias, residual[:rows]))
+    finally:
+        linear.threads = 0
+    assert kernels.linear.pack(weight, blocks=False).blocks is None
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.linear(torch.randn(2, inputs + 1), blocks)
+
+
+def test_the_runner_packs_a_gguf_models_weights_back_into_their_blocks_with_the_same_logits(kernels):
+    """A model whose weights came from Q4_1 (its layers) and Q8_0 (its embedding and head), as the
+    default target's do: the runner's products run on the blocks, and its logits, a prompt and a
+    verify of several rows, are bitwise those of the runner on float32 weights."""
+    if not kernels.linear.half:
+        pytest.skip("this CPU converts no half precision (neither AVX-512 nor F16C)")
+    import transformers
+
+    from specdec.kv_cache import SessionCache
+    from specdec.runner import ForwardJob, ModelRunner
+
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(_ggml(parameter, "Q8_0" if "embed" in name else "Q4_1"))
+    blocks, wide = ModelRunner(model, 320), ModelRunner(model, 320, c_blocks=False)
+    assert {layer.gate_up.blocks for layer in blocks.layers} == {"q4_1"} and blocks.head_weight.blocks == "q8_0"
+    assert wide.head_weight.blocks is None
+    tokens = torch.randint(0, 320, (50,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def prompt_then_verify(runner: ModelRunner) -> list[torch.Tensor]:
+        entry = SessionCache()
+        return [runner.forward([ForwardJob(entry, tokens[:40], 0)])[0].logits,
+                runner.forward([ForwardJob(entry, tokens, 40)])[0].logits]
+
+    for ours, theirs in zip(prompt_then_verify(blocks), prompt_then_verify(wide)):
+        assert torch.equal(ours, theirs)
