@@ -27,6 +27,7 @@ import torch
 
 BLOCK = 32  # inputs in one of GGML's blocks (cpu_linear.c's BLOCK)
 Q4_1, Q8_0 = "q4_1", "q8_0"
+PROBE_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -40,20 +41,28 @@ class Blocks:
     codes: torch.Tensor
 
     def dequantized(self) -> torch.Tensor:
-        """The float32 weight these blocks stand for, as GGML computes it (d * q, then + m)."""
+        """The float32 weight these blocks stand for, as GGML computes it: d * q (exact in float32),
+        then + m (one rounding)."""
         outs, inputs = self.codes.shape
-        scale = self.scale.double().repeat_interleave(BLOCK, dim=1)
-        value = scale * self.codes.double()  # exact: at most 19 significant bits
+        value = self.scale.float()[..., None] * self.codes.view(outs, -1, BLOCK).float()
         if self.offset is not None:
-            value = value + self.offset.double().repeat_interleave(BLOCK, dim=1)  # exact in float64
-        return value.float()  # the one rounding float32 arithmetic does
+            value = value + self.offset.float()[..., None]
+        return value.view(outs, inputs)
 
 
 def factor(weight: torch.Tensor) -> Blocks | None:
     """The GGML blocks whose dequantization is bit for bit `weight` [outs, in] (float32), trying
-    Q4_1 then Q8_0; None where neither format gives every bit back."""
+    Q4_1 then Q8_0; None where neither format gives every bit back. A weight's first rows are
+    tried alone first, so that a model of plain float32 weights costs little."""
     if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] % BLOCK or not weight.numel():
         return None
+    weight = weight.detach().contiguous()
+    if len(weight) > PROBE_ROWS and _factor(weight[:PROBE_ROWS]) is None:
+        return None
+    return _factor(weight)
+
+
+def _factor(weight: torch.Tensor) -> Blocks | None:
     if not torch.isfinite(weight).all():
         return None
     for found in (_q4_1(weight), _q8_0(weight)):
@@ -62,32 +71,31 @@ def factor(weight: torch.Tensor) -> Blocks | None:
     return None
 
 
-def _blocks_of(weight: torch.Tensor) -> torch.Tensor:
-    outs, inputs = weight.shape
-    return weight.double().view(outs, inputs // BLOCK, BLOCK)
-
-
 def _q4_1(weight: torch.Tensor) -> Blocks | None:
     """Q4_1: the block's least value is its offset m (its code is 0: GGML quantizes the minimum to
-    0), its greatest is m + 15 d (GGML quantizes the maximum to 15)."""
-    blocks = _blocks_of(weight)
+    0), its greatest is m + 15 d (GGML quantizes the maximum to 15). The codes are rounded from
+    float32 differences, close enough to pick the integer; `factor` checks every bit after."""
+    blocks = weight.view(weight.shape[0], -1, BLOCK)
     offset = blocks.amin(-1)
-    if not torch.equal(offset.half().double(), offset):
+    if not torch.equal(offset.half().float(), offset):
         return None
-    above = blocks - offset[..., None]  # exact in float64
+    above = blocks - offset[..., None]
     scale = (above.amax(-1) / 15).half()
-    step = scale.double()[..., None]
-    codes = torch.where(step > 0, torch.round(above / torch.where(step > 0, step, 1.0)), 0.0).clamp(0, 15)
-    return Blocks(Q4_1, scale, offset.half(), codes.to(torch.uint8).flatten(1))
+    return Blocks(Q4_1, scale, offset.half(), _codes(above, scale, 0, 15, torch.uint8))
 
 
 def _q8_0(weight: torch.Tensor) -> Blocks | None:
     """Q8_0: the block's greatest magnitude is 127 d (GGML quantizes it to +-127)."""
-    blocks = _blocks_of(weight)
+    blocks = weight.view(weight.shape[0], -1, BLOCK)
     scale = (blocks.abs().amax(-1) / 127).half()
-    step = scale.double()[..., None]
-    codes = torch.where(step > 0, torch.round(blocks / torch.where(step > 0, step, 1.0)), 0.0).clamp(-128, 127)
-    return Blocks(Q8_0, scale, None, codes.to(torch.int8).flatten(1))
+    return Blocks(Q8_0, scale, None, _codes(blocks, scale, -128, 127, torch.int8))
+
+
+def _codes(values: torch.Tensor, scale: torch.Tensor, low: int, high: int, dtype: torch.dtype) -> torch.Tensor:
+    """round(values / scale) within [low, high] ([outs, in]; 0 where the scale is 0)."""
+    step = scale.float()[..., None]
+    codes = torch.round(values / torch.where(step > 0, step, 1.0)).clamp(low, high)
+    return torch.where(step > 0, codes, 0.0).to(dtype).flatten(1)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
