@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.config import batch_invariant_option, compile_option, cpu_kernels_option, option
+from specdec.config import batch_invariant_option, compile_option, cpu_kernels_option, gguf_blocks_option, option
 from specdec.eagle import DRAFT_MATMUL_DTYPE, MATMUL_DTYPES
 from specdec.ngram import HYBRID_MIN_NGRAM
 
@@ -30,6 +30,7 @@ class DraftConfig:
     dtype: str = option("float32", "weights dtype for a model drafter")
     compile: str = compile_option("a model drafter's")
     batch_invariant: bool = batch_invariant_option()
+    gguf_blocks: bool = gguf_blocks_option()
     cpu_kernels: str = cpu_kernels_option(". A feature drafter's products of fewer than 64 rows run in the C "
                                           "kernel on its float16 (or float32) weights, and its norms and rotary "
                                           "embedding in C, under 'c' and 'auto' (float16 needs AVX-512 or F16C); "

@@ -60,7 +60,7 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
         loaded = worker.call(lambda: load_causal_lm(config.model, "model", config.device, config.dtype,
                                                     config.compile, max_batch=config.max_batch,
                                                     invariant=config.batch_invariant,
-                                                    cpu_kernels=config.cpu_kernels))
+                                                    cpu_kernels=config.cpu_kernels, gguf_blocks=config.gguf_blocks))
         facts, drafter = loaded.facts, ModelDrafter(loaded.runner)
         snapshots = open_snapshots(config, "draft", loaded, metrics)
     host = SessionHost(facts, config.cache_bytes, worker, snapshots)

@@ -36,6 +36,13 @@ def cpu_kernels_option(more: str = "") -> Any:
                   "in the last bits: replicas that take over each other's sessions must run the same one" + more)
 
 
+def gguf_blocks_option() -> Any:
+    """--gguf-blocks of a service that runs a model."""
+    return option(True, "on CPU with the C products: weights that are exactly a .gguf file's GGML blocks (Q4_1, "
+                  "Q8_0) dequantized are read in those blocks (a sixth of float32's bytes for Q4_1), with the same "
+                  "bits; false: read float32 (to measure the difference)", negation=False)
+
+
 def batch_invariant_option() -> Any:
     """--batch-invariant of a service that runs a model."""
     return option(True, "numbers that do not depend on batching or chunking, so seeded output survives batching "

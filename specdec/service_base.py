@@ -166,7 +166,8 @@ def should_compile(setting: str, device: str) -> bool:
 
 
 def load_causal_lm(spec: str, kind: str, device: str, dtype: str, compile: str = "off",
-                   max_batch: int = 1, invariant: bool = True, cpu_kernels: str = "auto") -> LoadedModel:
+                   max_batch: int = 1, invariant: bool = True, cpu_kernels: str = "auto",
+                   gguf_blocks: bool = True) -> LoadedModel:
     """Load model + tokenizer and describe them. Logits are cut to the tokenizer's vocabulary
     (embedding tables are often padded), so draft and target distributions line up. A compiled
     runner is warmed up for passes of up to max_batch sessions, so that no request pays a compile."""
@@ -191,7 +192,8 @@ def load_causal_lm(spec: str, kind: str, device: str, dtype: str, compile: str =
     )
     try:
         runner = ModelRunner(model, vocab_size, compile=should_compile(compile, device), invariant=invariant,
-                             c_attention=cpu_kernels != "torch", c_products=cpu_kernels != "torch")
+                             c_attention=cpu_kernels != "torch", c_products=cpu_kernels != "torch",
+                             c_blocks=gguf_blocks)
     except UnsupportedModel as exc:
         raise StartupError(f"{spec}: {exc}") from None
     check_cpu_kernels(cpu_kernels, runner)

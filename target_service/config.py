@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.config import batch_invariant_option, compile_option, cpu_kernels_option, option
+from specdec.config import batch_invariant_option, compile_option, cpu_kernels_option, gguf_blocks_option, option
 from specdec.models import DEFAULT_MODEL
 
 
@@ -17,6 +17,7 @@ class TargetConfig:
     dtype: str = option("float32", "weights dtype: float32, float16 or bfloat16")
     compile: str = compile_option("the target's")
     batch_invariant: bool = batch_invariant_option()
+    gguf_blocks: bool = gguf_blocks_option()
     cpu_kernels: str = cpu_kernels_option()
     cache_bytes: int = option(2 * 1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
     max_k: int = option(32, "most draft tokens accepted in one Verify")

@@ -20,7 +20,7 @@ def build_servicer(config: TargetConfig, metrics: ServiceMetrics) -> TargetServi
     worker = ModelWorker("target-model")
     loaded = worker.call(lambda: load_causal_lm(config.model, "target", config.device, config.dtype, config.compile,
                                                 max_batch=config.max_batch, invariant=config.batch_invariant,
-                                                cpu_kernels=config.cpu_kernels))
+                                                cpu_kernels=config.cpu_kernels, gguf_blocks=config.gguf_blocks))
     snapshots = open_snapshots(config, "target", loaded, metrics)
     host = SessionHost(loaded.facts, config.cache_bytes, worker, snapshots)
     metrics.watch_cache(host.table)
