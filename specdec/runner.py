@@ -37,6 +37,7 @@ tests/test_invariance.py checks it on every path; its cost is measured in bench/
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -401,6 +402,10 @@ class ModelRunner:
         if pack:
             self.layers = [_packed(layer, pack) for layer in self.layers]
         self.head_weight = pack(self.lm_head) if pack else self.lm_head
+        # How the products' weights are held: {"float32": n} or, for a .gguf model's, {"q4_1": n, "q8_0": m}.
+        self.weight_formats = collections.Counter(
+            (getattr(w, "blocks", None) or str(self.dtype).removeprefix("torch."))
+            for w in [self.head_weight] + _product_weights(self.layers))
         # Invariant eager passes: products of more rows than the BLAS treats alike run in pieces:
         # the layers' span probed up to 256 rows, the LM head's up to 64 (more rows in one product
         # gain nothing there). The C products treat every row count alike.
