@@ -92,6 +92,9 @@ class FeatureRelay:
             self.wanted_from = features_from
 
 
+PLAIN_ROUNDS_TIMED = 2  # rounds at k = 0 among the recent ones from which their own time prices k = 0
+
+
 class RoundCosts:
     """What this coordinator's rounds cost and yield, shared by its sessions.
 
@@ -150,9 +153,15 @@ class RoundCosts:
         line = [max(1e-6, mean_y + slope * (k - mean_x)) for k in range(ceiling + 1)]
         walls = [max(1e-6, line[k] + (sessions - 1) * per_row * (k - mean_x)) for k in range(ceiling + 1)]
         plain = [wall for drafts, wall in self._points if drafts == 0]
-        if len(plain) >= 2 and sessions <= 1:
+        if len(plain) >= PLAIN_ROUNDS_TIMED and sessions <= 1:
             walls[0] = max(1e-6, sorted(plain)[len(plain) // 2])
         return walls
+
+    def wants_plain_round(self) -> bool:
+        """Whether a round at k = 0 would be timed for walls(k)[0] (the target not shared) and too
+        few recent ones are, so that k = 0 is priced off the drafting rounds' line."""
+        plain = sum(drafts == 0 for drafts, _ in self._points)
+        return plain < PLAIN_ROUNDS_TIMED and self.load()[0] <= 1
 
 
 def _slope(points: Sequence[tuple[float, float]]) -> float:
@@ -172,15 +181,21 @@ class KPlanner:
     is the measured probability that draft j is kept when drafts 1..j-1 were (this session's
     rounds, smoothed toward what the decoder saw in all sessions). k maximises E(k) / wall(k)
     (RoundCosts), k = 0 included when drafting does not pay; every `probe_every` rounds at k = 0
-    it drafts one token, to notice when drafting pays again. The request's k is the ceiling.
+    it drafts one token, to notice when drafting pays again. The other way round, while the costs
+    hold too few rounds at k = 0 to time one (a round that skips Propose and verifies one token;
+    the line through the drafting rounds prices it too high, all the more with trees, whose cost
+    hardly grows with k), every `explore_every`-th round takes k = 0, so that a target step
+    cheaper than a drafting round's share of tokens is noticed. The request's k is the ceiling.
     """
 
     def __init__(self, max_k: int, costs: RoundCosts, prior: Sequence[float], prior_weight: float = 4.0,
-                 decay: float = 0.97, probe_every: int = 8):
+                 decay: float = 0.97, probe_every: int = 8, explore_every: int = 16):
         self.max_k = max_k
         self.costs = costs
         self.prior = list(prior) + [prior[-1] if prior else 0.5] * (max_k + 1 - len(prior))
         self.prior_weight, self.decay, self.probe_every = prior_weight, decay, probe_every
+        self.explore_every = explore_every
+        self._since_plain = 0  # rounds drafted since this call last took k = 0
         self.kept = [0.0] * (max_k + 1)  # decayed counts: draft j kept, when tried with 1..j-1 kept
         self.tried = [0.0] * (max_k + 1)
         self._since_drafting = 0
@@ -214,12 +229,18 @@ class KPlanner:
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
         if best_k == 0 and ceiling > 0:
+            self._since_plain = 0
             self._since_drafting += 1
             if self._since_drafting >= self.probe_every:
                 self._since_drafting = 0
                 return 1
-        else:
-            self._since_drafting = 0
+            return 0
+        self._since_drafting = 0
+        if best_k > 0 and self.costs.wants_plain_round():
+            self._since_plain += 1
+            if self._since_plain >= self.explore_every:
+                self._since_plain = 0
+                return 0
         return best_k
 
 

@@ -25,7 +25,14 @@
    drafter's float16 weights): each weight is widened to float32 as it is read (exactly), the sums
    are float32 as above. At a drafting step's one row a product reads its weights and little else,
    so half the bytes is nearly half the time; torch's own float16 product on a CPU does not reach
-   that (bench/RESULTS.md). Built only for CPUs with AVX-512 or F16C (specdec_linear_half_built). */
+   that (bench/RESULTS.md). Built only for CPUs with AVX-512 or F16C (specdec_linear_half_built).
+
+   specdec_linear_blocks is the same product on weights packed in GGML's blocks (Q4_1, Q8_0): a
+   .gguf model's float32 weights are exactly d * q (+ m) of such blocks (specdec/ggml_blocks.py
+   finds and checks them), so each block is widened in registers back to those float32 numbers
+   (exact arithmetic, see q4_1_weights) and the sums run as above: the bits of the float32 product,
+   from a sixth (Q4_1) or a quarter (Q8_0) of the bytes. Built where the half kernel is (the
+   blocks' scales are half precision). */
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -41,7 +48,7 @@
 #define ROW_BLOCK 96          /* rows whose inputs stay in the core's cache while every tile passes over them */
 #define PARALLEL_FROM 65536   /* multiply-adds (rows * in * outs) from which a call splits */
 
-/* Weight formats (cpu_kernels.py's WeightFormat) */
+/* Weight formats (cpu_kernels.py's BLOCK_FORMATS numbers the two block formats) */
 #define FLOAT32 0
 #define HALF 1
 #define Q4_1 2 /* GGML's: per BLOCK inputs of an output a half scale d and offset m, 4-bit codes */
@@ -125,6 +132,8 @@ static inline __attribute__((always_inline)) void load_scales(const unsigned sho
 #pragma GCC unroll 4
     for (int c = 0; c < VECTORS; c++) out[c] = load16_half(p + LANES * c);
 }
+
+_Static_assert(VECTORS == 2, "a Q4_1 code byte holds the codes of outputs o and o + LANES of a tile");
 
 /* One input's TILE weights of a Q4_1 block (GGML's 4-bit blocks with an offset): w = d * q + m
    for q of 4 bits, d and m the block's half-precision scale and offset. d * q is exact in float32

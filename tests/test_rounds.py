@@ -166,3 +166,30 @@ def test_trees_give_way_to_chains_when_the_target_is_loaded():
     for _ in range(5):  # the target's passes now carry 8 sessions each
         decoder.costs.observe(4, 0.2, 1, batch_sessions=8, batch_rows=40, compute_s=0.15)
     assert decoder._tree_nodes(4, greedy) == 0
+
+
+def test_the_planner_times_a_round_without_drafts_when_none_is_timed_and_stops_drafting_if_it_is_cheaper():
+    """Trees cost about the same at every k, so the drafting rounds' line prices k = 0 near a
+    drafting round (60 ms here) though a target step takes 29 ms. Until rounds at k = 0 are timed
+    the planner takes one every explore_every rounds; once they are, 1.9 tokens a 60 ms round do
+    not pay against 29 ms a token, and 2.6 do."""
+    def drafting_costs() -> RoundCosts:
+        costs = RoundCosts(max_k=8)
+        for i in range(12):
+            costs.observe(3 + i % 3, 0.060 + 0.0005 * (i % 3), accepted=0)
+        return costs
+
+    for kept, drafts_after in ((0.45, False), (0.8, True)):
+        costs = drafting_costs()
+        planner = KPlanner(5, costs, prior=[kept] * 9, explore_every=4)
+        assert costs.wants_plain_round() and costs.wall(0) > 0.055
+        chosen = [planner.choose(5) for _ in range(4)]
+        assert all(k > 0 for k in chosen[:3]) and chosen[3] == 0  # the fourth round explores k = 0
+        for _ in range(2):
+            costs.observe(0, 0.029, accepted=0)
+        assert not costs.wants_plain_round() and costs.wall(0) == pytest.approx(0.029)
+        assert (planner.choose(5) > 0) is drafts_after
+    loaded = RoundCosts(max_k=8)
+    for _ in range(12):
+        loaded.observe(4, 0.150, accepted=0, batch_sessions=16, batch_rows=80, compute_s=0.12)
+    assert not loaded.wants_plain_round()  # a shared target's k = 0 is priced off the line anyway
