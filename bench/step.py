@@ -7,17 +7,16 @@ Median of --reps timed steps after a warm-up, each a crop back to the context an
 the new tokens (what a verify of k + 1 = n tokens costs), the runners taking turns step by step
 (bench.timing.medians_ms), so that drift in the machine's speed falls on all of them alike. The
 ratio to hf_ms is what bitwise invariance (each output's sums in a fixed order, attention row by
-row) costs, or saves, per step. Our runner, besides its default (products, attention and a
-layer's small steps in C, specdec.cpu_kernels; the products on a .gguf model's weights packed
-back into its GGML blocks, specdec.ggml_blocks): ours_float32_weights_ms with the C products on
-float32 weights (the same bits, six times the bytes for Q4_1); ours_torch_steps_ms with the small steps (norms,
-rotary, activation, residuals) in torch; ours_onednn_ms with oneDNN's products instead and
-torch's steps (rows padded to a multiple of 4; the default before the C products, and where no C
-compiler is); ours_f_linear_ms with F.linear's (MKL's; rows padded); ours_not_invariant_ms with
-F.linear's and --batch-invariant false (one-row passes unpadded: the BLAS's one-row kernel, as
-Hugging Face's forward has it); ours_torch_attention_ms with the C products and steps but
-torch's attention blocks.
-"""
+row) costs, or saves, per step. Our runner, besides its default (products, attention and a layer's
+small steps in C, specdec.cpu_kernels; the products on a .gguf model's weights packed back into its
+GGML blocks, specdec.ggml_blocks): ours_float32_weights_ms with the C products on float32 weights
+(the same bits, six times the bytes for Q4_1); ours_torch_steps_ms with the small steps (norms,
+rotary, activation, residuals) in torch; ours_onednn_ms with oneDNN's products instead and torch's
+steps (rows padded to a multiple of 4; the default before the C products, and where no C compiler
+is); ours_f_linear_ms with F.linear's (MKL's; rows padded); ours_not_invariant_ms with F.linear's
+and --batch-invariant false (one-row passes unpadded: the BLAS's one-row kernel, as Hugging Face's
+forward has it); ours_torch_attention_ms with the C products and steps but torch's attention
+blocks."""
 
 from __future__ import annotations
 
