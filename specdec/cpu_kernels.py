@@ -94,7 +94,6 @@ class PackedWeight:
     data: torch.Tensor
     outs: int
     blocks: str | None = None
-    inputs: int = 0  # `in` of a weight in blocks (the packing's shape does not show it)
 
     @staticmethod
     def of(weight: torch.Tensor) -> PackedWeight:
@@ -106,13 +105,13 @@ class PackedWeight:
 
     @staticmethod
     def of_blocks(blocks: ggml_blocks.Blocks) -> PackedWeight:
-        outs, inputs = blocks.codes.shape
-        return PackedWeight(ggml_blocks.packed(blocks, LINEAR_TILE), outs, blocks.format, inputs)
+        return PackedWeight(ggml_blocks.packed(blocks, LINEAR_TILE), blocks.codes.shape[0], blocks.format)
 
     @property
     def shape(self) -> tuple[int, int]:
         """The weight's shape, [outs, in]."""
-        return self.outs, self.inputs if self.blocks else self.data.shape[1]
+        # blocks: [tiles, in / BLOCK, block bytes]; else [tiles, in, LINEAR_TILE]
+        return self.outs, self.data.shape[1] * (ggml_blocks.BLOCK if self.blocks else 1)
 
 
 class CpuLinear:
