@@ -152,16 +152,21 @@ class RoundCosts:
             mean_x, mean_y, slope = 0.0, 1.0, self.prior_slope
         line = [max(1e-6, mean_y + slope * (k - mean_x)) for k in range(ceiling + 1)]
         walls = [max(1e-6, line[k] + (sessions - 1) * per_row * (k - mean_x)) for k in range(ceiling + 1)]
-        plain = [wall for drafts, wall in self._points if drafts == 0]
-        if len(plain) >= PLAIN_ROUNDS_TIMED and sessions <= 1:
+        plain = self._timed_plain_rounds(sessions)
+        if plain:
             walls[0] = max(1e-6, sorted(plain)[len(plain) // 2])
         return walls
 
     def wants_plain_round(self) -> bool:
         """Whether a round at k = 0 would be timed for walls(k)[0] (the target not shared) and too
         few recent ones are, so that k = 0 is priced off the drafting rounds' line."""
-        plain = sum(drafts == 0 for drafts, _ in self._points)
-        return plain < PLAIN_ROUNDS_TIMED and self.load()[0] <= 1
+        sessions = self.load()[0]
+        return sessions <= 1 and not self._timed_plain_rounds(sessions)
+
+    def _timed_plain_rounds(self, sessions: float) -> list[float]:
+        """The recent rounds at k = 0 whose walls price k = 0: enough of them, the target alone."""
+        plain = [wall for drafts, wall in self._points if drafts == 0]
+        return plain if len(plain) >= PLAIN_ROUNDS_TIMED and sessions <= 1 else []
 
 
 def _slope(points: Sequence[tuple[float, float]]) -> float:
