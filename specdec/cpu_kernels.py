@@ -10,8 +10,8 @@ one call a layer, and a tree node reads its ancestors' slots where they are inst
 the cache laid out as their chain. The products: a BLAS changes its kernel (and its rounding) with
 the row count, so the runner had to pad rows and cut large products into pieces to stay invariant
 (oneDNN's, four rows at least); the C product is invariant at any row count (each output one
-chain of multiply-adds in order) and reads a step's weights once for up to twelve rows, at the
-speed memory streams them. The small steps: in torch each is several operations (a norm is
+chain of multiply-adds in order) and reads a step's weights once for up to twelve rows (four on
+AVX2), at the speed memory streams them. The small steps: in torch each is several operations (a norm is
 seven) whose dispatch, thirty layers a step, cost more than their arithmetic. Every kernel's
 numbers are invariant by construction (see the .c files).
 
@@ -133,7 +133,7 @@ class CpuLinear:
         self._linear_blocks.argtypes = [pointer, integer, integer, pointer, integer, integer, pointer, pointer, pointer,
                                         integer]
         # Whether weights packed in float16, or in GGML blocks (half-precision scales), compute here
-        # (the CPU has AVX-512 or F16C).
+        # (the CPU has AVX-512, or AVX2 and F16C).
         self.half = bool(library.specdec_linear_half_built())
 
     def pack(self, weight: torch.Tensor, blocks: bool = True) -> PackedWeight:

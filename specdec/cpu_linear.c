@@ -25,7 +25,7 @@
    drafter's float16 weights): each weight is widened to float32 as it is read (exactly), the sums
    are float32 as above. At a drafting step's one row a product reads its weights and little else,
    so half the bytes is nearly half the time; torch's own float16 product on a CPU does not reach
-   that (bench/RESULTS.md). Built only for CPUs with AVX-512 or F16C (specdec_linear_half_built).
+   that (bench/RESULTS.md). Built only for CPUs with AVX-512, or AVX2 and F16C (specdec_linear_half_built).
 
    specdec_linear_blocks is the same product on weights packed in GGML's blocks (Q4_1, Q8_0): a
    .gguf model's float32 weights are exactly d * q (+ m) of such blocks (specdec/ggml_blocks.py
@@ -40,13 +40,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 16              /* floats in one vector */
-#define VECTORS 2             /* vectors of outputs in a tile */
-#define TILE (LANES * VECTORS) /* outputs in a tile: cpu_kernels.py's LINEAR_TILE */
-#define MAX_ROWS 12           /* rows whose sums a tile holds in registers at once */
+/* The vector width: AVX-512's sixteen floats, else eight (AVX2's, and GCC's generic vectors). A tile
+   is TILE outputs whatever the width (the packing does not depend on the CPU); what the width sets
+   is how many rows' sums fit in the registers: AVX-512 has 32 vector registers, AVX2 16. */
+#if defined(__AVX512F__)
+#define LANES 16
+#define MAX_ROWS 12           /* rows whose sums a tile holds in registers at once (2 vectors a row) */
+#else
+#define LANES 8
+#define MAX_ROWS 4            /* 4 vectors a row: 16 sums, a few spilled; measured best of 2-8 */
+#endif
+#define TILE 32               /* outputs in a tile: cpu_kernels.py's LINEAR_TILE */
+#define VECTORS (TILE / LANES) /* vectors of outputs in a tile */
 #define PREFETCH 16           /* inputs ahead of the one being read: a tile's next 4 KB */
 #define ROW_BLOCK 96          /* rows whose inputs stay in the core's cache while every tile passes over them */
 #define PARALLEL_FROM 65536   /* multiply-adds (rows * in * outs) from which a call splits */
+#define WIDEN_ONCE_ABOVE 12   /* rows from which a tile in blocks is widened once into a scratch tile (run_tiles) */
 
 /* Weight formats (cpu_kernels.py's BLOCK_FORMATS numbers the two block formats) */
 #define FLOAT32 0
@@ -60,99 +69,103 @@
 #define Q8_0_BLOCK_BYTES (TILE * 2 + BLOCK * TILE)
 #define block_bytes(format) ((format) == Q4_1 ? Q4_1_BLOCK_BYTES : Q8_0_BLOCK_BYTES)
 
-typedef float v16 __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(LANES * 4)));
 
-static inline v16 load16(const float *p) {
-    v16 v;
+static inline vf load_vf(const float *p) {
+    vf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-/* Sixteen half-precision weights widened to float32 (exactly), by the CPU's conversion
-   instructions: AVX-512's sixteen at once, or F16C's eight twice. Elsewhere no half kernel. */
-#if defined(__AVX512F__) || defined(__F16C__)
+/* (an initializer, which GCC makes one broadcast; a loop over the lanes it builds lane by lane) */
+static inline vf splat_vf(float x) {
+#if LANES == 16
+    return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#else
+    return (vf){x, x, x, x, x, x, x, x};
+#endif
+}
+
+/* LANES half-precision weights widened to float32 (exactly), by the CPU's conversion instructions
+   (AVX-512's or F16C's). Elsewhere no half kernel. */
+#if (defined(__AVX512F__) || defined(__F16C__)) && (LANES == 16 || defined(__AVX2__))
 #include <immintrin.h>
 #define HALF_WEIGHTS 1
-static inline v16 load16_half(const unsigned short *p) {
-    v16 v;
-#if defined(__AVX512F__)
+static inline vf load_half(const unsigned short *p) {
+    vf v;
+#if LANES == 16
     const __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-    memcpy(&v, &wide, sizeof v);
 #else
-    const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    const __m256 high = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
-    memcpy(&v, &low, sizeof low);
-    memcpy((char *)&v + sizeof low, &high, sizeof high);
+    const __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 #endif
+    memcpy(&v, &wide, sizeof v);
     return v;
 }
 #else
 #define HALF_WEIGHTS 0
 #endif
 
-static inline v16 splat16(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-
 /* Sums of rows [0, rows) of x at input i times one input's TILE weights (`weights`): the one
    multiply-add a sum takes per input, whatever the weights' format. */
-static inline __attribute__((always_inline)) void accumulate(v16 sums[MAX_ROWS][VECTORS], const float *x, int in,
-                                                             int i, const v16 weights[VECTORS], int rows) {
+static inline __attribute__((always_inline)) void accumulate(vf sums[MAX_ROWS][VECTORS], const float *x, int in,
+                                                             int i, const vf weights[VECTORS], int rows) {
 #pragma GCC unroll 16
     for (int r = 0; r < rows; r++) {
-        const v16 input = splat16(x[(long)r * in + i]);
+        const vf input = splat_vf(x[(long)r * in + i]);
 #pragma GCC unroll 4
         for (int c = 0; c < VECTORS; c++) sums[r][c] += input * weights[c];
     }
 }
 
 #if HALF_WEIGHTS
-typedef int i32x16 __attribute__((vector_size(64)));
+typedef int vi __attribute__((vector_size(LANES * 4)));
 
-/* Sixteen bytes widened to sixteen ints (zero- or sign-extended) by the CPU's widening loads
-   (GCC's generic conversion of byte vectors goes byte by byte). */
-static inline i32x16 widen16(const void *p, int is_signed) {
-    i32x16 v;
-#if defined(__AVX512F__)
+/* LANES bytes widened to LANES ints (zero- or sign-extended) by the CPU's widening loads (GCC's
+   generic conversion of byte vectors goes byte by byte). */
+static inline vi widen(const void *p, int is_signed) {
+    vi v;
+#if LANES == 16
     const __m128i bytes = _mm_loadu_si128((const __m128i *)p);
     const __m512i wide = is_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
-    memcpy(&v, &wide, sizeof v);
-#elif defined(__AVX2__)
-    const __m128i low = _mm_loadl_epi64((const __m128i *)p), high = _mm_loadl_epi64((const __m128i *)((const char *)p + 8));
-    const __m256i a = is_signed ? _mm256_cvtepi8_epi32(low) : _mm256_cvtepu8_epi32(low);
-    const __m256i b = is_signed ? _mm256_cvtepi8_epi32(high) : _mm256_cvtepu8_epi32(high);
-    memcpy(&v, &a, sizeof a);
-    memcpy((char *)&v + sizeof a, &b, sizeof b);
 #else
-    for (int l = 0; l < LANES; l++) v[l] = is_signed ? ((const signed char *)p)[l] : ((const unsigned char *)p)[l];
+    const __m128i bytes = _mm_loadl_epi64((const __m128i *)p);
+    const __m256i wide = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
 #endif
+    memcpy(&v, &wide, sizeof v);
     return v;
 }
 
 /* A block's TILE scales (or offsets) in half precision, widened: VECTORS vectors. */
-static inline __attribute__((always_inline)) void load_scales(const unsigned short *p, v16 out[VECTORS]) {
+static inline __attribute__((always_inline)) void load_scales(const unsigned short *p, vf out[VECTORS]) {
 #pragma GCC unroll 4
-    for (int c = 0; c < VECTORS; c++) out[c] = load16_half(p + LANES * c);
+    for (int c = 0; c < VECTORS; c++) out[c] = load_half(p + LANES * c);
 }
-
-_Static_assert(VECTORS == 2, "a Q4_1 code byte holds the codes of outputs o and o + LANES of a tile");
 
 /* One input's TILE weights of a Q4_1 block (GGML's 4-bit blocks with an offset): w = d * q + m
    for q of 4 bits, d and m the block's half-precision scale and offset. d * q is exact in float32
    (11 + 4 significant bits), so the one rounding of d * q + m gives the bits GGML's
    dequantization (d * q, then + m) gives, fused into one multiply-add or not. `codes`: the
-   input's TILE / 2 bytes, byte o output o's code in its low half, output o + LANES's in its high. */
-static inline __attribute__((always_inline)) void q4_1_weights(const unsigned char *codes, const v16 scale[VECTORS],
-                                                               const v16 offset[VECTORS], v16 weights[VECTORS]) {
-    const i32x16 both = widen16(codes, 0);
-    weights[0] = scale[0] * __builtin_convertvector(both & 15, v16) + offset[0];
-    weights[1] = scale[1] * __builtin_convertvector(both >> 4, v16) + offset[1];
+   input's TILE / 2 bytes, byte o output o's code in its low half, output o + TILE / 2's in its
+   high: the low halves give the tile's first VECTORS / 2 vectors, the high halves the rest. */
+static inline __attribute__((always_inline)) void q4_1_weights(const unsigned char *codes, const vf scale[VECTORS],
+                                                               const vf offset[VECTORS], vf weights[VECTORS]) {
+    vi bytes[VECTORS / 2];
+#pragma GCC unroll 4
+    for (int h = 0; h < VECTORS / 2; h++) bytes[h] = widen(codes + LANES * h, 0);
+#pragma GCC unroll 4
+    for (int h = 0; h < VECTORS / 2; h++) {
+        weights[h] = scale[h] * __builtin_convertvector(bytes[h] & 15, vf) + offset[h];
+        weights[h + VECTORS / 2] =
+            scale[h + VECTORS / 2] * __builtin_convertvector(bytes[h] >> 4, vf) + offset[h + VECTORS / 2];
+    }
 }
 
 /* One input's TILE weights of a Q8_0 block (GGML's 8-bit blocks): w = d * q for q of 8 bits, exact
    in float32 (11 + 8 significant bits), as GGML's dequantization gives it. */
-static inline __attribute__((always_inline)) void q8_0_weights(const unsigned char *codes, const v16 scale[VECTORS],
-                                                               v16 weights[VECTORS]) {
+static inline __attribute__((always_inline)) void q8_0_weights(const unsigned char *codes, const vf scale[VECTORS],
+                                                               vf weights[VECTORS]) {
 #pragma GCC unroll 4
-    for (int c = 0; c < VECTORS; c++) weights[c] = scale[c] * __builtin_convertvector(widen16(codes + LANES * c, 1), v16);
+    for (int c = 0; c < VECTORS; c++) weights[c] = scale[c] * __builtin_convertvector(widen(codes + LANES * c, 1), vf);
 }
 
 /* The weights of one tile in blocks (`format` Q4_1 or Q8_0), input by input in order, each handed
@@ -160,7 +173,7 @@ static inline __attribute__((always_inline)) void q8_0_weights(const unsigned ch
 #define FOR_BLOCK_WEIGHTS(format, tile, in, use)                                                       \
     for (int block = 0; block < (in) / BLOCK; block++) {                                               \
         const unsigned char *start = (const unsigned char *)(tile) + (long)block * block_bytes(format); \
-        v16 scale[VECTORS], offset[VECTORS];                                                           \
+        vf scale[VECTORS], offset[VECTORS];                                                           \
         load_scales((const unsigned short *)start, scale);                                             \
         if ((format) == Q4_1) load_scales((const unsigned short *)start + TILE, offset);               \
         const unsigned char *codes = start + ((format) == Q4_1 ? 4 : 2) * TILE;                       \
@@ -168,7 +181,7 @@ static inline __attribute__((always_inline)) void q8_0_weights(const unsigned ch
         __builtin_prefetch(start + 4 * block_bytes(format) + 64);                                      \
         for (int j = 0; j < BLOCK; j++) {                                                              \
             const int i = block * BLOCK + j;                                                           \
-            v16 weights[VECTORS];                                                                      \
+            vf weights[VECTORS];                                                                       \
             if ((format) == Q4_1)                                                                      \
                 q4_1_weights(codes + j * TILE / 2, scale, offset, weights);                            \
             else                                                                                       \
@@ -195,25 +208,25 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
                                                        int valid, float *out, int outs, int rows) {
     const float *w = weights_tile;
     const unsigned short *w_half = weights_tile;
-    v16 sums[MAX_ROWS][VECTORS];
+    vf sums[MAX_ROWS][VECTORS];
 #pragma GCC unroll 16
     for (int r = 0; r < rows; r++)
 #pragma GCC unroll 4
-        for (int c = 0; c < VECTORS; c++) sums[r][c] = splat16(0.0f);
+        for (int c = 0; c < VECTORS; c++) sums[r][c] = splat_vf(0.0f);
     if (format == FLOAT32 || format == HALF) {
         for (int i = 0; i < in; i++) {
-            v16 weights[VECTORS];
+            vf weights[VECTORS];
             if (format == HALF) { /* a tile's row of half weights is one 64-byte line */
 #if HALF_WEIGHTS
                 __builtin_prefetch(w_half + (long)(i + 2 * PREFETCH) * TILE);
 #pragma GCC unroll 4
-                for (int c = 0; c < VECTORS; c++) weights[c] = load16_half(w_half + (long)i * TILE + LANES * c);
+                for (int c = 0; c < VECTORS; c++) weights[c] = load_half(w_half + (long)i * TILE + LANES * c);
 #endif
             } else {
                 __builtin_prefetch(w + (long)(i + PREFETCH) * TILE);
                 __builtin_prefetch(w + (long)(i + PREFETCH) * TILE + LANES);
 #pragma GCC unroll 4
-                for (int c = 0; c < VECTORS; c++) weights[c] = load16(w + (long)i * TILE + LANES * c);
+                for (int c = 0; c < VECTORS; c++) weights[c] = load_vf(w + (long)i * TILE + LANES * c);
             }
             accumulate(sums, x, in, i, weights, rows);
         }
@@ -235,8 +248,9 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
     }
 }
 
+/* (cases past MAX_ROWS are never taken: run_tiles calls at most MAX_ROWS rows) */
 #define ROWS_CASE(n, format) \
-    case n: tile(x, in, w, format, bias, residual, valid, out, outs, n); break;
+    case n: if (n <= MAX_ROWS) tile(x, in, w, format, bias, residual, valid, out, outs, n); break;
 #define ROWS_CASES(format) \
     switch (rows) { \
         ROWS_CASE(1, format) ROWS_CASE(2, format) ROWS_CASE(3, format) ROWS_CASE(4, format) \
@@ -291,6 +305,20 @@ static void run_tiles(const float *x, int rows, int in, const void *packed, int 
     }
 }
 
+/* This thread's scratch tile, [in][TILE] floats: kept between calls (a buffer allocated and freed
+   each call cost more than the widening it saves: fresh pages to fault in), grown as needed; NULL
+   if it cannot be allocated. */
+static float *scratch_tile(int in) {
+    static __thread float *tile;
+    static __thread long capacity;
+    if (in > capacity) {
+        free(tile);
+        tile = malloc(sizeof(float) * in * TILE);
+        capacity = tile ? in : 0;
+    }
+    return tile;
+}
+
 /* out = x @ w.T (+ bias) (+ residual), w packed as above in `format`. A call of enough work
    splits its tiles among up to `threads` threads of torch's OpenMP team. */
 static void linear(const float *x, int rows, int in, const void *packed, int format, int outs, const float *bias,
@@ -301,20 +329,16 @@ static void linear(const float *x, int rows, int in, const void *packed, int for
     if (threads < 1 || (long)rows * in * outs < PARALLEL_FROM) threads = 1;
     /* blocks widened once a tile for calls of more rows than a tile's sums hold (a malloc failure
        leaves them widened per row chunk: slower, the same bits) */
-    const int blocks = (format == Q4_1 || format == Q8_0) && rows > MAX_ROWS;
+    const int blocks = (format == Q4_1 || format == Q8_0) && rows > WIDEN_ONCE_ABOVE;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        float *scratch = blocks ? malloc(sizeof(float) * in * TILE) : 0;
         run_tiles(x, rows, in, packed, format, outs, bias, residual, out, (int)((long)tiles * t / n),
-                  (int)((long)tiles * (t + 1) / n), scratch);
-        free(scratch);
+                  (int)((long)tiles * (t + 1) / n), blocks ? scratch_tile(in) : 0);
     }
 #else
-    float *scratch = blocks ? malloc(sizeof(float) * in * TILE) : 0;
-    run_tiles(x, rows, in, packed, format, outs, bias, residual, out, 0, tiles, scratch);
-    free(scratch);
+    run_tiles(x, rows, in, packed, format, outs, bias, residual, out, 0, tiles, blocks ? scratch_tile(in) : 0);
 #endif
 }
 
@@ -338,7 +362,7 @@ void specdec_linear_blocks(const float *x, int rows, int in, const void *packed,
         linear(x, rows, in, packed, format, outs, bias, residual, out, threads);
 }
 
-/* Whether specdec_linear_half computes (the CPU converts half precision: AVX-512 or F16C). */
+/* Whether specdec_linear_half computes (the CPU converts half precision: AVX-512, or AVX2 and F16C). */
 int specdec_linear_half_built(void) { return HALF_WEIGHTS; }
 
 /* The tile width packed weights must have (cpu_kernels.py checks it against LINEAR_TILE). */
