@@ -262,8 +262,9 @@ class Decoder:
                 previous = self._empty_round(len(committed), text, generated, stats, session, started)
                 break
             ceiling = ceiling_for(params.k, params.max_new_tokens - len(generated), room)
-            k = ceiling if params.fixed_k else planner.choose(ceiling)
-            now = Round(len(committed), k)
+            trees = self._tree_nodes(ceiling, params.sampling)
+            k, nodes = ((ceiling, trees) if params.fixed_k else planner.plan(ceiling, trees))
+            now = Round(len(committed), k, nodes if nodes > k else 0)
             begun = time.perf_counter()
             # Propose (the draft-ahead's drafts when the previous round ended as it supposed), then
             # Verify and meanwhile the next round's draft-ahead. The previous round's stream runs
@@ -300,12 +301,13 @@ class Decoder:
             now.commit = asyncio.create_task(self._commit(now, session, stats, started))
             committed.extend(now.new)
             generated += now.new
-            planner.observe(now.depth, now.verdict.accepted)
+            tree = now.parents is not None
+            planner.observe(now.depth, now.verdict.accepted, tree)
             # The call's first round prefilled the turn: its time would make its k look costly.
             wall = time.perf_counter() - begun if previous is not None else None
             verified = now.verification
             self.costs.observe(now.depth, wall, now.verdict.accepted, verified.batch_sessions,
-                               verified.batch_rows, verified.compute_s)
+                               verified.batch_rows, verified.compute_s, nodes=len(now.drafts) if tree else 0)
             previous = now
         if ahead is not None:
             ahead.cancel()
@@ -326,12 +328,13 @@ class Decoder:
                 return DraftResult(drafts, probs, guessed.point_mass, 0.0)
             stats.draft_ahead_misses += 1
         return await self._propose(session, committed, now.k, params.sampling, tracker, stats, relay,
-                                   tree_nodes=self._tree_nodes(now.k, params.sampling))
+                                   tree_nodes=now.nodes)
 
     def _tree_nodes(self, k: int, sampling: SamplingParams) -> int:
-        """Drafts to ask for as a tree this round (0: a chain of k): trees are verified for
-        greedy decoding and the coupled rule, pay only when wider than a chain, and only while
-        the target's passes carry few sessions (its spare compute is what a tree spends)."""
+        """Drafts a round of depth up to k may ask for as a tree (0: chains only): trees are
+        verified for greedy decoding and the coupled rule, pay only when wider than a chain, and
+        only while the target's passes carry few sessions (its spare compute is what a tree
+        spends). With adaptive k the planner then chooses between the tree and chains (KPlanner)."""
         if self.tree_nodes <= k or not (sampling.greedy or sampling.coupled):
             return 0
         sessions, _ = self.costs.load()

@@ -25,7 +25,8 @@ class Round:
     it makes one, else its Verify)."""
 
     committed_len: int  # committed tokens before the round
-    k: int  # planned
+    k: int  # planned: the drafts' depth
+    nodes: int = 0  # planned: drafts as a tree of this many (0: a chain of k)
     draft: DraftResult | None = None
     verification: VerifyResult | None = None
     verdict: Verdict | None = None
@@ -98,14 +99,18 @@ PLAIN_ROUNDS_TIMED = 2  # rounds at k = 0 among the recent ones from which their
 class RoundCosts:
     """What this coordinator's rounds cost and yield, shared by its sessions.
 
-    The wall time of a round by k: wall(k) = a + b k, least squares over the recent rounds of
-    every session, rounds at k = 0 timed on their own. Under load that line misses what matters:
+    The wall time of a round by the drafts it verifies (n: a chain's k, a tree's nodes): wall(n)
+    = a + b n, least squares over the recent rounds of every session, rounds at k = 0 timed on
+    their own. Pricing a tree by its nodes rather than its depth is what lets the planner weigh
+    it against chains on the host it runs on: a verify of 8 rows costs 1.8x one row on some CPUs
+    and about the same as one on a GPU. Under load that line misses what matters:
     a session's own drafts add little to a pass of 16 sessions, but when every session drafts k
     more tokens the pass computes 16 k more positions. So the target's batches are watched too
     (sessions B and positions per pass, against its compute time: c seconds a position), and
     every session prices k as if all moved to it together (the symmetric choice that maximises
     the tier's throughput): wall(k) + (B - 1) c (k - the k the line was measured at).
-    Also kept: the acceptance per draft position seen in all sessions (a new session's prior)."""
+    Also kept: the acceptance per draft position and the tokens a tree round yields, seen in all
+    sessions (a new session's priors)."""
 
     def __init__(self, max_k: int, window: int = 64, prior_slope: float = 0.02, prior_acceptance: float = 0.5):
         self.window = window
@@ -113,17 +118,28 @@ class RoundCosts:
         self._points: list[tuple[int, float]] = []  # (k, wall)
         self._passes: list[tuple[int, int, float]] = []  # the target's (sessions, positions, compute)
         self.acceptance = [prior_acceptance] * (max_k + 1)
+        self._tree_yield = (0.0, 0.0)  # decayed sums: tokens tree rounds yielded, and their count
 
     def observe(self, k: int, wall_s: float | None, accepted: int, batch_sessions: int = 1, batch_rows: int = 0,
-                compute_s: float = 0.0) -> None:
-        """A round's drafts, wall time (None for a round that also prefilled a turn, whose time
-        says nothing about k), how many drafts it kept, and the target pass that verified it."""
+                compute_s: float = 0.0, nodes: int = 0) -> None:
+        """A round's drafts (depth k; `nodes` drafts when they were a tree), wall time (None for a
+        round that also prefilled a turn, whose time says nothing about k), how many drafts it
+        kept, and the target pass that verified it."""
         if wall_s is not None:
-            self._points = (self._points + [(k, wall_s)])[-self.window:]
+            self._points = (self._points + [(nodes or k, wall_s)])[-self.window:]
             if batch_rows:
                 self._passes = (self._passes + [(batch_sessions, batch_rows, compute_s)])[-self.window:]
         for j in range(1, min(k, accepted + 1) + 1):
             self.acceptance[j] = 0.98 * self.acceptance[j] + 0.02 * (j <= accepted)
+        if nodes:
+            tokens, rounds = self._tree_yield
+            self._tree_yield = (0.98 * tokens + accepted + 1, 0.98 * rounds + 1)
+
+    @property
+    def tree_tokens(self) -> float | None:
+        """Tokens a tree round yields (a decayed mean over every session's), None before any."""
+        tokens, rounds = self._tree_yield
+        return tokens / rounds if rounds else None
 
     def load(self) -> tuple[float, float]:
         """(B, c): sessions in the target's recent passes (median) and the compute one more
@@ -138,8 +154,8 @@ class RoundCosts:
         return self.walls(k)[k]
 
     def walls(self, ceiling: int) -> list[float]:
-        """Expected wall times of a round at k = 0..ceiling, every session of a loaded target
-        drafting k; the fits are made once for all k. Rounds at k = 0 are timed on their own
+        """Expected wall times of a round verifying n = 0..ceiling drafts, every session of a
+        loaded target drafting n; the fits are made once for all n. Rounds at k = 0 are timed on their own
         when the target runs them alone: they skip the Propose call, and their one-token step may
         use another, cheaper kernel than a verify of k + 1 tokens (without batch invariance),
         which a line through k > 0 would not show."""
@@ -179,18 +195,28 @@ def _slope(points: Sequence[tuple[float, float]]) -> float:
     return max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in points) / spread)
 
 
-class KPlanner:
-    """Chooses each round's k for one call (adaptive k).
+TREE_PRIOR_GAIN = 1.1  # a tree's tokens a round, until one is measured: this times a chain's at its depth
 
-    Expected tokens a round yields with k drafts: E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j, where a_j
-    is the measured probability that draft j is kept when drafts 1..j-1 were (this session's
-    rounds, smoothed toward what the decoder saw in all sessions). k maximises E(k) / wall(k)
-    (RoundCosts), k = 0 included when drafting does not pay; every `probe_every` rounds at k = 0
-    it drafts one token, to notice when drafting pays again. The other way round, while the costs
-    hold too few rounds at k = 0 to time one (a round that skips Propose and verifies one token;
-    the line through the drafting rounds prices it too high, all the more with trees, whose cost
-    hardly grows with k), every `explore_every`-th round takes k = 0, so that a target step
-    cheaper than a drafting round's share of tokens is noticed. The request's k is the ceiling.
+
+class KPlanner:
+    """Chooses each round's k, and whether its drafts are a tree, for one call (adaptive k).
+
+    Expected tokens a round yields with a chain of k drafts: E(k) = 1 + sum_{i<=k} prod_{j<=i}
+    a_j, where a_j is the measured probability that draft j is kept when drafts 1..j-1 were (this
+    session's rounds, smoothed toward what the decoder saw in all sessions). k maximises E(k) /
+    wall(k) (RoundCosts), k = 0 included when drafting does not pay; every `probe_every` rounds
+    at k = 0 it drafts one token, to notice when drafting pays again. The other way round, while
+    the costs hold too few rounds at k = 0 to time one (a round that skips Propose and verifies
+    one token; the line through the drafting rounds prices it too high, all the more with
+    trees), every `explore_every`-th round takes k = 0, so that a target step cheaper than a
+    drafting round's share of tokens is noticed. The request's k is the ceiling.
+
+    Where the round may draft a tree of N nodes (plan's tree_nodes) it is one more choice: as
+    deep as the ceiling, worth the tokens tree rounds yielded (this call's, smoothed toward all
+    sessions'), priced as a round verifying N drafts. So the planner drafts trees where the
+    target verifies N rows for little more than one (a GPU, an AVX-512 CPU) and chains where
+    rows cost (an AVX2 CPU: 8 rows 1.8x one); while chains win, every `explore_every`-th drafting
+    round is a tree, to notice when trees pay again.
     """
 
     def __init__(self, max_k: int, costs: RoundCosts, prior: Sequence[float], prior_weight: float = 4.0,
@@ -201,22 +227,28 @@ class KPlanner:
         self.prior_weight, self.decay, self.probe_every = prior_weight, decay, probe_every
         self.explore_every = explore_every
         self._since_plain = 0  # rounds drafted since this call last took k = 0
+        self._since_tree = 0  # drafting rounds since this call last drafted a tree
         self.kept = [0.0] * (max_k + 1)  # decayed counts: draft j kept, when tried with 1..j-1 kept
         self.tried = [0.0] * (max_k + 1)
+        self.tree_tokens, self.tree_rounds = 0.0, 0.0  # decayed: tokens tree rounds yielded, and their count
         self._since_drafting = 0
 
     def acceptance(self, position: int) -> float:
         prior = self.prior[position]
         return (self.kept[position] + prior * self.prior_weight) / (self.tried[position] + self.prior_weight)
 
-    def observe(self, proposed: int, accepted: int) -> None:
-        """Position j was tried when drafts 1..j-1 all stood, and kept when j <= accepted."""
+    def observe(self, proposed: int, accepted: int, tree: bool = False) -> None:
+        """Position j was tried when drafts 1..j-1 all stood, and kept when j <= accepted; a tree
+        round (`tree`) also counts for what trees yield."""
         for j in range(1, self.max_k + 1):
             self.kept[j] *= self.decay
             self.tried[j] *= self.decay
         for j in range(1, min(proposed, accepted + 1) + 1):
             self.tried[j] += 1
             self.kept[j] += j <= accepted
+        if tree:
+            self.tree_tokens = self.decay * self.tree_tokens + accepted + 1
+            self.tree_rounds = self.decay * self.tree_rounds + 1
 
     def expected_tokens(self, k: int) -> float:
         total, chain = 1.0, 1.0
@@ -225,28 +257,56 @@ class KPlanner:
             total += chain
         return total
 
+    def expected_tree_tokens(self, depth: int) -> float:
+        """Tokens a tree round as deep as `depth` yields: this call's tree rounds, smoothed toward
+        all sessions' (or, before any, TREE_PRIOR_GAIN times a chain of that depth)."""
+        prior = self.costs.tree_tokens
+        if prior is None:
+            prior = TREE_PRIOR_GAIN * self.expected_tokens(depth)
+        return (self.tree_tokens + prior * self.prior_weight) / (self.tree_rounds + self.prior_weight)
+
     def choose(self, ceiling: int) -> int:
+        """This round's k, chains only (plan without trees)."""
+        return self.plan(ceiling)[0]
+
+    def plan(self, ceiling: int, tree_nodes: int = 0) -> tuple[int, int]:
+        """This round's (k, nodes): nodes = tree_nodes to draft a tree of that many, as deep as k;
+        0 for a chain of k. tree_nodes 0: trees are not an option this round."""
         ceiling = min(ceiling, self.max_k)
-        walls = self.costs.walls(ceiling)
+        tree = tree_nodes > ceiling > 0
+        walls = self.costs.walls(max(ceiling, tree_nodes if tree else 0))
         best_k, best_rate = 0, -math.inf
         for k in range(0, ceiling + 1):
             rate = self.expected_tokens(k) / walls[k]
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
+        if tree and self.expected_tree_tokens(ceiling) / walls[tree_nodes] > best_rate * 1.0001:
+            self._since_drafting = self._since_tree = 0
+            return self._explored_plain(ceiling, tree_nodes)
         if best_k == 0 and ceiling > 0:
             self._since_plain = 0
             self._since_drafting += 1
             if self._since_drafting >= self.probe_every:
                 self._since_drafting = 0
-                return 1
-            return 0
+                return 1, 0
+            return 0, 0
         self._since_drafting = 0
-        if best_k > 0 and self.costs.wants_plain_round():
+        if tree and best_k > 0:
+            self._since_tree += 1
+            if self._since_tree >= self.explore_every:
+                self._since_tree = 0
+                return ceiling, tree_nodes
+        return self._explored_plain(best_k, 0)
+
+    def _explored_plain(self, k: int, nodes: int) -> tuple[int, int]:
+        """(k, nodes) for a drafting round, or (0, 0) every explore_every-th one while rounds
+        at k = 0 are not timed."""
+        if k > 0 and self.costs.wants_plain_round():
             self._since_plain += 1
             if self._since_plain >= self.explore_every:
                 self._since_plain = 0
-                return 0
-        return best_k
+                return 0, 0
+        return k, nodes
 
 
 def ceiling_for(k: int, remaining: int, room: int) -> int:

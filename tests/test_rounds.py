@@ -193,3 +193,44 @@ def test_the_planner_times_a_round_without_drafts_when_none_is_timed_and_stops_d
     for _ in range(12):
         loaded.observe(4, 0.150, accepted=0, batch_sessions=16, batch_rows=80, compute_s=0.12)
     assert not loaded.wants_plain_round()  # a shared target's k = 0 is priced off the line anyway
+
+
+def _tree_and_chain_rounds(tree_wall: float) -> RoundCosts:
+    """Rounds at k = 0 (20 ms), chains of 3 (40 ms a round, 1.9 tokens) and trees of 7 drafts as
+    deep as 5 (tree_wall a round, 2.4 tokens), as a coordinator's sessions would have run them."""
+    costs = RoundCosts(max_k=8)
+    for i in range(8):
+        costs.observe(0, 0.020, accepted=0)
+        costs.observe(3, 0.040 + 0.0005 * (i % 2), accepted=1 if i % 10 else 0)
+        costs.observe(5, tree_wall + 0.0005 * (i % 2), accepted=1 + i % 2, nodes=7)
+    return costs
+
+
+def test_a_tree_is_priced_by_its_drafts_and_worth_what_tree_rounds_yielded():
+    costs = _tree_and_chain_rounds(0.080)
+    assert costs.wall(7) == pytest.approx(0.080, rel=0.02)  # 7 drafts, not its depth of 5
+    assert costs.wall(3) == pytest.approx(0.040, rel=0.02)
+    assert costs.tree_tokens == pytest.approx(2.5, abs=0.2)
+    planner = KPlanner(5, costs, prior=[0.5] * 9)
+    assert planner.expected_tree_tokens(5) == pytest.approx(costs.tree_tokens)
+    for _ in range(40):
+        planner.observe(5, accepted=3, tree=True)
+    assert planner.expected_tree_tokens(5) > 3.5  # this call's trees do better than all sessions'
+
+
+@pytest.mark.parametrize("tree_wall, trees", [(0.045, True), (0.080, False)])
+def test_the_planner_drafts_trees_where_their_rows_are_cheap_and_chains_where_they_are_not(tree_wall, trees):
+    """2.4 tokens for a tree round against 1.9 for a chain of 3: worth it at 45 ms against 40 (a
+    target that verifies 8 rows for about the cost of 4), not at 80 (an AVX2 CPU, where they cost
+    twice as much). Where chains win, every explore_every-th drafting round still drafts a tree;
+    a round without trees on offer (sampled with the rejection rule, a loaded target) is a chain."""
+    costs = _tree_and_chain_rounds(tree_wall)
+    planner = KPlanner(5, costs, prior=[0.6, 0.6, 0.35, 0.25, 0.2, 0.2, 0.2, 0.2, 0.2], explore_every=4)
+    plans = [planner.plan(5, tree_nodes=7) for _ in range(8)]
+    if trees:
+        assert plans == [(5, 7)] * 8
+    else:
+        assert [nodes for _, nodes in plans] == [0, 0, 0, 7, 0, 0, 0, 7]
+        assert all(0 < k < 5 for k, nodes in plans if not nodes)
+    assert planner.plan(5, tree_nodes=0)[1] == 0
+    assert planner.plan(5, tree_nodes=5)[1] == 0  # no wider than a chain of k
