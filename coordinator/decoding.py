@@ -307,7 +307,7 @@ class Decoder:
             wall = time.perf_counter() - begun if previous is not None else None
             verified = now.verification
             self.costs.observe(now.depth, wall, now.verdict.accepted, verified.batch_sessions,
-                               verified.batch_rows, verified.compute_s, nodes=len(now.drafts) if tree else 0)
+                               verified.batch_rows, verified.compute_s, nodes=now.nodes if tree else 0)
             previous = now
         if ahead is not None:
             ahead.cancel()

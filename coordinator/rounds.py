@@ -94,16 +94,17 @@ class FeatureRelay:
 
 
 PLAIN_ROUNDS_TIMED = 2  # rounds at k = 0 among the recent ones from which their own time prices k = 0
+TREE_ROUNDS_TIMED = 2  # the same for tree rounds of one size
 
 
 class RoundCosts:
     """What this coordinator's rounds cost and yield, shared by its sessions.
 
-    The wall time of a round by the drafts it verifies (n: a chain's k, a tree's nodes): wall(n)
-    = a + b n, least squares over the recent rounds of every session, rounds at k = 0 timed on
-    their own. Pricing a tree by its nodes rather than its depth is what lets the planner weigh
-    it against chains on the host it runs on: a verify of 8 rows costs 1.8x one row on some CPUs
-    and about the same as one on a GPU. Under load that line misses what matters:
+    The wall time of a chain round by k: wall(k) = a + b k, least squares over the recent chain
+    rounds of every session; rounds at k = 0 and tree rounds of each size are timed on their own
+    (tree_wall). A tree costs what its nodes cost, not its depth, and rows cost differently per
+    host (a verify of 8 rows 1.8x one row on an AVX2 CPU, about one row's cost on a GPU), so a
+    line through chains and trees together would price neither. Under load that line misses what matters:
     a session's own drafts add little to a pass of 16 sessions, but when every session drafts k
     more tokens the pass computes 16 k more positions. So the target's batches are watched too
     (sessions B and positions per pass, against its compute time: c seconds a position), and
@@ -115,18 +116,18 @@ class RoundCosts:
     def __init__(self, max_k: int, window: int = 64, prior_slope: float = 0.02, prior_acceptance: float = 0.5):
         self.window = window
         self.prior_slope = prior_slope  # per draft token, as a share of a round, until measured
-        self._points: list[tuple[int, float]] = []  # (k, wall)
+        self._points: list[tuple[int, int, float]] = []  # (k, tree nodes or 0, wall)
         self._passes: list[tuple[int, int, float]] = []  # the target's (sessions, positions, compute)
         self.acceptance = [prior_acceptance] * (max_k + 1)
         self._tree_yield = (0.0, 0.0)  # decayed sums: tokens tree rounds yielded, and their count
 
     def observe(self, k: int, wall_s: float | None, accepted: int, batch_sessions: int = 1, batch_rows: int = 0,
                 compute_s: float = 0.0, nodes: int = 0) -> None:
-        """A round's drafts (depth k; `nodes` drafts when they were a tree), wall time (None for a
-        round that also prefilled a turn, whose time says nothing about k), how many drafts it
-        kept, and the target pass that verified it."""
+        """A round's drafts (depth k; a tree of `nodes` when not 0), wall time (None for a round
+        that also prefilled a turn, whose time says nothing about k), how many drafts it kept, and
+        the target pass that verified it."""
         if wall_s is not None:
-            self._points = (self._points + [(nodes or k, wall_s)])[-self.window:]
+            self._points = (self._points + [(k, nodes, wall_s)])[-self.window:]
             if batch_rows:
                 self._passes = (self._passes + [(batch_sessions, batch_rows, compute_s)])[-self.window:]
         for j in range(1, min(k, accepted + 1) + 1):
@@ -150,28 +151,42 @@ class RoundCosts:
         return float(sessions), _slope([(rows, compute) for _, rows, compute in self._passes])
 
     def wall(self, k: int) -> float:
-        """A round's expected wall time at k (see walls)."""
+        """A chain round's expected wall time at k (see walls)."""
         return self.walls(k)[k]
 
     def walls(self, ceiling: int) -> list[float]:
-        """Expected wall times of a round verifying n = 0..ceiling drafts, every session of a
-        loaded target drafting n; the fits are made once for all n. Rounds at k = 0 are timed on their own
+        """Expected wall times of a chain round at k = 0..ceiling, every session of a loaded
+        target drafting k; the fits are made once for all k. Rounds at k = 0 are timed on their own
         when the target runs them alone: they skip the Propose call, and their one-token step may
         use another, cheaper kernel than a verify of k + 1 tokens (without batch invariance),
         which a line through k > 0 would not show."""
         sessions, per_row = self.load()
-        points = [(drafts, wall) for drafts, wall in self._points if drafts > 0] or self._points
+        line, mean_x = self._line()
+        walls = [max(1e-6, line(k) + (sessions - 1) * per_row * (k - mean_x)) for k in range(ceiling + 1)]
+        plain = self._timed_plain_rounds(sessions)
+        if plain:
+            walls[0] = max(1e-6, _median(plain))
+        return walls
+
+    def tree_wall(self, nodes: int) -> float:
+        """A tree round's expected wall time: the recent tree rounds of that size, when enough are
+        timed; else the chain line at k = nodes (it verifies as many drafts)."""
+        timed = [wall for _, size, wall in self._points if size == nodes]
+        if len(timed) >= TREE_ROUNDS_TIMED:
+            return max(1e-6, _median(timed))
+        return max(1e-6, self._line()[0](nodes))
+
+    def _line(self):
+        """The chain rounds' least-squares line, wall(k) (a function), and the mean k it went
+        through; before any chain round, through whatever rounds there are."""
+        chains = [(k, wall) for k, nodes, wall in self._points if k > 0 and not nodes]
+        points = chains or [(nodes or k, wall) for k, nodes, wall in self._points]
         if points:
             mean_x, mean_y = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
             slope = _slope(points) if any(x != mean_x for x, _ in points) else self.prior_slope * mean_y
         else:
             mean_x, mean_y, slope = 0.0, 1.0, self.prior_slope
-        line = [max(1e-6, mean_y + slope * (k - mean_x)) for k in range(ceiling + 1)]
-        walls = [max(1e-6, line[k] + (sessions - 1) * per_row * (k - mean_x)) for k in range(ceiling + 1)]
-        plain = self._timed_plain_rounds(sessions)
-        if plain:
-            walls[0] = max(1e-6, sorted(plain)[len(plain) // 2])
-        return walls
+        return (lambda k: max(1e-6, mean_y + slope * (k - mean_x))), mean_x
 
     def wants_plain_round(self) -> bool:
         """Whether a round at k = 0 would be timed for walls(k)[0] (the target not shared) and too
@@ -181,8 +196,12 @@ class RoundCosts:
 
     def _timed_plain_rounds(self, sessions: float) -> list[float]:
         """The recent rounds at k = 0 whose walls price k = 0: enough of them, the target alone."""
-        plain = [wall for drafts, wall in self._points if drafts == 0]
+        plain = [wall for k, _, wall in self._points if k == 0]
         return plain if len(plain) >= PLAIN_ROUNDS_TIMED and sessions <= 1 else []
+
+
+def _median(values: Sequence[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def _slope(points: Sequence[tuple[float, float]]) -> float:
@@ -213,10 +232,10 @@ class KPlanner:
 
     Where the round may draft a tree of N nodes (plan's tree_nodes) it is one more choice: as
     deep as the ceiling, worth the tokens tree rounds yielded (this call's, smoothed toward all
-    sessions'), priced as a round verifying N drafts. So the planner drafts trees where the
-    target verifies N rows for little more than one (a GPU, an AVX-512 CPU) and chains where
-    rows cost (an AVX2 CPU: 8 rows 1.8x one); while chains win, every `explore_every`-th drafting
-    round is a tree, to notice when trees pay again.
+    sessions'), priced at what recent tree rounds of that size took (RoundCosts.tree_wall). So the
+    planner drafts trees where the target verifies N + 1 rows for little more than one (a GPU, an
+    AVX-512 CPU) and chains where rows cost (an AVX2 CPU: 8 rows 1.8x one); while chains win,
+    every `explore_every`-th drafting round is a tree, to notice when trees pay again.
     """
 
     def __init__(self, max_k: int, costs: RoundCosts, prior: Sequence[float], prior_weight: float = 4.0,
@@ -274,13 +293,13 @@ class KPlanner:
         0 for a chain of k. tree_nodes 0: trees are not an option this round."""
         ceiling = min(ceiling, self.max_k)
         tree = tree_nodes > ceiling > 0
-        walls = self.costs.walls(max(ceiling, tree_nodes if tree else 0))
+        walls = self.costs.walls(ceiling)
         best_k, best_rate = 0, -math.inf
         for k in range(0, ceiling + 1):
             rate = self.expected_tokens(k) / walls[k]
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
-        if tree and self.expected_tree_tokens(ceiling) / walls[tree_nodes] > best_rate * 1.0001:
+        if tree and self.expected_tree_tokens(ceiling) / self.costs.tree_wall(tree_nodes) > best_rate * 1.0001:
             self._since_drafting = self._since_tree = 0
             return self._explored_plain(ceiling, tree_nodes)
         if best_k == 0 and ceiling > 0:

@@ -135,6 +135,9 @@ class CpuLinear:
         # Whether weights packed in float16, or in GGML blocks (half-precision scales), compute here
         # (the CPU has AVX-512, or AVX2 and F16C).
         self.half = bool(library.specdec_linear_half_built())
+        # The vectors it computes in (16 floats on AVX-512, 8 on AVX2) and the rows a pass over a
+        # tile holds in registers (12 and 4: AVX2 has half the vector registers).
+        self.lanes, self.rows_a_pass = library.specdec_linear_lanes(), library.specdec_linear_rows_a_pass()
 
     def pack(self, weight: torch.Tensor, blocks: bool = True) -> PackedWeight:
         """`weight` packed for these products: in GGML blocks where it is exactly some block

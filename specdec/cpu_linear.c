@@ -365,5 +365,10 @@ void specdec_linear_blocks(const float *x, int rows, int in, const void *packed,
 /* Whether specdec_linear_half computes (the CPU converts half precision: AVX-512, or AVX2 and F16C). */
 int specdec_linear_half_built(void) { return HALF_WEIGHTS; }
 
+/* The vector width this build computes in (16 floats with AVX-512, else 8) and the rows a pass
+   over a tile holds in registers (logged at start-up by the services). */
+int specdec_linear_lanes(void) { return LANES; }
+int specdec_linear_rows_a_pass(void) { return MAX_ROWS; }
+
 /* The tile width packed weights must have (cpu_kernels.py checks it against LINEAR_TILE). */
 int specdec_linear_tile(void) { return TILE; }

@@ -154,9 +154,10 @@ def check_cpu_kernels(setting: str, runner: ModelRunner) -> None:
                            "needed); --cpu-kernels auto falls back to torch's attention and oneDNN's products")
     kernels = runner.c_kernels
     threads = "long calls split among torch's OpenMP threads" if kernels and kernels.openmp else "one thread"
+    products = {"onednn": "oneDNN", "torch": "F.linear"}.get(runner.products) or (
+        f"C kernel ({kernels.linear.lanes}-float vectors, {kernels.linear.rows_a_pass} rows a pass), {threads}")
     log.info("attention: %s; products: %s; their weights: %s",
-             "torch blocks" if runner.c_attention is None else f"C kernel, {threads}",
-             {"c": f"C kernel, {threads}", "onednn": "oneDNN", "torch": "F.linear"}[runner.products],
+             "torch blocks" if runner.c_attention is None else f"C kernel, {threads}", products,
              ", ".join(f"{count} {kind}" for kind, count in sorted(runner.weight_formats.items())))
 
 

@@ -135,6 +135,17 @@ def test_a_rows_products_are_bitwise_the_same_at_any_row_count_and_split_among_t
         linear.threads = 0
 
 
+def test_the_products_are_built_for_this_cpus_widest_vectors(kernels):
+    """AVX-512 CPUs compute sixteen floats a vector and hold 12 rows' sums in their 32 registers;
+    others eight, and 4 rows in AVX2's 16 (sixteen-lane code compiled for AVX2 spilled its sums
+    to memory: a step 3-5x slower)."""
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    if "avx2" not in flags:
+        pytest.skip("an x86 CPU with AVX2 is what this checks")
+    wide = "avx512f" in flags
+    assert (kernels.linear.lanes, kernels.linear.rows_a_pass) == ((16, 12) if wide else (8, 4))
+
+
 def test_a_products_residual_is_added_after_its_bias(kernels):
     generator = torch.Generator().manual_seed(12)
     weight, bias = torch.randn(70, 48, generator=generator), torch.randn(70, generator=generator)

@@ -196,20 +196,21 @@ def test_the_planner_times_a_round_without_drafts_when_none_is_timed_and_stops_d
 
 
 def _tree_and_chain_rounds(tree_wall: float) -> RoundCosts:
-    """Rounds at k = 0 (20 ms), chains of 3 (40 ms a round, 1.9 tokens) and trees of 7 drafts as
+    """Rounds at k = 0 (30 ms), chains of 3 (40 ms a round, 1.9 tokens) and trees of 7 drafts as
     deep as 5 (tree_wall a round, 2.4 tokens), as a coordinator's sessions would have run them."""
     costs = RoundCosts(max_k=8)
     for i in range(8):
-        costs.observe(0, 0.020, accepted=0)
+        costs.observe(0, 0.030, accepted=0)
         costs.observe(3, 0.040 + 0.0005 * (i % 2), accepted=1 if i % 10 else 0)
         costs.observe(5, tree_wall + 0.0005 * (i % 2), accepted=1 + i % 2, nodes=7)
     return costs
 
 
-def test_a_tree_is_priced_by_its_drafts_and_worth_what_tree_rounds_yielded():
+def test_a_tree_is_priced_by_its_own_rounds_and_worth_what_they_yielded():
     costs = _tree_and_chain_rounds(0.080)
-    assert costs.wall(7) == pytest.approx(0.080, rel=0.02)  # 7 drafts, not its depth of 5
-    assert costs.wall(3) == pytest.approx(0.040, rel=0.02)
+    assert costs.tree_wall(7) == pytest.approx(0.080, rel=0.02)  # timed on its own
+    assert costs.wall(3) == pytest.approx(0.040, rel=0.02) and costs.wall(5) < 0.045  # chains: their own line
+    assert costs.tree_wall(12) < 0.060  # no tree of 12 timed: the chains' line at 12 drafts
     assert costs.tree_tokens == pytest.approx(2.5, abs=0.2)
     planner = KPlanner(5, costs, prior=[0.5] * 9)
     assert planner.expected_tree_tokens(5) == pytest.approx(costs.tree_tokens)
