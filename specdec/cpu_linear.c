@@ -193,11 +193,16 @@ static inline __attribute__((always_inline)) void q8_0_weights(const unsigned ch
 /* A tile in blocks written out as float32 weights [in][TILE] (the float32 packing's tile): for
    calls of more rows than a tile's sums hold, so that each row chunk reads float32 weights from
    the core's cache instead of widening the blocks again. */
+static inline __attribute__((always_inline)) void store_weights(float *out, const vf weights[VECTORS]) {
+#pragma GCC unroll 4
+    for (int c = 0; c < VECTORS; c++) memcpy(out + LANES * c, &weights[c], sizeof(vf)); /* one store each */
+}
+
 static void dequantize_tile(const void *tile, int in, int format, float *out) {
     if (format == Q4_1)
-        FOR_BLOCK_WEIGHTS(Q4_1, tile, in, memcpy(out + (long)i * TILE, weights, sizeof weights))
+        FOR_BLOCK_WEIGHTS(Q4_1, tile, in, store_weights(out + (long)i * TILE, weights))
     else
-        FOR_BLOCK_WEIGHTS(Q8_0, tile, in, memcpy(out + (long)i * TILE, weights, sizeof weights))
+        FOR_BLOCK_WEIGHTS(Q8_0, tile, in, store_weights(out + (long)i * TILE, weights))
 }
 #endif
 
@@ -313,7 +318,7 @@ static float *scratch_tile(int in) {
     static __thread long capacity;
     if (in > capacity) {
         free(tile);
-        tile = malloc(sizeof(float) * in * TILE);
+        tile = aligned_alloc(64, sizeof(float) * in * TILE); /* (a multiple of 64 bytes) whole cache lines, as a packed tile */
         capacity = tile ? in : 0;
     }
     return tile;
