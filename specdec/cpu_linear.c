@@ -45,13 +45,19 @@
    is how many rows' sums fit in the registers: AVX-512 has 32 vector registers, AVX2 16. */
 #if defined(__AVX512F__)
 #define LANES 16
-#define MAX_ROWS 12           /* rows whose sums a tile holds in registers at once (2 vectors a row) */
+#define MAX_ROWS 12           /* rows whose sums a pass holds in registers at once (2 vectors a row) */
+#define WHOLE_ROWS 12         /* the same for passes over a whole tile */
 #else
 #define LANES 8
-#define MAX_ROWS 4            /* 4 vectors a row: 16 sums, a few spilled; measured best of 2-8 */
+#define MAX_ROWS 6            /* half a tile a pass, 2 vectors a row: 12 sums, the weights and an input in 4 more */
+#define WHOLE_ROWS 3          /* a whole tile a pass, 4 vectors a row: 12 sums; calls of up to 3 rows */
 #endif
 #define TILE 32               /* outputs in a tile: cpu_kernels.py's LINEAR_TILE */
 #define VECTORS (TILE / LANES) /* vectors of outputs in a tile */
+#define PART_VECTORS 2        /* vectors of outputs a pass of more than WHOLE_ROWS rows computes: a part of the tile */
+#define PART (PART_VECTORS * LANES) /* outputs in a part: the whole tile on AVX-512, half on AVX2 */
+#define PARTS (TILE / PART)
+_Static_assert(PARTS == 1 || PARTS == 2, "tile_rows computes part 0, or parts 0 and 1");
 #define PREFETCH 16           /* inputs ahead of the one being read: a tile's next 4 KB */
 #define ROW_BLOCK 96          /* rows whose inputs stay in the core's cache while every tile passes over them */
 #define PARALLEL_FROM 65536   /* multiply-adds (rows * in * outs) from which a call splits */
@@ -105,15 +111,15 @@ static inline vf load_half(const unsigned short *p) {
 #define HALF_WEIGHTS 0
 #endif
 
-/* Sums of rows [0, rows) of x at input i times one input's TILE weights (`weights`): the one
-   multiply-add a sum takes per input, whatever the weights' format. */
+/* Sums of rows [0, rows) of x at input i times one input's weights of a part of a tile
+   (`weights`): the one multiply-add a sum takes per input, whatever the weights' format. */
 static inline __attribute__((always_inline)) void accumulate(vf sums[MAX_ROWS][VECTORS], const float *x, int in,
-                                                             int i, const vf weights[VECTORS], int rows) {
+                                                             int i, const vf weights[VECTORS], int rows, int vectors) {
 #pragma GCC unroll 16
     for (int r = 0; r < rows; r++) {
         const vf input = splat_vf(x[(long)r * in + i]);
 #pragma GCC unroll 4
-        for (int c = 0; c < VECTORS; c++) sums[r][c] += input * weights[c];
+        for (int c = 0; c < vectors; c++) sums[r][c] += input * weights[c];
     }
 }
 
@@ -135,10 +141,12 @@ static inline vi widen(const void *p, int is_signed) {
     return v;
 }
 
-/* A block's TILE scales (or offsets) in half precision, widened: VECTORS vectors. */
-static inline __attribute__((always_inline)) void load_scales(const unsigned short *p, vf out[VECTORS]) {
+/* The scales (or offsets) of a block's part `part` of a tile (`vectors` vectors of outputs), in
+   half precision, widened. */
+static inline __attribute__((always_inline)) void load_scales(const unsigned short *p, vf out[VECTORS],
+                                                              int vectors, int part) {
 #pragma GCC unroll 4
-    for (int c = 0; c < VECTORS; c++) out[c] = load_half(p + LANES * c);
+    for (int c = 0; c < vectors; c++) out[c] = load_half(p + part * vectors * LANES + LANES * c);
 }
 
 /* One input's TILE weights of a Q4_1 block (GGML's 4-bit blocks with an offset): w = d * q + m
@@ -146,36 +154,37 @@ static inline __attribute__((always_inline)) void load_scales(const unsigned sho
    (11 + 4 significant bits), so the one rounding of d * q + m gives the bits GGML's
    dequantization (d * q, then + m) gives, fused into one multiply-add or not. `codes`: the
    input's TILE / 2 bytes, byte o output o's code in its low half, output o + TILE / 2's in its
-   high: the low halves give the tile's first VECTORS / 2 vectors, the high halves the rest. */
+   high. Those of part `part` of the tile. */
 static inline __attribute__((always_inline)) void q4_1_weights(const unsigned char *codes, const vf scale[VECTORS],
-                                                               const vf offset[VECTORS], vf weights[VECTORS]) {
-    vi bytes[VECTORS / 2];
+                                                               const vf offset[VECTORS], vf weights[VECTORS],
+                                                               int vectors, int part) {
 #pragma GCC unroll 4
-    for (int h = 0; h < VECTORS / 2; h++) bytes[h] = widen(codes + LANES * h, 0);
-#pragma GCC unroll 4
-    for (int h = 0; h < VECTORS / 2; h++) {
-        weights[h] = scale[h] * __builtin_convertvector(bytes[h] & 15, vf) + offset[h];
-        weights[h + VECTORS / 2] =
-            scale[h + VECTORS / 2] * __builtin_convertvector(bytes[h] >> 4, vf) + offset[h + VECTORS / 2];
+    for (int c = 0; c < vectors; c++) {
+        const int first = part * vectors * LANES + LANES * c; /* the vector's first output */
+        const vi bytes = widen(codes + first % (TILE / 2), 0);
+        const vi q = first < TILE / 2 ? bytes & 15 : bytes >> 4;
+        weights[c] = scale[c] * __builtin_convertvector(q, vf) + offset[c];
     }
 }
 
 /* One input's TILE weights of a Q8_0 block (GGML's 8-bit blocks): w = d * q for q of 8 bits, exact
    in float32 (11 + 8 significant bits), as GGML's dequantization gives it. */
 static inline __attribute__((always_inline)) void q8_0_weights(const unsigned char *codes, const vf scale[VECTORS],
-                                                               vf weights[VECTORS]) {
+                                                               vf weights[VECTORS], int vectors, int part) {
 #pragma GCC unroll 4
-    for (int c = 0; c < VECTORS; c++) weights[c] = scale[c] * __builtin_convertvector(widen(codes + LANES * c, 1), vf);
+    for (int c = 0; c < vectors; c++)
+        weights[c] = scale[c] * __builtin_convertvector(widen(codes + part * vectors * LANES + LANES * c, 1), vf);
 }
 
-/* The weights of one tile in blocks (`format` Q4_1 or Q8_0), input by input in order, each handed
-   to `use` (a statement that reads `i` and `weights`). */
-#define FOR_BLOCK_WEIGHTS(format, tile, in, use)                                                       \
+/* The weights of part `part` of one tile in blocks (`format` Q4_1 or Q8_0; parts of `vectors`
+   vectors of outputs), input by input in order, each handed to `use` (a statement that reads `i`
+   and `weights`). */
+#define FOR_BLOCK_WEIGHTS(format, tile, in, vectors, part, use)                                        \
     for (int block = 0; block < (in) / BLOCK; block++) {                                               \
         const unsigned char *start = (const unsigned char *)(tile) + (long)block * block_bytes(format); \
         vf scale[VECTORS], offset[VECTORS];                                                           \
-        load_scales((const unsigned short *)start, scale);                                             \
-        if ((format) == Q4_1) load_scales((const unsigned short *)start + TILE, offset);               \
+        load_scales((const unsigned short *)start, scale, vectors, part);                              \
+        if ((format) == Q4_1) load_scales((const unsigned short *)start + TILE, offset, vectors, part); \
         const unsigned char *codes = start + ((format) == Q4_1 ? 4 : 2) * TILE;                       \
         __builtin_prefetch(start + 4 * block_bytes(format));                                           \
         __builtin_prefetch(start + 4 * block_bytes(format) + 64);                                      \
@@ -183,9 +192,9 @@ static inline __attribute__((always_inline)) void q8_0_weights(const unsigned ch
             const int i = block * BLOCK + j;                                                           \
             vf weights[VECTORS];                                                                       \
             if ((format) == Q4_1)                                                                      \
-                q4_1_weights(codes + j * TILE / 2, scale, offset, weights);                            \
+                q4_1_weights(codes + j * TILE / 2, scale, offset, weights, vectors, part);             \
             else                                                                                       \
-                q8_0_weights(codes + j * TILE, scale, weights);                                        \
+                q8_0_weights(codes + j * TILE, scale, weights, vectors, part);                         \
             use;                                                                                       \
         }                                                                                              \
     }
@@ -200,24 +209,28 @@ static inline __attribute__((always_inline)) void store_weights(float *out, cons
 
 static void dequantize_tile(const void *tile, int in, int format, float *out) {
     if (format == Q4_1)
-        FOR_BLOCK_WEIGHTS(Q4_1, tile, in, store_weights(out + (long)i * TILE, weights))
+        FOR_BLOCK_WEIGHTS(Q4_1, tile, in, VECTORS, 0, store_weights(out + (long)i * TILE, weights))
     else
-        FOR_BLOCK_WEIGHTS(Q8_0, tile, in, store_weights(out + (long)i * TILE, weights))
+        FOR_BLOCK_WEIGHTS(Q8_0, tile, in, VECTORS, 0, store_weights(out + (long)i * TILE, weights))
 }
 #endif
 
-/* Rows [0, rows) of x times one tile of weights in `format`: `rows` and `format` are constants
-   wherever this is inlined (tile_rows), so the sums stay in registers. */
+/* Rows [0, rows) of x times part `part` of one tile of weights in `format`, parts of `vectors`
+   vectors of outputs (outputs part * vectors * LANES ..; `valid` of the tile's real; bias,
+   residual and out point at the tile's first): `rows`, `format`, `vectors` and `part` are
+   constants wherever this is inlined (tile_rows), so the sums stay in registers. */
 static inline __attribute__((always_inline)) void tile(const float *x, int in, const void *weights_tile,
                                                        int format, const float *bias, const float *residual,
-                                                       int valid, float *out, int outs, int rows) {
-    const float *w = weights_tile;
-    const unsigned short *w_half = weights_tile;
+                                                       int valid, float *out, int outs, int rows, int vectors,
+                                                       int part) {
+    const int first = part * vectors * LANES, width = vectors * LANES; /* the part's outputs in the tile */
+    const float *w = (const float *)weights_tile + first;
+    const unsigned short *w_half = (const unsigned short *)weights_tile + first;
     vf sums[MAX_ROWS][VECTORS];
 #pragma GCC unroll 16
     for (int r = 0; r < rows; r++)
 #pragma GCC unroll 4
-        for (int c = 0; c < VECTORS; c++) sums[r][c] = splat_vf(0.0f);
+        for (int c = 0; c < vectors; c++) sums[r][c] = splat_vf(0.0f);
     if (format == FLOAT32 || format == HALF) {
         for (int i = 0; i < in; i++) {
             vf weights[VECTORS];
@@ -225,37 +238,47 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
 #if HALF_WEIGHTS
                 __builtin_prefetch(w_half + (long)(i + 2 * PREFETCH) * TILE);
 #pragma GCC unroll 4
-                for (int c = 0; c < VECTORS; c++) weights[c] = load_half(w_half + (long)i * TILE + LANES * c);
+                for (int c = 0; c < vectors; c++) weights[c] = load_half(w_half + (long)i * TILE + LANES * c);
 #endif
             } else {
                 __builtin_prefetch(w + (long)(i + PREFETCH) * TILE);
                 __builtin_prefetch(w + (long)(i + PREFETCH) * TILE + LANES);
 #pragma GCC unroll 4
-                for (int c = 0; c < VECTORS; c++) weights[c] = load_vf(w + (long)i * TILE + LANES * c);
+                for (int c = 0; c < vectors; c++) weights[c] = load_vf(w + (long)i * TILE + LANES * c);
             }
-            accumulate(sums, x, in, i, weights, rows);
+            accumulate(sums, x, in, i, weights, rows, vectors);
         }
     }
 #if HALF_WEIGHTS
     else if (format == Q4_1)
-        FOR_BLOCK_WEIGHTS(Q4_1, weights_tile, in, accumulate(sums, x, in, i, weights, rows))
+        FOR_BLOCK_WEIGHTS(Q4_1, weights_tile, in, vectors, part, accumulate(sums, x, in, i, weights, rows, vectors))
     else if (format == Q8_0)
-        FOR_BLOCK_WEIGHTS(Q8_0, weights_tile, in, accumulate(sums, x, in, i, weights, rows))
+        FOR_BLOCK_WEIGHTS(Q8_0, weights_tile, in, vectors, part, accumulate(sums, x, in, i, weights, rows, vectors))
 #endif
+    valid -= first;
+    if (valid > width) valid = width;
     for (int r = 0; r < rows; r++) {
         float row[TILE];
-        memcpy(row, sums[r], sizeof row);
+        memcpy(row, sums[r], sizeof(vf) * vectors);
         if (bias)
-            for (int o = 0; o < valid; o++) row[o] += bias[o];
+            for (int o = 0; o < valid; o++) row[o] += bias[first + o];
         if (residual)
-            for (int o = 0; o < valid; o++) row[o] = residual[(long)r * outs + o] + row[o];
-        memcpy(out + (long)r * outs, row, sizeof(float) * valid);
+            for (int o = 0; o < valid; o++) row[o] = residual[(long)r * outs + first + o] + row[o];
+        memcpy(out + (long)r * outs + first, row, sizeof(float) * valid);
     }
 }
 
 /* (cases past MAX_ROWS are never taken: run_tiles calls at most MAX_ROWS rows) */
 #define ROWS_CASE(n, format) \
-    case n: if (n <= MAX_ROWS) tile(x, in, w, format, bias, residual, valid, out, outs, n); break;
+    case n: \
+        if (whole) { \
+            if (n <= WHOLE_ROWS) tile(x, in, w, format, bias, residual, valid, out, outs, n, VECTORS, 0); \
+        } else if (n <= MAX_ROWS && part == 0) { \
+            tile(x, in, w, format, bias, residual, valid, out, outs, n, PART_VECTORS, 0); \
+        } else if (n <= MAX_ROWS && PARTS > 1) { \
+            tile(x, in, w, format, bias, residual, valid, out, outs, n, PART_VECTORS, PARTS - 1); \
+        } \
+        break;
 #define ROWS_CASES(format) \
     switch (rows) { \
         ROWS_CASE(1, format) ROWS_CASE(2, format) ROWS_CASE(3, format) ROWS_CASE(4, format) \
@@ -263,8 +286,10 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
         ROWS_CASE(9, format) ROWS_CASE(10, format) ROWS_CASE(11, format) ROWS_CASE(12, format) \
     }
 
+/* (whole: a pass over the whole tile, of at most WHOLE_ROWS rows; else over part `part`, of at
+   most MAX_ROWS) */
 static void tile_rows(const float *x, int in, const void *w, int format, const float *bias, const float *residual,
-                      int valid, float *out, int outs, int rows) {
+                      int valid, float *out, int outs, int rows, int whole, int part) {
     switch (format) {
     case FLOAT32: ROWS_CASES(FLOAT32) break;
     case HALF: ROWS_CASES(HALF) break;
@@ -302,10 +327,15 @@ static void run_tiles(const float *x, int rows, int in, const void *packed, int 
                 tile_format = FLOAT32;
             }
 #endif
-            for (int r = block; r < block_end; r += MAX_ROWS)
-                tile_rows(x + (long)r * in, in, tile, tile_format, bias ? bias + first : 0,
-                          residual ? residual + (long)r * outs + first : 0, valid, out + (long)r * outs + first,
-                          outs, block_end - r < MAX_ROWS ? block_end - r : MAX_ROWS);
+            /* a few rows: passes over the whole tile (more independent sums a row); more: passes
+               over each part (more rows a pass, the sums still in registers) */
+            const int whole = block_end - block <= WHOLE_ROWS, parts = whole ? 1 : PARTS;
+            const int most = whole ? WHOLE_ROWS : MAX_ROWS;
+            for (int part = 0; part < parts && part * PART < valid; part++)
+                for (int r = block; r < block_end; r += most)
+                    tile_rows(x + (long)r * in, in, tile, tile_format, bias ? bias + first : 0,
+                              residual ? residual + (long)r * outs + first : 0, valid, out + (long)r * outs + first,
+                              outs, block_end - r < most ? block_end - r : most, whole, part);
         }
     }
 }
