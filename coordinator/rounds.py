@@ -235,7 +235,9 @@ class KPlanner:
     sessions'), priced at what recent tree rounds of that size took (RoundCosts.tree_wall). So the
     planner drafts trees where the target verifies N + 1 rows for little more than one (a GPU, an
     AVX-512 CPU) and chains where rows cost (an AVX2 CPU: 8 rows 1.8x one); while chains win,
-    every `explore_every`-th drafting round is a tree, to notice when trees pay again.
+    every `explore_every`-th drafting round is a tree, to notice when trees pay again, and while
+    the tree wins, every `explore_every`-th is the best chain (else chains, never timed, would be
+    priced off the tree's own rounds).
     """
 
     def __init__(self, max_k: int, costs: RoundCosts, prior: Sequence[float], prior_weight: float = 4.0,
@@ -247,6 +249,7 @@ class KPlanner:
         self.explore_every = explore_every
         self._since_plain = 0  # rounds drafted since this call last took k = 0
         self._since_tree = 0  # drafting rounds since this call last drafted a tree
+        self._since_chain = 0  # tree rounds since this call last drafted a chain
         self.kept = [0.0] * (max_k + 1)  # decayed counts: draft j kept, when tried with 1..j-1 kept
         self.tried = [0.0] * (max_k + 1)
         self.tree_tokens, self.tree_rounds = 0.0, 0.0  # decayed: tokens tree rounds yielded, and their count
@@ -301,6 +304,10 @@ class KPlanner:
                 best_k, best_rate = k, rate
         if tree and self.expected_tree_tokens(ceiling) / self.costs.tree_wall(tree_nodes) > best_rate * 1.0001:
             self._since_drafting = self._since_tree = 0
+            self._since_chain += best_k > 0
+            if self._since_chain >= self.explore_every:  # the best chain, now and then, to keep it timed
+                self._since_chain = 0
+                return self._explored_plain(best_k, 0)
             return self._explored_plain(ceiling, tree_nodes)
         if best_k == 0 and ceiling > 0:
             self._since_plain = 0
@@ -309,7 +316,7 @@ class KPlanner:
                 self._since_drafting = 0
                 return 1, 0
             return 0, 0
-        self._since_drafting = 0
+        self._since_drafting = self._since_chain = 0
         if tree and best_k > 0:
             self._since_tree += 1
             if self._since_tree >= self.explore_every:

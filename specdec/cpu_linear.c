@@ -13,8 +13,9 @@
    Speed: at a step's few rows a product reads its weights once and does little arithmetic on
    them, so it runs at the speed memory streams the weights. The weights are packed once (by
    specdec/cpu_kernels.py) into tiles of TILE outputs, each tile [in][TILE] contiguous, read in
-   order with a prefetch ahead, and each tile's weights serve up to MAX_ROWS rows from registers
-   (more rows re-read the tile from the core's cache). The tiles are split among torch's OpenMP
+   order with a prefetch ahead, and each tile's weights serve a pass of rows whose sums stay in
+   registers (12 rows on AVX-512; on AVX2 3 over the whole tile, or 6 over half of it at a time);
+   more rows re-read the tile from the core's cache. The tiles are split among torch's OpenMP
    threads.
 
    Layouts (float32, contiguous): x [rows, in]; packed [tiles, in, TILE] (outputs past `outs` in
@@ -308,7 +309,7 @@ static long tile_bytes(int in, int format) {
 }
 
 /* Tiles [from, to) over all rows: ROW_BLOCK rows at a time (their inputs stay in the core's cache
-   while the tiles pass), and within those each tile MAX_ROWS rows at a time (the tile stays in
+   while the tiles pass), and within those each tile a pass of rows at a time (the tile stays in
    the core's cache between them; a tile in blocks is widened to float32 once, into `scratch`
    [in][TILE], where it serves more than MAX_ROWS rows). */
 static void run_tiles(const float *x, int rows, int in, const void *packed, int format, int outs, const float *bias,

@@ -624,8 +624,8 @@ RULES = {"rejection": common_pb2.SAMPLING_RULE_REJECTION, "coupled": common_pb2.
 
 @pytest_asyncio.fixture(scope="module")
 async def small_feature_stack(redis_server, tmp_path_factory):
-    """A chain stack and a tree stack (trees of 5 drafts, whatever the load) on one small target and
-    drafter. The draft service's default hybrid is on and PROMPT repeats its last two tokens, so
+    """A chain stack and a tree stack (trees of 5 drafts, whatever the load; the tests fix k, so that
+    adaptive k does not choose chains instead) on one small target and drafter. The draft service's default hybrid is on and PROMPT repeats its last two tokens, so
     coupled chains are prompt lookup's copy and trees are grafted on it (the law must hold all the
     same). The drafter shapes q at 0.25 times the request's temperature (its temperature_scale): a
     q that differs from the target's own shaping must keep the law too."""
@@ -659,8 +659,8 @@ async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rul
         async def one(seed: int) -> None:
             async with semaphore:
                 result = await generate(channel, prompt_token_ids=PROMPT, max_new_tokens=3, k=3, seed=seed,
-                                        ignore_eos=True, temperature=PARAMS.temperature, top_k=PARAMS.top_k,
-                                        top_p=PARAMS.top_p, sampling_rule=RULES[rule])
+                                        fixed_k=True, ignore_eos=True, temperature=PARAMS.temperature,
+                                        top_k=PARAMS.top_k, top_p=PARAMS.top_p, sampling_rule=RULES[rule])
             counts[tuple(result.token_ids[:2])] += 1
             assert result.stats.drafter == "eagle3"
             trees[0] += result.stats.draft_tokens > sum(result.stats.proposed_per_position)
@@ -695,8 +695,8 @@ async def test_the_law_check_catches_a_wrong_tree_rule(small_feature_stack):
             async def one(seed: int) -> None:
                 async with semaphore:
                     result = await generate(channel, prompt_token_ids=PROMPT, max_new_tokens=3, k=3, seed=seed,
-                                            ignore_eos=True, temperature=PARAMS.temperature, top_k=PARAMS.top_k,
-                                            top_p=PARAMS.top_p, sampling_rule=RULES["coupled"])
+                                            fixed_k=True, ignore_eos=True, temperature=PARAMS.temperature,
+                                            top_k=PARAMS.top_k, top_p=PARAMS.top_p, sampling_rule=RULES["coupled"])
                 counts[tuple(result.token_ids[:2])] += 1
 
             await asyncio.gather(*(one(seed) for seed in range(300)))
