@@ -10,8 +10,8 @@ one call a layer, and a tree node reads its ancestors' slots where they are inst
 the cache laid out as their chain. The products: a BLAS changes its kernel (and its rounding) with
 the row count, so the runner had to pad rows and cut large products into pieces to stay invariant
 (oneDNN's, four rows at least); the C product is invariant at any row count (each output one
-chain of multiply-adds in order) and reads a step's weights once for up to twelve rows (four on
-AVX2), at the speed memory streams them. The small steps: in torch each is several operations (a norm is
+chain of multiply-adds in order) and reads a step's weights once for up to twelve rows (on AVX2
+three, or six over half a tile at a time), at the speed memory streams them. The small steps: in torch each is several operations (a norm is
 seven) whose dispatch, thirty layers a step, cost more than their arithmetic. Every kernel's
 numbers are invariant by construction (see the .c files).
 
@@ -135,8 +135,8 @@ class CpuLinear:
         # Whether weights packed in float16, or in GGML blocks (half-precision scales), compute here
         # (the CPU has AVX-512, or AVX2 and F16C).
         self.half = bool(library.specdec_linear_half_built())
-        # The vectors it computes in (16 floats on AVX-512, 8 on AVX2) and the rows a pass over a
-        # tile holds in registers (12 and 4: AVX2 has half the vector registers).
+        # The vectors it computes in (16 floats on AVX-512, 8 on AVX2) and the most rows a pass
+        # holds in registers (12; 6 on AVX2, over half a tile: AVX2 has half the vector registers).
         self.lanes, self.rows_a_pass = library.specdec_linear_lanes(), library.specdec_linear_rows_a_pass()
 
     def pack(self, weight: torch.Tensor, blocks: bool = True) -> PackedWeight:

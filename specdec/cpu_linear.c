@@ -201,8 +201,8 @@ static inline __attribute__((always_inline)) void q8_0_weights(const unsigned ch
     }
 
 /* A tile in blocks written out as float32 weights [in][TILE] (the float32 packing's tile): for
-   calls of more rows than a tile's sums hold, so that each row chunk reads float32 weights from
-   the core's cache instead of widening the blocks again. */
+   calls of more than WIDEN_ONCE_ABOVE rows, so that each pass reads float32 weights from the
+   core's cache instead of widening the blocks again. */
 static inline __attribute__((always_inline)) void store_weights(float *out, const vf weights[VECTORS]) {
 #pragma GCC unroll 4
     for (int c = 0; c < VECTORS; c++) memcpy(out + LANES * c, &weights[c], sizeof(vf)); /* one store each */
@@ -311,7 +311,7 @@ static long tile_bytes(int in, int format) {
 /* Tiles [from, to) over all rows: ROW_BLOCK rows at a time (their inputs stay in the core's cache
    while the tiles pass), and within those each tile a pass of rows at a time (the tile stays in
    the core's cache between them; a tile in blocks is widened to float32 once, into `scratch`
-   [in][TILE], where it serves more than MAX_ROWS rows). */
+   [in][TILE], where it serves more than WIDEN_ONCE_ABOVE rows). */
 static void run_tiles(const float *x, int rows, int in, const void *packed, int format, int outs, const float *bias,
                       const float *residual, float *out, int from, int to, float *scratch) {
     const long bytes = tile_bytes(in, format);
@@ -322,7 +322,7 @@ static void run_tiles(const float *x, int rows, int in, const void *packed, int 
             const void *tile = (const char *)packed + t * bytes;
             int tile_format = format;
 #if HALF_WEIGHTS
-            if (scratch && block_end - block > MAX_ROWS) {
+            if (scratch && block_end - block > WIDEN_ONCE_ABOVE) {
                 dequantize_tile(tile, in, format, scratch);
                 tile = scratch;
                 tile_format = FLOAT32;
@@ -363,8 +363,8 @@ static void linear(const float *x, int rows, int in, const void *packed, int for
     if (rows <= 0 || tiles <= 0) return;
     if (threads > tiles) threads = tiles;
     if (threads < 1 || (long)rows * in * outs < PARALLEL_FROM) threads = 1;
-    /* blocks widened once a tile for calls of more rows than a tile's sums hold (a malloc failure
-       leaves them widened per row chunk: slower, the same bits) */
+    /* blocks widened once a tile for calls of more than WIDEN_ONCE_ABOVE rows (an allocation
+       failure leaves them widened per pass: slower, the same bits) */
     const int blocks = (format == Q4_1 || format == Q8_0) && rows > WIDEN_ONCE_ABOVE;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
