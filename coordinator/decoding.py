@@ -264,7 +264,7 @@ class Decoder:
             ceiling = ceiling_for(params.k, params.max_new_tokens - len(generated), room)
             trees = self._tree_nodes(ceiling, params.sampling)
             k, nodes = ((ceiling, trees) if params.fixed_k else planner.plan(ceiling, trees))
-            now = Round(len(committed), k, nodes if nodes > k else 0)
+            now = Round(len(committed), k, nodes)
             begun = time.perf_counter()
             # Propose (the draft-ahead's drafts when the previous round ended as it supposed), then
             # Verify and meanwhile the next round's draft-ahead. The previous round's stream runs

@@ -93,6 +93,22 @@ class FeatureRelay:
             self.wanted_from = features_from
 
 
+@dataclass
+class DecayedMean:
+    """A mean of values whose weight decays by `decay` with each one added."""
+
+    decay: float
+    total: float = 0.0  # decayed sum of the values
+    weight: float = 0.0  # decayed count
+
+    def add(self, value: float) -> None:
+        self.total = self.decay * self.total + value
+        self.weight = self.decay * self.weight + 1
+
+    def mean(self) -> float | None:
+        return self.total / self.weight if self.weight else None
+
+
 PLAIN_ROUNDS_TIMED = 2  # rounds at k = 0 among the recent ones from which their own time prices k = 0
 TREE_ROUNDS_TIMED = 2  # the same for tree rounds of one size
 
@@ -119,7 +135,7 @@ class RoundCosts:
         self._points: list[tuple[int, int, float]] = []  # (k, tree nodes or 0, wall)
         self._passes: list[tuple[int, int, float]] = []  # the target's (sessions, positions, compute)
         self.acceptance = [prior_acceptance] * (max_k + 1)
-        self._tree_yield = (0.0, 0.0)  # decayed sums: tokens tree rounds yielded, and their count
+        self._tree_yield = DecayedMean(0.98)  # tokens a tree round yielded
 
     def observe(self, k: int, wall_s: float | None, accepted: int, batch_sessions: int = 1, batch_rows: int = 0,
                 compute_s: float = 0.0, nodes: int = 0) -> None:
@@ -133,14 +149,12 @@ class RoundCosts:
         for j in range(1, min(k, accepted + 1) + 1):
             self.acceptance[j] = 0.98 * self.acceptance[j] + 0.02 * (j <= accepted)
         if nodes:
-            tokens, rounds = self._tree_yield
-            self._tree_yield = (0.98 * tokens + accepted + 1, 0.98 * rounds + 1)
+            self._tree_yield.add(accepted + 1)
 
     @property
     def tree_tokens(self) -> float | None:
         """Tokens a tree round yields (a decayed mean over every session's), None before any."""
-        tokens, rounds = self._tree_yield
-        return tokens / rounds if rounds else None
+        return self._tree_yield.mean()
 
     def load(self) -> tuple[float, float]:
         """(B, c): sessions in the target's recent passes (median) and the compute one more
@@ -252,7 +266,7 @@ class KPlanner:
         self._since_chain = 0  # tree rounds since this call last drafted a chain
         self.kept = [0.0] * (max_k + 1)  # decayed counts: draft j kept, when tried with 1..j-1 kept
         self.tried = [0.0] * (max_k + 1)
-        self.tree_tokens, self.tree_rounds = 0.0, 0.0  # decayed: tokens tree rounds yielded, and their count
+        self.tree_yield = DecayedMean(decay)  # tokens this call's tree rounds yielded
         self._since_drafting = 0
 
     def acceptance(self, position: int) -> float:
@@ -269,8 +283,7 @@ class KPlanner:
             self.tried[j] += 1
             self.kept[j] += j <= accepted
         if tree:
-            self.tree_tokens = self.decay * self.tree_tokens + accepted + 1
-            self.tree_rounds = self.decay * self.tree_rounds + 1
+            self.tree_yield.add(accepted + 1)
 
     def expected_tokens(self, k: int) -> float:
         total, chain = 1.0, 1.0
@@ -285,7 +298,7 @@ class KPlanner:
         prior = self.costs.tree_tokens
         if prior is None:
             prior = TREE_PRIOR_GAIN * self.expected_tokens(depth)
-        return (self.tree_tokens + prior * self.prior_weight) / (self.tree_rounds + self.prior_weight)
+        return (self.tree_yield.total + prior * self.prior_weight) / (self.tree_yield.weight + self.prior_weight)
 
     def choose(self, ceiling: int) -> int:
         """This round's k, chains only (plan without trees)."""
