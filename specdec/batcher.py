@@ -1,10 +1,14 @@
 """Dynamic batching: requests that arrive close together run as one call on the model worker.
 
 The first request of a batch waits `window_s` for company, but only when company is likely:
-when more than one session sent requests in the last `active_s` seconds (a lone session's round
-never waits) and fewer than `max_batch` are already waiting. Requests that arrive while a batch
-runs form the next one. A session appears at most once per batch (its cache cannot be extended
-twice in one forward).
+when another session is still active (a lone session's round never waits) and fewer than
+`max_batch` are already waiting. A session counts as active until it has been silent for
+ACTIVE_GAPS times the gap between its last two requests (a decoding session asks once a round),
+and at most `active_s` seconds: so a session that has finished stops making the next one wait
+within a few of its rounds, not for a second (on a fast host, where a round takes 10 ms, that
+second cost every session that followed another a window's wait on most of its rounds).
+Requests that arrive while a batch runs form the next one. A session appears at most once per
+batch (its cache cannot be extended twice in one forward).
 """
 
 from __future__ import annotations
@@ -18,6 +22,18 @@ from specdec.serving import ModelWorker, Timed
 
 J = TypeVar("J")
 R = TypeVar("R")
+
+ACTIVE_GAPS = 4.0  # a session silent for this many of its own request gaps has stopped asking
+
+
+@dataclass
+class _Seen:
+    last: float  # its latest request
+    gap: float | None = None  # between its last two requests (None: it has asked once)
+
+    def active(self, now: float, active_s: float) -> bool:
+        horizon = active_s if self.gap is None else min(active_s, ACTIVE_GAPS * self.gap)
+        return now - self.last < horizon
 
 
 @dataclass
@@ -49,13 +65,17 @@ class Batcher(Generic[J, R]):
         self.active_s = active_s
         self._waiting: list[_Waiting[J]] = []
         self._drainer: asyncio.Task | None = None
-        self._last_seen: dict[Hashable, float] = {}  # session -> its latest request
+        self._seen: dict[Hashable, _Seen] = {}  # session -> when it asked
 
     def _company_expected(self) -> bool:
-        """More than one session sent requests lately (forgetting the others)."""
+        """More than one session is active (forgetting those that are not)."""
         now = time.perf_counter()
-        self._last_seen = {k: t for k, t in self._last_seen.items() if now - t < self.active_s}
-        return len(self._last_seen) > 1
+        self._seen = {k: seen for k, seen in self._seen.items() if seen.active(now, self.active_s)}
+        return len(self._seen) > 1
+
+    def _arrived(self, key: Hashable, now: float) -> None:
+        seen = self._seen.get(key)
+        self._seen[key] = _Seen(now) if seen is None else _Seen(now, now - seen.last)
 
     @property
     def queued(self) -> int:
@@ -65,7 +85,7 @@ class Batcher(Generic[J, R]):
         """Run `job` in the next batch; returns its result with queue and compute times."""
         future = asyncio.get_running_loop().create_future()
         arrived = time.perf_counter()
-        self._last_seen[self.key(job)] = arrived
+        self._arrived(self.key(job), arrived)
         self._waiting.append(_Waiting(job, future, arrived))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())

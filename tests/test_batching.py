@@ -80,3 +80,24 @@ async def test_batcher_groups_concurrent_jobs_and_isolates_failures():
     assert batches[0] == ["a:1", "b:1", "bad:1"]  # at most 3, and session "a" only once
     assert sorted(batches[1]) == ["a:2", "c:1"]
     assert all(r.queue_s >= 0 and r.compute_s >= 0 for r in results if not isinstance(r, Exception))
+
+
+async def test_a_session_that_stopped_asking_makes_no_one_wait_for_company():
+    """The window is waited only while another session is active: one that asked every 20 ms and
+    then went silent for 8 of its gaps no longer counts (it would for active_s, a whole second,
+    under the rule before: every session following another paid the window on most rounds)."""
+    window_s = 0.4
+    batcher = Batcher(ModelWorker("test"), lambda jobs: list(jobs), key=lambda j: j.split(":")[0],
+                      window_s=window_s, max_batch=4, active_s=5.0)
+    for i in range(4):  # session a, a round every 20 ms
+        await batcher.submit(f"a:{i}")
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.14)  # a is silent: 8 of its gaps
+    alone = await batcher.submit("b:0")
+    assert alone.queue_s < window_s / 2
+
+    for i in range(3):  # a asks again, every 100 ms: active for 400 ms after its last request
+        await batcher.submit(f"a:{i + 4}")
+        await asyncio.sleep(0.1)
+    accompanied = await batcher.submit("b:1")  # 100 ms after a's last: it waits for company
+    assert accompanied.queue_s >= window_s * 0.9
