@@ -2,6 +2,7 @@
 
     python -m bench.fixed_workload                          # this checkout, the defaults
     GOMP_SPINCOUNT=100000 python -m bench.fixed_workload    # the services with another spin count
+    python -m bench.fixed_workload --draft-flags "--torch-threads 1"   # the draft service with one thread
 
 Starts the pipeline as `specdec up` does (the default drafter, trees of 7), then sends the same
 prompts one after another (the first N Spec-Bench prompts of the short categories, greedy, a fixed
@@ -49,9 +50,9 @@ def _processes(pipeline) -> dict[str, int]:
             "target": pipeline.targets[0].pid, "redis": pipeline.redis_process.pid, "client": os.getpid()}
 
 
-async def run(prompts_file: Path, count: int, k: int, max_new_tokens: int) -> dict:
+async def run(prompts_file: Path, count: int, k: int, max_new_tokens: int, draft_flags: tuple[str, ...] = ()) -> dict:
     prompts = [p for p in load_prompts(prompts_file, 2, ()) if p.category not in LONG_CATEGORIES][:count]
-    pipeline = await launch(LaunchOptions(target=DEFAULT_MODEL, draft=AUTO_DRAFTER))
+    pipeline = await launch(LaunchOptions(target=DEFAULT_MODEL, draft=AUTO_DRAFTER, draft_flags=draft_flags))
     try:
         async with grpc.aio.insecure_channel(pipeline.coordinator.address) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
@@ -92,8 +93,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=12, help="prompts, from the short categories")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--draft-flags", default="", help="more flags for the draft service, e.g. '--torch-threads 1'")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.prompts, args.count, args.k, args.max_new_tokens))))
+    print(json.dumps(asyncio.run(run(args.prompts, args.count, args.k, args.max_new_tokens,
+                                     tuple(args.draft_flags.split())))))
 
 
 if __name__ == "__main__":
