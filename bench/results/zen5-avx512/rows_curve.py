@@ -1,4 +1,8 @@
-"""Per-row cost of the C product on one layer's weights in blocks, rows 1..16 (this host)."""
+"""One product's time and rate by rows (1-24) through the C kernel, on layer 3's gate_up, down and
+qkv weights in their GGML blocks (Q4_1), median of 7 x 50 calls.
+
+    python bench/results/zen5-avx512/rows_curve.py 1    # torch threads (the kernel's OpenMP team)
+"""
 import sys, time, torch
 from specdec import cpu_kernels, ggml_blocks, models
 from specdec.runner import ModelRunner
