@@ -145,6 +145,17 @@ class CpuLinear:
         found = ggml_blocks.factor(weight) if blocks and self.half else None
         return PackedWeight.of_blocks(found) if found is not None else PackedWeight.of(weight)
 
+    def format_of(self, weight: PackedWeight) -> int:
+        """cpu_linear.c's number for the weight's format (0 float32, 1 half precision, 2 and 3 the
+        GGML blocks), where this library computes it."""
+        if weight.blocks is not None and self.half:
+            return BLOCK_FORMATS[weight.blocks]
+        if weight.data.dtype == torch.float16 and self.half:
+            return 1
+        if weight.data.dtype == torch.float32 and weight.blocks is None:
+            return 0
+        raise ValueError(f"this library does not compute {weight.blocks or weight.data.dtype} weights")
+
     def computes(self, dtype: torch.dtype) -> bool:
         """Whether weights of `dtype` can be packed for this library's products."""
         return dtype == torch.float32 or (dtype == torch.float16 and self.half)
@@ -192,6 +203,19 @@ class CpuLayer:
         self._norm.argtypes = [pointer, integer, integer, pointer, ctypes.c_float, pointer]
         self._rotate.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer]
         self._silu_mul.argtypes = [pointer, integer, integer, pointer]
+        self._project, self._mix = library.specdec_layer_project, library.specdec_layer_mix
+        for function in (self._project, self._mix):
+            function.restype = ctypes.c_int
+        self._project.argtypes = [pointer, pointer, integer, pointer, pointer, pointer, integer]
+        self._mix.argtypes = [pointer, pointer, pointer, integer, pointer, integer]
+
+    def fused(self, linear: "CpuLinear", input_norm: torch.Tensor, qkv: PackedWeight, qkv_bias: torch.Tensor | None,
+              o: PackedWeight, o_bias: torch.Tensor | None, post_norm: torch.Tensor, gate_up: PackedWeight,
+              gate_up_bias: torch.Tensor | None, down: PackedWeight, down_bias: torch.Tensor | None, eps: float,
+              heads: int, kv_heads: int, head_dim: int) -> "FusedLayer":
+        """A Llama-layout decoder layer (without q and k norms) as two calls around its attention
+        (FusedLayer), its products by `linear`'s kernels on the weights as packed for them."""
+        return FusedLayer(self, linear, locals())
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """Llama's RMSNorm of rows x [rows, dim]."""
@@ -217,6 +241,78 @@ class CpuLayer:
         out = gate_up.new_empty(rows, width // 2)
         self._silu_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr())
         return out
+
+
+class _Weight(ctypes.Structure):  # cpu_layer.c's Weight
+    _fields_ = [("packed", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("format", ctypes.c_int),
+                ("inputs", ctypes.c_int), ("outs", ctypes.c_int)]
+
+
+class _LayerWeights(ctypes.Structure):  # cpu_layer.c's Layer
+    _fields_ = [("qkv", _Weight), ("o", _Weight), ("gate_up", _Weight), ("down", _Weight),
+                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
+                ("head_dim", ctypes.c_int)]
+
+
+class FusedLayer:
+    """One decoder layer's two halves around its attention, one C call each (cpu_layer.c's
+    specdec_layer_project and specdec_layer_mix): the same kernels in the same order as the
+    runner's calls one by one (CSteps), so the same bits, without a Python call per step. The
+    weights' pointers are taken once here; the tensors are kept so that they stay valid."""
+
+    def __init__(self, layer: CpuLayer, linear: "CpuLinear", parts: dict):
+        kept = {name: value.contiguous() if isinstance(value, torch.Tensor) else value
+                for name, value in parts.items() if name not in ("self", "linear")}
+
+        def weight(name: str) -> _Weight:
+            packed, bias = kept[name], kept[name + "_bias"]
+            outs, inputs = packed.shape
+            if bias is not None and (bias.shape != (outs,) or bias.dtype != torch.float32):
+                raise ValueError(f"{name}'s bias does not match its weight {packed.shape}")
+            return _Weight(packed.data.data_ptr(), _pointer(bias), linear.format_of(packed), inputs, outs)
+
+        hidden = kept["input_norm"].shape[0]
+        if {kept[name].shape[0] for name in ("o", "down")} != {hidden} or kept["qkv"].shape[1] != hidden:
+            raise ValueError("the layer's products do not map its hidden size back to itself")
+        self._layer, self._linear, self._kept = layer, linear, kept
+        self.weights = _LayerWeights(weight("qkv"), weight("o"), weight("gate_up"), weight("down"),
+                                     kept["input_norm"].data_ptr(), kept["post_norm"].data_ptr(), kept["eps"],
+                                     hidden, kept["heads"], kept["kv_heads"], kept["head_dim"])
+        self.hidden, self.qkv_width = hidden, kept["qkv"].shape[0]
+        self._pointer = ctypes.byref(self.weights)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rows x [rows, hidden] normed, projected to queries, keys and values [rows, qkv width],
+        the queries and keys rotated by cos and sin [rows, head_dim]."""
+        rows = x.shape[0]
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        if x.shape[1] != self.hidden or cos.shape != (rows, self.weights.head_dim) or sin.shape != cos.shape:
+            raise ValueError(f"a layer's projection of rows {tuple(x.shape)} by cos {tuple(cos.shape)}")
+        qkv = x.new_empty(rows, self.qkv_width)
+        self._run(self._layer._project(self._pointer, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
+                                       qkv.data_ptr(), self._threads()))
+        return qkv
+
+    def mix(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer for rows x [rows, hidden] and their attention [rows, heads *
+        head_dim]: the output projection and the MLP, each added to the rows it took."""
+        rows = x.shape[0]
+        x, attended = x.contiguous(), attended.contiguous()
+        if x.shape[1] != self.hidden or attended.shape != (rows, self.weights.o.inputs):
+            raise ValueError(f"a layer's mix of rows {tuple(x.shape)} with attention {tuple(attended.shape)}")
+        out = torch.empty_like(x)
+        self._run(self._layer._mix(self._pointer, x.data_ptr(), attended.data_ptr(), rows, out.data_ptr(),
+                                   self._threads()))
+        return out
+
+    def _threads(self) -> int:
+        return self._linear.threads or torch.get_num_threads()
+
+    @staticmethod
+    def _run(status: int) -> None:
+        if status:
+            raise MemoryError("the CPU layer kernel could not allocate its buffers")
 
 
 @dataclass(frozen=True)

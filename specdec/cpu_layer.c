@@ -11,6 +11,7 @@
    Layouts (float32, contiguous rows). */
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu_vector.h"
@@ -76,4 +77,78 @@ void specdec_silu_mul(const float *gate_up, int rows, int inner, float *out) {
             memcpy(o + i, result, sizeof(float) * (inner - i));
         }
     }
+}
+
+/* A decoder layer's two halves around its attention, each one call: what the runner otherwise
+   does in five and six (a norm, the products, the rotation, the activation, each its own call
+   from Python, whose dispatch cost about a fifth of a one-token step on a fast CPU). The same
+   kernels in the same order on the same numbers: the same bits as those calls. */
+
+void specdec_linear(const float *x, int rows, int in, const float *packed, int outs, const float *bias,
+                    const float *residual, float *out, int threads);
+void specdec_linear_half(const float *x, int rows, int in, const void *packed, int outs, const float *bias,
+                         const float *residual, float *out, int threads);
+void specdec_linear_blocks(const float *x, int rows, int in, const void *packed, int format, int outs,
+                           const float *bias, const float *residual, float *out, int threads);
+
+/* One packed weight of the layer (specdec/cpu_kernels.py's PackedWeight): its format is
+   cpu_linear.c's number (0 float32, 1 half precision, 2 Q4_1, 3 Q8_0). */
+typedef struct {
+    const void *packed;
+    const float *bias; /* or NULL */
+    int format, in, outs;
+} Weight;
+
+/* A layer's weights and shape (cpu_kernels.FusedLayer builds it once). */
+typedef struct {
+    Weight qkv, o, gate_up, down;
+    const float *input_norm, *post_norm;
+    float eps;
+    int hidden, heads, kv_heads, head_dim;
+} Layer;
+
+/* out = x @ w.T (+ bias) (+ residual), by the weight's format */
+static void product(const Weight *w, const float *x, int rows, const float *residual, float *out, int threads) {
+    if (w->format == 0)
+        specdec_linear(x, rows, w->in, (const float *)w->packed, w->outs, w->bias, residual, out, threads);
+    else if (w->format == 1)
+        specdec_linear_half(x, rows, w->in, w->packed, w->outs, w->bias, residual, out, threads);
+    else
+        specdec_linear_blocks(x, rows, w->in, w->packed, w->format, w->outs, w->bias, residual, out, threads);
+}
+
+/* qkv [rows, qkv.outs] = rotate(norm(x) @ qkv.T (+ bias)): the queries and keys rotated by the
+   rows' cos and sin [rows, head_dim]. Returns 0, or -1 when memory ran out. */
+int specdec_layer_project(const Layer *layer, const float *x, int rows, const float *cos, const float *sin,
+                          float *qkv, int threads) {
+    float *normed = malloc(sizeof(float) * (size_t)rows * layer->hidden);
+    if (!normed) return -1;
+    specdec_rms_norm(x, rows, layer->hidden, layer->input_norm, layer->eps, normed);
+    product(&layer->qkv, normed, rows, NULL, qkv, threads);
+    specdec_rotate(qkv, rows, layer->qkv.outs, layer->heads + layer->kv_heads, layer->head_dim, cos, sin);
+    free(normed);
+    return 0;
+}
+
+/* The rest of the layer: mid = x + attended @ o.T (+ bias), then out = mid + silu(gate) * up of
+   norm(mid) @ gate_up.T, @ down.T (+ biases). x, out [rows, hidden]; attended [rows, o.in].
+   Returns 0, or -1 when memory ran out. */
+int specdec_layer_mix(const Layer *layer, const float *x, const float *attended, int rows, float *out,
+                      int threads) {
+    const int hidden = layer->hidden, inner = layer->gate_up.outs / 2;
+    float *mid = malloc(sizeof(float) * (size_t)rows * hidden);
+    float *normed = malloc(sizeof(float) * (size_t)rows * hidden);
+    float *gate_up = malloc(sizeof(float) * (size_t)rows * 2 * inner);
+    float *gated = malloc(sizeof(float) * (size_t)rows * inner);
+    int status = -1;
+    if (mid && normed && gate_up && gated) {
+        product(&layer->o, attended, rows, x, mid, threads);
+        specdec_rms_norm(mid, rows, hidden, layer->post_norm, layer->eps, normed);
+        product(&layer->gate_up, normed, rows, NULL, gate_up, threads);
+        specdec_silu_mul(gate_up, rows, inner, gated);
+        product(&layer->down, gated, rows, mid, out, threads);
+        status = 0;
+    }
+    free(mid), free(normed), free(gate_up), free(gated);
+    return status;
 }

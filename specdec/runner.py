@@ -341,7 +341,7 @@ class ModelRunner:
 
     def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK, compile: bool = False,
                  invariant: bool = True, onednn: bool = True, c_attention: bool = True, c_products: bool = True,
-                 c_steps: bool = True, c_blocks: bool = True):
+                 c_steps: bool = True, c_blocks: bool = True, c_layers: bool = True):
         config = model.config
         model_type = getattr(config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -402,6 +402,15 @@ class ModelRunner:
         if pack:
             self.layers = [_packed(layer, pack) for layer in self.layers]
         self.head_weight = pack(self.lm_head) if pack else self.lm_head
+        # With the C products and steps, each layer's halves around its attention are one C call
+        # each (the same kernels in the same order: the same bits); c_layers=False keeps a call
+        # per step (to measure them). Layers with q and k norms (Qwen3) keep the calls.
+        self.fused_layers = [
+            kernels.layer.fused(kernels.linear, layer.input_norm, layer.qkv, layer.qkv_bias, layer.o, layer.o_bias,
+                                layer.post_norm, layer.gate_up, layer.gate_up_bias, layer.down, layer.down_bias,
+                                self.eps, self.heads, self.kv_heads, self.head_dim)
+            for layer in self.layers
+        ] if c_layers and isinstance(self.steps, CSteps) and all(l.q_norm is None for l in self.layers) else None
         # How the products' weights are held: {"float32": n} or, for a .gguf model's, {"q4_1": n, "q8_0": m}.
         self.weight_formats = collections.Counter(
             (getattr(w, "blocks", None) or str(self.dtype).removeprefix("torch."))
@@ -582,10 +591,17 @@ class ModelRunner:
         x = F.pad(F.embedding(ids, self.embed), (0, 0, 0, padded - real))
         outputs = {0: x} if 0 in wanted_layers else {}
         layouts = [(self._key_lists if self.c_attention else self._tree_layout)(job, a, b) for job, a, b in spans]
+        fused = self.fused_layers if not compiled else None  # (the C products never pad: padded == real)
         for index, layer in enumerate(self.layers):
-            q, k, v = project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
+            if fused:
+                q, k, v = _heads_of(fused[index].project(x, cos, sin), self.heads, self.kv_heads, self.head_dim)
+            else:
+                q, k, v = project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
             attended = self._attention(index, q, k, v, spans, layouts)
-            x = mix(x, F.pad(attended, (0, 0, 0, padded - real)), layer, self.eps)
+            if fused:
+                x = fused[index].mix(x, attended)
+            else:
+                x = mix(x, F.pad(attended, (0, 0, 0, padded - real)), layer, self.eps)
             if index + 1 in wanted_layers:
                 outputs[index + 1] = x
         row = 0

@@ -407,3 +407,44 @@ def test_the_runner_packs_a_gguf_models_weights_back_into_their_blocks_with_the_
 
     for ours, theirs in zip(prompt_then_verify(blocks), prompt_then_verify(wide)):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("gguf", [False, True])
+def test_a_layers_halves_in_one_call_each_give_the_bits_of_its_calls_one_by_one(kernels, gguf):
+    """The runner's default makes a layer's halves around its attention one C call each
+    (FusedLayer): a prompt's and a verify's logits and features, for two sessions in one pass,
+    are bitwise those of the layer's products and small steps called one by one (biases on every
+    product, float32 weights or, where this CPU computes them, GGML blocks)."""
+    import transformers
+
+    from specdec.kv_cache import SessionCache
+    from specdec.runner import ForwardJob, ModelRunner
+
+    if gguf and not kernels.linear.half:
+        pytest.skip("this CPU converts no half precision (neither AVX-512 nor F16C)")
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=256, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if gguf and parameter.dim() == 2:
+                parameter.copy_(_ggml(parameter, "Q8_0" if "embed" in name or "lm_head" in name else "Q4_1"))
+            elif parameter.dim() == 1 and "norm" not in name:
+                parameter.normal_()  # biases that matter
+    fused, calls = ModelRunner(model, 320), ModelRunner(model, 320, c_layers=False)
+    assert fused.fused_layers is not None and calls.fused_layers is None
+    assert (fused.weight_formats == {"q4_1": 8, "q8_0": 1}) if gguf else (fused.weight_formats == {"float32": 9})
+    tokens = torch.randint(0, 320, (2, 50), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def prompts_then_verifies(runner: ModelRunner) -> list[torch.Tensor]:
+        entries = [SessionCache(), SessionCache()]
+        prompts = runner.forward([ForwardJob(entries[0], tokens[0][:40], 0, (1, 2)),
+                                  ForwardJob(entries[1], tokens[1][:33], 0, (1, 2))])
+        verifies = runner.forward([ForwardJob(entries[0], tokens[0], 40, (1,)),
+                                   ForwardJob(entries[1], tokens[1][:38], 33, (1,))])
+        return [t for result in prompts + verifies for t in (result.logits, result.features)]
+
+    for ours, theirs in zip(prompts_then_verifies(fused), prompts_then_verifies(calls), strict=True):
+        assert torch.equal(ours, theirs)
