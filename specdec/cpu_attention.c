@@ -11,8 +11,9 @@
    ancestors where they sit instead of in a chain. (The compiler may fuse multiplies and adds:
    it does so the same way wherever one loop runs, and one library computes every row.)
 
-   Layouts (float32, contiguous): q and out [rows, heads, dim]; keys and values of one layer
-   [kv_heads, capacity, dim]; query head h reads kv head h / (heads / kv_heads). */
+   Layouts (float32, contiguous): q and out [rows, heads, dim] (specdec_attend_projected reads the
+   queries in the rows of a projection, further apart); keys and values of one layer [kv_heads,
+   capacity, dim]; query head h reads kv head h / (heads / kv_heads). */
 
 #include <math.h>
 #ifdef _OPENMP
@@ -29,6 +30,7 @@ typedef struct {
     int max_extra, heads, kv_heads, dim, capacity;
     float scale;
     float *out;
+    long q_stride; /* floats from one row's queries to the next's */
 } Job;
 
 /* Where row `row`'s keys sit: offsets (slot * dim) of its n keys, in order. */
@@ -188,7 +190,7 @@ static int run_rows(const Job *job, int g, int row_from, int row_to) {
             if (padded <= from) continue;
             const int to = from + KEY_BLOCK < padded ? from + KEY_BLOCK : padded;
             for (int h = 0; h < group; h++)
-                scores_of(job->q + ((long)r * job->heads + (long)g * group + h) * dim, keys, offsets + (long)i * most,
+                scores_of(job->q + (long)r * job->q_stride + ((long)g * group + h) * dim, keys, offsets + (long)i * most,
                           from, to, dim, scores + ((long)i * group + h) * most);
         }
     for (int i = 0; i < rows; i++) {
@@ -244,12 +246,42 @@ static int run_share(const Job *job, const int *keys_of, int rows, long work, in
    parallel operations use (the same libgomp, already running and waiting in this process, so
    that a split costs microseconds); each row's numbers are the same whichever thread computes
    them. */
+static int attend(const Job *job, int rows, int threads);
+
 int specdec_attend(const float *q, const float *keys, const float *values, int capacity, const int *prefix,
                    const int *extra, const int *n_extra, int max_extra, int rows, int heads, int kv_heads,
                    int dim, float scale, float *out, int threads) {
     if (dim % 8 || heads % kv_heads) return -1;
+    const Job job = {q, keys, values, prefix, extra, n_extra, max_extra, heads, kv_heads, dim, capacity, scale, out,
+                     (long)heads * dim};
+    return attend(&job, rows, threads);
+}
+
+/* The same for rows of a layer's projection qkv [rows, stride] (queries, keys, values side by
+   side, as specdec_layer_project leaves them): first each row's keys and values into the cache at
+   slots slot, slot + 1, ... (the copy the runner otherwise makes in torch), then its queries'
+   attention, read where they are. The same numbers as specdec_attend on the copies. */
+int specdec_attend_projected(const float *qkv, int stride, int slot, float *keys, float *values, int capacity,
+                             const int *prefix, const int *extra, const int *n_extra, int max_extra, int rows,
+                             int heads, int kv_heads, int dim, float scale, float *out, int threads) {
+    if (dim % 8 || heads % kv_heads || slot < 0 || slot + rows > capacity || (heads + 2 * kv_heads) * dim > stride)
+        return -1;
+    for (int r = 0; r < rows; r++)
+        for (int g = 0; g < kv_heads; g++) {
+            const float *row = qkv + (long)r * stride;
+            const long at = ((long)g * capacity + slot + r) * dim;
+            memcpy(keys + at, row + (long)(heads + g) * dim, sizeof(float) * dim);
+            memcpy(values + at, row + (long)(heads + kv_heads + g) * dim, sizeof(float) * dim);
+        }
+    const Job job = {qkv, keys, values, prefix, extra, n_extra, max_extra, heads, kv_heads, dim, capacity, scale, out,
+                     stride};
+    return attend(&job, rows, threads);
+}
+
+static int attend(const Job *job, int rows, int threads) {
     if (rows <= 0) return 0;
-    const Job job = {q, keys, values, prefix, extra, n_extra, max_extra, heads, kv_heads, dim, capacity, scale, out};
+    const int *prefix = job->prefix, *n_extra = job->n_extra;
+    const int heads = job->heads, kv_heads = job->kv_heads;
     int *keys_of = malloc(sizeof(int) * (size_t)rows);
     if (!keys_of) return -1;
     long work = 0;
@@ -262,9 +294,9 @@ int specdec_attend(const float *q, const float *keys, const float *values, int c
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) reduction(| : failed) if (threads > 1)
-    failed |= run_share(&job, keys_of, rows, work, omp_get_thread_num(), omp_get_num_threads());
+    failed |= run_share(job, keys_of, rows, work, omp_get_thread_num(), omp_get_num_threads());
 #else
-    failed = run_share(&job, keys_of, rows, work, 0, 1);
+    failed = run_share(job, keys_of, rows, work, 0, 1);
 #endif
     free(keys_of);
     return failed ? -1 : 0;

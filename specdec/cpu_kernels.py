@@ -64,6 +64,9 @@ class CpuAttention:
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         self._attend.argtypes = [pointer, pointer, pointer, integer, pointer, pointer, pointer, integer, integer,
                                  integer, integer, integer, ctypes.c_float, pointer, integer]
+        self._attend_projected = library.specdec_attend_projected
+        self._attend_projected.restype = ctypes.c_int
+        self._attend_projected.argtypes = [pointer, integer, integer] + self._attend.argtypes[1:]
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lists: "KeyLists",
                scale: float) -> torch.Tensor:
@@ -78,6 +81,26 @@ class CpuAttention:
                               lists.prefix.data_ptr(), lists.extra.data_ptr(), lists.n_extra.data_ptr(),
                               lists.extra.shape[1], rows, heads, keys.shape[0], dim, scale, out.data_ptr(),
                               self.threads or torch.get_num_threads())
+        if status:
+            raise MemoryError("the CPU attention kernel could not allocate its buffers")
+        return out
+
+    def attend_projected(self, qkv: torch.Tensor, heads: int, slot: int, keys: torch.Tensor, values: torch.Tensor,
+                         lists: "KeyLists", scale: float) -> torch.Tensor:
+        """Rows of a layer's projection qkv [rows, (heads + 2 kv_heads) dim] (contiguous; queries,
+        keys and values side by side): their keys and values written into the cache at slots
+        [slot, slot + rows), then their queries' attention as attend gives it: [rows, heads, dim]."""
+        kv_heads, capacity, dim = keys.shape
+        rows = qkv.shape[0]
+        if (not (qkv.is_contiguous() and keys.is_contiguous() and values.is_contiguous())
+                or qkv.shape[1] != (heads + 2 * kv_heads) * dim or values.shape != keys.shape
+                or not 0 <= slot <= capacity - rows):
+            raise ValueError(f"cannot attend rows {tuple(qkv.shape)} at slot {slot} of a cache {tuple(keys.shape)}")
+        out = qkv.new_empty(rows, heads, dim)
+        status = self._attend_projected(qkv.data_ptr(), qkv.shape[1], slot, keys.data_ptr(), values.data_ptr(),
+                                        capacity, lists.prefix.data_ptr(), lists.extra.data_ptr(),
+                                        lists.n_extra.data_ptr(), lists.extra.shape[1], rows, heads, kv_heads, dim,
+                                        scale, out.data_ptr(), self.threads or torch.get_num_threads())
         if status:
             raise MemoryError("the CPU attention kernel could not allocate its buffers")
         return out

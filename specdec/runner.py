@@ -594,13 +594,16 @@ class ModelRunner:
         fused = self.fused_layers if not compiled else None  # (the C products never pad: padded == real)
         for index, layer in enumerate(self.layers):
             if fused:
-                q, k, v = _heads_of(fused[index].project(x, cos, sin), self.heads, self.kv_heads, self.head_dim)
-            else:
-                q, k, v = project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
-            attended = self._attention(index, q, k, v, spans, layouts)
-            if fused:
+                qkv = fused[index].project(x, cos, sin)
+                if self.c_attention:
+                    attended = self._attention_projected(index, qkv, spans, layouts)
+                else:
+                    q, k, v = _heads_of(qkv, self.heads, self.kv_heads, self.head_dim)
+                    attended = self._attention(index, q, k, v, spans, layouts)
                 x = fused[index].mix(x, attended)
             else:
+                q, k, v = project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
+                attended = self._attention(index, q, k, v, spans, layouts)
                 x = mix(x, F.pad(attended, (0, 0, 0, padded - real)), layer, self.eps)
             if index + 1 in wanted_layers:
                 outputs[index + 1] = x
@@ -653,11 +656,29 @@ class ModelRunner:
             else:
                 out.append(self._attend(q[row : row + b - a], kv, index, a, b, layout))
             row += b - a
+        self._after_layer(index, spans)
+        return torch.cat(out)
+
+    def _attention_projected(self, index: int, qkv: torch.Tensor, spans, layouts: list) -> torch.Tensor:
+        """_attention for the C attention on a layer's projection rows (FusedLayer.project): each
+        session's new keys and values go into its cache, and its queries are read, where the rows
+        hold them, in one call: [real rows, heads * head_dim]."""
+        out, row = [], 0
+        for (job, a, b), layout in zip(spans, layouts):
+            kv = job.entry.kv
+            attended = self.c_attention.attend_projected(qkv[row : row + b - a], self.heads, a, kv.keys(index),
+                                                         kv.values(index), layout, self.scale)
+            out.append(attended.reshape(b - a, -1))
+            row += b - a
+        self._after_layer(index, spans)
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _after_layer(self, index: int, spans) -> None:
+        """After the last layer's keys and values: each session's cache holds its spans."""
         if index == len(self.layers) - 1:
             for job, a, b in spans:
                 job.entry.kv.length = b
                 job.entry.tokens = list(job.tokens[:b])
-        return torch.cat(out)
 
     @staticmethod
     def _key_lists(job: ForwardJob, start: int, end: int) -> cpu_kernels.KeyLists:

@@ -412,9 +412,10 @@ def test_the_runner_packs_a_gguf_models_weights_back_into_their_blocks_with_the_
 @pytest.mark.parametrize("gguf", [False, True])
 def test_a_layers_halves_in_one_call_each_give_the_bits_of_its_calls_one_by_one(kernels, gguf):
     """The runner's default makes a layer's halves around its attention one C call each
-    (FusedLayer): a prompt's and a verify's logits and features, for two sessions in one pass,
-    are bitwise those of the layer's products and small steps called one by one (biases on every
-    product, float32 weights or, where this CPU computes them, GGML blocks)."""
+    (FusedLayer), and its attention writes the new keys and values itself (attend_projected): a
+    prompt's and a verify's logits and features, for two sessions in one pass, one verifying a
+    tree, are bitwise those of the layer's products and small steps called one by one (biases on
+    every product, float32 weights or, where this CPU computes them, GGML blocks)."""
     import transformers
 
     from specdec.kv_cache import SessionCache
@@ -442,9 +443,9 @@ def test_a_layers_halves_in_one_call_each_give_the_bits_of_its_calls_one_by_one(
         entries = [SessionCache(), SessionCache()]
         prompts = runner.forward([ForwardJob(entries[0], tokens[0][:40], 0, (1, 2)),
                                   ForwardJob(entries[1], tokens[1][:33], 0, (1, 2))])
-        verifies = runner.forward([ForwardJob(entries[0], tokens[0], 40, (1,)),
-                                   ForwardJob(entries[1], tokens[1][:38], 33, (1,))])
-        return [t for result in prompts + verifies for t in (result.logits, result.features)]
+        verifies = runner.forward([ForwardJob(entries[0], tokens[0], 40, (1,)),  # a chain, and a tree of 6
+                                   ForwardJob(entries[1], tokens[1][:40], 33, tree=[-1, 0, 1, -1, 3, 0])])
+        return [t for result in prompts + verifies for t in (result.logits, result.features) if t is not None]
 
     for ours, theirs in zip(prompts_then_verifies(fused), prompts_then_verifies(calls), strict=True):
         assert torch.equal(ours, theirs)
