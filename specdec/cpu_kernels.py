@@ -1,6 +1,8 @@
 """The runner's CPU kernels in C, built on first use with the machine's C compiler into one library
 and loaded through ctypes: its attention (cpu_attention.c), its matrix products (cpu_linear.c) and
-a layer's small steps between them (cpu_layer.c: RMS norms, rotary embedding, gated activation).
+a layer's small steps between them (cpu_layer.c: RMS norms, rotary embedding, gated activation),
+which cpu_layer.c also strings together into a layer's two halves around its attention
+(FusedLayer: one call each, so that a step's dispatch from Python is three calls a layer).
 
 Why C: at a step's few rows the torch attention (specdec.runner's blocks, invariant by its fixed
 blocks and running sums) is some thirty small operations a layer, and on this project's 2-core

@@ -19,7 +19,9 @@ because every reduction is done the same way whatever the batch:
     has its own). On CPU without the C kernels the products are oneDNN's (onednn_linear), probed
     the same way;
   * a layer's norms, rotary embedding and activation are row by row: on CPU in C (CSteps, a
-    norm's squares summed in fixed lanes), elsewhere torch's (TorchSteps);
+    norm's squares summed in fixed lanes; with the C products each layer's halves around its
+    attention are one C call each, cpu_kernels.FusedLayer, the same kernels in the same order),
+    elsewhere torch's (TorchSteps);
   * attention on CPU runs in C (specdec.cpu_kernels), each query row over its own list of
     key slots in a fixed order, so nothing else in the call changes its numbers; a tree's node
     off its leading chain lists the slots before the tree, then its ancestors' and its own
