@@ -409,13 +409,14 @@ def test_the_runner_packs_a_gguf_models_weights_back_into_their_blocks_with_the_
         assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("gguf", [False, True])
-def test_a_layers_halves_in_one_call_each_give_the_bits_of_its_calls_one_by_one(kernels, gguf):
+@pytest.mark.parametrize("gguf, c_attention", [(False, True), (True, True), (False, False)])
+def test_a_layers_halves_in_one_call_each_give_the_bits_of_its_calls_one_by_one(kernels, gguf, c_attention):
     """The runner's default makes a layer's halves around its attention one C call each
     (FusedLayer), and its attention writes the new keys and values itself (attend_projected): a
     prompt's and a verify's logits and features, for two sessions in one pass, one verifying a
     tree, are bitwise those of the layer's products and small steps called one by one (biases on
-    every product, float32 weights or, where this CPU computes them, GGML blocks)."""
+    every product, float32 weights or, where this CPU computes them, GGML blocks; and with the
+    torch attention blocks, between the two calls, instead of the C attention)."""
     import transformers
 
     from specdec.kv_cache import SessionCache
@@ -434,7 +435,9 @@ def test_a_layers_halves_in_one_call_each_give_the_bits_of_its_calls_one_by_one(
                 parameter.copy_(_ggml(parameter, "Q8_0" if "embed" in name or "lm_head" in name else "Q4_1"))
             elif parameter.dim() == 1 and "norm" not in name:
                 parameter.normal_()  # biases that matter
-    fused, calls = ModelRunner(model, 320), ModelRunner(model, 320, c_layers=False)
+    fused = ModelRunner(model, 320, c_attention=c_attention)
+    calls = ModelRunner(model, 320, c_attention=c_attention, c_layers=False)
+    assert (fused.c_attention is not None) == c_attention
     assert fused.fused_layers is not None and calls.fused_layers is None
     assert (fused.weight_formats == {"q4_1": 8, "q8_0": 1}) if gguf else (fused.weight_formats == {"float32": 9})
     tokens = torch.randint(0, 320, (2, 50), generator=torch.Generator().manual_seed(1)).tolist()
