@@ -332,11 +332,17 @@ static void run_tiles(const float *x, int rows, int in, const void *packed, int 
                over each part (more rows a pass, the sums still in registers) */
             const int whole = block_end - block <= WHOLE_ROWS, parts = whole ? 1 : PARTS;
             const int most = whole ? WHOLE_ROWS : MAX_ROWS;
+            /* the rows in as few passes as fit, of sizes as equal as can be (16 rows: 8 and 8, not
+               12 and 4, whose short pass does little arithmetic for each weight it loads) */
+            const int rows = block_end - block, passes = (rows + most - 1) / most;
             for (int part = 0; part < parts && part * PART < valid; part++)
-                for (int r = block; r < block_end; r += most)
+                for (int p = 0, r = block; p < passes; p++) {
+                    const int size = rows / passes + (p < rows % passes);
                     tile_rows(x + (long)r * in, in, tile, tile_format, bias ? bias + first : 0,
                               residual ? residual + (long)r * outs + first : 0, valid, out + (long)r * outs + first,
-                              outs, block_end - r < most ? block_end - r : most, whole, part);
+                              outs, size, whole, part);
+                    r += size;
+                }
         }
     }
 }
