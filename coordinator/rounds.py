@@ -237,8 +237,10 @@ class KPlanner:
     Expected tokens a round yields with a chain of k drafts: E(k) = 1 + sum_{i<=k} prod_{j<=i}
     a_j, where a_j is the measured probability that draft j is kept when drafts 1..j-1 were (this
     session's rounds, smoothed toward what the decoder saw in all sessions). k maximises E(k) /
-    wall(k) (RoundCosts), k = 0 included when drafting does not pay; every `probe_every` rounds
-    at k = 0 it drafts one token, to notice when drafting pays again. The other way round, while
+    wall(k) (RoundCosts), k = 0 included when drafting does not pay; after `probe_every` rounds
+    at k = 0 it drafts one token, to notice when drafting pays again, and each probe that leaves
+    k = 0 the best doubles the wait for the next (up to `max_probe_every`): where no drafting pays
+    (a fast target step, sampled text), a probe every 8th round cost 3-8% of the call. The other way round, while
     the costs hold too few rounds at k = 0 to time one (a round that skips Propose and verifies
     one token; the line through the drafting rounds prices it too high, all the more with
     trees), every `explore_every`-th round takes k = 0, so that a target step cheaper than a
@@ -255,11 +257,13 @@ class KPlanner:
     """
 
     def __init__(self, max_k: int, costs: RoundCosts, prior: Sequence[float], prior_weight: float = 4.0,
-                 decay: float = 0.97, probe_every: int = 8, explore_every: int = 16):
+                 decay: float = 0.97, probe_every: int = 8, explore_every: int = 16, max_probe_every: int = 64):
         self.max_k = max_k
         self.costs = costs
         self.prior = list(prior) + [prior[-1] if prior else 0.5] * (max_k + 1 - len(prior))
         self.prior_weight, self.decay, self.probe_every = prior_weight, decay, probe_every
+        self.max_probe_every = max_probe_every
+        self._probe_wait = probe_every  # rounds at k = 0 before the next probe
         self.explore_every = explore_every
         self._since_plain = 0  # rounds drafted since this call last took k = 0
         self._since_tree = 0  # drafting rounds since this call last drafted a tree
@@ -317,6 +321,7 @@ class KPlanner:
                 best_k, best_rate = k, rate
         if tree and self.expected_tree_tokens(ceiling) / self.costs.tree_wall(tree_nodes) > best_rate * 1.0001:
             self._since_drafting = self._since_tree = 0
+            self._probe_wait = self.probe_every
             self._since_chain += best_k > 0
             if self._since_chain >= self.explore_every:  # the best chain, now and then, to keep it timed
                 self._since_chain = 0
@@ -325,11 +330,13 @@ class KPlanner:
         if best_k == 0 and ceiling > 0:
             self._since_plain = 0
             self._since_drafting += 1
-            if self._since_drafting >= self.probe_every:
+            if self._since_drafting >= self._probe_wait:
                 self._since_drafting = 0
+                self._probe_wait = min(2 * self._probe_wait, self.max_probe_every)  # unless it pays
                 return 1, 0
             return 0, 0
         self._since_drafting = self._since_chain = 0
+        self._probe_wait = self.probe_every
         if tree and best_k > 0:
             self._since_tree += 1
             if self._since_tree >= self.explore_every:

@@ -237,3 +237,26 @@ def test_the_planner_drafts_trees_where_their_rows_are_cheap_and_chains_where_th
         assert all(0 < k < 5 for k, nodes in plans if not nodes)
     assert planner.plan(5, tree_nodes=0)[1] == 0
     assert planner.plan(5, tree_nodes=5)[1] == 0  # no wider than a chain of k
+
+
+def test_the_planners_probes_at_k0_grow_apart_while_drafting_does_not_pay_and_come_back_when_it_does():
+    """Where no drafting pays, a probe (one draft) every 8th round is a steady cost: each probe
+    that leaves k = 0 the best doubles the wait for the next, up to 64 rounds; once drafts are
+    kept again the planner drafts, and its probes start again from 8."""
+    costs = RoundCosts(max_k=8)
+    for k in range(0, 9):
+        costs.observe(k, 0.060 + 0.008 * k, accepted=0)
+    planner = KPlanner(8, costs, prior=[0.5] * 9)
+    for _ in range(30):
+        planner.observe(proposed=4, accepted=0)
+    chosen = [planner.plan(8)[0] for _ in range(300)]
+    probes = [i for i, k in enumerate(chosen) if k]
+    assert set(chosen) == {0, 1}
+    assert [b - a for a, b in zip(probes, probes[1:])][:4] == [16, 32, 64, 64]  # a probe every 8th: 37
+    for _ in range(40):
+        planner.observe(proposed=8, accepted=8)
+    assert planner.plan(8)[0] > 0
+    for _ in range(200):
+        planner.observe(proposed=4, accepted=0)
+    again = [planner.plan(8)[0] for _ in range(9)]
+    assert again.count(1) == 1 and again.index(1) == 7  # the shortest wait again
