@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_attention.c", "cpu_linear.c", "cpu_layer.c"))
 HEADERS = (Path(__file__).with_name("cpu_vector.h"),)
 LINEAR_TILE = 32  # outputs in one tile of a packed weight: cpu_linear.c's TILE
-BLOCK_FORMATS = {ggml_blocks.Q4_1: 2, ggml_blocks.Q8_0: 3}  # cpu_linear.c's format numbers
+FLOAT32, HALF = 0, 1  # cpu_linear.c's format numbers
+BLOCK_FORMATS = {ggml_blocks.Q4_1: 2, ggml_blocks.Q8_0: 3}  # and those of the GGML blocks
 FLAGS = ("-O2", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
 # OpenMP: the kernels split long calls among the threads of the OpenMP team torch already runs
 # (torch's wheels ship libgomp.so.1, which the kernel's libgomp.so.1 resolves to once torch is
@@ -171,15 +172,19 @@ class CpuLinear:
         return PackedWeight.of_blocks(found) if found is not None else PackedWeight.of(weight)
 
     def format_of(self, weight: PackedWeight) -> int:
-        """cpu_linear.c's number for the weight's format (0 float32, 1 half precision, 2 and 3 the
-        GGML blocks), where this library computes it."""
-        if weight.blocks is not None and self.half:
-            return BLOCK_FORMATS[weight.blocks]
-        if weight.data.dtype == torch.float16 and self.half:
-            return 1
-        if weight.data.dtype == torch.float32 and weight.blocks is None:
-            return 0
-        raise ValueError(f"this library does not compute {weight.blocks or weight.data.dtype} weights")
+        """cpu_linear.c's number for the weight's format (FLOAT32, HALF, or the GGML blocks'), where
+        this library computes it."""
+        format = self._format(weight)
+        if format is None:
+            raise ValueError(f"this library does not compute {weight.blocks or weight.data.dtype} weights")
+        return format
+
+    def _format(self, weight: PackedWeight) -> int | None:
+        if weight.blocks is not None:
+            return BLOCK_FORMATS[weight.blocks] if self.half else None
+        if weight.data.dtype == torch.float16:
+            return HALF if self.half else None
+        return FLOAT32 if weight.data.dtype == torch.float32 else None
 
     def computes(self, dtype: torch.dtype) -> bool:
         """Whether weights of `dtype` can be packed for this library's products."""
@@ -191,13 +196,12 @@ class CpuLinear:
         The weight is packed in float32, or in float16 where `half` says this library computes it."""
         x = x.contiguous()
         rows, inputs = x.shape
-        half = weight.data.dtype == torch.float16 and self.half
-        blocks = weight.blocks is not None and self.half
+        format = self._format(weight)
         if (inputs != weight.shape[1] or (bias is not None and bias.shape != (weight.outs,))
                 or (residual is not None and residual.shape != (rows, weight.outs))
                 or any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu")
                        for t in (x, bias, residual))
-                or weight.data.device.type != "cpu" or not (half or blocks or weight.data.dtype == torch.float32)):
+                or weight.data.device.type != "cpu" or format is None):
             raise ValueError(f"a product of x {tuple(x.shape)} {x.dtype} with a weight {weight.shape}, bias "
                              f"{None if bias is None else tuple(bias.shape)} and residual "
                              f"{None if residual is None else tuple(residual.shape)}: shapes do not match")
@@ -205,11 +209,11 @@ class CpuLinear:
         bias, residual = (None if t is None else t.contiguous() for t in (bias, residual))
         out = torch.empty(rows, weight.outs, dtype=x.dtype)
         threads = self.threads or torch.get_num_threads()
-        if blocks:
-            self._linear_blocks(x.data_ptr(), rows, inputs, weight.data.data_ptr(), BLOCK_FORMATS[weight.blocks],
+        if format in BLOCK_FORMATS.values():
+            self._linear_blocks(x.data_ptr(), rows, inputs, weight.data.data_ptr(), format,
                                 weight.outs, _pointer(bias), _pointer(residual), out.data_ptr(), threads)
         else:
-            (self._linear_half if half else self._linear)(
+            (self._linear_half if format == HALF else self._linear)(
                 x.data_ptr(), rows, inputs, weight.data.data_ptr(), weight.outs, _pointer(bias), _pointer(residual),
                 out.data_ptr(), threads)
         return out
