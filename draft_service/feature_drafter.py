@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from draft_service.drafters import Proposal, ProposeJob
 from specdec import cpu_kernels
-from specdec.cpu_kernels import CpuKernels
+from specdec.cpu_kernels import CpuAttention, CpuKernels, KeyLists, attention_applies
 from specdec.ngram import HYBRID_MIN_NGRAM, ngram_lookup
 from specdec.eagle import DRAFT_MATMUL_DTYPE, KIND, MATMUL_DTYPES, EagleDrafter
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
@@ -44,8 +44,12 @@ class FeatureDrafter:
     runs_inline = False
 
     def __init__(self, head: EagleDrafter, embeddings: torch.Tensor, hybrid_ngram: int = HYBRID_MIN_NGRAM,
-                 tree_expand: int = 0, tree_children: int = TREE_CHILDREN):
+                 tree_expand: int = 0, tree_children: int = TREE_CHILDREN, attention: CpuAttention | None = None):
         self.head = head
+        # Drafting on a CPU: the runner's C attention, each row over its own key slots (a node over
+        # the committed positions, its ancestors and itself) instead of torch's over a mask of all
+        # of them, whose building and dispatch cost more than the arithmetic. None: torch's.
+        self.attention = attention
         default_expand = TREE_EXPAND_CUDA if embeddings.device.type == "cuda" else TREE_EXPAND_CPU
         # Trees' shape (_draft_trees); tree_expand 0: the device's default.
         self.tree_expand, self.tree_children = tree_expand or default_expand, tree_children
@@ -85,9 +89,12 @@ class FeatureDrafter:
         head = (EagleDrafter.load(Path(folder), device=device)
                 .with_matmul_dtype(dtype, kernels.linear if kernels is not None else None)
                 .with_small_steps(kernels.layer if kernels is not None else None))
-        model = models.load_model(target or head.config.target, device=device)
+        c = head.config
+        attends = kernels is not None and attention_applies(
+            torch.float32, torch.device(device), c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        model = models.load_model(target or c.target, device=device)
         return cls(head, model.get_input_embeddings().weight.detach().float(), hybrid_ngram, tree_expand,
-                   tree_children)
+                   tree_children, kernels.attention if attends else None)
 
     def _lookup(self, job: ProposeJob) -> list[int]:
         """The hybrid's n-gram proposal, if the context repeats a long enough suffix (never for the
@@ -144,11 +151,22 @@ class FeatureDrafter:
         for entry, start, n in segments:
             rows = slice(at, at + n)
             keys, values = _written(entry.kv, start, k[:, rows], v[:, rows])
-            allowed = torch.arange(start + n, device=self.device)[None, :] <= positions[rows, None]
-            attended.append(F.scaled_dot_product_attention(q[None, :, rows], keys[None], values[None],
-                                                           attn_mask=allowed, enable_gqa=True)[0])
+            if self.attention is not None:  # position p over positions [0, p]
+                attended.append(self._attend_in_c(entry.kv, q[:, rows], list(range(start + 1, start + n + 1)),
+                                                  [[] for _ in range(n)]))
+            else:
+                allowed = torch.arange(start + n, device=self.device)[None, :] <= positions[rows, None]
+                attended.append(F.scaled_dot_product_attention(q[None, :, rows], keys[None], values[None],
+                                                               attn_mask=allowed, enable_gqa=True)[0])
             at += n
         return self.head.finish(previous, torch.cat(attended, dim=1))
+
+    def _attend_in_c(self, kv: SessionKV, q: torch.Tensor, prefix: list[int], extra: list[list[int]]) -> torch.Tensor:
+        """The C attention of queries q [heads, n, dim] over the head's cache: row r over positions
+        [0, prefix[r]), then the positions extra[r]. Returns [heads, n, dim]."""
+        lists = KeyLists(prefix, extra)
+        return self.attention.attend(q.transpose(0, 1), kv.keys(0), kv.values(0), lists,
+                                     self.config.head_dim ** -0.5).transpose(0, 1)
 
     # --- drafting --------------------------------------------------------------------------
 
@@ -187,14 +205,21 @@ class FeatureDrafter:
         return torch.log_softmax(q.clamp_min(1e-30).log() - noise.log().to(q.device), dim=-1)
 
     def _tree_attention(self, tree: _Tree, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        sees: torch.Tensor) -> torch.Tensor:
+                        ancestors: list[list[int]]) -> torch.Tensor:
         """Attention of one tree's new nodes (q [heads, n, dim]; k and v [kv_heads, n, dim]): each
-        attends to the committed positions, to the nodes already run that `sees` marks ([n, m]:
-        its ancestors) and to itself. The nodes' keys and values go into the session's cache after
-        the committed positions, in the order they were run (so attention reads the cache where it
-        is instead of a copy of it each depth; propose_batch crops them off). Returns [heads, n, dim]."""
-        n, committed = q.shape[1], len(tree.job.committed)
-        keys, values = _written(tree.job.entry.kv, committed + len(tree.expanded), k, v)
+        attends to the committed positions, to its ancestors among the nodes already run (their
+        indices in tree.expanded, ascending) and to itself. The nodes' keys and values go into the
+        session's cache after the committed positions, in the order they were run (so attention
+        reads the cache where it is instead of a copy of it each depth; propose_batch crops them
+        off). Returns [heads, n, dim]."""
+        n, committed, run = q.shape[1], len(tree.job.committed), len(tree.expanded)
+        keys, values = _written(tree.job.entry.kv, committed + run, k, v)
+        if self.attention is not None:
+            extra = [[committed + a for a in lineage] + [committed + run + row] for row, lineage in enumerate(ancestors)]
+            return self._attend_in_c(tree.job.entry.kv, q, [committed] * n, extra)
+        sees = torch.zeros(n, run, dtype=torch.bool)
+        for row, lineage in enumerate(ancestors):
+            sees[row, lineage] = True
         allowed = torch.cat([torch.ones(n, committed, dtype=torch.bool, device=self.device), sees.to(self.device),
                              torch.eye(n, dtype=torch.bool, device=self.device)], dim=1)
         return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=allowed,
@@ -220,16 +245,17 @@ class FeatureDrafter:
     def _run_nodes(self, growing: list[tuple[_Tree, list[int]]], depth: int) -> None:
         """The head's layer over the nodes each tree expands at this depth (position committed -
         1 + depth), all trees' rows in one product each, their attention tree by tree."""
-        tokens, previous, positions, sees = [], [], [], []
+        tokens, previous, positions, ancestors = [], [], [], []
         for tree, fresh in growing:
             candidates = tree.candidates
-            seen = torch.zeros(len(fresh), len(tree.expanded), dtype=torch.bool)
-            for row, c in enumerate(fresh):
-                ancestor = candidates[c][3]
+            lineages = []
+            for c in fresh:
+                lineage, ancestor = [], candidates[c][3]
                 while ancestor >= 0:
-                    seen[row, tree.expanded.index(ancestor)] = True
+                    lineage.append(tree.expanded.index(ancestor))
                     ancestor = candidates[ancestor][3]
-            sees.append(seen)
+                lineages.append(sorted(lineage))
+            ancestors.append(lineages)
             tokens += [candidates[c][2] for c in fresh]
             previous += [tree.frontier_h[tree.frontier.index(candidates[c][3])] for c in fresh]
             positions += [len(tree.job.committed) - 1 + depth] * len(fresh)
@@ -237,9 +263,9 @@ class FeatureDrafter:
         q, k, v = self.head.qkv(self.embeddings[torch.tensor(tokens, device=self.device)], previous_h,
                                 torch.tensor(positions, device=self.device))
         attended, at = [], 0
-        for (tree, fresh), seen in zip(growing, sees):
+        for (tree, fresh), lineages in zip(growing, ancestors):
             rows = slice(at, at + len(fresh))
-            attended.append(self._tree_attention(tree, q[:, rows], k[:, rows], v[:, rows], seen))
+            attended.append(self._tree_attention(tree, q[:, rows], k[:, rows], v[:, rows], lineages))
             at += len(fresh)
         h, at = self.head.finish(previous_h, torch.cat(attended, dim=1)), 0
         for tree, fresh in growing:

@@ -487,6 +487,7 @@ def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target,
     assert isinstance(in_torch.head.lm_head, CastLinear)
     assert in_c.head.steps is not None and in_c.head.norm.kernel is not None
     assert in_torch.head.steps is None and in_torch.head.norm.kernel is None
+    assert in_c.attention is not None and in_torch.attention is None
     assert _drafts(in_c, feature_drafter) == _drafts(in_torch, feature_drafter)
     with pytest.raises(ValueError, match="'c', 'torch' or 'auto'"):
         load("fast")
@@ -496,6 +497,48 @@ def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target,
     with pytest.raises(StartupError, match="--cpu-kernels c: the C product did not build"):
         build_servicer(DraftConfig(model=str(feature_drafter), feature_target=str(tiny_target), cpu_kernels="c"),
                        ServiceMetrics())
+
+
+def test_the_drafters_attention_in_c_attends_as_torchs_does(tiny_target, feature_drafter):
+    """With the C kernels the head's attention runs in C, each row over its own key slots: positions
+    taken in (each over those up to it) and a tree's nodes (over the committed positions, their
+    ancestors and themselves) get what torch's attention over a mask gives (to float32 rounding),
+    and the same drafts; a node's ancestors count."""
+    from draft_service.drafters import ProposeJob
+    from draft_service.feature_drafter import FeatureDrafter, _Tree
+    from specdec.kv_cache import SessionCache, SessionKV
+
+    in_c = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), cpu_kernels="c")
+    in_torch = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), cpu_kernels="c")
+    in_torch.attention = None
+    config, generator = in_c.config, torch.Generator().manual_seed(8)
+    entries = {name: SessionCache() for name in ("c", "torch")}
+    for entry in entries.values():
+        entry.kv = SessionKV(in_c.kv_shape, 8)  # grown as the positions come in
+    tokens = torch.randint(0, config.target_vocab_size, (20,), generator=generator)
+    previous = torch.randn(20, config.hidden_size, generator=generator)
+    with torch.inference_mode():
+        taken_in = {name: drafter._layer([(entries[name], 0, 12)], tokens[:12], previous[:12])
+                    for name, drafter in (("c", in_c), ("torch", in_torch))}
+        torch.testing.assert_close(taken_in["c"], taken_in["torch"], rtol=1e-5, atol=1e-5)
+        more = {name: drafter._layer([(entries[name], 12, 8)], tokens[12:], previous[12:])  # after a cached prefix
+                for name, drafter in (("c", in_c), ("torch", in_torch))}
+        torch.testing.assert_close(more["c"], more["torch"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entries["c"].kv.data, entries["torch"].kv.data)
+        heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        run = torch.randn(kv_heads, 3, dim, generator=generator)  # three nodes already run, after 20 committed
+        q, k, v = (torch.randn(h, 3, dim, generator=generator) for h in (heads, kv_heads, kv_heads))
+        lineages = [[0, 2], [1], []]
+        out = {}
+        for name, drafter in (("c", in_c), ("torch", in_torch)):
+            entries[name].kv.keys(0)[:, 20:23], entries[name].kv.values(0)[:, 20:23] = run, -run
+            tree = _Tree(ProposeJob(entries[name], tokens.tolist(), 4, SamplingParams()), previous[:1],
+                         expanded=[5, 6, 7])
+            out[name] = drafter._tree_attention(tree, q, k, v, lineages)
+        torch.testing.assert_close(out["c"], out["torch"], rtol=1e-5, atol=1e-5)
+        orphans = in_c._tree_attention(tree, q, k, v, [[], [], []])
+        assert not torch.allclose(orphans[:, :2], out["c"][:, :2]) and torch.allclose(orphans[:, 2], out["c"][:, 2])
+    assert _drafts(in_c, feature_drafter) == _drafts(in_torch, feature_drafter)
 
 
 def _drafts(drafter, folder: Path) -> list[int]:
