@@ -134,6 +134,56 @@ def test_text_stream_holds_back_possible_stop_strings():
     assert stream.feed(ids[:cut], final=True) == "lo world. "
 
 
+class _CountingTokenizer:
+    """A tokenizer that records how many ids each decode was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def decode(self, ids, **kwargs):
+        self.lengths.append(len(ids))
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["tiny", "smollm2"])
+def test_text_stream_sends_the_whole_text_once_decoding_only_the_recent_tokens(tokenizer_name):
+    """Fed a growing answer in rounds of 1-6 tokens, the stream sends exactly the whole text
+    (characters split over tokens, spaces, a stop string held back and cut where it starts),
+    each piece a continuation of what was sent; and a round decodes a window of recent tokens,
+    not the whole answer (the old stream decoded all of it every round: quadratic in its length)."""
+    import random
+
+    from coordinator.text_stream import CONTEXT_TOKENS
+
+    if tokenizer_name == "smollm2":
+        base = models.load_tokenizer("smollm2")
+        sentence, ending = "Déjà vu: naïve café owners in Zürich — 東京 and 🙂 — sell crème brûlée. ", "Fin — 終わり 🙂. "
+    else:
+        base = build_tokenizer()
+        sentence, ending = "hello world. the sea is calm today and the sky is blue. ", "the end, at last! "
+    text = sentence * 12 + ending + sentence * 2
+    ids = base.encode(text, add_special_tokens=False)
+    whole = base.decode(ids, skip_special_tokens=True)
+    assert len(ids) > 300 and whole.count(ending.strip()) == 1
+    rng = random.Random(5)
+    for stop in ([], [ending.strip(), "never in the text"]):
+        counting = _CountingTokenizer(base)
+        stream, sent, fed = TextStream(counting, stop), "", 0
+        while True:
+            fed = min(len(ids), fed + rng.randint(1, 6))
+            cut = stream.stop_cut(ids[:fed], fed - 1)
+            final = cut is not None or fed == len(ids)
+            piece = stream.feed(ids[: cut or fed], final=final)
+            sent += piece
+            assert whole.startswith(sent)
+            if final:
+                break
+        at = whole.find(ending.strip()) if stop else len(whole)
+        assert sent == whole[:at] and (cut is not None) == bool(stop)
+        assert max(counting.lengths[len(counting.lengths) // 2 :]) <= 10 * CONTEXT_TOKENS, \
+            "a round decoded the whole answer"
+
+
 def test_tensor_codec_round_trip_and_malformed_input():
     probs = torch.rand(3, 7)
     assert torch.equal(decode_tensor(encode_tensor(probs)), probs)
