@@ -113,6 +113,21 @@ def test_a_cache_whose_tokens_are_not_the_sessions_is_a_miss_not_trusted():
         committed_tokens(entry, _context([1, 2, 3, 4], 3, digest_of=[1, 2, 4, 4]))
 
 
+def test_common_prefix_len_finds_the_first_difference_wherever_it_is():
+    """The shared prefix's length, as a token-by-token scan finds it, for lists of any lengths
+    that differ anywhere (or nowhere), across the spans it halves."""
+    import random
+
+    from specdec.kv_cache import PREFIX_SPAN, common_prefix_len
+
+    rng = random.Random(3)
+    for _ in range(400):
+        a = [rng.randrange(5) for _ in range(rng.randrange(0, 12 * PREFIX_SPAN))]
+        b = a[: rng.randrange(0, len(a) + 1)] + [rng.randrange(5) for _ in range(rng.randrange(0, 3 * PREFIX_SPAN))]
+        expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix_len(a, b) == expected == common_prefix_len(b, a)
+
+
 def test_cache_table_evicts_least_recently_used():
     table = SessionCacheTable(max_bytes=8 * 10)
     for name in "abc":
