@@ -250,10 +250,12 @@ class KPlanner:
     deep as the ceiling, worth the tokens tree rounds yielded (this call's, smoothed toward all
     sessions'), priced at what recent tree rounds of that size took (RoundCosts.tree_wall). So the
     planner drafts trees where the target verifies N + 1 rows for little more than one (a GPU, an
-    AVX-512 CPU) and chains where rows cost (an AVX2 CPU: 8 rows 1.8x one); while chains win,
-    every `explore_every`-th drafting round is a tree, to notice when trees pay again, and while
-    the tree wins, every `explore_every`-th is the best chain (else chains, never timed, would be
-    priced off the tree's own rounds).
+    AVX-512 CPU) and chains where rows cost (an AVX2 CPU: 8 rows 1.8x one); while chains win, a
+    drafting round now and then is a tree, to notice when trees pay again: after `explore_every`
+    drafting rounds, and each explored tree that leaves chains the best doubles the wait (up to
+    `max_probe_every`; the Intel host, where trees of 7 never paid: adaptive k 1.07x target-only
+    with them on offer, 1.13x with chains only). While the tree wins, every `explore_every`-th is
+    the best chain (else chains, never timed, would be priced off the tree's own rounds).
     """
 
     def __init__(self, max_k: int, costs: RoundCosts, prior: Sequence[float], prior_weight: float = 4.0,
@@ -267,6 +269,7 @@ class KPlanner:
         self.explore_every = explore_every
         self._since_plain = 0  # rounds drafted since this call last took k = 0
         self._since_tree = 0  # drafting rounds since this call last drafted a tree
+        self._tree_wait = explore_every  # chain rounds before the next explored tree
         self._since_chain = 0  # tree rounds since this call last drafted a chain
         self.kept = [0.0] * (max_k + 1)  # decayed counts: draft j kept, when tried with 1..j-1 kept
         self.tried = [0.0] * (max_k + 1)
@@ -321,7 +324,7 @@ class KPlanner:
                 best_k, best_rate = k, rate
         if tree and self.expected_tree_tokens(ceiling) / self.costs.tree_wall(tree_nodes) > best_rate * 1.0001:
             self._since_drafting = self._since_tree = 0
-            self._probe_wait = self.probe_every
+            self._probe_wait, self._tree_wait = self.probe_every, self.explore_every
             self._since_chain += best_k > 0
             if self._since_chain >= self.explore_every:  # the best chain, now and then, to keep it timed
                 self._since_chain = 0
@@ -339,8 +342,9 @@ class KPlanner:
         self._probe_wait = self.probe_every
         if tree and best_k > 0:
             self._since_tree += 1
-            if self._since_tree >= self.explore_every:
+            if self._since_tree >= self._tree_wait:
                 self._since_tree = 0
+                self._tree_wait = min(2 * self._tree_wait, self.max_probe_every)  # unless the tree then wins
                 return ceiling, tree_nodes
         return self._explored_plain(best_k, 0)
 

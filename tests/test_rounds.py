@@ -223,18 +223,27 @@ def test_a_tree_is_priced_by_its_own_rounds_and_worth_what_they_yielded():
 def test_the_planner_drafts_trees_where_their_rows_are_cheap_and_chains_where_they_are_not(tree_wall, trees):
     """2.4 tokens for a tree round against 1.9 for a chain of 3: worth it at 45 ms against 40 (a
     target that verifies 8 rows for about the cost of 4), not at 80 (an AVX2 CPU, where they cost
-    twice as much). Where chains win, every explore_every-th drafting round still drafts a tree,
-    and where trees win the best chain; a round without trees on offer (sampled with the
-    rejection rule, a loaded target) is a chain."""
+    twice as much). Where chains win, a drafting round still drafts a tree after explore_every of
+    them, each explored tree doubling the wait for the next (up to max_probe_every); where trees
+    win, every explore_every-th round is the best chain; a round without trees on offer (sampled
+    with the rejection rule, a loaded target) is a chain."""
     costs = _tree_and_chain_rounds(tree_wall)
-    planner = KPlanner(5, costs, prior=[0.6, 0.6, 0.35, 0.25, 0.2, 0.2, 0.2, 0.2, 0.2], explore_every=4)
-    plans = [planner.plan(5, tree_nodes=7) for _ in range(8)]
+    planner = KPlanner(5, costs, prior=[0.6, 0.6, 0.35, 0.25, 0.2, 0.2, 0.2, 0.2, 0.2], explore_every=4,
+                       max_probe_every=16)
+    plans = [planner.plan(5, tree_nodes=7) for _ in range(48)]
+    explored = [i for i, (_, nodes) in enumerate(plans) if nodes == (0 if trees else 7)]
     if trees:
-        assert [nodes for _, nodes in plans] == [7, 7, 7, 0, 7, 7, 7, 0]  # a chain explored every 4th
+        assert explored == list(range(3, 48, 4))  # a chain explored every 4th
         assert all(k == 5 for k, nodes in plans if nodes) and all(0 < k < 5 for k, nodes in plans if not nodes)
     else:
-        assert [nodes for _, nodes in plans] == [0, 0, 0, 7, 0, 0, 0, 7]
+        assert explored == [3, 11, 27, 43]  # a tree after 4 chain rounds, then 8, 16, 16 (the cap)
         assert all(0 < k < 5 for k, nodes in plans if not nodes)
+        for wall, winner in ((0.030, 7), (0.080, 0)):  # trees get cheap and win, then dear again
+            for _ in range(32):
+                costs.observe(5, wall, accepted=1, nodes=7)
+                costs.observe(3, 0.040, accepted=1)
+            assert planner.plan(5, tree_nodes=7)[1] == winner
+        assert [planner.plan(5, tree_nodes=7)[1] for _ in range(3)] == [0, 0, 7]  # the shortest wait again
     assert planner.plan(5, tree_nodes=0)[1] == 0
     assert planner.plan(5, tree_nodes=5)[1] == 0  # no wider than a chain of k
 
