@@ -234,16 +234,18 @@ def machine_info(device: str) -> dict:
 
 
 TORCH_PRODUCTS = "torch"  # a --drafters entry's suffix: the draft service on torch's products
+FLOOR = "floor"  # a --drafters entry's suffix: the coordinator's --min-draft-confidence
 
 
 @dataclass(frozen=True)
 class DrafterSpec:
-    """A --drafters entry, MODEL[+ngramN][+treeN][+DTYPE][+torch][@k1/k2]: 'auto' is the drafter
+    """A --drafters entry, MODEL[+ngramN][+treeN][+DTYPE][+torch][+floorX][@k1/k2]: 'auto' is the drafter
     shipped for the target, '+ngramN' a feature drafter in hybrid with N-token prompt lookup
     ('+ngram0': the head alone; by default the draft service's --hybrid-ngram), '+treeN' the
     coordinator asking it for trees of N drafts ('+tree0': chains), '+float32' (or another of
     MATMUL_DTYPES) the feature drafter's matrix products in that dtype, '+torch' the draft service
-    on torch's products (--cpu-kernels torch), '@k1/k2' the ks to run it at."""
+    on torch's products (--cpu-kernels torch), '+floorX' the coordinator's --min-draft-confidence X
+    ('+floor0': every draft; by default 'auto'), '@k1/k2' the ks to run it at."""
 
     model: str
     hybrid: str = ""
@@ -251,16 +253,20 @@ class DrafterSpec:
     ks: tuple[int, ...] = ()
     matmul: str = ""
     torch_products: bool = False
+    floor: str = ""
 
     @classmethod
     def parse(cls, spec: str) -> "DrafterSpec":
         head, _, ks = spec.partition("@")
         first, *rest = head.split("+")
         matmul = next((part for part in rest if part in MATMUL_DTYPES), "")
-        head = "+".join([first] + [part for part in rest if part not in (*MATMUL_DTYPES, TORCH_PRODUCTS)])
+        floor = next((part.removeprefix(FLOOR) for part in rest if part.startswith(FLOOR)), "")
+        head = "+".join([first] + [part for part in rest
+                                   if part not in (*MATMUL_DTYPES, TORCH_PRODUCTS) and not part.startswith(FLOOR)])
         head, _, tree = head.partition("+tree")
         model, _, hybrid = head.partition("+ngram")
-        return cls(model, hybrid, tree, tuple(int(k) for k in ks.split("/") if k), matmul, TORCH_PRODUCTS in rest)
+        return cls(model, hybrid, tree, tuple(int(k) for k in ks.split("/") if k), matmul, TORCH_PRODUCTS in rest,
+                   floor)
 
 
 def drafter_ks(spec: str) -> tuple[int, ...]:
@@ -269,9 +275,10 @@ def drafter_ks(spec: str) -> tuple[int, ...]:
 
 
 def coordinator_flags(spec: str) -> tuple[str, ...]:
-    """The coordinator's flags for a --drafters entry: its tree size, if it names one."""
-    tree = DrafterSpec.parse(spec).tree
-    return ("--tree-nodes", str(int(tree))) if tree else ()
+    """The coordinator's flags for a --drafters entry: its tree size and confidence floor, if it names them."""
+    parsed = DrafterSpec.parse(spec)
+    return ((("--tree-nodes", str(int(parsed.tree))) if parsed.tree else ())
+            + (("--min-draft-confidence", parsed.floor) if parsed.floor else ()))
 
 
 def drafter_service(spec: str, target: str) -> tuple[str, tuple[str, ...]]:
@@ -317,7 +324,7 @@ def drafter_name(spec: str) -> str:
     tree = {"": "", "0": "+chains"}.get(parsed.tree, f"+tree{parsed.tree}")
     hybrid = {"": "", "0": "+no-lookup"}.get(parsed.hybrid, f"+ngram{parsed.hybrid}")
     suffix = (hybrid + tree + (f"+{parsed.matmul}" if parsed.matmul else "")
-              + (f"+{TORCH_PRODUCTS}" if parsed.torch_products else ""))
+              + (f"+{TORCH_PRODUCTS}" if parsed.torch_products else "") + (f"+{FLOOR}{parsed.floor}" if parsed.floor else ""))
     if parsed.model in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
         return ("eagle3" if parsed.model == AUTO_DRAFTER else parsed.model) + suffix
     return (Path(parsed.model).name or parsed.model) + suffix

@@ -274,7 +274,7 @@ class DraftClient:
     async def propose(
         self, session_id: str, committed: CommittedTokens, k: int, params: SamplingParams, tracker: DeltaTracker,
         features: torch.Tensor | None = None, features_start: int = 0, provisional: Sequence[int] = (),
-        tree_nodes: int = 0,
+        tree_nodes: int = 0, min_confidence: float = 0.0,
     ) -> DraftResult:
         sampling = sampling_to_pb(params)
         relayed = encode_tensor(features) if features is not None else None
@@ -282,7 +282,7 @@ class DraftClient:
         async def send(stub: draft_pb2_grpc.DraftServiceStub, ctx) -> draft_pb2.ProposeResponse:
             request = draft_pb2.ProposeRequest(context=ctx, k=k, sampling=sampling, features=relayed,
                                                features_start=features_start, provisional_tokens=list(provisional),
-                                               tree_nodes=tree_nodes)
+                                               tree_nodes=tree_nodes, min_confidence=min_confidence)
             return await stub.Propose(request, timeout=self.replicas.timeout_s,
                                       metadata=with_trace(self.replicas.metadata))
 

@@ -30,6 +30,12 @@ class CoordinatorConfig:
                              "tree (EAGLE-2's dynamic tree, at most k deep) and Verify scores them in one pass with "
                              "a tree attention mask; greedy and the coupled rule (the rejection rule and other "
                              "drafters draft chains). 0: chains of k drafts")
+    min_draft_confidence: str = option("auto", "adaptive rounds ask the drafter to leave out drafts it thinks the target "
+                                       "unlikely to keep: those whose confidence (its own probability of the draft's "
+                                       "path) is below this. 'auto': each round's from the measured cost of a draft "
+                                       "and the tokens a round yields a second (a draft kept with probability p pays "
+                                       "when p >= its cost x that rate); a number in [0, 1]: that floor; 0: every "
+                                       "draft up to k. Requests with fixed_k always get k drafts")
     tree_max_sessions: int = option(1, "draft trees only while the target's recent passes carry at most this many "
                                     "sessions; beyond, chains (under load a tree's extra rows cost every session)")
     default_sampling_rule: str = option("coupled", "how sampled rounds are decided when a request does not say: "

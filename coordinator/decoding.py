@@ -18,7 +18,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from coordinator.clients import DeltaTracker, DraftClient, DraftResult, ReplicaSet, TargetClient
-from coordinator.rounds import FeatureRelay, KPlanner, Round, RoundCosts, ceiling_for
+from coordinator.rounds import FeatureRelay, KPlanner, Plan, Round, RoundCosts, ceiling_for
 from coordinator.text_stream import TextStream
 from specdec.metrics import ServiceMetrics
 from specdec.prefix import CommittedTokens
@@ -160,6 +160,7 @@ class Decoder:
         tree_nodes: int = 0,
         tree_rule=tree_accept,
         tree_max_sessions: int = 1,
+        confidence_floor: float | None = None,
     ):
         self.target = target
         self.draft = draft
@@ -173,6 +174,9 @@ class Decoder:
         self.tree_rule = tree_rule  # the match rule over a tree of drafts
         self.tree_nodes = tree_nodes  # drafts per round as a tree (0: chains); greedy and coupled only
         self.tree_max_sessions = tree_max_sessions  # trees only while the target is this lightly loaded
+        # Adaptive rounds ask the drafter to leave out drafts below a confidence: this one, or None
+        # for each round's from the measured costs (KPlanner._floor); 0: never.
+        self.confidence_floor = confidence_floor
         self.metrics = metrics or ServiceMetrics()
         self.max_k = max_k
         self.draft_ahead = draft_ahead and draft is not None
@@ -253,7 +257,7 @@ class Decoder:
         tracker = DeltaTracker()
         layers = self.draft.feature_layers if self.draft is not None else ()
         relay = FeatureRelay(layers) if layers else None
-        planner = KPlanner(self.max_k, self.costs, self.costs.acceptance)
+        planner = KPlanner(self.max_k, self.costs, self.costs.acceptance, confidence_floor=self.confidence_floor)
         previous: Round | None = None
         ahead: asyncio.Task | None = None  # round r+1's draft, proposed during round r's Verify
         while previous is None or previous.finish is None:
@@ -263,8 +267,8 @@ class Decoder:
                 break
             ceiling = ceiling_for(params.k, params.max_new_tokens - len(generated), room)
             trees = self._tree_nodes(ceiling, params.sampling)
-            k, nodes = ((ceiling, trees) if params.fixed_k else planner.plan(ceiling, trees))
-            now = Round(len(committed), k, nodes)
+            plan = Plan(ceiling, trees) if params.fixed_k else planner.plan(ceiling, trees)
+            now = Round(len(committed), plan.k, plan.nodes, plan.min_confidence)
             begun = time.perf_counter()
             # Propose (the draft-ahead's drafts when the previous round ended as it supposed), then
             # Verify and meanwhile the next round's draft-ahead. The previous round's stream runs
@@ -302,12 +306,14 @@ class Decoder:
             committed.extend(now.new)
             generated += now.new
             tree = now.parents is not None
-            planner.observe(now.depth, now.verdict.accepted, tree)
+            depth = now.counted_depth
+            planner.observe(depth, now.verdict.accepted, tree)
             # The call's first round prefilled the turn: its time would make its k look costly.
             wall = time.perf_counter() - begun if previous is not None else None
             verified = now.verification
-            self.costs.observe(now.depth, wall, now.verdict.accepted, verified.batch_sessions,
-                               verified.batch_rows, verified.compute_s, nodes=now.nodes if tree else 0)
+            self.costs.observe(depth, wall, now.verdict.accepted, verified.batch_sessions,
+                               verified.batch_rows, verified.compute_s, nodes=now.nodes if tree else 0,
+                               drafts=len(now.drafts) if now.draft is not None else None)
             previous = now
         if ahead is not None:
             ahead.cancel()
@@ -328,7 +334,7 @@ class Decoder:
                 return DraftResult(drafts, probs, guessed.point_mass, 0.0)
             stats.draft_ahead_misses += 1
         return await self._propose(session, committed, now.k, params.sampling, tracker, stats, relay,
-                                   tree_nodes=now.nodes)
+                                   tree_nodes=now.nodes, min_confidence=now.min_confidence)
 
     def _tree_nodes(self, k: int, sampling: SamplingParams) -> int:
         """Drafts a round of depth up to k may ask for as a tree (0: chains only): trees are
@@ -363,7 +369,7 @@ class Decoder:
     async def _propose(
         self, session: SessionRecord, committed: CommittedTokens, k: int, params: SamplingParams,
         tracker: DeltaTracker, stats: Stats, relay: FeatureRelay | None, provisional: Sequence[int] = (),
-        quiet: bool = False, tree_nodes: int = 0,
+        quiet: bool = False, tree_nodes: int = 0, min_confidence: float = 0.0,
     ) -> DraftResult | None:
         """Ask the draft tier; on any failure carry on target-only for this round."""
         if k <= 0 or self.draft is None:
@@ -375,7 +381,7 @@ class Decoder:
         features, start = (relay.rows, relay.start) if relay is not None else (None, 0)
         try:
             result = await self.draft.propose(session.session_id, committed, k, params, tracker, features, start,
-                                              provisional, tree_nodes)
+                                              provisional, tree_nodes, min_confidence)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - drafting failing must never fail the request

@@ -22,7 +22,8 @@ class LocalNgramDraft:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     async def propose(self, session_id: str, committed: CommittedTokens, k: int, params, tracker, features=None,
-                      features_start: int = 0, provisional: Sequence[int] = (), tree_nodes: int = 0) -> DraftResult:
+                      features_start: int = 0, provisional: Sequence[int] = (), tree_nodes: int = 0,
+                      min_confidence: float = 0.0) -> DraftResult:
         started = time.perf_counter()
         drafted = ngram_lookup(committed.ids + list(provisional), k, self.max_ngram, self.min_ngram)
         return DraftResult(drafted, None, point_mass=True, compute_s=time.perf_counter() - started)

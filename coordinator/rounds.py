@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ class Round:
     committed_len: int  # committed tokens before the round
     k: int  # planned: the drafts' depth
     nodes: int = 0  # planned: drafts as a tree of this many (0: a chain of k)
+    min_confidence: float = 0.0  # planned: the drafter leaves out drafts below this confidence
     draft: DraftResult | None = None
     verification: VerifyResult | None = None
     verdict: Verdict | None = None
@@ -49,6 +50,14 @@ class Round:
     def depth(self) -> int:
         """How many positions the drafts reach: a chain's length, a tree's depth."""
         return self.draft.depth if self.draft else 0
+
+    @property
+    def counted_depth(self) -> int:
+        """The depth adaptive k counts the round at (KPlanner.observe, RoundCosts.observe): a round
+        whose drafter was asked to leave out drafts below a confidence counts as the plan it was, k
+        deep (a draft left out is one not kept), so that E(k) / wall(k) compares plans; else the
+        drafts' depth."""
+        return self.k if self.min_confidence > 0 and self.draft is not None else self.depth
 
     def all_kept(self) -> bool:
         """Every draft was kept (so a draft-ahead proposed after them still follows)."""
@@ -133,17 +142,20 @@ class RoundCosts:
         self.window = window
         self.prior_slope = prior_slope  # per draft token, as a share of a round, until measured
         self._points: list[tuple[int, int, float]] = []  # (k, tree nodes or 0, wall)
+        self._drafted: list[tuple[int, float]] = []  # (drafts, wall) of rounds that called Propose
         self._passes: list[tuple[int, int, float]] = []  # the target's (sessions, positions, compute)
         self.acceptance = [prior_acceptance] * (max_k + 1)
         self._tree_yield = DecayedMean(0.98)  # tokens a tree round yielded
 
     def observe(self, k: int, wall_s: float | None, accepted: int, batch_sessions: int = 1, batch_rows: int = 0,
-                compute_s: float = 0.0, nodes: int = 0) -> None:
+                compute_s: float = 0.0, nodes: int = 0, drafts: int | None = None) -> None:
         """A round's drafts (depth k; a tree of `nodes` when not 0), wall time (None for a round
         that also prefilled a turn, whose time says nothing about k), how many drafts it kept, and
-        the target pass that verified it."""
+        the target pass that verified it; `drafts`, how many it verified, where it called Propose."""
         if wall_s is not None:
             self._points = (self._points + [(k, nodes, wall_s)])[-self.window:]
+            if drafts is not None:
+                self._drafted = (self._drafted + [(drafts, wall_s)])[-self.window:]
             if batch_rows:
                 self._passes = (self._passes + [(batch_sessions, batch_rows, compute_s)])[-self.window:]
         for j in range(1, min(k, accepted + 1) + 1):
@@ -181,6 +193,19 @@ class RoundCosts:
         if plain:
             walls[0] = max(1e-6, _median(plain))
         return walls
+
+    def draft_cost(self) -> float:
+        """What one more draft adds to a round's wall time (seconds): the least-squares slope of the
+        recent drafting rounds' walls over how many drafts each verified (chains and trees alike: a
+        draft is a row more to verify and a node more to draft), every session of a loaded target
+        drafting it (see walls); until the rounds' drafts vary, the chain line's."""
+        sessions, per_row = self.load()
+        if len({drafts for drafts, _ in self._drafted}) > 1:
+            slope = _slope(self._drafted)
+        else:
+            line, mean_x = self._line()
+            slope = max(0.0, line(mean_x + 1) - line(mean_x))
+        return slope + (sessions - 1) * per_row
 
     def tree_wall(self, nodes: int) -> float:
         """A tree round's expected wall time: the recent tree rounds of that size, when enough are
@@ -231,6 +256,15 @@ def _slope(points: Sequence[tuple[float, float]]) -> float:
 TREE_PRIOR_GAIN = 1.1  # a tree's tokens a round, until one is measured: this times a chain's at its depth
 
 
+class Plan(NamedTuple):
+    """A round's plan: k drafts deep, a tree of `nodes` (0: a chain), and the confidence below which
+    the drafter leaves a draft out (ProposeRequest.min_confidence; 0: every draft)."""
+
+    k: int
+    nodes: int = 0
+    min_confidence: float = 0.0
+
+
 class KPlanner:
     """Chooses each round's k, and whether its drafts are a tree, for one call (adaptive k).
 
@@ -256,10 +290,19 @@ class KPlanner:
     `max_probe_every`; the Intel host, where trees of 7 never paid: adaptive k 1.07x target-only
     with them on offer, 1.13x with chains only). While the tree wins, every `explore_every`-th is
     the best chain (else chains, never timed, would be priced off the tree's own rounds).
+
+    Within a plan the drafter's own confidence decides round by round (Plan.min_confidence): it
+    leaves out the drafts it gives less chance of being kept than they cost (_floor), so a chain
+    ends early and a tree holds fewer nodes where it is unsure, and runs to k where it is sure.
+    The planner then chooses the plan's ceiling, counting each round as the plan it was
+    (Round.counted_depth). Offline, on the target's own answers to Spec-Bench prompts (Zen 5 host),
+    chains of 5 cut at 0.1 kept 1.88 tokens a round for 3.2 verified rows, against 2.01 for 6 rows
+    uncut (bench/results/zen5-stop32/calibration.py).
     """
 
     def __init__(self, max_k: int, costs: RoundCosts, prior: Sequence[float], prior_weight: float = 4.0,
-                 decay: float = 0.97, probe_every: int = 8, explore_every: int = 16, max_probe_every: int = 64):
+                 decay: float = 0.97, probe_every: int = 8, explore_every: int = 16, max_probe_every: int = 64,
+                 confidence_floor: float | None = None):
         self.max_k = max_k
         self.costs = costs
         self.prior = list(prior) + [prior[-1] if prior else 0.5] * (max_k + 1 - len(prior))
@@ -275,6 +318,7 @@ class KPlanner:
         self.tried = [0.0] * (max_k + 1)
         self.tree_yield = DecayedMean(decay)  # tokens this call's tree rounds yielded
         self._since_drafting = 0
+        self.confidence_floor = confidence_floor  # None: each round's from the costs (_floor)
 
     def acceptance(self, position: int) -> float:
         prior = self.prior[position]
@@ -309,11 +353,11 @@ class KPlanner:
 
     def choose(self, ceiling: int) -> int:
         """This round's k, chains only (plan without trees)."""
-        return self.plan(ceiling)[0]
+        return self.plan(ceiling).k
 
-    def plan(self, ceiling: int, tree_nodes: int = 0) -> tuple[int, int]:
-        """This round's (k, nodes): nodes = tree_nodes to draft a tree of that many, as deep as k;
-        0 for a chain of k. tree_nodes 0: trees are not an option this round."""
+    def plan(self, ceiling: int, tree_nodes: int = 0) -> Plan:
+        """This round's plan: nodes = tree_nodes to draft a tree of that many, as deep as k; 0 for a
+        chain of k. tree_nodes 0: trees are not an option this round."""
         ceiling = min(ceiling, self.max_k)
         tree = tree_nodes > ceiling > 0
         walls = self.costs.walls(ceiling)
@@ -322,22 +366,23 @@ class KPlanner:
             rate = self.expected_tokens(k) / walls[k]
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
-        if tree and self.expected_tree_tokens(ceiling) / self.costs.tree_wall(tree_nodes) > best_rate * 1.0001:
+        tree_rate = self.expected_tree_tokens(ceiling) / self.costs.tree_wall(tree_nodes) if tree else -math.inf
+        if tree_rate > best_rate * 1.0001:
             self._since_drafting = self._since_tree = 0
             self._probe_wait, self._tree_wait = self.probe_every, self.explore_every
             self._since_chain += best_k > 0
             if self._since_chain >= self.explore_every:  # the best chain, now and then, to keep it timed
                 self._since_chain = 0
-                return self._explored_plain(best_k, 0)
-            return self._explored_plain(ceiling, tree_nodes)
+                return self._explored_plain(best_k, 0, best_rate)
+            return self._explored_plain(ceiling, tree_nodes, tree_rate)
         if best_k == 0 and ceiling > 0:
             self._since_plain = 0
             self._since_drafting += 1
             if self._since_drafting >= self._probe_wait:
                 self._since_drafting = 0
                 self._probe_wait = min(2 * self._probe_wait, self.max_probe_every)  # unless it pays
-                return 1, 0
-            return 0, 0
+                return Plan(1)  # (every draft: a probe measures the first position's acceptance)
+            return Plan(0)
         self._since_drafting = self._since_chain = 0
         self._probe_wait = self.probe_every
         if tree and best_k > 0:
@@ -345,18 +390,27 @@ class KPlanner:
             if self._since_tree >= self._tree_wait:
                 self._since_tree = 0
                 self._tree_wait = min(2 * self._tree_wait, self.max_probe_every)  # unless the tree then wins
-                return ceiling, tree_nodes
-        return self._explored_plain(best_k, 0)
+                return Plan(ceiling, tree_nodes, self._floor(best_rate))
+        return self._explored_plain(best_k, 0, best_rate)
 
-    def _explored_plain(self, k: int, nodes: int) -> tuple[int, int]:
-        """(k, nodes) for a drafting round, or (0, 0) every explore_every-th one while rounds
-        at k = 0 are not timed."""
+    def _explored_plain(self, k: int, nodes: int, rate: float) -> Plan:
+        """The plan of a drafting round (k, nodes) expected to yield `rate` tokens a second, or k =
+        0 every explore_every-th one while rounds at k = 0 are not timed."""
         if k > 0 and self.costs.wants_plain_round():
             self._since_plain += 1
             if self._since_plain >= self.explore_every:
                 self._since_plain = 0
-                return 0, 0
-        return k, nodes
+                return Plan(0)
+        return Plan(k, nodes, self._floor(rate) if k > 0 else 0.0)
+
+    def _floor(self, rate: float) -> float:
+        """The confidence below which a draft is not worth its verify (Plan.min_confidence): a draft
+        the target keeps with probability p adds p tokens to a round for draft_cost() seconds, which
+        pays when p / draft_cost() is at least the rate the round yields, so p >= draft_cost() x
+        rate (tokens a second). A fixed floor where one is configured (confidence_floor)."""
+        if self.confidence_floor is not None:
+            return self.confidence_floor
+        return min(1.0, max(0.0, self.costs.draft_cost() * rate))
 
 
 def ceiling_for(k: int, remaining: int, room: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 import time
 
@@ -112,7 +113,21 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     if not 0 <= config.tree_nodes <= MAX_TREE_NODES:
         raise StartupError(f"--tree-nodes must be in 0..{MAX_TREE_NODES} (0: chains of drafts)")
     return Decoder(target, draft, store, tokenizer, limits, metrics=ServiceMetrics(), max_k=config.max_k,
-                   draft_ahead=ahead, tree_nodes=config.tree_nodes, tree_max_sessions=config.tree_max_sessions)
+                   draft_ahead=ahead, tree_nodes=config.tree_nodes, tree_max_sessions=config.tree_max_sessions,
+                   confidence_floor=confidence_floor(config.min_draft_confidence))
+
+
+def confidence_floor(setting: str) -> float | None:
+    """--min-draft-confidence as the decoder's confidence_floor: None for 'auto', else the number."""
+    if setting == "auto":
+        return None
+    try:
+        floor = float(setting)
+    except ValueError:
+        floor = math.nan
+    if not 0.0 <= floor <= 1.0:
+        raise StartupError(f"--min-draft-confidence must be 'auto' or a number in [0, 1], not {setting!r}")
+    return floor
 
 
 async def start(config: CoordinatorConfig, decoder: Decoder | None = None) -> Started:

@@ -28,6 +28,9 @@ class Proposal:
     computed_tokens: int = 0
     features_from: int | None = None  # a feature drafter lacking the target's features from here
     parents: list[int] | None = None  # a tree of drafts (ProposeResponse.parents); None: a chain
+    # Per draft, the drafter's estimate that the target keeps it (its path's product of the head's
+    # probabilities; 1.0 for a prompt-lookup copy); None where the drafter gives none.
+    confidences: list[float] | None = None
 
 
 @dataclass
@@ -43,6 +46,9 @@ class ProposeJob:
     features_start: int = 0
     provisional: Sequence[int] = ()  # uncommitted tokens after `committed` to draft after (draft-ahead)
     tree_nodes: int = 0  # a tree of up to this many drafts, at most k deep (drafters that can); else a chain
+    # Drafts whose confidence (Proposal.confidences) falls below this are not proposed, nor
+    # drafted on from (drafters that estimate it; 0: every draft up to k or tree_nodes).
+    min_confidence: float = 0.0
 
     @property
     def sequence(self) -> list[int]:
@@ -75,8 +81,14 @@ class ModelDrafter:
         rows: list[list[torch.Tensor]] = [[] for _ in jobs]
         reused = [0] * len(jobs)
         computed = [0] * len(jobs)
+        # Greedy drafts' confidences: the product of the model's probabilities of its choices so far.
+        confidences: list[list[float] | None] = [[] if job.params.greedy and job.min_confidence > 0 else None
+                                                 for job in jobs]
+        ended = [False] * len(jobs)  # a chain that met a draft below its job's min_confidence
         for step in range(max((job.k for job in jobs), default=0)):
-            active = [i for i, job in enumerate(jobs) if step < job.k]
+            active = [i for i, job in enumerate(jobs) if step < job.k and not ended[i]]
+            if not active:
+                break
             forwards = [ForwardJob(jobs[i].entry, tokens[i], len(tokens[i]) - 1) for i in active]
             for i, result in zip(active, self.runner.forward(forwards)):
                 logits, kept = result.logits, result.reused
@@ -87,6 +99,13 @@ class ModelDrafter:
                 params = jobs[i].params
                 if params.greedy:
                     token = int(torch.argmax(logits[-1]))
+                    held = confidences[i]
+                    if held is not None:
+                        confidence = (held[-1] if held else 1.0) * float(torch.softmax(logits[-1].float(), -1)[token])
+                        if confidence < jobs[i].min_confidence:
+                            ended[i] = True
+                            continue
+                        held.append(confidence)
                 elif params.coupled:  # the target's noise at this position: no q travels
                     token = coupled_draws(probs_from_logits(logits[-1:], params), params.seed, position)[0]
                 else:
@@ -96,8 +115,9 @@ class ModelDrafter:
                 drafted[i].append(token)
                 tokens[i].append(token)
         return [
-            Proposal(d, torch.stack(r) if r else None, point_mass=False, reused_tokens=u, computed_tokens=c)
-            for d, r, u, c in zip(drafted, rows, reused, computed)
+            Proposal(d, torch.stack(r) if r else None, point_mass=False, reused_tokens=u, computed_tokens=c,
+                     confidences=f)
+            for d, r, u, c, f in zip(drafted, rows, reused, computed, confidences)
         ]
 
     def propose(self, entry: SessionCache, committed: Sequence[int], k: int, params: SamplingParams) -> Proposal:

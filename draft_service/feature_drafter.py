@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -204,6 +205,11 @@ class FeatureDrafter:
         noise = self._draft_noise(params.seed, position)
         return torch.log_softmax(q.clamp_min(1e-30).log() - noise.log().to(q.device), dim=-1)
 
+    def _chosen_confidence(self, logits: torch.Tensor, params: SamplingParams, position: int) -> float:
+        """The confidence (see _confidence) of the draft _choose picks from logits [1, draft_vocab]:
+        the likeliest token, greedy, or the likeliest under the target's noise, coupled."""
+        return math.exp(float(self._confidence(logits, params, position).max()))
+
     def _tree_attention(self, tree: _Tree, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         ancestors: list[list[int]]) -> torch.Tensor:
         """Attention of one tree's new nodes (q [heads, n, dim]; k and v [kv_heads, n, dim]): each
@@ -233,10 +239,12 @@ class FeatureDrafter:
         confidence = self._confidence(logits, job.params, len(job.committed) - 1 + depth)
         best = confidence.topk(min(self.tree_children, job.tree_nodes, confidence.shape[-1]), dim=-1)
         first_new = len(tree.candidates)
+        floor = math.log(job.min_confidence) if job.min_confidence > 0 else -math.inf
         for row, parent in enumerate(tree.frontier):
             base = tree.candidates[parent][0] if parent >= 0 else 0.0
             for score, index in zip(best.values[row].tolist(), best.indices[row].tolist()):
-                tree.candidates.append((base + score, depth, self.d2t_list[index], parent))
+                if base + score >= floor:  # (below it, so are its children: a tree stops there)
+                    tree.candidates.append((base + score, depth, self.d2t_list[index], parent))
         if depth == job.k:
             return []
         fresh = range(first_new, len(tree.candidates))
@@ -273,21 +281,27 @@ class FeatureDrafter:
             tree.expanded += fresh
             at += len(fresh)
 
-    def _draft_trees(self, trees: list[_Tree]) -> list[tuple[list[int], list[int]]]:
+    def _draft_trees(self, trees: list[_Tree]) -> list[tuple[list[int], list[int], list[float]]]:
         """EAGLE-2's dynamic tree (Li et al. 2024), for several sessions at once: expand, depth by
         depth, the `tree_expand` nodes of highest cumulative confidence, each with its
         `tree_children` likeliest next tokens; then keep the job.tree_nodes nodes of highest
-        cumulative confidence (a node never scores above its parent, so they form a tree). Every
-        depth runs the head once for all the trees still growing. Returns (tokens, parents) per
-        tree, the drafter's best chain first (node i's parent is i - 1), then the rest by depth."""
+        cumulative confidence (a node never scores above its parent, so they form a tree), none
+        below the job's min_confidence. Every depth runs the head once for all the trees still
+        growing. Returns (tokens, parents, confidences) per tree, the drafter's best chain first
+        (node i's parent is i - 1), then the rest by depth."""
         for depth in range(1, max(tree.job.k for tree in trees) + 1):
-            growing = [tree for tree in trees if depth <= tree.job.k]
+            growing = [tree for tree in trees if depth <= tree.job.k and tree.frontier]
+            if not growing:
+                break
             logits, at, expanding = self.head.logits(torch.cat([tree.frontier_h for tree in growing])), 0, []
             for tree in growing:
                 fresh = self._score(tree, logits[at : at + len(tree.frontier)], depth)
                 at += len(tree.frontier)
                 if fresh:
                     expanding.append((tree, fresh))
+            for tree in growing:  # a tree none of whose new candidates is expanded stops growing
+                if not any(t is tree for t, _ in expanding):
+                    tree.frontier = []
             if expanding:
                 self._run_nodes(expanding, depth)
         return [_tree_answer(tree.candidates, tree.job.tree_nodes) for tree in trees]
@@ -327,18 +341,29 @@ class FeatureDrafter:
             if tree:
                 trees.append((i, copied, _Tree(job, h)))
             elif copied:
-                proposals[i].tokens = copied
+                proposals[i].tokens, proposals[i].confidences = copied, [1.0] * len(copied)
             else:
                 active.append((i, job, h))
+                if job.min_confidence > 0 and (job.params.greedy or job.params.coupled):
+                    proposals[i].confidences = []  # (the chain's, to cut it: their cost is paid only then)
         if trees:
-            for (i, copied, tree), (tokens, parents) in zip(trees, self._draft_trees([t for _, _, t in trees])):
-                proposals[i].tokens, proposals[i].parents = graft_chain(copied, tokens, parents, tree.job.tree_nodes)
+            for (i, copied, tree), drafted in zip(trees, self._draft_trees([t for _, _, t in trees])):
+                proposals[i].tokens, proposals[i].parents, proposals[i].confidences = graft_chain(
+                    copied, *drafted, tree.job.tree_nodes)
         rows: dict[int, list[torch.Tensor]] = {i: [] for i, _, _ in active}
         for step in range(max((job.k for _, job, _ in active), default=0)):
             logits = self.head.logits(torch.cat([h for _, _, h in active])) if active else None
             still = []
             for row, (i, job, h) in enumerate(active):
-                token, q = self._choose(logits[row], job.params, len(job.sequence) + step)
+                position = len(job.sequence) + step
+                token, q = self._choose(logits[row], job.params, position)
+                confidences = proposals[i].confidences
+                if confidences is not None:
+                    confidence = (confidences[-1] if confidences else 1.0) * self._chosen_confidence(
+                        logits[row : row + 1], job.params, position)
+                    if confidence < job.min_confidence:
+                        continue  # the chain ends before a draft not worth its verify
+                    confidences.append(confidence)
                 proposals[i].tokens.append(token)
                 if q is not None:
                     rows[i].append(q)
@@ -405,9 +430,10 @@ class _Tree:
     expanded: list[int] = field(default_factory=list)
 
 
-def _tree_answer(candidates: list[tuple[float, int, int, int]], budget: int) -> tuple[list[int], list[int]]:
-    """The `budget` best candidates ((confidence, depth, token, parent) each) as (tokens, parents):
-    the best chain first, then the others by depth. Sorting by confidence, then depth, puts every
+def _tree_answer(candidates: list[tuple[float, int, int, int]],
+                 budget: int) -> tuple[list[int], list[int], list[float]]:
+    """The `budget` best candidates ((log-confidence, depth, token, parent) each) as (tokens,
+    parents, confidences): the best chain first, then the others by depth. Sorting by confidence, then depth, puts every
     parent before its children, so any prefix of that order is a tree."""
     order = sorted(range(len(candidates)), key=lambda c: (-candidates[c][0], candidates[c][1]))
     kept = set(order[:budget])
@@ -418,18 +444,23 @@ def _tree_answer(candidates: list[tuple[float, int, int, int]], budget: int) -> 
     rest = sorted(kept - set(chain), key=lambda c: (candidates[c][1], -candidates[c][0]))
     ordered = chain + rest
     index = {c: i for i, c in enumerate(ordered)}
-    return [candidates[c][2] for c in ordered], [index.get(candidates[c][3], -1) for c in ordered]
+    return ([candidates[c][2] for c in ordered], [index.get(candidates[c][3], -1) for c in ordered],
+            [math.exp(candidates[c][0]) for c in ordered])
 
 
-def graft_chain(chain: list[int], tokens: list[int], parents: list[int], budget: int) -> tuple[list[int], list[int]]:
+def graft_chain(chain: list[int], tokens: list[int], parents: list[int], confidences: list[float],
+                budget: int) -> tuple[list[int], list[int], list[float]]:
     """A tree of at most `budget` drafts whose leading chain is `chain` (the hybrid's copied
-    continuation) and whose other nodes are the head's tree (tokens, parents; parents before
-    children): a head node equal to a chain node under the same parent is that node, the rest
-    follow in the head's order (its likeliest first) while the budget lasts, with their
-    descendants. An empty chain leaves the head's tree as it is."""
+    continuation) and whose other nodes are the head's tree (tokens, parents, confidences; parents
+    before children): a head node equal to a chain node under the same parent is that node, the
+    rest follow in the head's order (its likeliest first) while the budget lasts, with their
+    descendants. Returns (tokens, parents, confidences), a copied node's confidence 1.0 (never
+    cut: a copy is proposed where the context repeats itself). An empty chain leaves the head's
+    tree as it is."""
     if not chain:
-        return tokens, parents
+        return tokens, parents, confidences
     merged, merged_parents = list(chain[:budget]), list(range(-1, min(len(chain), budget) - 1))
+    merged_confidences = [1.0] * len(merged)
     where: dict[int, int | None] = {}  # head node -> its merged index, None where cut
     for node, (token, parent) in enumerate(zip(tokens, parents)):
         above = where[parent] if parent >= 0 else -1
@@ -440,6 +471,7 @@ def graft_chain(chain: list[int], tokens: list[int], parents: list[int], budget:
         if same is None and len(merged) < budget:
             merged.append(token)
             merged_parents.append(above)
+            merged_confidences.append(confidences[node])
             same = len(merged) - 1
         where[node] = same
-    return merged, merged_parents
+    return merged, merged_parents, merged_confidences

@@ -30,6 +30,7 @@ class ParsedPropose:
     features_start: int = 0
     provisional: tuple[int, ...] = ()
     tree_nodes: int = 0
+    min_confidence: float = 0.0
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
@@ -76,7 +77,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                                   "verifies a chain)")
         if tree_nodes > k and provisional:
             raise InvalidArgument("tree drafting does not draft ahead: send no provisional_tokens with tree_nodes")
-        return ParsedPropose(ctx, k, params, features, request.features_start, provisional, tree_nodes)
+        if not 0.0 <= request.min_confidence <= 1.0:  # (NaN fails too)
+            raise InvalidArgument(f"min_confidence must be in [0, 1], got {request.min_confidence}")
+        return ParsedPropose(ctx, k, params, features, request.features_start, provisional, tree_nodes,
+                             request.min_confidence)
 
     def _run_batch(self, requests: Sequence[ParsedPropose]) -> list[Proposal | BaseException]:
         """Every request whose context resolves drafts together (one forward per draft step)."""
@@ -84,7 +88,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             requests,
             lambda request, entry, tokens: ProposeJob(entry, tokens, request.k, request.params, request.features,
                                                       request.features_start, request.provisional,
-                                                      request.tree_nodes),
+                                                      request.tree_nodes, request.min_confidence),
             self.drafter.propose_batch,
         )
 

@@ -65,6 +65,32 @@ def test_batched_drafting_equals_drafting_alone(tiny_draft):
                 assert torch.equal(a.probs, b.probs)
 
 
+def test_a_model_drafter_ends_its_chain_before_a_draft_below_min_confidence(tiny_draft):
+    """Greedy: a draft's confidence is the product of the model's probabilities of the chain's
+    choices so far; a floor ends the chain before the first draft under it (each session of a
+    batch at its own), and the drafts it keeps are the uncut chain's."""
+    model = models.load_model(str(tiny_draft))
+    drafter = ModelDrafter(ModelRunner(model, vocab_size=model.config.vocab_size))
+    seqs = _sequences(model.config.vocab_size)[:2]
+    full = [drafter.propose_batch([ProposeJob(SessionCache(), s, 5, SamplingParams(), min_confidence=1e-30)])[0]
+            for s in seqs]
+    for proposal, s in zip(full, seqs):
+        assert proposal.tokens == drafter.propose(SessionCache(), s, 5, SamplingParams()).tokens
+        running, sequence = 1.0, list(s)  # the confidences, from the model's own probabilities
+        for token, confidence in zip(proposal.tokens, proposal.confidences):
+            probs = torch.softmax(model(torch.tensor([sequence])).logits[0, -1].detach().float(), -1)
+            running *= float(probs[token])
+            assert confidence == pytest.approx(running, rel=1e-3)
+            sequence.append(token)
+    floors = [(full[0].confidences[1] + full[0].confidences[2]) / 2, (full[1].confidences[3] + full[1].confidences[4]) / 2]
+    cut = drafter.propose_batch([ProposeJob(SessionCache(), s, 5, SamplingParams(), min_confidence=f)
+                                 for s, f in zip(seqs, floors)])
+    assert [c.tokens for c in cut] == [full[0].tokens[:2], full[1].tokens[:4]]
+    assert drafter.propose_batch([ProposeJob(SessionCache(), seqs[0], 5, SamplingParams(), min_confidence=1.0)])[0].tokens == []
+    sampled = SamplingParams(temperature=1.0, seed=3)  # the rejection rule: no confidence, no cut
+    assert len(drafter.propose_batch([ProposeJob(SessionCache(), seqs[0], 5, sampled, min_confidence=1.0)])[0].tokens) == 5
+
+
 async def test_batcher_groups_concurrent_jobs_and_isolates_failures():
     batches: list[list[str]] = []
 

@@ -64,6 +64,9 @@ def test_drafter_specs_name_trees_hybrids_and_ks():
     assert drafter_service("/d/x+torch+tree7@5", "smollm2") == ("/d/x", ("--cpu-kernels", "torch"))
     assert drafter_name("auto+torch+tree7") == "eagle3+tree7+torch" and coordinator_flags("auto+torch+tree7") == (
         "--tree-nodes", "7")
+    assert coordinator_flags("auto+floor0+tree3@2") == ("--tree-nodes", "3", "--min-draft-confidence", "0")
+    assert drafter_name("auto+tree3+floor0.2") == "eagle3+tree3+floor0.2" and drafter_ks("auto+floor0@5") == (5,)
+    assert drafter_service("/d/x+floor0.1+ngram2", "smollm2") == ("/d/x", ("--hybrid-ngram", "2"))
 
 
 def test_prompt_selection(prompt_file):

@@ -225,6 +225,73 @@ def test_trees_of_several_sessions_are_drafted_together_as_each_alone(tiny_targe
     assert calls == [sum(len(committed) for committed, _, _, _ in sessions), 3, 3, 2]
 
 
+@pytest.mark.parametrize("coupled", [False, True])
+def test_the_drafter_leaves_out_drafts_below_min_confidence(tiny_target, feature_drafter, coupled):
+    """A draft's confidence is its path's product of the head's probabilities (coupled: under the
+    target's noise), so a node's is at most its parent's, and a chain's first is the tree's
+    first. A floor leaves out exactly the drafts under it: of a tree, the nodes under it (the rest
+    are the uncut tree's, on the same paths), of a chain, the drafts from the first under it; and
+    what it leaves out is not drafted on from (a floor above every draft runs no drafting step)."""
+    from draft_service.drafters import ProposeJob
+    from draft_service.feature_drafter import FeatureDrafter
+    from specdec.kv_cache import SessionCache
+    from specdec.sampling import COUPLED
+
+    config = DrafterConfig.load(feature_drafter)
+    drafter = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), hybrid_ngram=0,
+                                  matmul_dtype="float32")
+    params = SamplingParams(0.8, seed=5, rule=COUPLED) if coupled else SamplingParams()
+    committed = list(range(3, 40))
+    features = torch.randn(len(committed) - 1, len(config.feature_layers) * config.hidden_size,
+                           generator=torch.Generator().manual_seed(1))
+
+    def propose(nodes: int, floor: float):
+        return drafter.propose_batch([ProposeJob(SessionCache(), committed, 4, params, features, 0, (), nodes,
+                                                 floor)])[0]
+
+    def paths(proposal, nodes) -> set[tuple[int, ...]]:
+        return {tuple(proposal.tokens[j] for j in _path(proposal.parents, i)) for i in nodes}
+
+    tree = propose(7, 0.0)
+    confidences = tree.confidences
+    assert len(confidences) == len(tree.tokens) == 7 and all(0 < c < 1 for c in confidences)
+    assert all(c <= confidences[p] for c, p in zip(confidences, tree.parents) if p >= 0)
+    floor = sorted(confidences)[3]  # the 4 likeliest nodes stay
+    cut = propose(7, floor)
+    assert len(cut.tokens) == 4 and all(c >= floor for c in cut.confidences)
+    assert paths(cut, range(4)) == paths(tree, [i for i, c in enumerate(confidences) if c >= floor])
+    chain = propose(0, 1e-30)  # a floor under every draft: the whole chain, with its confidences
+    assert chain.tokens == propose(0, 0.0).tokens and chain.parents is None
+    assert chain.tokens[0] == tree.tokens[0] and chain.confidences[0] == pytest.approx(confidences[0], rel=1e-5)
+    assert all(b < a for a, b in zip(chain.confidences, chain.confidences[1:]))
+    assert propose(0, (chain.confidences[1] + chain.confidences[2]) / 2).tokens == chain.tokens[:2]
+    calls = []
+    qkv = drafter.head.qkv
+    drafter.head.qkv = lambda *args: calls.append(args[0].shape[0]) or qkv(*args)
+    for nodes in (7, 0):
+        calls.clear()
+        assert propose(nodes, 1.0).tokens == [] and calls == [len(committed)]  # the committed positions only
+
+
+async def test_drafts_left_out_under_a_floor_change_no_token_and_count_as_the_plan_they_were(
+        redis_server, tiny_target, feature_drafter, target_greedy):
+    """--min-draft-confidence 1.0: the drafter leaves out every draft of its head (prompt lookup's
+    copies and the probes' one draft still go), so some drafting rounds verify no draft; the answer
+    is still the target's greedy one."""
+    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), tree_nodes=0,
+                              min_draft_confidence="1.0")
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            result = await generate(channel, prompt="hello there, how are you doing?", max_new_tokens=96, k=4,
+                                    ignore_eos=True)
+    finally:
+        for server in stack.servers:
+            await server.stop(0)
+    assert result.token_ids == target_greedy(result.prompt_token_ids, 96)
+    ks = list(result.stats.k_per_round)
+    assert ks[0] > 0 and result.stats.proposed_per_position[0] < sum(1 for k in ks if k)
+
+
 def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tiny_target, feature_drafter):
     from safetensors.torch import load_file
 

@@ -10,7 +10,8 @@ import pytest_asyncio
 from conftest import start_stack
 import torch
 
-from coordinator.rounds import FeatureRelay, KPlanner, RoundCosts
+from coordinator.clients import DraftResult
+from coordinator.rounds import FeatureRelay, KPlanner, Round, RoundCosts
 from helpers import generate
 from specdec.v1 import common_pb2
 
@@ -231,13 +232,13 @@ def test_the_planner_drafts_trees_where_their_rows_are_cheap_and_chains_where_th
     planner = KPlanner(5, costs, prior=[0.6, 0.6, 0.35, 0.25, 0.2, 0.2, 0.2, 0.2, 0.2], explore_every=4,
                        max_probe_every=16)
     plans = [planner.plan(5, tree_nodes=7) for _ in range(48)]
-    explored = [i for i, (_, nodes) in enumerate(plans) if nodes == (0 if trees else 7)]
+    explored = [i for i, plan in enumerate(plans) if plan.nodes == (0 if trees else 7)]
     if trees:
         assert explored == list(range(3, 48, 4))  # a chain explored every 4th
-        assert all(k == 5 for k, nodes in plans if nodes) and all(0 < k < 5 for k, nodes in plans if not nodes)
+        assert all(p.k == 5 for p in plans if p.nodes) and all(0 < p.k < 5 for p in plans if not p.nodes)
     else:
         assert explored == [3, 11, 27, 43]  # a tree after 4 chain rounds, then 8, 16, 16 (the cap)
-        assert all(0 < k < 5 for k, nodes in plans if not nodes)
+        assert all(0 < p.k < 5 for p in plans if not p.nodes)
         for wall, winner in ((0.030, 7), (0.080, 0)):  # trees get cheap and win, then dear again
             for _ in range(32):
                 costs.observe(5, wall, accepted=1, nodes=7)
@@ -246,6 +247,49 @@ def test_the_planner_drafts_trees_where_their_rows_are_cheap_and_chains_where_th
         assert [planner.plan(5, tree_nodes=7)[1] for _ in range(3)] == [0, 0, 7]  # the shortest wait again
     assert planner.plan(5, tree_nodes=0)[1] == 0
     assert planner.plan(5, tree_nodes=5)[1] == 0  # no wider than a chain of k
+
+
+def test_the_planners_confidence_floor_is_a_drafts_cost_times_the_tokens_a_second_a_round_yields():
+    """A draft the target keeps with probability p adds p tokens for what one draft adds to a round
+    (draft_cost: the slope of the rounds' walls over the drafts they verified, whatever k they
+    planned), which pays when p is at least draft_cost x the round's tokens a second: the plan's
+    min_confidence. A configured floor is used as it is; rounds at k = 0 and probes ask for every
+    draft."""
+    costs = RoundCosts(max_k=8)
+    for i in range(40):  # rounds planned at k = 5 whose drafters left out some drafts
+        costs.observe(5, 0.030 + 0.004 * (i % 6), accepted=1, drafts=i % 6)
+    assert costs.draft_cost() == pytest.approx(0.004, rel=1e-6)
+    planner = KPlanner(8, costs, prior=[0.7] * 9)
+    plan = planner.plan(5)
+    assert plan.k > 0 and plan.nodes == 0
+    rate = planner.expected_tokens(plan.k) / costs.wall(plan.k)
+    assert plan.min_confidence == pytest.approx(0.004 * rate, rel=1e-6) and 0.05 < plan.min_confidence < 0.5
+    assert KPlanner(8, costs, prior=[0.7] * 9, confidence_floor=0.3).plan(5).min_confidence == 0.3
+    dear = RoundCosts(max_k=8)  # drafting never pays: k = 0, and now and then a probe of one draft
+    for k in range(0, 9):
+        dear.observe(k, 0.060 + 0.008 * k, accepted=0)
+    fixed = KPlanner(8, dear, prior=[0.05] * 9, confidence_floor=0.3)
+    plans = [fixed.plan(8) for _ in range(40)]
+    assert {p.k for p in plans} == {0, 1} and all(p.min_confidence == 0 for p in plans)
+
+
+def test_a_round_whose_drafter_left_out_drafts_counts_as_the_plan_it_was():
+    """Adaptive k compares plans: a round planned 4 deep whose drafter left out drafts under a
+    confidence counts 4 deep (the drafts left out were not kept), so a drafter that leaves out
+    everything teaches the planner that drafting yields nothing, and that plan's cost is its own;
+    without a floor the drafts' depth counts (an n-gram drafter that found a shorter match)."""
+    cut = Round(10, 4, 0, 0.3, draft=DraftResult([7], None, False, 0.001))
+    assert cut.counted_depth == 4 and cut.depth == 1
+    tree = Round(10, 4, 7, 0.3, draft=DraftResult([7, 8, 9], None, False, 0.001, parents=[-1, 0, -1]))
+    assert tree.counted_depth == 4 and tree.depth == 2
+    assert Round(10, 4, 0, 0.0, draft=DraftResult([7], None, True, 0.0)).counted_depth == 1
+    assert Round(10, 4, 0, 0.3).counted_depth == 0  # no draft came back (the tier failed): target-only
+    costs = RoundCosts(max_k=8)
+    planner = KPlanner(8, costs, prior=[0.6] * 9)
+    for _ in range(60):  # nothing drafted, counted as the plan: position 1 tried and not kept
+        nothing = Round(10, 4, 0, 0.3, draft=DraftResult([], None, False, 0.001))
+        planner.observe(nothing.counted_depth, accepted=0)
+    assert planner.acceptance(1) < 0.1 and planner.expected_tokens(4) < 1.2  # (counted 0 deep: still 0.6 and 2.3)
 
 
 def test_the_planners_probes_at_k0_grow_apart_while_drafting_does_not_pay_and_come_back_when_it_does():

@@ -245,16 +245,19 @@ def test_graft_chain_puts_the_copy_first_merges_equal_nodes_and_keeps_the_budget
     from draft_service.feature_drafter import graft_chain
     from specdec.sampling import tree_depths
 
-    # The head's tree: 5 -> 6 -> 9, and 8 beside 5.
-    tokens, parents = [5, 6, 9, 8], [-1, 0, 1, -1]
-    assert graft_chain([], tokens, parents, 7) == (tokens, parents)
-    # The copy 5 6 7 shares the head's 5 6: they merge, the head's 9 hangs under the copy's 6.
-    assert graft_chain([5, 6, 7], tokens, parents, 7) == ([5, 6, 7, 9, 8], [-1, 0, 1, 1, -1])
+    # The head's tree: 5 -> 6 -> 9, and 8 beside 5, with the head's confidences.
+    tokens, parents, confidences = [5, 6, 9, 8], [-1, 0, 1, -1], [0.6, 0.5, 0.3, 0.2]
+    assert graft_chain([], tokens, parents, confidences, 7) == (tokens, parents, confidences)
+    # The copy 5 6 7 shares the head's 5 6: they merge, the head's 9 hangs under the copy's 6. Copied
+    # nodes are sure (1.0), the head's keep their own confidence.
+    assert graft_chain([5, 6, 7], tokens, parents, confidences, 7) == (
+        [5, 6, 7, 9, 8], [-1, 0, 1, 1, -1], [1.0, 1.0, 1.0, 0.3, 0.2])
     # A budget of 4 keeps the copy and the head's likeliest other node only.
-    assert graft_chain([5, 6, 7], tokens, parents, 4) == ([5, 6, 7, 9], [-1, 0, 1, 1])
+    assert graft_chain([5, 6, 7], tokens, parents, confidences, 4) == ([5, 6, 7, 9], [-1, 0, 1, 1], [1.0] * 3 + [0.3])
     # A copy that differs from the first token on is a branch of its own beside the head's tree.
-    merged, merged_parents = graft_chain([3, 6], tokens, parents, 6)
+    merged, merged_parents, merged_confidences = graft_chain([3, 6], tokens, parents, confidences, 6)
     assert merged == [3, 6, 5, 6, 9, 8] and merged_parents == [-1, 0, -1, 2, 3, -1]
+    assert merged_confidences == [1.0, 1.0, 0.6, 0.5, 0.3, 0.2]
     assert max(tree_depths(merged_parents)) == 3
     # A copy longer than the budget is cut to it.
-    assert graft_chain([1, 2, 3, 4], tokens, parents, 2) == ([1, 2], [-1, 0])
+    assert graft_chain([1, 2, 3, 4], tokens, parents, confidences, 2) == ([1, 2], [-1, 0], [1.0, 1.0])

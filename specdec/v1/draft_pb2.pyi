@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("context", "k", "sampling", "features", "features_start", "provisional_tokens", "tree_nodes")
+    __slots__ = ("context", "k", "sampling", "features", "features_start", "provisional_tokens", "tree_nodes", "min_confidence")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class ProposeRequest(_message.Message):
     FEATURES_START_FIELD_NUMBER: _ClassVar[int]
     PROVISIONAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TREE_NODES_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     context: _common_pb2.SessionContext
     k: int
     sampling: _common_pb2.SamplingParams
@@ -23,7 +24,8 @@ class ProposeRequest(_message.Message):
     features_start: int
     provisional_tokens: _containers.RepeatedScalarFieldContainer[int]
     tree_nodes: int
-    def __init__(self, context: _Optional[_Union[_common_pb2.SessionContext, _Mapping]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., features: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., features_start: _Optional[int] = ..., provisional_tokens: _Optional[_Iterable[int]] = ..., tree_nodes: _Optional[int] = ...) -> None: ...
+    min_confidence: float
+    def __init__(self, context: _Optional[_Union[_common_pb2.SessionContext, _Mapping]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., features: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., features_start: _Optional[int] = ..., provisional_tokens: _Optional[_Iterable[int]] = ..., tree_nodes: _Optional[int] = ..., min_confidence: _Optional[float] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("tokens", "probs", "point_mass", "timings", "cache", "features_from", "parents")
