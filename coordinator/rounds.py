@@ -67,13 +67,27 @@ class Round:
 @dataclass
 class FeatureRelay:
     """The target's features of committed positions on their way from Verify to the feature
-    drafter: those of positions [start, start + len(rows)) not yet delivered, and where the next
-    Verify should start its features (a drafter that lacks some says from where)."""
+    drafter: those of positions [start, start + held) not yet delivered, and where the next
+    Verify should start its features (a drafter that lacks some says from where). Rounds that do
+    not draft (k = 0) deliver nothing, so the rows gather over a whole answer: they are kept as the
+    rounds' pieces and joined once, when a Propose sends them (joining them every round cost 0.7
+    ms a round at 500 positions, and grew with the answer).
+    """
 
     layers: tuple[int, ...]
-    rows: torch.Tensor | None = None
     start: int = 0
     wanted_from: int | None = None
+    held: int = 0  # positions in the pieces
+    _pieces: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """The features not yet delivered, [held, width] from position `start`; None when none."""
+        if not self._pieces:
+            return None
+        if len(self._pieces) > 1:
+            self._pieces = [torch.cat(self._pieces)]
+        return self._pieces[0]
 
     def verify_start(self, committed_len: int) -> int:
         """Features from here on: what the drafter lacks, else the first position Verify computes."""
@@ -90,14 +104,15 @@ class FeatureRelay:
             before = max(0, drafted_at - start)
             features = torch.cat([features[:before], features[before:][list(path)]])
         rows = features[: max(0, committed_len - 1 - start)]
-        if self.rows is not None and start == self.start + self.rows.shape[0]:
-            self.rows = torch.cat([self.rows, rows])
+        if self._pieces and start == self.start + self.held:
+            self._pieces.append(rows)
+            self.held += rows.shape[0]
         else:
-            self.rows, self.start = rows, start
+            self._pieces, self.start, self.held = [rows], start, rows.shape[0]
 
     def delivered(self, features_from: int | None) -> None:
         if features_from is None:
-            self.rows = None  # the drafter holds them now
+            self._pieces, self.held = [], 0  # the drafter holds them now
         else:
             self.wanted_from = features_from
 

@@ -155,6 +155,26 @@ def test_the_relay_keeps_the_features_of_a_trees_kept_path():
     assert chain.rows[:, 0].tolist() == [0, 1, 2, 3]
 
 
+def test_the_relay_gathers_rounds_without_drafts_and_joins_their_rows_once_when_sent(monkeypatch):
+    """Rounds at k = 0 deliver nothing, so their features gather over the answer: each round's rows
+    are kept as they come, joined once when a Propose reads them (not every round: that copied the
+    whole answer's features each round); a round that does not follow on starts over, and a
+    delivery empties the relay."""
+    relay = FeatureRelay((1,))
+    joins = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda pieces, *args, **kwargs: joins.append(len(pieces)) or cat(pieces, *args, **kwargs))
+    for position in range(8, 208):  # a round at k = 0 computes position p - 1 and commits p
+        relay.keep(torch.tensor([[float(position)]]), position, position + 2)
+    assert joins == [] and relay.start == 8 and relay.held == 200
+    assert relay.rows[:, 0].tolist() == [float(p) for p in range(8, 208)] and joins == [200]
+    assert relay.rows.shape[0] == 200 and joins == [200]  # joined once
+    relay.keep(torch.tensor([[1.0], [2.0]]), 300, 302)  # not after position 207: starts over
+    assert relay.start == 300 and relay.rows[:, 0].tolist() == [1.0]
+    relay.delivered(None)
+    assert relay.rows is None and relay.held == 0
+
+
 def test_trees_give_way_to_chains_when_the_target_is_loaded():
     from coordinator.decoding import Decoder, ModelLimits
     from specdec.sampling import REJECTION, SamplingParams
