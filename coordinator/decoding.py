@@ -18,7 +18,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from coordinator.clients import DeltaTracker, DraftClient, DraftResult, ReplicaSet, TargetClient
-from coordinator.rounds import FeatureRelay, KPlanner, Plan, Round, RoundCosts, ceiling_for
+from coordinator.rounds import FeatureRelay, KPlanner, Plan, Round, RoundCosts, ceiling_for, sampling_regime
 from coordinator.text_stream import TextStream
 from specdec.metrics import ServiceMetrics
 from specdec.prefix import CommittedTokens
@@ -257,7 +257,9 @@ class Decoder:
         tracker = DeltaTracker()
         layers = self.draft.feature_layers if self.draft is not None else ()
         relay = FeatureRelay(layers) if layers else None
-        planner = KPlanner(self.max_k, self.costs, self.costs.acceptance, confidence_floor=self.confidence_floor)
+        regime = sampling_regime(params.sampling)
+        planner = KPlanner(self.max_k, self.costs, self.costs.acceptance(regime), confidence_floor=self.confidence_floor,
+                           regime=regime)
         previous: Round | None = None
         ahead: asyncio.Task | None = None  # round r+1's draft, proposed during round r's Verify
         while previous is None or previous.finish is None:
@@ -313,7 +315,7 @@ class Decoder:
             verified = now.verification
             self.costs.observe(depth, wall, now.verdict.accepted, verified.batch_sessions,
                                verified.batch_rows, verified.compute_s, nodes=now.nodes if tree else 0,
-                               drafts=len(now.drafts) if now.draft is not None else None)
+                               drafts=len(now.drafts) if now.draft is not None else None, regime=regime)
             previous = now
         if ahead is not None:
             ahead.cancel()

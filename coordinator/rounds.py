@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from coordinator.clients import DraftResult, VerifyResult
-from specdec.sampling import Verdict
+from specdec.sampling import SamplingParams, Verdict
 
 
 @dataclass
@@ -133,6 +133,34 @@ class DecayedMean:
         return self.total / self.weight if self.weight else None
 
 
+@dataclass
+class RoundYields:
+    """What rounds yielded: the acceptance per draft position, decayed (index j: the share of
+    rounds that kept draft j among those that tried it with drafts 1..j-1 kept), and the tokens
+    tree rounds yielded."""
+
+    acceptance: list[float]
+    tree_yield: DecayedMean = field(default_factory=lambda: DecayedMean(0.98))
+
+    def observe(self, k: int, accepted: int, tree: bool) -> None:
+        for j in range(1, min(k, accepted + 1) + 1):
+            self.acceptance[j] = 0.98 * self.acceptance[j] + 0.02 * (j <= accepted)
+        if tree:
+            self.tree_yield.add(accepted + 1)
+
+
+GREEDY = "greedy"
+MAX_REGIMES = 32  # sampling regimes whose yields are kept apart (the rest: all regimes')
+
+
+def sampling_regime(params: SamplingParams) -> str:
+    """What a call's acceptance depends on besides its text: greedy, or the rule at a temperature
+    and top-p (to a tenth; top-k, rarely set, is left out)."""
+    if params.greedy:
+        return GREEDY
+    return f"{params.rule} t{params.temperature:.1f} p{params.top_p:.1f}"
+
+
 PLAIN_ROUNDS_TIMED = 2  # rounds at k = 0 among the recent ones from which their own time prices k = 0
 TREE_ROUNDS_TIMED = 2  # the same for tree rounds of one size
 
@@ -150,8 +178,11 @@ class RoundCosts:
     (sessions B and positions per pass, against its compute time: c seconds a position), and
     every session prices k as if all moved to it together (the symmetric choice that maximises
     the tier's throughput): wall(k) + (B - 1) c (k - the k the line was measured at).
-    Also kept: the acceptance per draft position and the tokens a tree round yields, seen in all
-    sessions (a new session's priors)."""
+    Also kept: what rounds yield (the acceptance per draft position and the tokens a tree round
+    yields) in all sessions of each sampling regime (sampling_regime), a new session's priors.
+    By regime because it is most of what acceptance depends on: greedy's first draft was kept
+    about 0.6 of the time where temperature 0.7's was 0.5, and a server that serves both would
+    otherwise give each the other's priors. A regime not yet seen starts from all regimes'."""
 
     def __init__(self, max_k: int, window: int = 64, prior_slope: float = 0.02, prior_acceptance: float = 0.5):
         self.window = window
@@ -159,29 +190,39 @@ class RoundCosts:
         self._points: list[tuple[int, int, float]] = []  # (k, tree nodes or 0, wall)
         self._drafted: list[tuple[int, float]] = []  # (drafts, wall) of rounds that called Propose
         self._passes: list[tuple[int, int, float]] = []  # the target's (sessions, positions, compute)
-        self.acceptance = [prior_acceptance] * (max_k + 1)
-        self._tree_yield = DecayedMean(0.98)  # tokens a tree round yielded
+        self._pooled = RoundYields([prior_acceptance] * (max_k + 1))  # every regime's rounds
+        self._yields: dict[str, RoundYields] = {}  # by regime, the most recently seen last
 
     def observe(self, k: int, wall_s: float | None, accepted: int, batch_sessions: int = 1, batch_rows: int = 0,
-                compute_s: float = 0.0, nodes: int = 0, drafts: int | None = None) -> None:
+                compute_s: float = 0.0, nodes: int = 0, drafts: int | None = None, regime: str = GREEDY) -> None:
         """A round's drafts (depth k; a tree of `nodes` when not 0), wall time (None for a round
         that also prefilled a turn, whose time says nothing about k), how many drafts it kept, and
-        the target pass that verified it; `drafts`, how many it verified, where it called Propose."""
+        the target pass that verified it; `drafts`, how many it verified, where it called Propose;
+        `regime`, its call's sampling (sampling_regime)."""
         if wall_s is not None:
             self._points = (self._points + [(k, nodes, wall_s)])[-self.window:]
             if drafts is not None:
                 self._drafted = (self._drafted + [(drafts, wall_s)])[-self.window:]
             if batch_rows:
                 self._passes = (self._passes + [(batch_sessions, batch_rows, compute_s)])[-self.window:]
-        for j in range(1, min(k, accepted + 1) + 1):
-            self.acceptance[j] = 0.98 * self.acceptance[j] + 0.02 * (j <= accepted)
-        if nodes:
-            self._tree_yield.add(accepted + 1)
+        yields = self._yields.pop(regime, None) or RoundYields(list(self._pooled.acceptance))
+        self._yields[regime] = yields
+        if len(self._yields) > MAX_REGIMES:
+            del self._yields[next(iter(self._yields))]  # the regime seen longest ago
+        for kept in (yields, self._pooled):
+            kept.observe(k, accepted, tree=bool(nodes))
 
-    @property
-    def tree_tokens(self) -> float | None:
-        """Tokens a tree round yields (a decayed mean over every session's), None before any."""
-        return self._tree_yield.mean()
+    def acceptance(self, regime: str = GREEDY) -> list[float]:
+        """The acceptance per draft position (index j: draft j kept when drafts 1..j-1 were) in
+        the regime's rounds of every session; all regimes' before it has any."""
+        return list(self._yields.get(regime, self._pooled).acceptance)
+
+    def tree_tokens(self, regime: str = GREEDY) -> float | None:
+        """Tokens a tree round yields in the regime (a decayed mean over every session's; all
+        regimes' before it has any), None before any."""
+        yields = self._yields.get(regime)
+        mean = yields.tree_yield.mean() if yields is not None else None
+        return mean if mean is not None else self._pooled.tree_yield.mean()
 
     def load(self) -> tuple[float, float]:
         """(B, c): sessions in the target's recent passes (median) and the compute one more
@@ -317,7 +358,7 @@ class KPlanner:
 
     def __init__(self, max_k: int, costs: RoundCosts, prior: Sequence[float], prior_weight: float = 4.0,
                  decay: float = 0.97, probe_every: int = 8, explore_every: int = 16, max_probe_every: int = 64,
-                 confidence_floor: float | None = None):
+                 confidence_floor: float | None = None, regime: str = GREEDY):
         self.max_k = max_k
         self.costs = costs
         self.prior = list(prior) + [prior[-1] if prior else 0.5] * (max_k + 1 - len(prior))
@@ -334,6 +375,7 @@ class KPlanner:
         self.tree_yield = DecayedMean(decay)  # tokens this call's tree rounds yielded
         self._since_drafting = 0
         self.confidence_floor = confidence_floor  # None: each round's from the costs (_floor)
+        self.regime = regime  # the call's sampling (sampling_regime): whose tree yields are its prior
 
     def acceptance(self, position: int) -> float:
         prior = self.prior[position]
@@ -361,7 +403,7 @@ class KPlanner:
     def expected_tree_tokens(self, depth: int) -> float:
         """Tokens a tree round as deep as `depth` yields: this call's tree rounds, smoothed toward
         all sessions' (or, before any, TREE_PRIOR_GAIN times a chain of that depth)."""
-        prior = self.costs.tree_tokens
+        prior = self.costs.tree_tokens(self.regime)
         if prior is None:
             prior = TREE_PRIOR_GAIN * self.expected_tokens(depth)
         return (self.tree_yield.total + prior * self.prior_weight) / (self.tree_yield.weight + self.prior_weight)

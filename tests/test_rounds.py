@@ -11,7 +11,7 @@ from conftest import start_stack
 import torch
 
 from coordinator.clients import DraftResult
-from coordinator.rounds import FeatureRelay, KPlanner, Round, RoundCosts
+from coordinator.rounds import FeatureRelay, KPlanner, Round, RoundCosts, sampling_regime
 from helpers import generate
 from specdec.v1 import common_pb2
 
@@ -100,11 +100,11 @@ def test_a_rounds_prefill_does_not_make_its_k_look_costly():
     costs = RoundCosts(max_k=8)
     for k in (0, 1, 2, 0, 1, 2):
         costs.observe(k, 0.060, accepted=0)
-    before = costs.acceptance[1]
+    before = costs.acceptance()[1]
     costs.observe(4, None, accepted=3)  # the prefill round
     assert costs.wall(4) == pytest.approx(0.060)
-    assert costs.acceptance[1] > before  # its drafts were kept: that still counts
-    planner = KPlanner(8, costs, prior=costs.acceptance)
+    assert costs.acceptance()[1] > before  # its drafts were kept: that still counts
+    planner = KPlanner(8, costs, prior=costs.acceptance())
     planner.observe(proposed=4, accepted=1)
     assert planner.choose(4) > 0
 
@@ -232,9 +232,9 @@ def test_a_tree_is_priced_by_its_own_rounds_and_worth_what_they_yielded():
     assert costs.tree_wall(7) == pytest.approx(0.080, rel=0.02)  # timed on its own
     assert costs.wall(3) == pytest.approx(0.040, rel=0.02) and costs.wall(5) < 0.045  # chains: their own line
     assert costs.tree_wall(12) < 0.060  # no tree of 12 timed: the chains' line at 12 drafts
-    assert costs.tree_tokens == pytest.approx(2.5, abs=0.2)
+    assert costs.tree_tokens() == pytest.approx(2.5, abs=0.2)
     planner = KPlanner(5, costs, prior=[0.5] * 9)
-    assert planner.expected_tree_tokens(5) == pytest.approx(costs.tree_tokens)
+    assert planner.expected_tree_tokens(5) == pytest.approx(costs.tree_tokens())
     for _ in range(40):
         planner.observe(5, accepted=3, tree=True)
     assert planner.expected_tree_tokens(5) > 3.5  # this call's trees do better than all sessions'
@@ -310,6 +310,29 @@ def test_a_round_whose_drafter_left_out_drafts_counts_as_the_plan_it_was():
         nothing = Round(10, 4, 0, 0.3, draft=DraftResult([], None, False, 0.001))
         planner.observe(nothing.counted_depth, accepted=0)
     assert planner.acceptance(1) < 0.1 and planner.expected_tokens(4) < 1.2  # (counted 0 deep: still 0.6 and 2.3)
+
+
+def test_what_rounds_yield_is_kept_apart_by_sampling_regime():
+    """Greedy rounds that keep their drafts and sampled ones that do not: a new greedy call's
+    priors are greedy's, a new sampled call's the sampled regime's (not a blend of both), and a
+    regime not seen yet starts from all regimes' rounds."""
+    from specdec.sampling import COUPLED, SamplingParams
+
+    greedy, sampled = sampling_regime(SamplingParams()), sampling_regime(SamplingParams(0.7, rule=COUPLED))
+    assert greedy != sampled and sampled == sampling_regime(SamplingParams(0.71, seed=9, rule=COUPLED))
+    assert sampled != sampling_regime(SamplingParams(1.0, rule=COUPLED)) != sampling_regime(SamplingParams(1.0))
+    costs = RoundCosts(max_k=8)
+    for _ in range(100):
+        costs.observe(4, 0.05, accepted=4, regime=greedy)
+        costs.observe(4, 0.05, accepted=0, regime=sampled)
+        costs.observe(5, 0.06, accepted=4, nodes=7, regime=greedy)
+        costs.observe(5, 0.06, accepted=0, nodes=7, regime=sampled)
+    assert costs.acceptance(greedy)[1] > 0.8 and costs.acceptance(sampled)[1] < 0.2
+    assert 0.3 < costs.acceptance("rejection t0.3 p1.0")[1] < 0.7  # unseen: every regime's
+    assert costs.tree_tokens(greedy) > 4.5 and costs.tree_tokens(sampled) < 1.5
+    planners = {regime: KPlanner(8, costs, costs.acceptance(regime), regime=regime) for regime in (greedy, sampled)}
+    assert planners[greedy].expected_tokens(4) > 3.5 and planners[sampled].expected_tokens(4) < 1.5
+    assert planners[greedy].expected_tree_tokens(5) > 4.5 and planners[sampled].expected_tree_tokens(5) < 1.5
 
 
 def test_the_planners_probes_at_k0_grow_apart_while_drafting_does_not_pay_and_come_back_when_it_does():
