@@ -83,6 +83,12 @@ class Totals:
         return self.tokens / self.rounds if self.rounds else None
 
     @property
+    def drafts_per_round(self) -> float | None:
+        """Drafts the target verified per round (its rows less one): what a round's verify cost
+        grew with; below k where adaptive k or the confidence floor drafted fewer."""
+        return self.draft_tokens / self.rounds if self.rounds else None
+
+    @property
     def acceptance_rate(self) -> float | None:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 

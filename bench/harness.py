@@ -443,6 +443,7 @@ def _figures(totals: Totals, baseline: Totals | None, hf_plain: Totals | None) -
         "speedup_vs_baseline": totals.tokens_per_s / baseline.tokens_per_s if baseline and baseline.tokens_per_s else None,
         "speedup_vs_hf_plain": totals.tokens_per_s / hf_plain.tokens_per_s if hf_plain and hf_plain.tokens_per_s else None,
         "mean_accepted_tokens": totals.mean_accepted_tokens,
+        "drafts_per_round": totals.drafts_per_round,
         "acceptance_rate": totals.acceptance_rate,
         "acceptance_by_position": totals.acceptance_by_position,
         "overhead_per_round_ms": totals.overhead_per_round_ms,

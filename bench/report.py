@@ -37,10 +37,10 @@ def markdown(report: dict) -> str:
         "",
         "### Throughput, peers, ideal speedup and where the time goes (all prompts)",
         "",
-        "| Configuration | tokens/s | vs ours-k0 | vs hf-plain | acceptance | by position | ideal (Leviathan) | "
+        "| Configuration | tokens/s | vs ours-k0 | vs hf-plain | drafts/round | acceptance | by position | ideal (Leviathan) | "
         "efficiency | compute-bound | overhead/round (drafting included) | draft s | verify s | "
         "net+coord s (drafting included) | redis s | greedy = baseline |",
-        "|---|" + "---|" * 14,
+        "|---|" + "---|" * 15,
     ]
     for name, entry in report["configs"].items():
         o = entry["overall"]
@@ -49,7 +49,7 @@ def markdown(report: dict) -> str:
         match = entry.get("greedy_matches_baseline")
         lines.append(
             f"| {name} | {_f(o['tokens_per_s'], 1)} | {_f(o['speedup_vs_baseline'], 2, 'x')} | "
-            f"{_f(o['speedup_vs_hf_plain'], 2, 'x')} | {_f(o['acceptance_rate'])} | "
+            f"{_f(o['speedup_vs_hf_plain'], 2, 'x')} | {_f(o.get('drafts_per_round'))} | {_f(o['acceptance_rate'])} | "
             f"{' '.join(f'{a:.2f}' for a in o['acceptance_by_position']) or 'n/a'} | "
             f"{_f(ideal.get('ideal_speedup'), 2, 'x')} | {_f(ideal.get('efficiency'))} | "
             f"{_f(ideal.get('compute_bound_speedup'), 2, 'x')} | {_f(o['overhead_per_round_ms'], 2, ' ms')} | "

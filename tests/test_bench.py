@@ -30,7 +30,7 @@ def test_totals_and_percentiles():
     totals = Totals.of(runs)
     assert totals.tokens_per_s == pytest.approx(6 / 3.0)
     assert totals.mean_accepted_tokens == pytest.approx(6 / 4)
-    assert totals.acceptance_rate == pytest.approx(2 / 6)
+    assert totals.acceptance_rate == pytest.approx(2 / 6) and totals.drafts_per_round == pytest.approx(6 / 4)
     assert totals.acceptance_by_position == [0.5, 0.0]
     assert totals.overhead_per_round_ms == pytest.approx(1.0)
     assert percentile([4, 1, 3, 2], 0.5) == pytest.approx(2.5)
