@@ -242,6 +242,7 @@ class DraftResult:
     compute_s: float
     features_from: int | None = None  # a feature drafter lacking the target's features from here
     parents: list[int] | None = None  # a tree of drafts (ProposeResponse.parents); None: a chain
+    confidences: list[float] | None = None  # per draft, the drafter's (ProposeResponse.confidences)
 
     @property
     def depth(self) -> int:
@@ -287,6 +288,9 @@ class DraftClient:
                                       metadata=with_trace(self.replicas.metadata))
 
         reply = await self.replicas.call(session_id, committed, tracker, send)
+        confidences = list(reply.confidences) or None
+        if confidences is not None and len(confidences) != len(reply.tokens):
+            raise ValueError(f"{len(reply.tokens)} drafts came back with {len(confidences)} confidences")
         if reply.parents:
             parents = list(reply.parents)
             if len(parents) != len(reply.tokens) or len(parents) > max(tree_nodes, k) or reply.HasField("probs"):
@@ -295,7 +299,8 @@ class DraftClient:
             if depth > k:
                 raise ValueError(f"a tree of drafts {depth} deep for k={k}")
             return DraftResult(list(reply.tokens), None, reply.point_mass, reply.timings.compute_s,
-                               reply.features_from if reply.HasField("features_from") else None, parents)
+                               reply.features_from if reply.HasField("features_from") else None, parents,
+                               confidences)
         drafted = list(reply.tokens)[:k]
         probs = None
         if reply.HasField("probs"):
@@ -307,7 +312,8 @@ class DraftClient:
         if needs_q and probs is None and not reply.point_mass and drafted:
             raise ValueError("a sampled Propose came back without distributions or point_mass")
         return DraftResult(drafted, probs if needs_q else None, reply.point_mass, reply.timings.compute_s,
-                           reply.features_from if reply.HasField("features_from") else None)
+                           reply.features_from if reply.HasField("features_from") else None, None,
+                           confidences[: len(drafted)] if confidences is not None else None)
 
 
 class TargetClient:

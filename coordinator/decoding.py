@@ -316,6 +316,8 @@ class Decoder:
             self.costs.observe(depth, wall, now.verdict.accepted, verified.batch_sessions,
                                verified.batch_rows, verified.compute_s, nodes=now.nodes if tree else 0,
                                drafts=len(now.drafts) if now.draft is not None else None, regime=regime)
+            if now.draft is not None and now.draft.confidences:
+                self.costs.observe_confidences(now.draft.confidences, now.kept_drafts(), regime)
             previous = now
         if ahead is not None:
             ahead.cancel()

@@ -59,6 +59,14 @@ class Round:
         drafts' depth."""
         return self.k if self.min_confidence > 0 and self.draft is not None else self.depth
 
+    def kept_drafts(self) -> list[bool]:
+        """Per draft, whether the round kept it: on the verdict's path (a tree), or before the
+        first rejected one (a chain)."""
+        if self.parents is not None:
+            path = set(self.verdict.path)
+            return [i in path for i in range(len(self.drafts))]
+        return [i < self.verdict.accepted for i in range(len(self.drafts))]
+
     def all_kept(self) -> bool:
         """Every draft was kept (so a draft-ahead proposed after them still follows)."""
         return self.verdict is not None and self.parents is None and self.verdict.accepted == len(self.drafts)
@@ -133,14 +141,64 @@ class DecayedMean:
         return self.total / self.weight if self.weight else None
 
 
+CONFIDENCE_BINS = 20  # equal bins of the drafter's confidence, [0, 1]
+CONFIDENCE_PRIOR = 4.0  # drafts a bin's prior is worth: the drafter's own word (kept as often as it says)
+CONFIDENCE_DECAY = 0.999  # per draft observed: about the last thousand drafts count
+
+
+@dataclass
+class ConfidenceCalibration:
+    """How often the target kept drafts of each confidence (the drafter's own estimate, its path's
+    probability): decayed counts in CONFIDENCE_BINS bins, each smoothed toward its centre. The
+    drafter's word need not hold: on Spec-Bench answers (Zen 5 host) greedy drafts were kept about
+    as often as their confidence said, but under the coupled rule at temperature 0.7 drafts of 0.4-0.5
+    were kept 26% of the time and of 0.2-0.3 8% (bench/results/zen5-stop32/calibration*.json)."""
+
+    kept: list[float] = field(default_factory=lambda: [0.0] * CONFIDENCE_BINS)
+    drafted: list[float] = field(default_factory=lambda: [0.0] * CONFIDENCE_BINS)
+
+    def observe(self, confidences: Sequence[float], kept: Sequence[bool]) -> None:
+        decay = CONFIDENCE_DECAY ** len(confidences)  # (a round's drafts decay the counts together)
+        self.kept = [decay * x for x in self.kept]
+        self.drafted = [decay * x for x in self.drafted]
+        for confidence, was_kept in zip(confidences, kept):
+            b = min(CONFIDENCE_BINS - 1, max(0, int(confidence * CONFIDENCE_BINS)))
+            self.kept[b] += was_kept
+            self.drafted[b] += 1
+
+    def rates(self) -> list[float]:
+        """The share kept per bin, smoothed toward the bin's centre, made non-decreasing (a
+        likelier draft is never worth less)."""
+        rates, best = [], 0.0
+        for b, (kept, drafted) in enumerate(zip(self.kept, self.drafted)):
+            centre = (b + 0.5) / CONFIDENCE_BINS
+            best = max(best, (kept + centre * CONFIDENCE_PRIOR) / (drafted + CONFIDENCE_PRIOR))
+            rates.append(best)
+        return rates
+
+    def confidence_for(self, p: float) -> float:
+        """The drafter's confidence from which drafts are kept with probability at least p
+        (interpolated between bin centres): 0 where every bin's are, 1 where none is."""
+        rates = self.rates()
+        if p <= rates[0]:
+            return 0.0
+        for b in range(1, CONFIDENCE_BINS):
+            if rates[b] >= p:
+                low, high = (b - 0.5) / CONFIDENCE_BINS, (b + 0.5) / CONFIDENCE_BINS
+                share = (p - rates[b - 1]) / (rates[b] - rates[b - 1]) if rates[b] > rates[b - 1] else 1.0
+                return low + share * (high - low)
+        return 1.0
+
+
 @dataclass
 class RoundYields:
     """What rounds yielded: the acceptance per draft position, decayed (index j: the share of
-    rounds that kept draft j among those that tried it with drafts 1..j-1 kept), and the tokens
-    tree rounds yielded."""
+    rounds that kept draft j among those that tried it with drafts 1..j-1 kept), the tokens tree
+    rounds yielded, and how often drafts of each confidence were kept."""
 
     acceptance: list[float]
     tree_yield: DecayedMean = field(default_factory=lambda: DecayedMean(0.98))
+    calibration: ConfidenceCalibration = field(default_factory=ConfidenceCalibration)
 
     def observe(self, k: int, accepted: int, tree: bool) -> None:
         for j in range(1, min(k, accepted + 1) + 1):
@@ -211,6 +269,23 @@ class RoundCosts:
             del self._yields[next(iter(self._yields))]  # the regime seen longest ago
         for kept in (yields, self._pooled):
             kept.observe(k, accepted, tree=bool(nodes))
+
+    def observe_confidences(self, confidences: Sequence[float], kept: Sequence[bool], regime: str = GREEDY) -> None:
+        """A round's drafts' confidences (Round.confidences) and which of them the target kept."""
+        yields = self._yields.get(regime)
+        if yields is not None:  # (observe made it, for the same round)
+            yields.calibration.observe(confidences, kept)
+
+    def calibration(self, regime: str = GREEDY) -> ConfidenceCalibration:
+        """How often the regime's drafts of each confidence were kept (a fresh one, the drafter's
+        word, before any round of the regime)."""
+        yields = self._yields.get(regime)
+        return yields.calibration if yields is not None else ConfidenceCalibration()
+
+    def confidence_for(self, p: float, regime: str = GREEDY) -> float:
+        """The drafter's confidence from which the regime's drafts are kept with probability at
+        least p (ConfidenceCalibration)."""
+        return self.calibration(regime).confidence_for(p)
 
     def acceptance(self, regime: str = GREEDY) -> list[float]:
         """The acceptance per draft position (index j: draft j kept when drafts 1..j-1 were) in
@@ -464,10 +539,11 @@ class KPlanner:
         """The confidence below which a draft is not worth its verify (Plan.min_confidence): a draft
         the target keeps with probability p adds p tokens to a round for draft_cost() seconds, which
         pays when p / draft_cost() is at least the rate the round yields, so p >= draft_cost() x
-        rate (tokens a second). A fixed floor where one is configured (confidence_floor)."""
+        rate (tokens a second), as the drafter's confidence from which its drafts were kept that often
+        here (RoundCosts.confidence_for). A fixed floor where one is configured (confidence_floor)."""
         if self.confidence_floor is not None:
             return self.confidence_floor
-        return min(1.0, max(0.0, self.costs.draft_cost() * rate))
+        return self.costs.confidence_for(min(1.0, max(0.0, self.costs.draft_cost() * rate)), self.regime)
 
 
 def ceiling_for(k: int, remaining: int, room: int) -> int:

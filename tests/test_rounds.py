@@ -11,7 +11,7 @@ from conftest import start_stack
 import torch
 
 from coordinator.clients import DraftResult
-from coordinator.rounds import FeatureRelay, KPlanner, Round, RoundCosts, sampling_regime
+from coordinator.rounds import GREEDY, FeatureRelay, KPlanner, Round, RoundCosts, sampling_regime
 from helpers import generate
 from specdec.v1 import common_pb2
 
@@ -333,6 +333,48 @@ def test_what_rounds_yield_is_kept_apart_by_sampling_regime():
     planners = {regime: KPlanner(8, costs, costs.acceptance(regime), regime=regime) for regime in (greedy, sampled)}
     assert planners[greedy].expected_tokens(4) > 3.5 and planners[sampled].expected_tokens(4) < 1.5
     assert planners[greedy].expected_tree_tokens(5) > 4.5 and planners[sampled].expected_tree_tokens(5) < 1.5
+
+
+def test_the_floor_follows_how_often_drafts_of_each_confidence_were_kept():
+    """Before any round the drafter's word holds (a draft of confidence c is kept with probability
+    c). Where its drafts are kept less often than it says (c squared here, as the coupled rule at
+    temperature 0.7 measured about), the confidence a floor of p asks for rises to where they are
+    kept that often; a greedy regime that keeps its word keeps its floor; the rates never fall
+    with the confidence."""
+    import random
+
+    from specdec.sampling import COUPLED, SamplingParams
+
+    costs = RoundCosts(max_k=8)
+    sampled = sampling_regime(SamplingParams(0.7, rule=COUPLED))
+    assert costs.confidence_for(0.2, sampled) == pytest.approx(0.2) and costs.confidence_for(0.0) == 0.0
+    assert costs.confidence_for(1.0) == 1.0
+    draw = random.Random(0)
+    for _ in range(600):  # rounds of 5 drafts
+        confidences = [draw.random() for _ in range(5)]
+        for regime, law in ((GREEDY, lambda c: c), (sampled, lambda c: c * c)):
+            costs.observe(5, 0.03, accepted=0, regime=regime)
+            costs.observe_confidences(confidences, [draw.random() < law(c) for c in confidences], regime)
+    assert costs.confidence_for(0.2) == pytest.approx(0.2, abs=0.06)
+    assert costs.confidence_for(0.2, sampled) == pytest.approx(0.2 ** 0.5, abs=0.08)
+    rates = costs.calibration(sampled).rates()
+    assert rates == sorted(rates) and rates[-1] > 0.8 and rates[2] < 0.05
+    planner = KPlanner(8, costs, prior=[0.7] * 9, regime=sampled)
+    plan = planner.plan(5)
+    wanted = costs.draft_cost() * planner.expected_tokens(plan.k) / costs.wall(plan.k)
+    assert plan.min_confidence == pytest.approx(costs.confidence_for(wanted, sampled))
+    assert plan.min_confidence > wanted + 0.05  # (the drafter's word would have been `wanted`)
+
+
+def test_a_rounds_kept_drafts_are_its_path_or_its_chains_first_accepted():
+    from specdec.sampling import Verdict
+
+    chain = Round(10, 4, draft=DraftResult([7, 8, 9, 4], None, False, 0.0))
+    chain.verdict = Verdict(accepted=2, next_token=5)
+    assert chain.kept_drafts() == [True, True, False, False]
+    tree = Round(10, 3, 5, draft=DraftResult([7, 8, 9, 4, 6], None, False, 0.0, parents=[-1, 0, -1, 2, 3]))
+    tree.verdict = Verdict(accepted=3, next_token=5, path=(2, 3, 4))
+    assert tree.kept_drafts() == [False, False, True, True, True]
 
 
 def test_the_planners_probes_at_k0_grow_apart_while_drafting_does_not_pay_and_come_back_when_it_does():

@@ -28,7 +28,7 @@ class ProposeRequest(_message.Message):
     def __init__(self, context: _Optional[_Union[_common_pb2.SessionContext, _Mapping]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., features: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., features_start: _Optional[int] = ..., provisional_tokens: _Optional[_Iterable[int]] = ..., tree_nodes: _Optional[int] = ..., min_confidence: _Optional[float] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("tokens", "probs", "point_mass", "timings", "cache", "features_from", "parents")
+    __slots__ = ("tokens", "probs", "point_mass", "timings", "cache", "features_from", "parents", "confidences")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
     POINT_MASS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class ProposeResponse(_message.Message):
     CACHE_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FROM_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCES_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     probs: _common_pb2.Tensor
     point_mass: bool
@@ -43,4 +44,5 @@ class ProposeResponse(_message.Message):
     cache: _common_pb2.CacheUse
     features_from: int
     parents: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., point_mass: _Optional[bool] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., cache: _Optional[_Union[_common_pb2.CacheUse, _Mapping]] = ..., features_from: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
+    confidences: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., point_mass: _Optional[bool] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., cache: _Optional[_Union[_common_pb2.CacheUse, _Mapping]] = ..., features_from: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., confidences: _Optional[_Iterable[float]] = ...) -> None: ...

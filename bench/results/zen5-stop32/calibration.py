@@ -4,6 +4,11 @@ target's own greedy answers to Spec-Bench prompts (bench.tree_shapes' walk), wit
 verify of n rows timed in process on this host.
 
     python bench/results/zen5-stop32/calibration.py --limit 1 --max-new-tokens 128 --k 5
+    python bench/results/zen5-stop32/calibration.py --limit 1 --max-new-tokens 128 --k 5 --temperature 0.7
+
+With --temperature the answers are the target's own under the coupled rule (seed 0): its draw at
+position i is argmax p(v) / E(v) with the noise of (seed, i), which a round's drafts follow when
+they equal it, so a walk down the drafts is the same as greedy's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from draft_service.feature_drafter import FeatureDrafter
 from specdec import models
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ModelRunner
-from specdec.sampling import SamplingParams
+from specdec.sampling import COUPLED, SamplingParams, coupled_draws, probs_from_logits
 
 FLOORS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 
@@ -33,6 +38,15 @@ def kept_under(tokens, parents, confidences, floor):
     index = {old: new for new, old in enumerate(keep)}
     par = parents if parents is not None else [i - 1 for i in range(len(tokens))]
     return [tokens[i] for i in keep], [index.get(par[i], -1) for i in keep]
+
+
+def coupled_answer(runner, prompt, max_new_tokens, params):
+    """The target's own answer under the coupled rule: at position i, argmax p(v) / E(v)."""
+    tokens, entry = list(prompt), SessionCache()
+    for _ in range(max_new_tokens):
+        logits = runner.forward([ForwardJob(entry, tokens, len(tokens) - 1)])[0].logits[-1:]
+        tokens.append(coupled_draws(probs_from_logits(logits, params), params.seed, len(tokens))[0])
+    return tokens
 
 
 def verify_ms(runner, context, rows, repeats=15):
@@ -53,7 +67,9 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--tree-nodes", default="0,7")
+    parser.add_argument("--temperature", type=float, default=0.0, help="> 0: coupled answers at this temperature")
     args = parser.parse_args()
+    params = SamplingParams(args.temperature, seed=0, rule=COUPLED) if args.temperature else SamplingParams()
     model = models.load_model("smollm2")
     tokenizer = models.load_tokenizer("smollm2")
     runner = ModelRunner(model, model.config.vocab_size)
@@ -62,11 +78,13 @@ def main():
     answers = []
     for made in greedy_answers("smollm2", model, tokenizer, args.limit, args.max_new_tokens, None, None):
         full = made.prompt + made.answer
+        if not params.greedy:
+            full = coupled_answer(runner, made.prompt, args.max_new_tokens, params)
         features = runner.forward([ForwardJob(SessionCache(), full, len(full) - 1, layers, 0)])[0].features
         answers.append((made.category, full, len(made.prompt), features))
     context = answers[0][1][:400]
     costs = {rows: round(verify_ms(runner, context, rows), 2) for rows in range(1, 9)}
-    out = {"verify_ms_by_rows": costs, "shapes": []}
+    out = {"temperature": args.temperature, "verify_ms_by_rows": costs, "shapes": []}
     for nodes in (int(n) for n in args.tree_nodes.split(",")):
         bins = [[0, 0] for _ in range(10)]
         per_floor = {f: {"steps": [], "rows": []} for f in FLOORS}
@@ -76,7 +94,8 @@ def main():
             steps = {f: [] for f in FLOORS}
             rows = {f: [] for f in FLOORS}
             for position in range(prompt_len, len(full)):
-                job = ProposeJob(entry, full[:position], args.k, SamplingParams(), features[: position - 1], 0, (), nodes)
+                job = ProposeJob(entry, full[:position], args.k, params, features[: position - 1], 0, (), nodes,
+                                 1e-30)  # (a floor under every draft: a chain's confidences too)
                 started = time.perf_counter()
                 proposal = drafter.propose_batch([job])[0]
                 times.append(time.perf_counter() - started)
