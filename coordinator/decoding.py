@@ -1,4 +1,5 @@
-"""The decoding loop: rounds of plan, propose, verify, decide, commit, stream (coordinator.rounds).
+"""The decoding loop: rounds of plan, propose, verify, decide, commit, stream (coordinator.rounds,
+coordinator.planning).
 
 Rounds overlap where they can without changing a token: round r's Redis commit and its stream
 run beside round r+1's calls (tokens still reach the client only once committed), and with
@@ -18,7 +19,8 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from coordinator.clients import DeltaTracker, DraftClient, DraftResult, ReplicaSet, TargetClient
-from coordinator.rounds import FeatureRelay, KPlanner, Plan, Round, RoundCosts, ceiling_for, sampling_regime
+from coordinator.planning import KPlanner, Plan, RoundCosts, ceiling_for, sampling_regime
+from coordinator.rounds import FeatureRelay, Round
 from coordinator.text_stream import TextStream
 from specdec.metrics import ServiceMetrics
 from specdec.prefix import CommittedTokens

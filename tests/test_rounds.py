@@ -11,7 +11,8 @@ from conftest import start_stack
 import torch
 
 from coordinator.clients import DraftResult
-from coordinator.rounds import GREEDY, FeatureRelay, KPlanner, Round, RoundCosts, sampling_regime
+from coordinator.planning import GREEDY, KPlanner, RoundCosts, sampling_regime
+from coordinator.rounds import FeatureRelay, Round
 from helpers import generate
 from specdec.v1 import common_pb2
 
