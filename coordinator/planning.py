@@ -50,6 +50,8 @@ class ConfidenceCalibration:
         self.kept = [decay * x for x in self.kept]
         self.drafted = [decay * x for x in self.drafted]
         for confidence, was_kept in zip(confidences, kept):
+            if confidence >= 1.0:  # a copy of the context (prompt lookup): not the drafter's word
+                continue
             b = min(CONFIDENCE_BINS - 1, max(0, int(confidence * CONFIDENCE_BINS)))
             self.kept[b] += was_kept
             self.drafted[b] += 1

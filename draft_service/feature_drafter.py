@@ -433,8 +433,8 @@ class _Tree:
 def _tree_answer(candidates: list[tuple[float, int, int, int]],
                  budget: int) -> tuple[list[int], list[int], list[float]]:
     """The `budget` best candidates ((log-confidence, depth, token, parent) each) as (tokens,
-    parents, confidences): the best chain first, then the others by depth. Sorting by confidence, then depth, puts every
-    parent before its children, so any prefix of that order is a tree."""
+    parents, confidences): the best chain first, then the others by depth. Sorting by confidence,
+    then depth, puts every parent before its children, so any prefix of that order is a tree."""
     order = sorted(range(len(candidates)), key=lambda c: (-candidates[c][0], candidates[c][1]))
     kept = set(order[:budget])
     chain, node = [], -1
