@@ -22,6 +22,7 @@ from coordinator.clients import DeltaTracker, DraftClient, DraftResult, ReplicaS
 from coordinator.planning import KPlanner, Plan, RoundCosts, ceiling_for, sampling_regime
 from coordinator.rounds import FeatureRelay, Round
 from coordinator.text_stream import TextStream
+from specdec.eagle import KIND as EAGLE_KIND
 from specdec.metrics import ServiceMetrics
 from specdec.prefix import CommittedTokens
 from specdec.sampling import (ACCEPT, REJECTION, SAMPLE, SamplingParams, Verdict, greedy_accept, speculative_accept,
@@ -260,8 +261,8 @@ class Decoder:
         layers = self.draft.feature_layers if self.draft is not None else ()
         relay = FeatureRelay(layers) if layers else None
         regime = sampling_regime(params.sampling)
-        planner = KPlanner(self.max_k, self.costs, self.costs.acceptance(regime), confidence_floor=self.confidence_floor,
-                           regime=regime)
+        floor = self.confidence_floor if self._cuts_drafts(params.sampling) else 0.0
+        planner = KPlanner(self.max_k, self.costs, self.costs.acceptance(regime), confidence_floor=floor, regime=regime)
         previous: Round | None = None
         ahead: asyncio.Task | None = None  # round r+1's draft, proposed during round r's Verify
         while previous is None or previous.finish is None:
@@ -341,6 +342,14 @@ class Decoder:
             stats.draft_ahead_misses += 1
         return await self._propose(session, committed, now.k, params.sampling, tracker, stats, relay,
                                    tree_nodes=now.nodes, min_confidence=now.min_confidence)
+
+    def _cuts_drafts(self, sampling: SamplingParams) -> bool:
+        """Whether the draft tier leaves out drafts under a confidence (ProposeRequest.min_confidence)
+        for this sampling: feature drafters greedy and coupled, model drafters greedy. Elsewhere no
+        floor is asked for, and rounds count by the drafts they got (an n-gram drafter that finds a
+        shorter match, or none, drafted less than planned, not worse)."""
+        kind = self.draft.kind if self.draft is not None else ""
+        return (kind == EAGLE_KIND and (sampling.greedy or sampling.coupled)) or (kind == "model" and sampling.greedy)
 
     def _tree_nodes(self, k: int, sampling: SamplingParams) -> int:
         """Drafts a round of depth up to k may ask for as a tree (0: chains only): trees are

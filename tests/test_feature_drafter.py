@@ -670,6 +670,10 @@ async def test_a_malformed_tree_is_refused(tree_stack):
                     metadata=TIER_METADATA),
         draft.Propose(draft_pb2.ProposeRequest(context=context_to_pb("tree-d", tokens, 0), k=2, tree_nodes=99),
                       metadata=TIER_METADATA),
+        draft.Propose(draft_pb2.ProposeRequest(context=context_to_pb("tree-f", tokens, 0), k=2, min_confidence=1.5),
+                      metadata=TIER_METADATA),
+        draft.Propose(draft_pb2.ProposeRequest(context=context_to_pb("tree-g", tokens, 0), k=2,
+                                               min_confidence=float("nan")), metadata=TIER_METADATA),
     ]
     for call in bad:
         with pytest.raises(grpc.aio.AioRpcError) as refused:

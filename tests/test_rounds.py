@@ -367,6 +367,33 @@ def test_the_floor_follows_how_often_drafts_of_each_confidence_were_kept():
     assert plan.min_confidence > wanted + 0.05  # (the drafter's word would have been `wanted`)
 
 
+def test_a_floor_is_asked_only_of_drafters_that_cut_by_confidence():
+    """Feature drafters leave out drafts greedy and coupled, model drafters greedy; an n-gram
+    drafter, or the rejection rule, gets no floor (its rounds then count by the drafts they got)."""
+    from coordinator.clients import DraftClient
+    from coordinator.decoding import Decoder, ModelLimits
+    from coordinator.local_draft import LocalNgramDraft
+    from specdec.sampling import COUPLED, REJECTION, SamplingParams
+
+    greedy, coupled, rejection = SamplingParams(), SamplingParams(0.7, rule=COUPLED), SamplingParams(0.7, rule=REJECTION)
+    cuts = {}
+    for name, draft in (("eagle3", DraftClient(None, "eagle3")), ("model", DraftClient(None, "model")),
+                        ("ngram", LocalNgramDraft())):
+        decoder = Decoder(None, draft, None, None, ModelLimits(100, 64, frozenset()))
+        cuts[name] = [decoder._cuts_drafts(p) for p in (greedy, coupled, rejection)]
+    assert cuts == {"eagle3": [True, True, False], "model": [True, False, False], "ngram": [False, False, False]}
+
+
+def test_min_draft_confidence_is_auto_or_a_number_in_0_1():
+    from coordinator.server import confidence_floor
+    from specdec.serving import StartupError
+
+    assert confidence_floor("auto") is None and confidence_floor("0.3") == 0.3 and confidence_floor("0") == 0.0
+    for bad in ("1.5", "-0.1", "nan", "often"):
+        with pytest.raises(StartupError, match="min-draft-confidence"):
+            confidence_floor(bad)
+
+
 def test_a_rounds_kept_drafts_are_its_path_or_its_chains_first_accepted():
     from specdec.sampling import Verdict
 
