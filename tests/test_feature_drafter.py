@@ -273,15 +273,16 @@ def test_the_drafter_leaves_out_drafts_below_min_confidence(tiny_target, feature
         assert propose(nodes, 1.0).tokens == [] and calls == [len(committed)]  # the committed positions only
 
 
-async def test_the_drafters_confidences_reach_the_coordinator_and_change_no_token(feature_stack, target_greedy):
-    """Adaptive k asks for a confidence floor; the draft service answers each draft's confidence
-    (ProposeResponse.confidences) and the coordinator counts how often drafts of each confidence
-    were kept, the floor's calibration; the answer is the target's own."""
-    calibration = lambda: sum(feature_stack.decoder.costs.calibration("greedy").drafted)  # noqa: E731
+async def test_the_drafters_confidences_reach_the_coordinator_and_change_no_token(tree_stack, target_greedy):
+    """The draft service answers each draft's confidence (ProposeResponse.confidences; a tree's
+    come with its nodes, the head's below 1, prompt lookup's copies 1.0) and the coordinator counts
+    how often the head's drafts of each confidence were kept, the floor's calibration; the answer
+    is the target's own."""
+    calibration = lambda: sum(tree_stack.decoder.costs.calibration("greedy").drafted)  # noqa: E731
     before = calibration()
-    async with grpc.aio.insecure_channel(feature_stack.coordinator) as channel:
+    async with grpc.aio.insecure_channel(tree_stack.coordinator) as channel:
         result = await generate(channel, prompt="the cat sat on the mat and then", max_new_tokens=48, k=4,
-                                ignore_eos=True)
+                                fixed_k=True, ignore_eos=True)
     assert result.token_ids == target_greedy(result.prompt_token_ids, 48)
     assert result.stats.draft_tokens > 0 and calibration() > before
 
