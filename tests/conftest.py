@@ -152,11 +152,11 @@ class Stack:
 
 async def start_stack(
     redis_url: str, target_model: Path, draft: str | None, target_replicas: int = 1, draft_replicas: int = 1,
-    snapshots: bool = True, compile: str = "off", **coordinator_overrides,
+    snapshots: bool = True, compile: str = "off", draft_overrides: dict | None = None, **coordinator_overrides,
 ) -> Stack:
     """Start real gRPC servers on loopback in this event loop: target(s), optional draft(s), coordinator.
     With `snapshots` the tiers write KV-cache snapshots to the same Redis, as `specdec up` does;
-    `compile` is both tiers' --compile."""
+    `compile` is both tiers' --compile; `draft_overrides`, the draft services' other settings."""
     from coordinator import server as coordinator_server
     from coordinator.config import CoordinatorConfig
     from draft_service import server as draft_server
@@ -174,7 +174,7 @@ async def start_stack(
         drafts.append(draft)
     elif draft is not None:
         for _ in range(draft_replicas):
-            started.append(await draft_server.start(DraftConfig(model=draft, **tier)))
+            started.append(await draft_server.start(DraftConfig(model=draft, **tier, **(draft_overrides or {}))))
             drafts.append(started[-1].address)
     config = CoordinatorConfig(**{
         "target": tuple(targets),
