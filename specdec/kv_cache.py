@@ -240,6 +240,8 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     (the runner's cache against a Verify's tokens, the drafter's against a Propose's), so it halves
     the span where they first differ comparing slices (in C) and only the last few tokens one by
     one: a Python loop over 8,000 tokens took 0.4 ms, this 0.07."""
+    if type(a) is not type(b):  # a list's slice never equals a tuple's: compare like with like
+        a, b = list(a), list(b)
     low, high = 0, min(len(a), len(b))  # a[:low] == b[:low]; the first difference, if any, is before high
     while high - low > PREFIX_SPAN:
         middle = (low + high) // 2

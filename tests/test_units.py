@@ -126,6 +126,7 @@ def test_common_prefix_len_finds_the_first_difference_wherever_it_is():
         b = a[: rng.randrange(0, len(a) + 1)] + [rng.randrange(5) for _ in range(rng.randrange(0, 3 * PREFIX_SPAN))]
         expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         assert common_prefix_len(a, b) == expected == common_prefix_len(b, a)
+        assert common_prefix_len(tuple(a), b) == expected == common_prefix_len(a, tuple(b))  # (Sequence[int]s)
 
 
 def test_cache_table_evicts_least_recently_used():
