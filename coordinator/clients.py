@@ -288,9 +288,9 @@ class DraftClient:
                                       metadata=with_trace(self.replicas.metadata))
 
         reply = await self.replicas.call(session_id, committed, tracker, send)
-        confidences = list(reply.confidences) or None
-        if confidences is not None and len(confidences) != len(reply.tokens):
-            raise ValueError(f"{len(reply.tokens)} drafts came back with {len(confidences)} confidences")
+        confidences = None
+        if reply.HasField("confidences"):
+            confidences = decode_tensor(reply.confidences, (len(reply.tokens),)).tolist()
         if reply.parents:
             parents = list(reply.parents)
             if len(parents) != len(reply.tokens) or len(parents) > max(tree_nodes, k) or reply.HasField("probs"):

@@ -111,8 +111,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s,
                                       batch_sessions=timed.batch_sessions),
             cache=common_pb2.CacheUse(reused_tokens=proposal.reused_tokens, computed_tokens=proposal.computed_tokens),
-            confidences=proposal.confidences or [],
         )
+        if proposal.confidences is not None:
+            response.confidences.CopyFrom(encode_tensor(torch.tensor(proposal.confidences, dtype=torch.float32)))
         if proposal.probs is not None:
             response.probs.CopyFrom(encode_tensor(proposal.probs))
         if proposal.features_from is not None:

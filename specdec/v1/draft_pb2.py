@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import common_pb2 as specdec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specdec/v1/draft.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xfc\x01\n\x0eProposeRequest\x12+\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.specdec.v1.SessionContext\x12\t\n\x01k\x18\x02 \x01(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12$\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x12.specdec.v1.Tensor\x12\x16\n\x0e\x66\x65\x61tures_start\x18\x05 \x01(\r\x12\x1a\n\x12provisional_tokens\x18\x06 \x03(\x05\x12\x12\n\ntree_nodes\x18\x07 \x01(\r\x12\x16\n\x0emin_confidence\x18\x08 \x01(\x02\"\xf7\x01\n\x0fProposeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12!\n\x05probs\x18\x02 \x01(\x0b\x32\x12.specdec.v1.Tensor\x12\x12\n\npoint_mass\x18\x03 \x01(\x08\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.specdec.v1.Timings\x12#\n\x05\x63\x61\x63he\x18\x05 \x01(\x0b\x32\x14.specdec.v1.CacheUse\x12\x1a\n\rfeatures_from\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07parents\x18\x07 \x03(\x05\x12\x13\n\x0b\x63onfidences\x18\x08 \x03(\x02\x42\x10\n\x0e_features_from2\xd4\x01\n\x0c\x44raftService\x12\x42\n\x07Propose\x12\x1a.specdec.v1.ProposeRequest\x1a\x1b.specdec.v1.ProposeResponse\x12\x42\n\x07Release\x12\x1a.specdec.v1.ReleaseRequest\x1a\x1b.specdec.v1.ReleaseResponse\x12<\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x15.specdec.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specdec/v1/draft.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xfc\x01\n\x0eProposeRequest\x12+\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.specdec.v1.SessionContext\x12\t\n\x01k\x18\x02 \x01(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12$\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x12.specdec.v1.Tensor\x12\x16\n\x0e\x66\x65\x61tures_start\x18\x05 \x01(\r\x12\x1a\n\x12provisional_tokens\x18\x06 \x03(\x05\x12\x12\n\ntree_nodes\x18\x07 \x01(\r\x12\x16\n\x0emin_confidence\x18\x08 \x01(\x02\"\x8b\x02\n\x0fProposeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12!\n\x05probs\x18\x02 \x01(\x0b\x32\x12.specdec.v1.Tensor\x12\x12\n\npoint_mass\x18\x03 \x01(\x08\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.specdec.v1.Timings\x12#\n\x05\x63\x61\x63he\x18\x05 \x01(\x0b\x32\x14.specdec.v1.CacheUse\x12\x1a\n\rfeatures_from\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07parents\x18\x07 \x03(\x05\x12\'\n\x0b\x63onfidences\x18\x08 \x01(\x0b\x32\x12.specdec.v1.TensorB\x10\n\x0e_features_from2\xd4\x01\n\x0c\x44raftService\x12\x42\n\x07Propose\x12\x1a.specdec.v1.ProposeRequest\x1a\x1b.specdec.v1.ProposeResponse\x12\x42\n\x07Release\x12\x1a.specdec.v1.ReleaseRequest\x1a\x1b.specdec.v1.ReleaseResponse\x12<\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x15.specdec.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROPOSEREQUEST']._serialized_start=64
   _globals['_PROPOSEREQUEST']._serialized_end=316
   _globals['_PROPOSERESPONSE']._serialized_start=319
-  _globals['_PROPOSERESPONSE']._serialized_end=566
-  _globals['_DRAFTSERVICE']._serialized_start=569
-  _globals['_DRAFTSERVICE']._serialized_end=781
+  _globals['_PROPOSERESPONSE']._serialized_end=586
+  _globals['_DRAFTSERVICE']._serialized_start=589
+  _globals['_DRAFTSERVICE']._serialized_end=801
 # @@protoc_insertion_point(module_scope)

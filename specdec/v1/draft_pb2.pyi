@@ -44,5 +44,5 @@ class ProposeResponse(_message.Message):
     cache: _common_pb2.CacheUse
     features_from: int
     parents: _containers.RepeatedScalarFieldContainer[int]
-    confidences: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., point_mass: _Optional[bool] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., cache: _Optional[_Union[_common_pb2.CacheUse, _Mapping]] = ..., features_from: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., confidences: _Optional[_Iterable[float]] = ...) -> None: ...
+    confidences: _common_pb2.Tensor
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., point_mass: _Optional[bool] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., cache: _Optional[_Union[_common_pb2.CacheUse, _Mapping]] = ..., features_from: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., confidences: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
