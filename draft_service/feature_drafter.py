@@ -299,8 +299,7 @@ class FeatureDrafter:
                 at += len(tree.frontier)
                 if fresh:
                     expanding.append((tree, fresh))
-            for tree in growing:  # a tree none of whose new candidates is expanded stops growing
-                if not any(t is tree for t, _ in expanding):
+                else:  # none of its new candidates is expanded: the tree stops growing
                     tree.frontier = []
             if expanding:
                 self._run_nodes(expanding, depth)
