@@ -316,11 +316,11 @@ class Decoder:
             # The call's first round prefilled the turn: its time would make its k look costly.
             wall = time.perf_counter() - begun if previous is not None else None
             verified = now.verification
+            confidences = (now.draft.confidences if now.draft is not None else None) or ()
             self.costs.observe(depth, wall, now.verdict.accepted, verified.batch_sessions,
                                verified.batch_rows, verified.compute_s, nodes=now.nodes if tree else 0,
-                               drafts=len(now.drafts) if now.draft is not None else None, regime=regime)
-            if now.draft is not None and now.draft.confidences:
-                self.costs.observe_confidences(now.draft.confidences, now.kept_drafts(), regime)
+                               drafts=len(now.drafts) if now.draft is not None else None, regime=regime,
+                               confidences=confidences, kept=now.kept_drafts() if confidences else ())
             previous = now
         if ahead is not None:
             ahead.cancel()

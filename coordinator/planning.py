@@ -46,6 +46,8 @@ class ConfidenceCalibration:
     drafted: list[float] = field(default_factory=lambda: [0.0] * CONFIDENCE_BINS)
 
     def observe(self, confidences: Sequence[float], kept: Sequence[bool]) -> None:
+        if not confidences:
+            return
         decay = CONFIDENCE_DECAY ** len(confidences)  # (a round's drafts decay the counts together)
         self.kept = [decay * x for x in self.kept]
         self.drafted = [decay * x for x in self.drafted]
@@ -142,11 +144,13 @@ class RoundCosts:
         self._yields: dict[str, RoundYields] = {}  # by regime, the most recently seen last
 
     def observe(self, k: int, wall_s: float | None, accepted: int, batch_sessions: int = 1, batch_rows: int = 0,
-                compute_s: float = 0.0, nodes: int = 0, drafts: int | None = None, regime: str = GREEDY) -> None:
+                compute_s: float = 0.0, nodes: int = 0, drafts: int | None = None, regime: str = GREEDY,
+                confidences: Sequence[float] = (), kept: Sequence[bool] = ()) -> None:
         """A round's drafts (depth k; a tree of `nodes` when not 0), wall time (None for a round
         that also prefilled a turn, whose time says nothing about k), how many drafts it kept, and
         the target pass that verified it; `drafts`, how many it verified, where it called Propose;
-        `regime`, its call's sampling (sampling_regime)."""
+        `regime`, its call's sampling (sampling_regime); `confidences`, the drafter's per draft
+        (DraftResult.confidences), and `kept`, which of them the target kept (Round.kept_drafts)."""
         if wall_s is not None:
             self._points = (self._points + [(k, nodes, wall_s)])[-self.window:]
             if drafts is not None:
@@ -157,15 +161,9 @@ class RoundCosts:
         self._yields[regime] = yields
         if len(self._yields) > MAX_REGIMES:
             del self._yields[next(iter(self._yields))]  # the regime seen longest ago
-        for kept in (yields, self._pooled):
-            kept.observe(k, accepted, tree=bool(nodes))
-
-    def observe_confidences(self, confidences: Sequence[float], kept: Sequence[bool], regime: str = GREEDY) -> None:
-        """A round's drafts' confidences (DraftResult.confidences) and which of them the target kept
-        (Round.kept_drafts)."""
-        yields = self._yields.get(regime)
-        if yields is not None:  # (observe made it, for the same round)
-            yields.calibration.observe(confidences, kept)
+        for seen in (yields, self._pooled):
+            seen.observe(k, accepted, tree=bool(nodes))
+        yields.calibration.observe(confidences, kept)
 
     def calibration(self, regime: str = GREEDY) -> ConfidenceCalibration:
         """How often the regime's drafts of each confidence were kept (a fresh one, the drafter's

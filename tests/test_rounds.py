@@ -354,8 +354,8 @@ def test_the_floor_follows_how_often_drafts_of_each_confidence_were_kept():
     for _ in range(600):  # rounds of 5 drafts
         confidences = [draw.random() for _ in range(5)]
         for regime, law in ((GREEDY, lambda c: c), (sampled, lambda c: c * c)):
-            costs.observe(5, 0.03, accepted=0, regime=regime)
-            costs.observe_confidences(confidences, [draw.random() < law(c) for c in confidences], regime)
+            costs.observe(5, 0.03, accepted=0, regime=regime, confidences=confidences,
+                          kept=[draw.random() < law(c) for c in confidences])
     assert costs.confidence_for(0.2) == pytest.approx(0.2, abs=0.06)
     assert costs.confidence_for(0.2, sampled) == pytest.approx(0.2 ** 0.5, abs=0.08)
     rates = costs.calibration(sampled).rates()
