@@ -27,6 +27,8 @@ class TextStream:
         self.emitted = 0  # characters of the whole text sent
         self._settled = 0  # ids[:_settled] are settled: their text is the whole text's first _settled_chars
         self._settled_chars = 0
+        self._head: tuple[int, str] | None = None  # _window's answer while _settled is _head_at
+        self._head_at = -1
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -39,8 +41,10 @@ class TextStream:
     def _window(self, ids: Sequence[int]) -> tuple[int, str]:
         """Where the decoding starts (an index into ids) and the text of the ids from there to the
         last settled one, whose characters the window's text begins with."""
-        start = max(0, self._settled - CONTEXT_TOKENS)
-        return start, self.decode(ids[start : self._settled])
+        if self._head_at != self._settled:  # (settled ids never change: decoded once a mark)
+            start = max(0, self._settled - CONTEXT_TOKENS)
+            self._head, self._head_at = (start, self.decode(ids[start : self._settled])), self._settled
+        return self._head
 
     def _rest(self, ids: Sequence[int], end: int | None = None) -> str | None:
         """The whole text of ids[:end] past its first _settled_chars characters, or None where the
