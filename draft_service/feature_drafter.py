@@ -26,7 +26,7 @@ from draft_service.drafters import Proposal, ProposeJob
 from specdec import cpu_kernels
 from specdec.cpu_kernels import CpuAttention, CpuKernels, KeyLists, attention_applies
 from specdec.ngram import HYBRID_MIN_NGRAM, ngram_lookup
-from specdec.eagle import DRAFT_MATMUL_DTYPE, KIND, MATMUL_DTYPES, EagleDrafter
+from specdec.eagle import BLOCK_TYPES, DRAFT_MATMUL_DTYPE, KIND, EagleDrafter, matmul_type
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import DRAFT, SamplingParams, coupling_noise, probs_from_logits, sample, uniform
 
@@ -83,9 +83,7 @@ class FeatureDrafter:
         the narrow ones, the norms and the rotary embedding in C per `cpu_kernels` (c_kernels)."""
         from specdec import models
 
-        if matmul_dtype not in MATMUL_DTYPES:
-            raise ValueError(f"matmul dtype {matmul_dtype!r} is not one of {', '.join(MATMUL_DTYPES)}")
-        dtype = getattr(torch, matmul_dtype)
+        dtype = matmul_type(matmul_dtype)
         kernels = c_kernels(cpu_kernels, device, dtype)
         head = (EagleDrafter.load(Path(folder), device=device)
                 .with_matmul_dtype(dtype, kernels.linear if kernels is not None else None)
@@ -383,20 +381,27 @@ class FeatureDrafter:
         return proposals
 
 
-def c_kernels(setting: str, device: str, dtype: torch.dtype) -> CpuKernels | None:
+def c_kernels(setting: str, device: str, dtype: torch.dtype | str) -> CpuKernels | None:
     """The C kernels for drafting on `device` with products in `dtype`, per --cpu-kernels
-    (`setting`): 'auto' where they build and compute that dtype (float32, or float16 on CPUs that
-    convert it), 'c' the same or a ValueError, 'torch' never; None off a CPU."""
+    (`setting`): 'auto' where they build and compute that dtype (float32, or float16 and the
+    block formats on CPUs that convert float16), 'c' the same or a ValueError, 'torch' never;
+    None off a CPU. A block format needs them: only the C product reads blocks (elsewhere the
+    rounded weights would be computed on in float32, for no saving), so it is refused without."""
     if setting not in ("c", "torch", "auto"):
         raise ValueError(f"--cpu-kernels must be 'c', 'torch' or 'auto', not {setting!r}")
+    blocks = dtype in BLOCK_TYPES
     if setting == "torch" or torch.device(device).type != "cpu":
+        if blocks:
+            raise ValueError(f"--matmul-dtype {dtype}: only the C product on a CPU reads weights in blocks "
+                             "(--cpu-kernels auto or c, --device cpu); use float16 elsewhere")
         return None
     kernels = cpu_kernels.load()
     if kernels is None or not kernels.linear.computes(dtype):
-        if setting == "c":
-            raise ValueError(f"--cpu-kernels c: the C product did not build here or does not compute {dtype} on "
-                             "this CPU (float16 needs AVX-512 or F16C; the log says why it did not build); "
-                             "--cpu-kernels auto falls back to torch's products")
+        if setting == "c" or blocks:
+            raise ValueError(f"--cpu-kernels {setting} with --matmul-dtype {str(dtype).removeprefix('torch.')}: the "
+                             "C product did not build here or does not compute that on this CPU (float16 and the "
+                             "block formats need AVX-512 or F16C; the log says why it did not build); --cpu-kernels "
+                             "auto with float16 or float32 falls back to torch's products")
         log.info("the feature drafter's products and small steps: torch's")
         return None
     log.info("the feature drafter's products (on %s weights) and small steps: the C kernels",

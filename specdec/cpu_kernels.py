@@ -186,9 +186,10 @@ class CpuLinear:
             return HALF if self.half else None
         return FLOAT32 if weight.data.dtype == torch.float32 else None
 
-    def computes(self, dtype: torch.dtype) -> bool:
-        """Whether weights of `dtype` can be packed for this library's products."""
-        return dtype == torch.float32 or (dtype == torch.float16 and self.half)
+    def computes(self, dtype: torch.dtype | str) -> bool:
+        """Whether weights of `dtype` (or in the GGML block format of that name) can be packed for
+        this library's products."""
+        return dtype == torch.float32 or ((dtype == torch.float16 or dtype in BLOCK_FORMATS) and self.half)
 
     def __call__(self, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
                  residual: torch.Tensor | None = None) -> torch.Tensor:

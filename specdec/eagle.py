@@ -26,14 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec import ggml_blocks
 from specdec.cpu_kernels import CpuLayer, CpuLinear, PackedWeight
 
 KIND = "eagle3"
 # The head's matrix products when drafting (EagleDrafter.with_matmul_dtype): float16 by default
 # (the shipped weights exactly; a proposal takes a third of the float32 time on this CPU:
 # bench/RESULTS.md, "Cheaper proposals").
-MATMUL_DTYPES = ("float16", "bfloat16", "float32")
+# Or the weights rounded into one of GGML's block formats (q8_0, q4_1), which the C product reads
+# where it runs (a CPU): fewer bytes a draft step than float16.
+BLOCK_TYPES = (ggml_blocks.Q8_0, ggml_blocks.Q4_1)
+MATMUL_DTYPES = ("float16", "bfloat16", "float32", *BLOCK_TYPES)
 DRAFT_MATMUL_DTYPE = "float16"
+
+
+def matmul_type(name: str) -> torch.dtype | str:
+    """A MATMUL_DTYPES name as CastLinear takes it: a torch dtype, or a block format's name."""
+    if name not in MATMUL_DTYPES:
+        raise ValueError(f"matmul dtype {name!r} is not one of {', '.join(MATMUL_DTYPES)}")
+    return name if name in BLOCK_TYPES else getattr(torch, name)
 
 
 @dataclass
@@ -124,18 +135,23 @@ class CastLinear(nn.Module):
     layer's own dtype on a copy of the same weights held in it. Given the C product
     (`products`, where it computes `dtype`: float32, or float16 on CPUs that convert it), calls
     of fewer than C_WIDE_ROWS rows run there on the same weights packed, the input kept in
-    float32."""
+    float32. `dtype` a block format (BLOCK_TYPES): the weight rounded into it
+    (ggml_blocks.quantized), whose numbers every call then computes on, the C product reading
+    the blocks."""
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype, products: CpuLinear | None = None):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype | str, products: CpuLinear | None = None):
         super().__init__()
         self.out_dtype = linear.weight.dtype
-        self.register_buffer("weight", linear.weight.detach().to(dtype))
+        blocks = ggml_blocks.quantized(linear.weight, dtype) if isinstance(dtype, str) else None
+        weight = blocks.dequantized().to(self.out_dtype) if blocks is not None else linear.weight.detach().to(dtype)
+        self.register_buffer("weight", weight)
         cpu = self.weight.device.type == "cpu"
-        wide = (self.weight if dtype == self.out_dtype else self.weight.to(self.out_dtype)) if cpu else None
+        wide = (self.weight if self.weight.dtype == self.out_dtype else self.weight.to(self.out_dtype)) if cpu else None
         self.register_buffer("wide_weight", wide, persistent=False)
         computes = products is not None and cpu and self.out_dtype == torch.float32 and products.computes(dtype)
         self.products = products if computes else None
-        self.packed = PackedWeight.of(self.weight) if computes else None
+        packed = PackedWeight.of_blocks(blocks) if blocks is not None else PackedWeight.of(self.weight)
+        self.packed = packed if computes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -216,13 +232,14 @@ class EagleDrafter(nn.Module):
         """Draft-vocabulary logits [..., draft_vocab] of outputs h."""
         return self.lm_head(self.norm(h))
 
-    def with_matmul_dtype(self, dtype: torch.dtype, products: CpuLinear | None = None) -> "EagleDrafter":
-        """For drafting only: every linear layer's product in `dtype` (CastLinear), norms,
-        attention and the residual stream left in float32. Drafts only steer, so this changes
-        no output; float16 holds the shipped weights exactly and, on a CPU, reads half the memory
-        per draft step (bench/RESULTS.md: 3x faster proposals here); calls of many rows use a
-        float32 copy of the same weights (CastLinear). Given the C product (specdec.cpu_kernels),
-        the calls of few rows run there."""
+    def with_matmul_dtype(self, dtype: torch.dtype | str, products: CpuLinear | None = None) -> "EagleDrafter":
+        """For drafting only: every linear layer's product in `dtype` (CastLinear; matmul_type),
+        norms, attention and the residual stream left in float32. Drafts only steer, so this
+        changes no output; float16 holds the shipped weights exactly and, on a CPU, reads half the
+        memory per draft step (bench/RESULTS.md: 3x faster proposals here), a block format (q8_0)
+        rounds them and reads about half of that again; calls of many rows use a float32 copy of
+        the same weights (CastLinear). Given the C product (specdec.cpu_kernels), the calls of
+        few rows run there."""
         if dtype != torch.float32 or products is not None:
             for name, child in list(self.named_children()):
                 if isinstance(child, nn.Linear):

@@ -345,6 +345,33 @@ def test_weights_dequantized_from_ggml_blocks_are_found_back_exactly_and_others_
     assert ggml_blocks.factor(weight.half()) is None
 
 
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_weights_rounded_into_ggml_blocks_are_as_close_as_ggmls_and_read_back_as_those_blocks(kind):
+    """ggml_blocks.quantized (the feature drafter's weights): each weight within half a step of its
+    block (plus the float16 rounding of Q4_1's offset), as close on average as GGML's own quantizer
+    gets (a floor instead of the nearest code fails that), and the numbers found back as the
+    same blocks by factor, so the C product reads them in blocks."""
+    from specdec import ggml_blocks
+
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(70, 96, generator=generator) * 0.05
+    weight[3, 32:64] = 0.25  # a constant block
+    weight[4, :32] = 0.0  # a block of zeros (a zero scale)
+    blocks = ggml_blocks.quantized(weight, kind)
+    rounded = blocks.dequantized()
+    assert blocks.format == kind and torch.isfinite(rounded).all()
+    step = blocks.scale.float().repeat_interleave(ggml_blocks.BLOCK, dim=1)
+    assert ((rounded - weight).abs() <= step / 2 + weight.abs().amax() * 2**-10).all()
+    ours, ggmls = (rounded - weight).abs().mean(), (_ggml(weight, kind.upper()) - weight).abs().mean()
+    assert ours <= 1.05 * ggmls
+    found = ggml_blocks.factor(rounded)
+    assert found is not None and found.format == kind and torch.equal(found.dequantized(), rounded)
+    with pytest.raises(ValueError, match="not a GGML block format"):
+        ggml_blocks.quantized(weight, "q5_0")
+    with pytest.raises(ValueError, match="blocks of 32"):
+        ggml_blocks.quantized(weight[:, :80], kind)
+
+
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("outs,inputs", [(1000, 576), (100, 64)])
 def test_a_product_on_ggml_blocks_is_bitwise_the_product_on_their_float32_weights(kernels, kind, outs, inputs):

@@ -328,6 +328,39 @@ def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tin
         FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float64")
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+def test_block_weights_draft_on_their_rounded_numbers_in_c_and_are_refused_without_it(
+        tiny_target, feature_drafter, kind):
+    """--matmul-dtype q8_0 / q4_1: every linear layer's weights rounded into that block format, the
+    C product reading the blocks, and the head computing what float32 products on the rounded
+    numbers compute; without the C product (--cpu-kernels torch) the setting is refused."""
+    from draft_service.feature_drafter import FeatureDrafter
+    from specdec import cpu_kernels, ggml_blocks
+    from specdec.eagle import CastLinear
+
+    kernels = cpu_kernels.load()
+    if kernels is None or not kernels.linear.half:
+        pytest.skip("the C product does not read blocks on this CPU (neither AVX-512 nor F16C)")
+    rounded = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype=kind)
+    reference = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float32",
+                                    cpu_kernels="torch")
+    layers = [name for name, child in reference.head.named_children() if isinstance(child, torch.nn.Linear)]
+    assert len(layers) >= 8
+    for name in layers:
+        layer, plain = getattr(rounded.head, name), getattr(reference.head, name)
+        assert isinstance(layer, CastLinear) and layer.packed.blocks == kind
+        expected = ggml_blocks.quantized(plain.weight, kind).dequantized()
+        assert torch.equal(layer.weight, expected)
+        with torch.no_grad():
+            plain.weight.copy_(expected)  # the reference now computes on the rounded numbers
+    h = torch.randn(5, rounded.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(rounded.head.logits(h), reference.head.logits(h), rtol=1e-4, atol=1e-4)
+    assert len(_drafts(rounded, feature_drafter)) == 7
+    with pytest.raises(ValueError, match="only the C product"):
+        FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype=kind, cpu_kernels="torch")
+
+
 def test_chain_hits_counts_the_chains_whose_drafts_all_match_the_target(tiny_target, feature_drafter):
     """The held-out measure's tally against the definition, chain by chain: a chain starting at an
     answer position s counts at depth j when the drafts of steps 0..j (step i read at s + i) all
