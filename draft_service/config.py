@@ -20,7 +20,9 @@ class DraftConfig:
     matmul_dtype: str = option(DRAFT_MATMUL_DTYPE, "feature drafter: dtype of the head's matrix products (weights "
                                "held in it; norms, attention and the residual stay float32): "
                                f"{', '.join(MATMUL_DTYPES)} (q8_0, q4_1: the weights rounded into GGML's blocks, "
-                               "read by the C product on a CPU). Drafts only steer, so no output changes")
+                               "read by the C product on a CPU; refused elsewhere). auto: q8_0 where the C product "
+                               "reads blocks (a CPU with AVX-512 or F16C, --cpu-kernels not torch), else float16. "
+                               "Drafts only steer, so no output changes")
     feature_target: str = option("", "a feature drafter's target model, whose embeddings it reads (default: the one "
                                  "it was trained for, from its config.json)")
     host: str = option("127.0.0.1", "address to listen on")

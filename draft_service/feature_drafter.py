@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from draft_service.drafters import Proposal, ProposeJob
-from specdec import cpu_kernels
+from specdec import cpu_kernels, ggml_blocks
 from specdec.cpu_kernels import CpuAttention, CpuKernels, KeyLists, attention_applies
 from specdec.ngram import HYBRID_MIN_NGRAM, ngram_lookup
-from specdec.eagle import BLOCK_TYPES, DRAFT_MATMUL_DTYPE, KIND, EagleDrafter, matmul_type
+from specdec.eagle import AUTO, BLOCK_TYPES, DRAFT_MATMUL_DTYPE, KIND, EagleDrafter, matmul_type
 from specdec.kv_cache import FeatureBuffer, KVShape, SessionCache, SessionKV, common_prefix_len
 from specdec.sampling import DRAFT, SamplingParams, coupling_noise, probs_from_logits, sample, uniform
 
@@ -83,7 +83,7 @@ class FeatureDrafter:
         the narrow ones, the norms and the rotary embedding in C per `cpu_kernels` (c_kernels)."""
         from specdec import models
 
-        dtype = matmul_type(matmul_dtype)
+        dtype = matmul_type(resolved_matmul_dtype(matmul_dtype, device, cpu_kernels))
         kernels = c_kernels(cpu_kernels, device, dtype)
         head = (EagleDrafter.load(Path(folder), device=device)
                 .with_matmul_dtype(dtype, kernels.linear if kernels is not None else None)
@@ -381,6 +381,19 @@ class FeatureDrafter:
         return proposals
 
 
+def resolved_matmul_dtype(matmul_dtype: str, device: str, cpu_kernels_setting: str) -> str:
+    """--matmul-dtype as set, or for auto q8_0 where the C product reads blocks (a CPU that converts
+    float16, --cpu-kernels not torch), else float16. q8_0 drafted the same tokens per step as
+    float16 on Spec-Bench answers for 16% less drafting (Zen 3 host; bench/RESULTS.md, "Drafter
+    weights in blocks")."""
+    if matmul_dtype != AUTO:
+        return matmul_dtype
+    if cpu_kernels_setting == "torch" or torch.device(device).type != "cpu":
+        return "float16"
+    kernels = cpu_kernels.load()
+    return ggml_blocks.Q8_0 if kernels is not None and kernels.linear.computes(ggml_blocks.Q8_0) else "float16"
+
+
 def c_kernels(setting: str, device: str, dtype: torch.dtype | str) -> CpuKernels | None:
     """The C kernels for drafting on `device` with products in `dtype`, per --cpu-kernels
     (`setting`): 'auto' where they build and compute that dtype (float32, or float16 and the
@@ -398,10 +411,10 @@ def c_kernels(setting: str, device: str, dtype: torch.dtype | str) -> CpuKernels
     kernels = cpu_kernels.load()
     if kernels is None or not kernels.linear.computes(dtype):
         if setting == "c" or blocks:
-            raise ValueError(f"--cpu-kernels {setting} with --matmul-dtype {str(dtype).removeprefix('torch.')}: the "
-                             "C product did not build here or does not compute that on this CPU (float16 and the "
-                             "block formats need AVX-512 or F16C; the log says why it did not build); --cpu-kernels "
-                             "auto with float16 or float32 falls back to torch's products")
+            raise ValueError(f"--cpu-kernels {setting}: the C product did not build here or does not compute "
+                             f"{str(dtype).removeprefix('torch.')} on this CPU (float16 and the block formats need "
+                             "AVX-512 or F16C; the log says why it did not build); --cpu-kernels auto with float16 "
+                             "or float32 falls back to torch's products")
         log.info("the feature drafter's products and small steps: torch's")
         return None
     log.info("the feature drafter's products (on %s weights) and small steps: the C kernels",

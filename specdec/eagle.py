@@ -30,19 +30,22 @@ from specdec import ggml_blocks
 from specdec.cpu_kernels import CpuLayer, CpuLinear, PackedWeight
 
 KIND = "eagle3"
-# The head's matrix products when drafting (EagleDrafter.with_matmul_dtype): float16 by default
-# (the shipped weights exactly; a proposal takes a third of the float32 time on this CPU:
-# bench/RESULTS.md, "Cheaper proposals").
-# Or the weights rounded into one of GGML's block formats (q8_0, q4_1), which the C product reads
-# where it runs (a CPU): fewer bytes a draft step than float16.
+# The head's matrix products when drafting (EagleDrafter.with_matmul_dtype): float16 (the shipped
+# weights exactly; a proposal takes a third of the float32 time on a CPU: bench/RESULTS.md,
+# "Cheaper proposals"), or the weights rounded into one of GGML's block formats (q8_0, q4_1),
+# which the C product reads where it runs (a CPU): fewer bytes a draft step than float16.
+# The default, auto: q8_0 where the C product reads blocks, else float16
+# (draft_service.feature_drafter.resolved_matmul_dtype).
 BLOCK_TYPES = (ggml_blocks.Q8_0, ggml_blocks.Q4_1)
-MATMUL_DTYPES = ("float16", "bfloat16", "float32", *BLOCK_TYPES)
-DRAFT_MATMUL_DTYPE = "float16"
+AUTO = "auto"
+MATMUL_DTYPES = (AUTO, "float16", "bfloat16", "float32", *BLOCK_TYPES)
+DRAFT_MATMUL_DTYPE = AUTO
 
 
 def matmul_type(name: str) -> torch.dtype | str:
-    """A MATMUL_DTYPES name as CastLinear takes it: a torch dtype, or a block format's name."""
-    if name not in MATMUL_DTYPES:
+    """A MATMUL_DTYPES name (auto resolved) as CastLinear takes it: a torch dtype, or a block
+    format's name."""
+    if name not in MATMUL_DTYPES or name == AUTO:
         raise ValueError(f"matmul dtype {name!r} is not one of {', '.join(MATMUL_DTYPES)}")
     return name if name in BLOCK_TYPES else getattr(torch, name)
 

@@ -315,7 +315,7 @@ def test_float16_products_hold_the_shipped_weights_and_draft_as_float32_does(tin
     shipped = load_file(str(feature_drafter / "model.safetensors"))
     exact = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float32",
                                 cpu_kernels="torch")
-    half = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target))  # the default: float16, in C here
+    half = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float16")  # in C here
     assert isinstance(half.head.lm_head, CastLinear) and isinstance(exact.head.lm_head, torch.nn.Linear)
     assert torch.equal(half.head.lm_head.weight, shipped["lm_head.weight"])  # the stored weights, bit for bit
     h = torch.randn(5, half.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -359,6 +359,22 @@ def test_block_weights_draft_on_their_rounded_numbers_in_c_and_are_refused_witho
     assert len(_drafts(rounded, feature_drafter)) == 7
     with pytest.raises(ValueError, match="only the C product"):
         FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype=kind, cpu_kernels="torch")
+
+
+def test_the_default_products_are_q8_0_where_the_c_product_reads_blocks_else_float16(tiny_target, feature_drafter):
+    from draft_service.feature_drafter import FeatureDrafter, resolved_matmul_dtype
+    from specdec import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    reads_blocks = kernels is not None and kernels.linear.half
+    assert resolved_matmul_dtype("auto", "cpu", "auto") == ("q8_0" if reads_blocks else "float16")
+    assert resolved_matmul_dtype("auto", "cpu", "torch") == resolved_matmul_dtype("auto", "cuda", "auto") == "float16"
+    assert resolved_matmul_dtype("float32", "cpu", "auto") == "float32"
+    default = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target))
+    packed = default.head.lm_head.packed
+    assert (packed.blocks if packed is not None else None) == ("q8_0" if reads_blocks else None)
+    on_torch = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), cpu_kernels="torch")
+    assert on_torch.head.lm_head.weight.dtype == torch.float16 and on_torch.head.lm_head.packed is None
 
 
 def test_chain_hits_counts_the_chains_whose_drafts_all_match_the_target(tiny_target, feature_drafter):
@@ -595,7 +611,7 @@ def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target,
     from specdec.serving import StartupError
 
     load = lambda setting: FeatureDrafter.load(str(feature_drafter), target=str(tiny_target),  # noqa: E731
-                                               cpu_kernels=setting)
+                                               cpu_kernels=setting, matmul_dtype="float16")
     in_c, in_torch = load("c"), load("torch")
     assert in_c.head.lm_head.packed is not None and in_torch.head.lm_head.packed is None
     assert isinstance(in_torch.head.lm_head, CastLinear)
