@@ -158,10 +158,12 @@ class CastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if self.packed is not None and rows < C_WIDE_ROWS:  # (the path of every draft step: kept lean)
+            if x.dim() == 2:
+                return self.products(x.float(), self.packed)
+            return self.products(x.reshape(rows, x.shape[-1]).float(), self.packed).view(*x.shape[:-1], -1)
         if self.wide_weight is not None and rows >= (WIDE_ROWS if self.packed is None else C_WIDE_ROWS):
             return F.linear(x.to(self.out_dtype), self.wide_weight)
-        if self.packed is not None:
-            return self.products(x.reshape(rows, x.shape[-1]).float(), self.packed).view(*x.shape[:-1], -1)
         return F.linear(x.to(self.weight.dtype), self.weight).to(self.out_dtype)
 
 
