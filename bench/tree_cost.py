@@ -1,8 +1,8 @@
 """What a tree of drafts costs, in process: the target's verify of a chain against a tree of the same
 number of drafts (its attention in C, the default on CPU; the same kernel held to one thread; and
 torch's blocks), and the feature drafter proposing a chain of k against a tree of N drafts, its
-matrix products in float16 (the default) and float32, and several sessions' trees drafted in one
-batch against one call each.
+matrix products as the draft service's default (auto: q8_0 blocks on a CPU with the C product),
+in float16 and in float32, and several sessions' trees drafted in one batch against one call each.
 
     python -m bench.tree_cost --context 300      # make bench-tree
 
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="4,7,8,12,16")
     parser.add_argument("--reps", type=int, default=12)
     parser.add_argument("--sessions", default="1,4,8", help="sessions proposing trees of 7 in one batch")
-    parser.add_argument("--matmul-dtypes", default="float16,float32",
+    parser.add_argument("--matmul-dtypes", default="auto,float16,float32",
                         help="the drafter's matrix products in each of these dtypes (the draft service's --matmul-dtype)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]

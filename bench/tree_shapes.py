@@ -145,9 +145,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--answers", type=Path, default=None,
                         help="keep the target's answers in this file and reuse them when it holds the same settings")
-    parser.add_argument("--matmul-dtypes", default="float16",
+    parser.add_argument("--matmul-dtypes", default="auto",
                         help="evaluate every shape with the drafter's matrix products in each of these dtypes "
-                             "(the draft service's --matmul-dtype; float16 is its default)")
+                             "(the draft service's --matmul-dtype; auto, q8_0 on a CPU with the C product, is "
+                             "its default)")
     parser.add_argument("--shapes", default="chain+ngram0,chain+ngram2,1x4x7+ngram0,1x4x7+ngram1,1x4x7+ngram2,"
                                                 "1x4x7+ngram3,4x4x7+ngram0,4x4x7+ngram2,1x4x10+ngram2")
     args = parser.parse_args()
