@@ -384,8 +384,8 @@ class FeatureDrafter:
 def resolved_matmul_dtype(matmul_dtype: str, device: str, cpu_kernels_setting: str) -> str:
     """--matmul-dtype as set, or for auto q8_0 where the C product reads blocks (a CPU that converts
     float16, --cpu-kernels not torch), else float16. q8_0 drafted the same tokens per step as
-    float16 on Spec-Bench answers for 16% less drafting (Zen 3 host; bench/RESULTS.md, "Drafter
-    weights in blocks")."""
+    float16 on Spec-Bench answers for 16% less drafting (Zen 3 host; bench/RESULTS.md, "the
+    drafter's weights in GGML blocks")."""
     if matmul_dtype != AUTO:
         return matmul_dtype
     if cpu_kernels_setting == "torch" or torch.device(device).type != "cpu":

@@ -45,7 +45,9 @@ DRAFT_MATMUL_DTYPE = AUTO
 def matmul_type(name: str) -> torch.dtype | str:
     """A MATMUL_DTYPES name (auto resolved) as CastLinear takes it: a torch dtype, or a block
     format's name."""
-    if name not in MATMUL_DTYPES or name == AUTO:
+    if name == AUTO:
+        raise ValueError("matmul dtype auto names no dtype until resolved (feature_drafter.resolved_matmul_dtype)")
+    if name not in MATMUL_DTYPES:
         raise ValueError(f"matmul dtype {name!r} is not one of {', '.join(MATMUL_DTYPES)}")
     return name if name in BLOCK_TYPES else getattr(torch, name)
 

@@ -72,9 +72,10 @@ def _factor(weight: torch.Tensor) -> Blocks | None:
 
 
 def quantized(weight: torch.Tensor, format: str) -> Blocks:
-    """`weight` [outs, in] (float32, in a multiple of BLOCK) rounded to the nearest numbers of a
-    GGML block format, GGML's way: Q8_0 d = max |w| / 127; Q4_1 m = min w, d = (max w - m) / 15
-    (d and m rounded to float16), each code the nearest within range. For weights that are only
+    """`weight` [outs, in] (float32, in a multiple of BLOCK) rounded into a GGML block format as
+    GGML's quantizer does: Q8_0 d = max |w| / 127; Q4_1 m = min w, d = (max w - m) / 15 (d and m
+    stored in float16), each code the nearest within range; unlike GGML's, the codes are rounded
+    against the stored float16 d, the one dequantization multiplies by. For weights that are only
     read (the feature drafter's, whose products merely steer the drafts): fewer bytes a step."""
     if format not in (Q4_1, Q8_0):
         raise ValueError(f"{format!r} is not a GGML block format this kernel reads ({Q4_1}, {Q8_0})")
