@@ -80,11 +80,11 @@ class FeatureDrafter:
              matmul_dtype: str = DRAFT_MATMUL_DTYPE, cpu_kernels: str = "auto") -> "FeatureDrafter":
         """The head in `folder`, reading the embeddings of `target` (default: the model it was
         trained for), its matrix products in `matmul_dtype` (EagleDrafter.with_matmul_dtype), on a CPU
-        the narrow ones, the norms and the rotary embedding in C per `cpu_kernels` (c_kernels)."""
+        the narrow ones, the norms and the rotary embedding in C per `cpu_kernels` (drafting_products)."""
         from specdec import models
 
-        dtype = matmul_type(resolved_matmul_dtype(matmul_dtype, device, cpu_kernels))
-        kernels = c_kernels(cpu_kernels, device, dtype)
+        matmul_dtype, kernels = drafting_products(cpu_kernels, device, matmul_dtype)
+        dtype = matmul_type(matmul_dtype)
         head = (EagleDrafter.load(Path(folder), device=device)
                 .with_matmul_dtype(dtype, kernels.linear if kernels is not None else None)
                 .with_small_steps(kernels.layer if kernels is not None else None))
@@ -381,45 +381,39 @@ class FeatureDrafter:
         return proposals
 
 
-def resolved_matmul_dtype(matmul_dtype: str, device: str, cpu_kernels_setting: str) -> str:
-    """--matmul-dtype as set, or for auto q8_0 where the C product reads blocks (a CPU that converts
-    float16, --cpu-kernels not torch), else float16. q8_0 drafted the same tokens per step as
-    float16 on Spec-Bench answers for 16% less drafting (Zen 3 host; bench/RESULTS.md, "the
-    drafter's weights in GGML blocks")."""
-    if matmul_dtype != AUTO:
-        return matmul_dtype
-    if cpu_kernels_setting == "torch" or torch.device(device).type != "cpu":
-        return "float16"
-    kernels = cpu_kernels.load()
-    return ggml_blocks.Q8_0 if kernels is not None and kernels.linear.computes(ggml_blocks.Q8_0) else "float16"
-
-
-def c_kernels(setting: str, device: str, dtype: torch.dtype | str) -> CpuKernels | None:
-    """The C kernels for drafting on `device` with products in `dtype`, per --cpu-kernels
-    (`setting`): 'auto' where they build and compute that dtype (float32, or float16 and the
-    block formats on CPUs that convert float16), 'c' the same or a ValueError, 'torch' never;
+def drafting_products(setting: str, device: str, matmul_dtype: str) -> tuple[str, CpuKernels | None]:
+    """The head's products for drafting on `device`: their dtype (--matmul-dtype; auto: q8_0 where
+    the C product reads blocks, else float16) and the C kernels per --cpu-kernels (`setting`),
+    loaded once for both: 'auto' where they build and compute that dtype (float32, or float16 and
+    the block formats on CPUs that convert float16), 'c' the same or a ValueError, 'torch' never;
     None off a CPU. A block format needs them: only the C product reads blocks (elsewhere the
-    rounded weights would be computed on in float32, for no saving), so it is refused without."""
+    rounded weights would be computed on in float32, for no saving), so it is refused without.
+    q8_0 drafted the same tokens per step as float16 on Spec-Bench answers for 16% less drafting
+    (Zen 3 host; bench/RESULTS.md, "the drafter's weights in GGML blocks")."""
     if setting not in ("c", "torch", "auto"):
         raise ValueError(f"--cpu-kernels must be 'c', 'torch' or 'auto', not {setting!r}")
-    blocks = dtype in BLOCK_TYPES
-    if setting == "torch" or torch.device(device).type != "cpu":
+    on_cpu = setting != "torch" and torch.device(device).type == "cpu"
+    kernels = cpu_kernels.load() if on_cpu else None
+    if matmul_dtype == AUTO:
+        reads_blocks = kernels is not None and kernels.linear.computes(ggml_blocks.Q8_0)
+        matmul_dtype = ggml_blocks.Q8_0 if reads_blocks else "float16"
+    dtype = matmul_type(matmul_dtype)
+    blocks = matmul_dtype in BLOCK_TYPES
+    if not on_cpu:
         if blocks:
-            raise ValueError(f"--matmul-dtype {dtype}: only the C product on a CPU reads weights in blocks "
+            raise ValueError(f"--matmul-dtype {matmul_dtype}: only the C product on a CPU reads weights in blocks "
                              "(--cpu-kernels auto or c, --device cpu); use float16 elsewhere")
-        return None
-    kernels = cpu_kernels.load()
+        return matmul_dtype, None
     if kernels is None or not kernels.linear.computes(dtype):
         if setting == "c" or blocks:
             raise ValueError(f"--cpu-kernels {setting}: the C product did not build here or does not compute "
-                             f"{str(dtype).removeprefix('torch.')} on this CPU (float16 and the block formats need "
-                             "AVX-512 or F16C; the log says why it did not build); --cpu-kernels auto with float16 "
-                             "or float32 falls back to torch's products")
+                             f"{matmul_dtype} on this CPU (float16 and the block formats need AVX-512 or F16C; the "
+                             "log says why it did not build); --cpu-kernels auto with float16 or float32 falls "
+                             "back to torch's products")
         log.info("the feature drafter's products and small steps: torch's")
-        return None
-    log.info("the feature drafter's products (on %s weights) and small steps: the C kernels",
-             str(dtype).removeprefix("torch."))
-    return kernels
+        return matmul_dtype, None
+    log.info("the feature drafter's products (on %s weights) and small steps: the C kernels", matmul_dtype)
+    return matmul_dtype, kernels
 
 
 def _written(kv: SessionKV, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

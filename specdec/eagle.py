@@ -35,7 +35,7 @@ KIND = "eagle3"
 # "Cheaper proposals"), or the weights rounded into one of GGML's block formats (q8_0, q4_1),
 # which the C product reads where it runs (a CPU): fewer bytes a draft step than float16.
 # The default, auto: q8_0 where the C product reads blocks, else float16
-# (draft_service.feature_drafter.resolved_matmul_dtype).
+# (draft_service.feature_drafter.drafting_products).
 BLOCK_TYPES = (ggml_blocks.Q8_0, ggml_blocks.Q4_1)
 AUTO = "auto"
 MATMUL_DTYPES = (AUTO, "float16", "bfloat16", "float32", *BLOCK_TYPES)
@@ -46,7 +46,7 @@ def matmul_type(name: str) -> torch.dtype | str:
     """A MATMUL_DTYPES name (auto resolved) as CastLinear takes it: a torch dtype, or a block
     format's name."""
     if name == AUTO:
-        raise ValueError("matmul dtype auto names no dtype until resolved (feature_drafter.resolved_matmul_dtype)")
+        raise ValueError("matmul dtype auto names no dtype until resolved (feature_drafter.drafting_products)")
     if name not in MATMUL_DTYPES:
         raise ValueError(f"matmul dtype {name!r} is not one of {', '.join(MATMUL_DTYPES)}")
     return name if name in BLOCK_TYPES else getattr(torch, name)

@@ -362,7 +362,9 @@ def test_block_weights_draft_on_their_rounded_numbers_in_c_and_are_refused_witho
 
 
 def test_the_default_products_are_q8_0_where_the_c_product_reads_blocks_else_float16(tiny_target, feature_drafter):
-    from draft_service.feature_drafter import FeatureDrafter, resolved_matmul_dtype
+    from draft_service.feature_drafter import FeatureDrafter, drafting_products
+
+    resolved_matmul_dtype = lambda dtype, device, setting: drafting_products(setting, device, dtype)[0]  # noqa: E731
     from specdec import cpu_kernels
 
     kernels = cpu_kernels.load()
