@@ -309,7 +309,7 @@ class FusedLayer:
             return _Weight(packed.data.data_ptr(), _pointer(bias), linear.format_of(packed), inputs, outs)
 
         hidden = kept["input_norm"].shape[0]
-        if {kept[name].shape[0] for name in ("o", "down")} != {hidden} or kept["qkv"].shape[1] != hidden:
+        if {kept[name].shape[0] for name in ("o", "down")} != {hidden}:
             raise ValueError("the layer's products do not map its hidden size back to itself")
         self._layer, self._linear, self._kept = layer, linear, kept
         self.weights = _LayerWeights(weight("qkv"), weight("o"), weight("gate_up"), weight("down"),
@@ -323,6 +323,8 @@ class FusedLayer:
         the queries and keys rotated by cos and sin [rows, head_dim]."""
         rows = x.shape[0]
         x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        if self.weights.qkv.inputs != self.hidden:  # (the feature drafter's, whose input is twice as wide)
+            raise ValueError(f"this layer's projection takes {self.weights.qkv.inputs} inputs, not its hidden size")
         if x.shape[1] != self.hidden or cos.shape != (rows, self.weights.head_dim) or sin.shape != cos.shape:
             raise ValueError(f"a layer's projection of rows {tuple(x.shape)} by cos {tuple(cos.shape)}")
         qkv = x.new_empty(rows, self.qkv_width)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec import ggml_blocks
-from specdec.cpu_kernels import CpuLayer, CpuLinear, PackedWeight
+from specdec.cpu_kernels import CpuLayer, CpuLinear, FusedLayer, PackedWeight
 
 KIND = "eagle3"
 # The head's matrix products when drafting (EagleDrafter.with_matmul_dtype): float16 (the shipped
@@ -169,6 +169,15 @@ class CastLinear(nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight).to(self.out_dtype)
 
 
+def _stacked(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free linear layer whose outputs are those of `linears`, in order."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        stacked.weight.copy_(weight)
+    return stacked
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -195,6 +204,12 @@ class EagleDrafter(nn.Module):
         self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self.steps: CpuLayer | None = None  # drafting on a CPU: the runner's C rotary (with_small_steps)
+        # Drafting only (with_matmul_dtype): q|k|v and gate|up each one product on their weights
+        # stacked, whose outputs are the separate products' (each output its own sum); and on a
+        # CPU the layer's second half as one C call (with_small_steps).
+        self.qkv_proj: CastLinear | None = None
+        self.gate_up_proj: CastLinear | None = None
+        self.mix: FusedLayer | None = None
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -215,25 +230,38 @@ class EagleDrafter(nn.Module):
         c = self.config
         x = torch.cat([self.input_norm(embeddings), self.hidden_norm(hidden)], dim=-1)
         shape = x.shape[:-1]
-        v = self.v_proj(x).view(*shape, c.num_key_value_heads, c.head_dim).transpose(-2, -3)
         cos, sin = self.rotary(positions)
-        if self.steps is not None and x.dim() == 2:  # drafting on a CPU: rotated in place, in C
-            q_rows, k_rows = self.q_proj(x).contiguous(), self.k_proj(x).contiguous()
-            self.steps.rotate(q_rows, c.num_attention_heads, c.head_dim, cos, sin)
-            self.steps.rotate(k_rows, c.num_key_value_heads, c.head_dim, cos, sin)
-            return (q_rows.view(*shape, c.num_attention_heads, c.head_dim).transpose(-2, -3),
-                    k_rows.view(*shape, c.num_key_value_heads, c.head_dim).transpose(-2, -3), v)
-        q = self.q_proj(x).view(*shape, c.num_attention_heads, c.head_dim).transpose(-2, -3)
-        k = self.k_proj(x).view(*shape, c.num_key_value_heads, c.head_dim).transpose(-2, -3)
+        widths = [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2
+        if self.steps is not None and x.dim() == 2:  # drafting on a CPU: q and k rotated in place, in C
+            qkv = self.qkv_proj(x) if self.qkv_proj is not None else torch.cat(
+                [self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+            self.steps.rotate(qkv, c.num_attention_heads + c.num_key_value_heads, c.head_dim, cos, sin)
+            q, k, v = qkv.split(widths, dim=-1)
+            return (q.view(*shape, c.num_attention_heads, c.head_dim).transpose(-2, -3),
+                    k.view(*shape, c.num_key_value_heads, c.head_dim).transpose(-2, -3),
+                    v.view(*shape, c.num_key_value_heads, c.head_dim).transpose(-2, -3))
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(*shape, c.num_attention_heads, c.head_dim).transpose(-2, -3)
+        k = k.reshape(*shape, c.num_key_value_heads, c.head_dim).transpose(-2, -3)
+        v = v.reshape(*shape, c.num_key_value_heads, c.head_dim).transpose(-2, -3)
         cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
     def finish(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The layer's output h from its residual input and the attention output [..., heads, n, dim]."""
         attended = attended.transpose(-2, -3).flatten(-2)
+        if self.mix is not None and attended.dim() == 2 and attended.shape[0] < C_WIDE_ROWS:
+            return self.mix.mix(hidden, attended)  # (drafting on a CPU: one C call)
         x = hidden + self.o_proj(attended)
         h = self.post_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(h), self.up_proj(h)
+        return x + self.down_proj(F.silu(gate) * up)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [..., draft_vocab] of outputs h."""
@@ -246,22 +274,40 @@ class EagleDrafter(nn.Module):
         memory per draft step (bench/RESULTS.md: 3x faster proposals here), a block format (q8_0)
         rounds them and reads about half of that again; calls of many rows use a float32 copy of
         the same weights (CastLinear). Given the C product (specdec.cpu_kernels), the calls of
-        few rows run there."""
+        few rows run there. q, k and v are then one product, and gate and up another (their
+        weights stacked: a block format rounds each output's weights on their own, so the same
+        numbers), two and three calls fewer a draft step."""
         if dtype != torch.float32 or products is not None:
+            stacked = {"qkv_proj": _stacked(self.q_proj, self.k_proj, self.v_proj),
+                       "gate_up_proj": _stacked(self.gate_proj, self.up_proj)}
             for name, child in list(self.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(self, name, CastLinear(child, dtype, products))
+            for name, linear in stacked.items():
+                setattr(self, name, CastLinear(linear, dtype, products))
         return self
 
     def with_small_steps(self, steps: CpuLayer | None) -> "EagleDrafter":
         """For drafting only, on a CPU: the norms and the rotary embedding of calls of rows
         ([rows, width]) through the runner's C steps (specdec.cpu_kernels), one call each instead
         of some seven torch operations, whose dispatch cost more than their arithmetic (0.4 ms of a
-        7.2 ms proposal for the norms alone). None: torch's."""
+        7.2 ms proposal for the norms alone). Where the C product computes the layer's products
+        (with_matmul_dtype), the layer after its attention (the output projection, the norm, the
+        MLP, each added to its input) is one C call too, the runner's (FusedLayer.mix) for calls
+        of fewer than C_WIDE_ROWS rows. None: torch's."""
         self.steps = steps
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.kernel = steps
+        parts = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+        self.mix = None
+        if steps is not None and all(isinstance(p, CastLinear) and p.packed is not None for p in parts):
+            c = self.config
+            self.mix = steps.fused(
+                self.o_proj.products, input_norm=self.input_norm.weight.detach(), qkv=self.qkv_proj.packed,
+                qkv_bias=None, o=self.o_proj.packed, o_bias=None, post_norm=self.post_norm.weight.detach(),
+                gate_up=self.gate_up_proj.packed, gate_up_bias=None, down=self.down_proj.packed, down_bias=None,
+                eps=c.rms_norm_eps, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=c.head_dim)
         return self
 
     # --- training ---------------------------------------------------------------------------

@@ -602,6 +602,42 @@ def test_the_heads_norms_and_rotary_in_c_compute_what_torchs_do(feature_drafter)
         assert torch.equal(batched, in_torch.qkv(embeddings[None], previous[None], positions[None])[0])
 
 
+def test_drafting_stacks_qkv_and_gate_up_and_runs_the_layers_second_half_in_one_c_call(feature_drafter):
+    """Drafting on a CPU: q|k|v and gate|up each one product on their stacked (rounded) weights,
+    which gives the separate products' numbers bit for bit, and the layer after its attention one
+    C call (FusedLayer.mix) computing what torch's steps on the same products compute, for calls of
+    few rows and of C_WIDE_ROWS (torch's products); a head without the C steps has no such call."""
+    from specdec import cpu_kernels
+    from specdec.eagle import C_WIDE_ROWS
+
+    kernels = cpu_kernels.load()
+    if kernels is None or not kernels.linear.half:
+        pytest.skip("the C product does not read blocks on this CPU (neither AVX-512 nor F16C)")
+    head = EagleDrafter.load(feature_drafter).with_matmul_dtype("q8_0", kernels.linear).with_small_steps(kernels.layer)
+    assert torch.equal(head.qkv_proj.weight, torch.cat([head.q_proj.weight, head.k_proj.weight, head.v_proj.weight]))
+    assert torch.equal(head.gate_up_proj.weight, torch.cat([head.gate_proj.weight, head.up_proj.weight]))
+    assert head.mix is not None and head.qkv_proj.packed.blocks == "q8_0"
+    c = head.config
+    generator = torch.Generator().manual_seed(3)
+    embeddings, previous = torch.randn(5, c.hidden_size, generator=generator), torch.randn(5, c.hidden_size,
+                                                                                           generator=generator)
+    attended = torch.randn(c.num_attention_heads, 5, c.head_dim, generator=generator)
+    positions = torch.tensor([3, 4, 9, 40, 41])
+    wide = torch.randn(C_WIDE_ROWS, c.hidden_size, generator=generator)
+    wide_attended = torch.randn(c.num_attention_heads, C_WIDE_ROWS, c.head_dim, generator=generator)
+    with torch.inference_mode():
+        stacked, mixed = head.qkv(embeddings, previous, positions), head.finish(previous, attended)
+        wide_mixed = head.finish(wide, wide_attended)
+        with pytest.raises(ValueError, match="projection takes"):
+            head.mix.project(previous, torch.ones(5, c.head_dim), torch.zeros(5, c.head_dim))
+        head.qkv_proj, head.gate_up_proj, head.mix = None, None, None  # the same head, one step at a time
+        for ours, separate in zip(stacked, head.qkv(embeddings, previous, positions)):
+            assert torch.equal(ours, separate)
+        torch.testing.assert_close(mixed, head.finish(previous, attended), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(wide_mixed, head.finish(wide, wide_attended), rtol=1e-5, atol=1e-5)
+    assert EagleDrafter.load(feature_drafter).with_matmul_dtype("q8_0", kernels.linear).with_small_steps(None).mix is None
+
+
 def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target, feature_drafter, monkeypatch, tmp_path):
     """--cpu-kernels for the feature drafter: auto and c draft through the C product (the same drafts
     as torch's here), torch never does; c refuses to start where the kernel cannot run, auto falls back."""
