@@ -244,6 +244,11 @@ class CpuLayer:
             function.restype = ctypes.c_int
         self._project.argtypes = [pointer, pointer, integer, pointer, pointer, pointer, integer]
         self._mix.argtypes = [pointer, pointer, pointer, integer, pointer, integer]
+        self._layers_forward = library.specdec_layers_forward
+        self._layers_forward.restype = ctypes.c_int
+        self._layers_forward.argtypes = [pointer, integer, pointer, integer, integer, pointer, pointer, pointer,
+                                         integer, ctypes.c_float, pointer, integer, pointer, pointer, pointer, pointer,
+                                         integer, integer]
 
     def fused(self, linear: "CpuLinear", input_norm: torch.Tensor, qkv: PackedWeight, qkv_bias: torch.Tensor | None,
               o: PackedWeight, o_bias: torch.Tensor | None, post_norm: torch.Tensor, gate_up: PackedWeight,
@@ -351,6 +356,55 @@ class FusedLayer:
     def _run(status: int) -> None:
         if status:
             raise MemoryError("the CPU layer kernel could not allocate its buffers")
+
+
+class FusedLayers:
+    """A model's FusedLayers as one C call a pass of one session (cpu_layer.c's
+    specdec_layers_forward): each layer's project, attention (CpuAttention.attend_projected) and
+    mix, in that order, without a return to Python between layers; the same calls on the same
+    numbers, so the same bits as the layers called one at a time."""
+
+    def __init__(self, layers: list[FusedLayer], attention: CpuAttention):
+        first = layers[0].weights
+        shapes = {(l.hidden, l.qkv_width, l.weights.heads, l.weights.kv_heads, l.weights.head_dim) for l in layers}
+        if len(shapes) != 1 or first.qkv.inputs != first.hidden:
+            raise ValueError("one pass through layers needs layers of one shape, projecting their hidden size")
+        self._fused, self._attention = layers, attention  # (kept: their weights' pointers are in the array)
+        self._layer = layers[0]._layer
+        self._array = (_LayerWeights * len(layers))(*[layer.weights for layer in layers])
+        self.hidden, self.heads, self.kv_heads, self.head_dim = (first.hidden, first.heads, first.kv_heads,
+                                                                 first.head_dim)
+
+    def __len__(self) -> int:
+        return len(self._fused)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, slot: int,
+                lists: "KeyLists", scale: float, taps: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Rows x [rows, hidden] at cache slots [slot, slot + rows) of one session through every
+        layer: the last layer's output [rows, hidden]. kv: the session's cache [layers, 2, kv_heads,
+        capacity, head_dim] (SessionKV.data), the rows' keys and values written into it; lists: the
+        rows' key slots; taps: layer index -> a [rows, hidden] tensor that receives its output."""
+        rows = x.shape[0]
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        layers, capacity = len(self._fused), kv.shape[3]
+        if (x.shape[1] != self.hidden or cos.shape != (rows, self.head_dim) or sin.shape != cos.shape
+                or not kv.is_contiguous() or kv.shape != (layers, 2, self.kv_heads, capacity, self.head_dim)
+                or not 0 <= slot <= capacity - rows
+                or any(not 0 <= i < layers or t.shape != x.shape or not t.is_contiguous() for i, t in taps.items())):
+            raise ValueError(f"a pass of rows {tuple(x.shape)} at slot {slot} of a cache {tuple(kv.shape)}")
+        tapped = None
+        if taps:
+            tapped = (ctypes.c_void_p * layers)()
+            for index, tensor in taps.items():
+                tapped[index] = tensor.data_ptr()
+        out = torch.empty_like(x)
+        status = self._layer._layers_forward(
+            self._array, layers, kv.data_ptr(), capacity, slot, lists.prefix.data_ptr(), lists.extra.data_ptr(),
+            lists.n_extra.data_ptr(), lists.extra.shape[1], scale, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
+            tapped, out.data_ptr(), self._fused[0]._threads(), self._attention.threads or torch.get_num_threads())
+        if status:
+            raise MemoryError("the CPU layers could not allocate their buffers, or the attention refused its keys")
+        return out
 
 
 @dataclass(frozen=True)

@@ -343,7 +343,7 @@ class ModelRunner:
 
     def __init__(self, model, vocab_size: int, max_chunk: int = MAX_CHUNK, compile: bool = False,
                  invariant: bool = True, onednn: bool = True, c_attention: bool = True, c_products: bool = True,
-                 c_steps: bool = True, c_blocks: bool = True, c_layers: bool = True):
+                 c_steps: bool = True, c_blocks: bool = True, c_layers: bool = True, c_pass: bool = True):
         config = model.config
         model_type = getattr(config, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -429,6 +429,10 @@ class ModelRunner:
         # Attention: the C kernel's, else (and on CUDA) the torch blocks.
         self.c_attention = kernels.attention if kernels and c_attention and cpu_kernels.attention_applies(
             self.dtype, self.device, self.heads, self.kv_heads, self.head_dim) else None
+        # A one-session pass with both: every layer in one C call (FusedLayers; the same calls in
+        # the same order, so the same bits); c_pass=False keeps three calls a layer (to measure them).
+        self.layers_pass = cpu_kernels.FusedLayers(self.fused_layers, self.c_attention) if (
+            c_pass and self.fused_layers and self.c_attention is not None) else None
         self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self._cos = self._sin = torch.empty(0, self.head_dim, device=self.device)
 
@@ -594,21 +598,24 @@ class ModelRunner:
         outputs = {0: x} if 0 in wanted_layers else {}
         layouts = [(self._key_lists if self.c_attention else self._tree_layout)(job, a, b) for job, a, b in spans]
         fused = self.fused_layers if not compiled else None  # (the C products never pad: padded == real)
-        for index, layer in enumerate(self.layers):
-            if fused:
-                qkv = fused[index].project(x, cos, sin)
-                if self.c_attention:
-                    attended = self._attention_projected(index, qkv, spans, layouts)
+        if fused and self.layers_pass is not None and len(spans) == 1:
+            x = self._layers_in_one_call(spans[0], layouts[0], x, cos, sin, wanted_layers, outputs)
+        else:
+            for index, layer in enumerate(self.layers):
+                if fused:
+                    qkv = fused[index].project(x, cos, sin)
+                    if self.c_attention:
+                        attended = self._attention_projected(index, qkv, spans, layouts)
+                    else:
+                        q, k, v = _heads_of(qkv, self.heads, self.kv_heads, self.head_dim)
+                        attended = self._attention(index, q, k, v, spans, layouts)
+                    x = fused[index].mix(x, attended)
                 else:
-                    q, k, v = _heads_of(qkv, self.heads, self.kv_heads, self.head_dim)
+                    q, k, v = project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
                     attended = self._attention(index, q, k, v, spans, layouts)
-                x = fused[index].mix(x, attended)
-            else:
-                q, k, v = project(x, layer, cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
-                attended = self._attention(index, q, k, v, spans, layouts)
-                x = mix(x, F.pad(attended, (0, 0, 0, padded - real)), layer, self.eps)
-            if index + 1 in wanted_layers:
-                outputs[index + 1] = x
+                    x = mix(x, F.pad(attended, (0, 0, 0, padded - real)), layer, self.eps)
+                if index + 1 in wanted_layers:
+                    outputs[index + 1] = x
         row = 0
         for job, a, b in spans:
             if job.feature_layers:
@@ -625,6 +632,18 @@ class ModelRunner:
         last = self.steps.norm(x[rows], self.final_norm, self.eps)
         logits = _linear(last, self.head_weight, self._rows(len(last)), self.head_rows, self.product)
         return list(logits.split([len(w) for w in wanted]))
+
+    def _layers_in_one_call(self, span: tuple[ForwardJob, int, int], lists: cpu_kernels.KeyLists, x: torch.Tensor,
+                            cos: torch.Tensor, sin: torch.Tensor, wanted_layers: list[int],
+                            outputs: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Every layer of one session's pass in one C call (FusedLayers): the last layer's output;
+        the outputs of wanted_layers (hidden-state indices, layer i's output is i + 1) into outputs."""
+        job, start, _ = span
+        taps = {layer - 1: torch.empty_like(x) for layer in wanted_layers if layer > 0}
+        x = self.layers_pass.forward(x, cos, sin, job.entry.kv.data, start, lists, self.scale, taps)
+        outputs.update({index + 1: tap for index, tap in taps.items()})
+        self._after_layer(len(self.layers) - 1, [span])
+        return x
 
     def _positions(self, job: ForwardJob, start: int, end: int) -> torch.Tensor:
         """Positions of slots [start, end) of a job: the slot itself, except a tree's nodes."""

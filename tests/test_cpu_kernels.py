@@ -479,3 +479,66 @@ def test_a_layers_halves_in_one_call_each_give_the_bits_of_its_calls_one_by_one(
 
     for ours, theirs in zip(prompts_then_verifies(fused), prompts_then_verifies(calls), strict=True):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("gguf", [False, True])
+def test_one_sessions_pass_through_every_layer_in_one_call_gives_the_bits_of_a_call_per_layer(kernels, gguf):
+    """A pass of one session runs every layer in one C call (FusedLayers): its prompt's, a chain's
+    and a tree's logits, its features (the embeddings, a middle layer's, the last layer's) and the
+    keys and values left in its cache are bitwise those of the layers called one at a time; passes
+    of two sessions keep a call per layer; a cache or taps of the wrong shape are refused."""
+    import transformers
+
+    from specdec.cpu_kernels import FusedLayers, KeyLists
+    from specdec.kv_cache import SessionCache
+    from specdec.runner import ForwardJob, ModelRunner
+
+    if gguf and not kernels.linear.half:
+        pytest.skip("this CPU converts no half precision (neither AVX-512 nor F16C)")
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=256)
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if gguf:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if parameter.dim() == 2:
+                    parameter.copy_(_ggml(parameter, "Q8_0" if "embed" in name or "lm_head" in name else "Q4_1"))
+    one_call = ModelRunner(model, 320)
+    per_layer = ModelRunner(model, 320, c_pass=False)
+    assert one_call.layers_pass is not None and per_layer.layers_pass is None
+    tokens = torch.randint(0, 320, (60,), generator=torch.Generator().manual_seed(3)).tolist()
+    calls = []
+
+    def passes(runner: ModelRunner) -> list[torch.Tensor]:
+        entry, other = SessionCache(), SessionCache()
+        results = [runner.forward([ForwardJob(entry, tokens[:40], 0, (0, 2, 3))]),
+                   runner.forward([ForwardJob(entry, tokens[:46], 40, (0, 2, 3))]),  # a chain of 5
+                   runner.forward([ForwardJob(entry, tokens[:52], 45, (0, 2, 3), tree=[-1, 0, 1, -1, 3, 0])]),
+                   runner.forward([ForwardJob(entry, tokens[:50], 47), ForwardJob(other, tokens[5:30], 0)])]
+        kept = entry.kv.span(0, entry.kv.length).clone()
+        return [t for batch in results for r in batch for t in (r.logits, r.features) if t is not None] + [kept]
+
+    original = FusedLayers.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(self, *args, **kwargs)
+
+    FusedLayers.forward = counted
+    try:
+        ours = passes(one_call)
+    finally:
+        FusedLayers.forward = original
+    assert calls == [40, 6, 7]  # one call a one-session pass; the two-session pass layer by layer
+    for mine, theirs in zip(ours, passes(per_layer), strict=True):
+        assert torch.equal(mine, theirs)
+    layers, x = one_call.layers_pass, torch.zeros(2, 64)
+    lists, cos = KeyLists([1, 2], [[], []]), torch.ones(2, 16)
+    with pytest.raises(ValueError, match="a pass of rows"):
+        layers.forward(x, cos, cos, torch.zeros(3, 2, 2, 8, 16)[:, :, :, :4], 0, lists, 0.25, {})
+    with pytest.raises(ValueError, match="a pass of rows"):
+        layers.forward(x, cos, cos, torch.zeros(3, 2, 2, 8, 16), 7, lists, 0.25, {})
+    with pytest.raises(ValueError, match="a pass of rows"):
+        layers.forward(x, cos, cos, torch.zeros(3, 2, 2, 8, 16), 0, lists, 0.25, {3: torch.zeros(2, 64)})
