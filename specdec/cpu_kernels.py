@@ -246,9 +246,8 @@ class CpuLayer:
         self._mix.argtypes = [pointer, pointer, pointer, integer, pointer, integer]
         self._layers_forward = library.specdec_layers_forward
         self._layers_forward.restype = ctypes.c_int
-        self._layers_forward.argtypes = [pointer, integer, pointer, integer, integer, pointer, pointer, pointer,
-                                         integer, ctypes.c_float, pointer, integer, pointer, pointer, pointer, pointer,
-                                         integer, integer]
+        self._layers_forward.argtypes = [pointer, integer, pointer, integer, ctypes.c_float, pointer, integer, pointer,
+                                         pointer, pointer, pointer, integer, integer]
 
     def fused(self, linear: "CpuLinear", input_norm: torch.Tensor, qkv: PackedWeight, qkv_bias: torch.Tensor | None,
               o: PackedWeight, o_bias: torch.Tensor | None, post_norm: torch.Tensor, gate_up: PackedWeight,
@@ -358,11 +357,29 @@ class FusedLayer:
             raise MemoryError("the CPU layer kernel could not allocate its buffers")
 
 
+class _Span(ctypes.Structure):  # cpu_layer.c's Span
+    _fields_ = [("kv", ctypes.c_void_p), ("capacity", ctypes.c_int), ("slot", ctypes.c_int), ("rows", ctypes.c_int),
+                ("prefix", ctypes.c_void_p), ("extra", ctypes.c_void_p), ("n_extra", ctypes.c_void_p),
+                ("max_extra", ctypes.c_int)]
+
+
+@dataclass(frozen=True)
+class PassSpan:
+    """One session's rows in a pass through FusedLayers: its cache (SessionKV.data, [layers, 2,
+    kv_heads, capacity, head_dim]), where its rows go in it (slots [slot, slot + rows)) and the key
+    slots each row reads (KeyLists)."""
+
+    kv: torch.Tensor
+    slot: int
+    rows: int
+    lists: "KeyLists"
+
+
 class FusedLayers:
-    """A model's FusedLayers as one C call a pass of one session (cpu_layer.c's
-    specdec_layers_forward): each layer's project, attention (CpuAttention.attend_projected) and
-    mix, in that order, without a return to Python between layers; the same calls on the same
-    numbers, so the same bits as the layers called one at a time."""
+    """A model's FusedLayers as one C call a pass (cpu_layer.c's specdec_layers_forward): each
+    layer's project over every row, its attention session by session (CpuAttention.attend_projected)
+    and its mix over every row, in that order, without a return to Python between layers; the
+    same calls on the same numbers, so the same bits as the layers called one at a time."""
 
     def __init__(self, layers: list[FusedLayer], attention: CpuAttention):
         first = layers[0].weights
@@ -378,20 +395,23 @@ class FusedLayers:
     def __len__(self) -> int:
         return len(self._fused)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, slot: int,
-                lists: "KeyLists", scale: float, taps: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Rows x [rows, hidden] at cache slots [slot, slot + rows) of one session through every
-        layer: the last layer's output [rows, hidden]. kv: the session's cache [layers, 2, kv_heads,
-        capacity, head_dim] (SessionKV.data), the rows' keys and values written into it; lists: the
-        rows' key slots; taps: layer index -> a [rows, hidden] tensor that receives its output."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[PassSpan], scale: float,
+                taps: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Rows x [rows, hidden] (the spans' rows in order) through every layer: the last layer's
+        output [rows, hidden]; each span's rows' keys and values written into its cache; taps:
+        layer index -> a [rows, hidden] tensor that receives that layer's output."""
         rows = x.shape[0]
         x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
-        layers, capacity = len(self._fused), kv.shape[3]
+        layers = len(self._fused)
         if (x.shape[1] != self.hidden or cos.shape != (rows, self.head_dim) or sin.shape != cos.shape
-                or not kv.is_contiguous() or kv.shape != (layers, 2, self.kv_heads, capacity, self.head_dim)
-                or not 0 <= slot <= capacity - rows
+                or sum(span.rows for span in spans) != rows or not all(self._fits(span) for span in spans)
                 or any(not 0 <= i < layers or t.shape != x.shape or not t.is_contiguous() for i, t in taps.items())):
-            raise ValueError(f"a pass of rows {tuple(x.shape)} at slot {slot} of a cache {tuple(kv.shape)}")
+            raise ValueError(f"a pass of rows {tuple(x.shape)} in sessions' spans "
+                             f"{[(tuple(span.kv.shape), span.slot, span.rows) for span in spans]}")
+        array = (_Span * len(spans))(*[
+            _Span(span.kv.data_ptr(), span.kv.shape[3], span.slot, span.rows, span.lists.prefix.data_ptr(),
+                  span.lists.extra.data_ptr(), span.lists.n_extra.data_ptr(), span.lists.extra.shape[1])
+            for span in spans])
         tapped = None
         if taps:
             tapped = (ctypes.c_void_p * layers)()
@@ -399,12 +419,18 @@ class FusedLayers:
                 tapped[index] = tensor.data_ptr()
         out = torch.empty_like(x)
         status = self._layer._layers_forward(
-            self._array, layers, kv.data_ptr(), capacity, slot, lists.prefix.data_ptr(), lists.extra.data_ptr(),
-            lists.n_extra.data_ptr(), lists.extra.shape[1], scale, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
-            tapped, out.data_ptr(), self._fused[0]._threads(), self._attention.threads or torch.get_num_threads())
+            self._array, layers, array, len(spans), scale, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), tapped,
+            out.data_ptr(), self._fused[0]._threads(), self._attention.threads or torch.get_num_threads())
         if status:
             raise MemoryError("the CPU layers could not allocate their buffers, or the attention refused its keys")
         return out
+
+    def _fits(self, span: PassSpan) -> bool:
+        """A span's cache has the layers' shape and room for its rows, and it lists their key slots."""
+        kv, capacity = span.kv, span.kv.shape[3] if span.kv.dim() == 5 else 0
+        return (kv.is_contiguous() and kv.dtype == torch.float32
+                and tuple(kv.shape) == (len(self._fused), 2, self.kv_heads, capacity, self.head_dim)
+                and 0 <= span.slot <= capacity - span.rows and span.lists.prefix.shape[0] == span.rows)
 
 
 @dataclass(frozen=True)

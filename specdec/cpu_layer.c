@@ -157,37 +157,49 @@ int specdec_attend_projected(const float *qkv, int stride, int slot, float *keys
                              const int *prefix, const int *extra, const int *n_extra, int max_extra, int rows,
                              int heads, int kv_heads, int dim, float scale, float *out, int threads);
 
-/* One session's pass through a model's layers [0, n): each layer as the runner calls it one layer
-   at a time (specdec_layer_project, specdec_attend_projected, specdec_layer_mix, in that order on
-   the same numbers: the same bits), without a return to Python between them (three calls a layer,
-   about a tenth of a one-token step on the Zen 4 host). x [rows, hidden] the rows' embeddings;
-   out [rows, hidden] the last layer's output; kv the session's cache [n, 2 (keys, values),
-   kv_heads, capacity, head_dim], the rows' keys and values written at slots [slot, slot + rows);
-   prefix .. max_extra the rows' key slots (specdec_attend's); taps NULL or n pointers, where
-   taps[i] is not NULL layer i's output [rows, hidden] copied there (the target's features).
-   Every layer has the first's shape. Returns 0, or -1 when memory ran out or the attention
-   refused its arguments. */
-int specdec_layers_forward(const Layer *layers, int n, float *kv, int capacity, int slot, const int *prefix,
-                           const int *extra, const int *n_extra, int max_extra, float scale, const float *x, int rows,
-                           const float *cos, const float *sin, float *const *taps, float *out, int linear_threads,
-                           int attention_threads) {
+/* One session's rows of a pass (specdec_layers_forward): its cache kv [layers, 2 (keys, values),
+   kv_heads, capacity, head_dim], its `rows` rows' keys and values written at slots [slot, slot +
+   rows), and their key slots (prefix .. max_extra, specdec_attend's). */
+typedef struct {
+    float *kv;
+    int capacity, slot, rows;
+    const int *prefix, *extra, *n_extra;
+    int max_extra;
+} Span;
+
+/* A pass of the sessions' rows (the spans' rows in order) through a model's layers [0, n): each
+   layer as the runner calls it one layer at a time (specdec_layer_project over every row,
+   specdec_attend_projected session by session, specdec_layer_mix over every row, in that order
+   on the same numbers: the same bits), without a return to Python between them (from Python two
+   calls a layer and one a session: about a tenth of a one-token step on the Zen 4 host). x [rows,
+   hidden] the rows' embeddings; out [rows, hidden] the last layer's output; taps NULL or n
+   pointers, where taps[i] is not NULL layer i's output [rows, hidden] copied there (the target's
+   features). Every layer has the first's shape. Returns 0, or -1 when memory ran out or the
+   attention refused its arguments. */
+int specdec_layers_forward(const Layer *layers, int n, const Span *spans, int n_spans, float scale, const float *x,
+                           int rows, const float *cos, const float *sin, float *const *taps, float *out,
+                           int linear_threads, int attention_threads) {
     const Layer *first = layers;
-    const int hidden = first->hidden, stride = first->qkv.outs;
-    const long cache = (long)first->kv_heads * capacity * first->head_dim; /* floats of one layer's keys */
+    const int hidden = first->hidden, stride = first->qkv.outs, width = first->heads * first->head_dim;
     float *qkv = malloc(sizeof(float) * (size_t)rows * stride);
-    float *attended = malloc(sizeof(float) * (size_t)rows * first->heads * first->head_dim);
+    float *attended = malloc(sizeof(float) * (size_t)rows * width);
     float *between[2] = {malloc(sizeof(float) * (size_t)rows * hidden), malloc(sizeof(float) * (size_t)rows * hidden)};
     int status = qkv && attended && between[0] && between[1] ? 0 : -1;
     const float *in = x;
     for (int i = 0; i < n && !status; i++) {
         const Layer *layer = layers + i;
-        float *keys = kv + 2 * i * cache, *values = keys + cache;
         float *result = i == n - 1 ? out : between[i % 2];
         status = specdec_layer_project(layer, in, rows, cos, sin, qkv, linear_threads);
-        if (!status)
-            status = specdec_attend_projected(qkv, stride, slot, keys, values, capacity, prefix, extra, n_extra,
-                                              max_extra, rows, layer->heads, layer->kv_heads, layer->head_dim, scale,
-                                              attended, attention_threads);
+        for (int s = 0, row = 0; s < n_spans && !status; row += spans[s].rows, s++) {
+            const Span *span = spans + s;
+            const long cache = (long)layer->kv_heads * span->capacity * layer->head_dim; /* one layer's keys */
+            float *keys = span->kv + 2 * i * cache, *values = keys + cache;
+            status = specdec_attend_projected(qkv + (long)row * stride, stride, span->slot, keys, values,
+                                              span->capacity, span->prefix, span->extra, span->n_extra,
+                                              span->max_extra, span->rows, layer->heads, layer->kv_heads,
+                                              layer->head_dim, scale, attended + (long)row * width,
+                                              attention_threads);
+        }
         if (!status) status = specdec_layer_mix(layer, in, attended, rows, result, linear_threads);
         if (!status && taps && taps[i]) memcpy(taps[i], result, sizeof(float) * (size_t)rows * hidden);
         in = result;

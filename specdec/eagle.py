@@ -209,7 +209,7 @@ class EagleDrafter(nn.Module):
         # CPU the layer's second half as one C call (with_small_steps).
         self.qkv_proj: CastLinear | None = None
         self.gate_up_proj: CastLinear | None = None
-        self.mix: FusedLayer | None = None
+        self.layer_in_c: FusedLayer | None = None
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -253,8 +253,8 @@ class EagleDrafter(nn.Module):
     def finish(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The layer's output h from its residual input and the attention output [..., heads, n, dim]."""
         attended = attended.transpose(-2, -3).flatten(-2)
-        if self.mix is not None and attended.dim() == 2 and attended.shape[0] < C_WIDE_ROWS:
-            return self.mix.mix(hidden, attended)  # (drafting on a CPU: one C call)
+        if self.layer_in_c is not None and attended.dim() == 2 and attended.shape[0] < C_WIDE_ROWS:
+            return self.layer_in_c.mix(hidden, attended)  # (drafting on a CPU: one C call)
         x = hidden + self.o_proj(attended)
         h = self.post_norm(x)
         if self.gate_up_proj is not None:
@@ -276,7 +276,7 @@ class EagleDrafter(nn.Module):
         the same weights (CastLinear). Given the C product (specdec.cpu_kernels), the calls of
         few rows run there. q, k and v are then one product, and gate and up another (their
         weights stacked: a block format rounds each output's weights on their own, so the same
-        numbers), two and three calls fewer a draft step."""
+        numbers): three calls fewer a draft step."""
         if dtype != torch.float32 or products is not None:
             stacked = {"qkv_proj": _stacked(self.q_proj, self.k_proj, self.v_proj),
                        "gate_up_proj": _stacked(self.gate_proj, self.up_proj)}
@@ -300,10 +300,10 @@ class EagleDrafter(nn.Module):
             if isinstance(module, RMSNorm):
                 module.kernel = steps
         parts = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
-        self.mix = None
+        self.layer_in_c = None
         if steps is not None and all(isinstance(p, CastLinear) and p.packed is not None for p in parts):
             c = self.config
-            self.mix = steps.fused(
+            self.layer_in_c = steps.fused(
                 self.o_proj.products, input_norm=self.input_norm.weight.detach(), qkv=self.qkv_proj.packed,
                 qkv_bias=None, o=self.o_proj.packed, o_bias=None, post_norm=self.post_norm.weight.detach(),
                 gate_up=self.gate_up_proj.packed, gate_up_bias=None, down=self.down_proj.packed, down_bias=None,

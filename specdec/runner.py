@@ -429,8 +429,8 @@ class ModelRunner:
         # Attention: the C kernel's, else (and on CUDA) the torch blocks.
         self.c_attention = kernels.attention if kernels and c_attention and cpu_kernels.attention_applies(
             self.dtype, self.device, self.heads, self.kv_heads, self.head_dim) else None
-        # A one-session pass with both: every layer in one C call (FusedLayers; the same calls in
-        # the same order, so the same bits); c_pass=False keeps three calls a layer (to measure them).
+        # With both, a pass runs every layer in one C call (FusedLayers; the same calls in the same
+        # order, so the same bits); c_pass=False keeps the calls layer by layer (to measure them).
         self.layers_pass = cpu_kernels.FusedLayers(self.fused_layers, self.c_attention) if (
             c_pass and self.fused_layers and self.c_attention is not None) else None
         self.kv_shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
@@ -598,8 +598,8 @@ class ModelRunner:
         outputs = {0: x} if 0 in wanted_layers else {}
         layouts = [(self._key_lists if self.c_attention else self._tree_layout)(job, a, b) for job, a, b in spans]
         fused = self.fused_layers if not compiled else None  # (the C products never pad: padded == real)
-        if fused and self.layers_pass is not None and len(spans) == 1:
-            x = self._layers_in_one_call(spans[0], layouts[0], x, cos, sin, wanted_layers, outputs)
+        if fused and self.layers_pass is not None:
+            x = self._layers_in_one_call(spans, layouts, x, cos, sin, wanted_layers, outputs)
         else:
             for index, layer in enumerate(self.layers):
                 if fused:
@@ -633,16 +633,16 @@ class ModelRunner:
         logits = _linear(last, self.head_weight, self._rows(len(last)), self.head_rows, self.product)
         return list(logits.split([len(w) for w in wanted]))
 
-    def _layers_in_one_call(self, span: tuple[ForwardJob, int, int], lists: cpu_kernels.KeyLists, x: torch.Tensor,
-                            cos: torch.Tensor, sin: torch.Tensor, wanted_layers: list[int],
+    def _layers_in_one_call(self, spans: list[tuple[ForwardJob, int, int]], lists: list[cpu_kernels.KeyLists],
+                            x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wanted_layers: list[int],
                             outputs: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Every layer of one session's pass in one C call (FusedLayers): the last layer's output;
-        the outputs of wanted_layers (hidden-state indices, layer i's output is i + 1) into outputs."""
-        job, start, _ = span
+        """Every layer of a pass in one C call (FusedLayers): the last layer's output; the outputs
+        of wanted_layers (hidden-state indices, layer i's output is i + 1) into outputs."""
         taps = {layer - 1: torch.empty_like(x) for layer in wanted_layers if layer > 0}
-        x = self.layers_pass.forward(x, cos, sin, job.entry.kv.data, start, lists, self.scale, taps)
+        x = self.layers_pass.forward(x, cos, sin, [cpu_kernels.PassSpan(job.entry.kv.data, a, b - a, layout)
+                                                   for (job, a, b), layout in zip(spans, lists)], self.scale, taps)
         outputs.update({index + 1: tap for index, tap in taps.items()})
-        self._after_layer(len(self.layers) - 1, [span])
+        self._after_layer(len(self.layers) - 1, spans)
         return x
 
     def _positions(self, job: ForwardJob, start: int, end: int) -> torch.Tensor:

@@ -482,14 +482,15 @@ def test_a_layers_halves_in_one_call_each_give_the_bits_of_its_calls_one_by_one(
 
 
 @pytest.mark.parametrize("gguf", [False, True])
-def test_one_sessions_pass_through_every_layer_in_one_call_gives_the_bits_of_a_call_per_layer(kernels, gguf):
-    """A pass of one session runs every layer in one C call (FusedLayers): its prompt's, a chain's
-    and a tree's logits, its features (the embeddings, a middle layer's, the last layer's) and the
-    keys and values left in its cache are bitwise those of the layers called one at a time; passes
-    of two sessions keep a call per layer; a cache or taps of the wrong shape are refused."""
+def test_a_pass_through_every_layer_in_one_call_gives_the_bits_of_a_call_per_layer(kernels, gguf):
+    """A pass runs every layer in one C call (FusedLayers): one session's prompt, chain and tree
+    and two sessions' rows in one pass give the logits, the features (the embeddings, a middle
+    layer's, the last layer's) and the keys and values in the caches, bit for bit, of the layers
+    called one at a time; spans that do not fit their cache or rows, and taps of the wrong shape,
+    are refused."""
     import transformers
 
-    from specdec.cpu_kernels import FusedLayers, KeyLists
+    from specdec.cpu_kernels import FusedLayers, KeyLists, PassSpan
     from specdec.kv_cache import SessionCache
     from specdec.runner import ForwardJob, ModelRunner
 
@@ -516,29 +517,32 @@ def test_one_sessions_pass_through_every_layer_in_one_call_gives_the_bits_of_a_c
         results = [runner.forward([ForwardJob(entry, tokens[:40], 0, (0, 2, 3))]),
                    runner.forward([ForwardJob(entry, tokens[:46], 40, (0, 2, 3))]),  # a chain of 5
                    runner.forward([ForwardJob(entry, tokens[:52], 45, (0, 2, 3), tree=[-1, 0, 1, -1, 3, 0])]),
-                   runner.forward([ForwardJob(entry, tokens[:50], 47), ForwardJob(other, tokens[5:30], 0)])]
-        kept = entry.kv.span(0, entry.kv.length).clone()
-        return [t for batch in results for r in batch for t in (r.logits, r.features) if t is not None] + [kept]
+                   runner.forward([ForwardJob(entry, tokens[:50], 47, (2,)),  # two sessions, the second a tree
+                                   ForwardJob(other, tokens[5:30], 21, (2,), tree=[-1, 0, -1])])]
+        kept = [cache.kv.span(0, cache.kv.length).clone() for cache in (entry, other)]
+        return [t for batch in results for r in batch for t in (r.logits, r.features) if t is not None] + kept
 
     original = FusedLayers.forward
 
-    def counted(self, *args, **kwargs):
-        calls.append(args[0].shape[0])
-        return original(self, *args, **kwargs)
+    def counted(self, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return original(self, x, *args, **kwargs)
 
     FusedLayers.forward = counted
     try:
         ours = passes(one_call)
     finally:
         FusedLayers.forward = original
-    assert calls == [40, 6, 7]  # one call a one-session pass; the two-session pass layer by layer
+    assert calls[:3] == [40, 6, 7] and len(calls) == 4 and calls[3] > 25  # one call a pass
     for mine, theirs in zip(ours, passes(per_layer), strict=True):
         assert torch.equal(mine, theirs)
-    layers, x = one_call.layers_pass, torch.zeros(2, 64)
-    lists, cos = KeyLists([1, 2], [[], []]), torch.ones(2, 16)
-    with pytest.raises(ValueError, match="a pass of rows"):
-        layers.forward(x, cos, cos, torch.zeros(3, 2, 2, 8, 16)[:, :, :, :4], 0, lists, 0.25, {})
-    with pytest.raises(ValueError, match="a pass of rows"):
-        layers.forward(x, cos, cos, torch.zeros(3, 2, 2, 8, 16), 7, lists, 0.25, {})
-    with pytest.raises(ValueError, match="a pass of rows"):
-        layers.forward(x, cos, cos, torch.zeros(3, 2, 2, 8, 16), 0, lists, 0.25, {3: torch.zeros(2, 64)})
+    layers, x, cos = one_call.layers_pass, torch.zeros(2, 64), torch.ones(2, 16)
+    lists = KeyLists([1, 2], [[], []])
+    cache = torch.zeros(3, 2, 2, 8, 16)
+    for spans, taps in (([PassSpan(cache[:, :, :, :4], 0, 2, lists)], {}),  # not contiguous
+                        ([PassSpan(cache, 7, 2, lists)], {}),  # past its capacity
+                        ([PassSpan(cache, 0, 1, lists)], {}),  # fewer rows than the pass has
+                        ([PassSpan(torch.zeros(2, 2, 2, 8, 16), 0, 2, lists)], {}),  # another model's cache
+                        ([PassSpan(cache, 0, 2, lists)], {3: torch.zeros(2, 64)})):  # no layer 3
+        with pytest.raises(ValueError, match="a pass of rows"):
+            layers.forward(x, cos, cos, spans, 0.25, taps)

@@ -616,7 +616,7 @@ def test_drafting_stacks_qkv_and_gate_up_and_runs_the_layers_second_half_in_one_
     head = EagleDrafter.load(feature_drafter).with_matmul_dtype("q8_0", kernels.linear).with_small_steps(kernels.layer)
     assert torch.equal(head.qkv_proj.weight, torch.cat([head.q_proj.weight, head.k_proj.weight, head.v_proj.weight]))
     assert torch.equal(head.gate_up_proj.weight, torch.cat([head.gate_proj.weight, head.up_proj.weight]))
-    assert head.mix is not None and head.qkv_proj.packed.blocks == "q8_0"
+    assert head.layer_in_c is not None and head.qkv_proj.packed.blocks == "q8_0"
     c = head.config
     generator = torch.Generator().manual_seed(3)
     embeddings, previous = torch.randn(5, c.hidden_size, generator=generator), torch.randn(5, c.hidden_size,
@@ -629,13 +629,13 @@ def test_drafting_stacks_qkv_and_gate_up_and_runs_the_layers_second_half_in_one_
         stacked, mixed = head.qkv(embeddings, previous, positions), head.finish(previous, attended)
         wide_mixed = head.finish(wide, wide_attended)
         with pytest.raises(ValueError, match="projection takes"):
-            head.mix.project(previous, torch.ones(5, c.head_dim), torch.zeros(5, c.head_dim))
-        head.qkv_proj, head.gate_up_proj, head.mix = None, None, None  # the same head, one step at a time
+            head.layer_in_c.project(previous, torch.ones(5, c.head_dim), torch.zeros(5, c.head_dim))
+        head.qkv_proj, head.gate_up_proj, head.layer_in_c = None, None, None  # the same head, one step at a time
         for ours, separate in zip(stacked, head.qkv(embeddings, previous, positions)):
             assert torch.equal(ours, separate)
         torch.testing.assert_close(mixed, head.finish(previous, attended), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(wide_mixed, head.finish(wide, wide_attended), rtol=1e-5, atol=1e-5)
-    assert EagleDrafter.load(feature_drafter).with_matmul_dtype("q8_0", kernels.linear).with_small_steps(None).mix is None
+    assert EagleDrafter.load(feature_drafter).with_matmul_dtype("q8_0", kernels.linear).with_small_steps(None).layer_in_c is None
 
 
 def test_the_feature_drafter_takes_its_products_as_cpu_kernels_says(tiny_target, feature_drafter, monkeypatch, tmp_path):
