@@ -2,7 +2,8 @@
 and loaded through ctypes: its attention (cpu_attention.c), its matrix products (cpu_linear.c) and
 a layer's small steps between them (cpu_layer.c: RMS norms, rotary embedding, gated activation),
 which cpu_layer.c also strings together into a layer's two halves around its attention
-(FusedLayer: one call each, so that a step's dispatch from Python is three calls a layer).
+(FusedLayer: one call each), and those with the attention into a pass through every layer
+(FusedLayers: one call a pass, so that a step's dispatch from Python is one call).
 
 Why C: at a step's few rows the torch attention (specdec.runner's blocks, invariant by its fixed
 blocks and running sums) is some thirty small operations a layer, and on this project's 2-core
@@ -391,9 +392,6 @@ class FusedLayers:
         self._array = (_LayerWeights * len(layers))(*[layer.weights for layer in layers])
         self.hidden, self.heads, self.kv_heads, self.head_dim = (first.hidden, first.heads, first.kv_heads,
                                                                  first.head_dim)
-
-    def __len__(self) -> int:
-        return len(self._fused)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[PassSpan], scale: float,
                 taps: dict[int, torch.Tensor]) -> torch.Tensor:
