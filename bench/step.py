@@ -10,9 +10,11 @@ ratio to hf_ms is what bitwise invariance (each output's sums in a fixed order, 
 row) costs, or saves, per step. Our runner, besides its default (products, attention and a layer's
 small steps in C, specdec.cpu_kernels; the products on a .gguf model's weights packed back into its
 GGML blocks, specdec.ggml_blocks): ours_float32_weights_ms with the C products on float32 weights
-(the same bits, six times the bytes for Q4_1); ours_layer_calls_ms with each product and small
-step its own call from Python (the default makes a layer's halves around its attention one C call
-each, cpu_kernels.FusedLayer: the same bits); ours_torch_steps_ms with the small steps (norms,
+(the same bits, six times the bytes for Q4_1); ours_pass_calls_ms with a layer's two halves and
+its attention each their own call from Python (the default runs every layer of a pass in one C
+call, cpu_kernels.FusedLayers: the same bits); ours_layer_calls_ms with each product and small
+step its own call (cpu_kernels.FusedLayer makes a layer's halves around its attention one call
+each: the same bits); ours_torch_steps_ms with the small steps (norms,
 rotary, activation, residuals) in torch; ours_onednn_ms with oneDNN's products instead and torch's
 steps (rows padded to a multiple of 4; the default before the C products, and where no C compiler
 is); ours_f_linear_ms with F.linear's (MKL's; rows padded); ours_not_invariant_ms with F.linear's
@@ -64,6 +66,7 @@ def _our_runners(model_spec: str) -> tuple[object, int, dict[str, ModelRunner]]:
     return model, vocab, {
         "ours_ms": ModelRunner(model, vocab),
         "ours_float32_weights_ms": ModelRunner(model, vocab, c_blocks=False),
+        "ours_pass_calls_ms": ModelRunner(model, vocab, c_pass=False),
         "ours_layer_calls_ms": ModelRunner(model, vocab, c_layers=False),
         "ours_torch_steps_ms": ModelRunner(model, vocab, c_steps=False),
         "ours_onednn_ms": ModelRunner(model, vocab, c_products=False),
