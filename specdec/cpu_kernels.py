@@ -368,12 +368,15 @@ class _Span(ctypes.Structure):  # cpu_layer.c's Span
 class PassSpan:
     """One session's rows in a pass through FusedLayers: its cache (SessionKV.data, [layers, 2,
     kv_heads, capacity, head_dim]), where its rows go in it (slots [slot, slot + rows)) and the key
-    slots each row reads (KeyLists)."""
+    slots each row reads (KeyLists, a row each)."""
 
     kv: torch.Tensor
     slot: int
-    rows: int
     lists: "KeyLists"
+
+    @property
+    def rows(self) -> int:
+        return self.lists.prefix.shape[0]
 
 
 class FusedLayers:
@@ -424,11 +427,11 @@ class FusedLayers:
         return out
 
     def _fits(self, span: PassSpan) -> bool:
-        """A span's cache has the layers' shape and room for its rows, and it lists their key slots."""
+        """A span's cache has the layers' shape and room for its rows."""
         kv, capacity = span.kv, span.kv.shape[3] if span.kv.dim() == 5 else 0
         return (kv.is_contiguous() and kv.dtype == torch.float32
                 and tuple(kv.shape) == (len(self._fused), 2, self.kv_heads, capacity, self.head_dim)
-                and 0 <= span.slot <= capacity - span.rows and span.lists.prefix.shape[0] == span.rows)
+                and 0 <= span.slot <= capacity - span.rows)
 
 
 @dataclass(frozen=True)

@@ -638,10 +638,13 @@ class ModelRunner:
                             outputs: dict[int, torch.Tensor]) -> torch.Tensor:
         """Every layer of a pass in one C call (FusedLayers): the last layer's output; the outputs
         of wanted_layers (hidden-state indices, layer i's output is i + 1) into outputs."""
-        taps = {layer - 1: torch.empty_like(x) for layer in wanted_layers if layer > 0}
-        x = self.layers_pass.forward(x, cos, sin, [cpu_kernels.PassSpan(job.entry.kv.data, a, b - a, layout)
-                                                   for (job, a, b), layout in zip(spans, lists)], self.scale, taps)
+        last = len(self.layers)
+        taps = {layer - 1: torch.empty_like(x) for layer in wanted_layers if 0 < layer < last}
+        x = self.layers_pass.forward(x, cos, sin, [cpu_kernels.PassSpan(job.entry.kv.data, a, layout)
+                                                   for (job, a, _), layout in zip(spans, lists)], self.scale, taps)
         outputs.update({index + 1: tap for index, tap in taps.items()})
+        if last in wanted_layers:  # (the call's own output: no copy of it)
+            outputs[last] = x
         self._after_layer(len(self.layers) - 1, spans)
         return x
 

@@ -539,10 +539,10 @@ def test_a_pass_through_every_layer_in_one_call_gives_the_bits_of_a_call_per_lay
     layers, x, cos = one_call.layers_pass, torch.zeros(2, 64), torch.ones(2, 16)
     lists = KeyLists([1, 2], [[], []])
     cache = torch.zeros(3, 2, 2, 8, 16)
-    for spans, taps in (([PassSpan(cache[:, :, :, :4], 0, 2, lists)], {}),  # not contiguous
-                        ([PassSpan(cache, 7, 2, lists)], {}),  # past its capacity
-                        ([PassSpan(cache, 0, 1, lists)], {}),  # fewer rows than the pass has
-                        ([PassSpan(torch.zeros(2, 2, 2, 8, 16), 0, 2, lists)], {}),  # another model's cache
-                        ([PassSpan(cache, 0, 2, lists)], {3: torch.zeros(2, 64)})):  # no layer 3
+    for spans, taps in (([PassSpan(cache[:, :, :, :4], 0, lists)], {}),  # not contiguous
+                        ([PassSpan(cache, 7, lists)], {}),  # past its capacity
+                        ([PassSpan(cache, 0, KeyLists([1], [[]]))], {}),  # fewer rows than the pass has
+                        ([PassSpan(torch.zeros(2, 2, 2, 8, 16), 0, lists)], {}),  # another model's cache
+                        ([PassSpan(cache, 0, lists)], {3: torch.zeros(2, 64)})):  # no layer 3
         with pytest.raises(ValueError, match="a pass of rows"):
             layers.forward(x, cos, cos, spans, 0.25, taps)
