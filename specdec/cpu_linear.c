@@ -13,7 +13,7 @@
    Speed: at a step's few rows a product reads its weights once and does little arithmetic on
    them, so it runs at the speed memory streams the weights. The weights are packed once (by
    specdec/cpu_kernels.py) into tiles of TILE outputs, each tile [in][TILE] contiguous, read in
-   order with a prefetch ahead, and each tile's weights serve a pass of rows whose sums stay in
+   order while the next tile is prefetched (next_tile_prefetch), and each tile's weights serve a pass of rows whose sums stay in
    registers (12 rows on AVX-512; on AVX2 3 over the whole tile, or 6 over half of it at a time);
    more rows re-read the tile from the core's cache. The tiles are split among torch's OpenMP
    threads.
@@ -59,7 +59,6 @@
 #define PART (PART_VECTORS * LANES) /* outputs in a part: the whole tile on AVX-512, half on AVX2 */
 #define PARTS (TILE / PART)
 _Static_assert(PARTS == 1 || PARTS == 2, "tile_rows computes part 0, or parts 0 and 1");
-#define PREFETCH 16           /* inputs ahead of the one being read: a tile's next 4 KB */
 #define ROW_BLOCK 96          /* rows whose inputs stay in the core's cache while every tile passes over them */
 #define PARALLEL_FROM 65536   /* multiply-adds (rows * in * outs) from which a call splits */
 #define WIDEN_ONCE_ABOVE 12   /* rows from which a tile in blocks is widened once into a scratch tile (run_tiles) */
@@ -177,6 +176,17 @@ static inline __attribute__((always_inline)) void q8_0_weights(const unsigned ch
         weights[c] = scale[c] * __builtin_convertvector(widen(codes + part * vectors * LANES + LANES * c, 1), vf);
 }
 
+/* The `bytes` at `p` (in the tile after the one being computed: the same block or input of it) on
+   their way into the core's L2 cache (prefetch locality 2). Spread over the current tile's
+   arithmetic this keeps the memory busy while the core computes: where the weights do not fit the
+   cache (a 2-core slice of a big Xeon, bench/RESULTS.md) a step's products ran at half the speed
+   memory streams them with a prefetch a few blocks ahead in the same tile only, and a burst of the
+   whole next tile at a tile's start did half as well. (Past the last tile the addresses are
+   whatever follows: a prefetch never faults.) */
+static inline __attribute__((always_inline)) void next_tile_prefetch(const void *p, int bytes) {
+    for (int line = 0; line < bytes; line += 64) __builtin_prefetch((const char *)p + line, 0, 2);
+}
+
 /* The weights of part `part` of one tile in blocks (`format` Q4_1 or Q8_0; parts of `vectors`
    vectors of outputs), input by input in order, each handed to `use` (a statement that reads `i`
    and `weights`). */
@@ -187,8 +197,7 @@ static inline __attribute__((always_inline)) void q8_0_weights(const unsigned ch
         load_scales((const unsigned short *)start, scale, vectors, part);                              \
         if ((format) == Q4_1) load_scales((const unsigned short *)start + TILE, offset, vectors, part); \
         const unsigned char *codes = start + ((format) == Q4_1 ? 4 : 2) * TILE;                       \
-        __builtin_prefetch(start + 4 * block_bytes(format));                                           \
-        __builtin_prefetch(start + 4 * block_bytes(format) + 64);                                      \
+        next_tile_prefetch(start + (long)((in) / BLOCK) * block_bytes(format), block_bytes(format));  \
         for (int j = 0; j < BLOCK; j++) {                                                              \
             const int i = block * BLOCK + j;                                                           \
             vf weights[VECTORS];                                                                       \
@@ -237,13 +246,13 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
             vf weights[VECTORS];
             if (format == HALF) { /* a tile's row of half weights is one 64-byte line */
 #if HALF_WEIGHTS
-                __builtin_prefetch(w_half + (long)(i + 2 * PREFETCH) * TILE);
+                __builtin_prefetch(w_half + (long)(in + i) * TILE, 0, 2); /* the next tile's (next_tile_prefetch) */
 #pragma GCC unroll 4
                 for (int c = 0; c < vectors; c++) weights[c] = load_half(w_half + (long)i * TILE + LANES * c);
 #endif
             } else {
-                __builtin_prefetch(w + (long)(i + PREFETCH) * TILE);
-                __builtin_prefetch(w + (long)(i + PREFETCH) * TILE + LANES);
+                __builtin_prefetch(w + (long)(in + i) * TILE, 0, 2); /* the next tile's (next_tile_prefetch) */
+                __builtin_prefetch(w + (long)(in + i) * TILE + TILE / 2, 0, 2);
 #pragma GCC unroll 4
                 for (int c = 0; c < vectors; c++) weights[c] = load_vf(w + (long)i * TILE + LANES * c);
             }
