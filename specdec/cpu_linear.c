@@ -176,28 +176,29 @@ static inline __attribute__((always_inline)) void q8_0_weights(const unsigned ch
         weights[c] = scale[c] * __builtin_convertvector(widen(codes + part * vectors * LANES + LANES * c, 1), vf);
 }
 
-/* The `bytes` at `p` (in the tile after the one being computed: the same block or input of it) on
-   their way into the core's L2 cache (prefetch locality 2). Spread over the current tile's
-   arithmetic this keeps the memory busy while the core computes: where the weights do not fit the
-   cache (a 2-core slice of a big Xeon, bench/RESULTS.md) a step's products ran at half the speed
-   memory streams them with a prefetch a few blocks ahead in the same tile only, and a burst of the
-   whole next tile at a tile's start did half as well. (Past the last tile the addresses are
-   whatever follows: a prefetch never faults.) */
-static inline __attribute__((always_inline)) void next_tile_prefetch(const void *p, int bytes) {
-    for (int line = 0; line < bytes; line += 64) __builtin_prefetch((const char *)p + line, 0, 2);
+/* The `bytes` at `p` on their way into the core's L2 cache (prefetch locality 2): the same block,
+   or input, of the next tile this thread computes as the one being read of this tile (`next`,
+   NULL where there is none: the range's last tile, a scratch tile's passes, a tile's later
+   passes). Spread over the current tile's arithmetic this keeps the memory busy while the core
+   computes: where the weights do not fit the cache (a 2-core slice of a big Xeon, bench/RESULTS.md)
+   a step's products ran at half the speed with a prefetch a few blocks ahead in the same tile
+   only, and with a burst of the whole next tile at a tile's start at two thirds. */
+static inline __attribute__((always_inline)) void next_tile_prefetch(const void *next, long at, int bytes) {
+    if (!next) return;
+    for (int line = 0; line < bytes; line += 64) __builtin_prefetch((const char *)next + at + line, 0, 2);
 }
 
 /* The weights of part `part` of one tile in blocks (`format` Q4_1 or Q8_0; parts of `vectors`
    vectors of outputs), input by input in order, each handed to `use` (a statement that reads `i`
-   and `weights`). */
-#define FOR_BLOCK_WEIGHTS(format, tile, in, vectors, part, use)                                        \
+   and `weights`), while the same blocks of the tile at `next` (or NULL) are prefetched. */
+#define FOR_BLOCK_WEIGHTS(format, tile, next, in, vectors, part, use)                                  \
     for (int block = 0; block < (in) / BLOCK; block++) {                                               \
         const unsigned char *start = (const unsigned char *)(tile) + (long)block * block_bytes(format); \
         vf scale[VECTORS], offset[VECTORS];                                                           \
         load_scales((const unsigned short *)start, scale, vectors, part);                              \
         if ((format) == Q4_1) load_scales((const unsigned short *)start + TILE, offset, vectors, part); \
         const unsigned char *codes = start + ((format) == Q4_1 ? 4 : 2) * TILE;                       \
-        next_tile_prefetch(start + (long)((in) / BLOCK) * block_bytes(format), block_bytes(format));  \
+        next_tile_prefetch(next, (long)block * block_bytes(format), block_bytes(format));             \
         for (int j = 0; j < BLOCK; j++) {                                                              \
             const int i = block * BLOCK + j;                                                           \
             vf weights[VECTORS];                                                                       \
@@ -217,20 +218,21 @@ static inline __attribute__((always_inline)) void store_weights(float *out, cons
     for (int c = 0; c < VECTORS; c++) memcpy(out + LANES * c, &weights[c], sizeof(vf)); /* one store each */
 }
 
-static void dequantize_tile(const void *tile, int in, int format, float *out) {
+static void dequantize_tile(const void *tile, const void *next, int in, int format, float *out) {
     if (format == Q4_1)
-        FOR_BLOCK_WEIGHTS(Q4_1, tile, in, VECTORS, 0, store_weights(out + (long)i * TILE, weights))
+        FOR_BLOCK_WEIGHTS(Q4_1, tile, next, in, VECTORS, 0, store_weights(out + (long)i * TILE, weights))
     else
-        FOR_BLOCK_WEIGHTS(Q8_0, tile, in, VECTORS, 0, store_weights(out + (long)i * TILE, weights))
+        FOR_BLOCK_WEIGHTS(Q8_0, tile, next, in, VECTORS, 0, store_weights(out + (long)i * TILE, weights))
 }
 #endif
 
 /* Rows [0, rows) of x times part `part` of one tile of weights in `format`, parts of `vectors`
    vectors of outputs (outputs part * vectors * LANES ..; `valid` of the tile's real; bias,
-   residual and out point at the tile's first): `rows`, `format`, `vectors` and `part` are
-   constants wherever this is inlined (tile_rows), so the sums stay in registers. */
+   residual and out point at the tile's first; `next` the tile to prefetch meanwhile, or NULL):
+   `rows`, `format`, `vectors` and `part` are constants wherever this is inlined (tile_rows), so
+   the sums stay in registers. */
 static inline __attribute__((always_inline)) void tile(const float *x, int in, const void *weights_tile,
-                                                       int format, const float *bias, const float *residual,
+                                                       const void *next, int format, const float *bias, const float *residual,
                                                        int valid, float *out, int outs, int rows, int vectors,
                                                        int part) {
     const int first = part * vectors * LANES, width = vectors * LANES; /* the part's outputs in the tile */
@@ -246,13 +248,12 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
             vf weights[VECTORS];
             if (format == HALF) { /* a tile's row of half weights is one 64-byte line */
 #if HALF_WEIGHTS
-                __builtin_prefetch(w_half + (long)(in + i) * TILE, 0, 2); /* the next tile's (next_tile_prefetch) */
+                next_tile_prefetch(next, (long)i * TILE * 2, TILE * 2);
 #pragma GCC unroll 4
                 for (int c = 0; c < vectors; c++) weights[c] = load_half(w_half + (long)i * TILE + LANES * c);
 #endif
             } else {
-                __builtin_prefetch(w + (long)(in + i) * TILE, 0, 2); /* the next tile's (next_tile_prefetch) */
-                __builtin_prefetch(w + (long)(in + i) * TILE + TILE / 2, 0, 2);
+                next_tile_prefetch(next, (long)i * TILE * 4, TILE * 4);
 #pragma GCC unroll 4
                 for (int c = 0; c < vectors; c++) weights[c] = load_vf(w + (long)i * TILE + LANES * c);
             }
@@ -261,9 +262,9 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
     }
 #if HALF_WEIGHTS
     else if (format == Q4_1)
-        FOR_BLOCK_WEIGHTS(Q4_1, weights_tile, in, vectors, part, accumulate(sums, x, in, i, weights, rows, vectors))
+        FOR_BLOCK_WEIGHTS(Q4_1, weights_tile, next, in, vectors, part, accumulate(sums, x, in, i, weights, rows, vectors))
     else if (format == Q8_0)
-        FOR_BLOCK_WEIGHTS(Q8_0, weights_tile, in, vectors, part, accumulate(sums, x, in, i, weights, rows, vectors))
+        FOR_BLOCK_WEIGHTS(Q8_0, weights_tile, next, in, vectors, part, accumulate(sums, x, in, i, weights, rows, vectors))
 #endif
     valid -= first;
     if (valid > width) valid = width;
@@ -282,11 +283,11 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
 #define ROWS_CASE(n, format) \
     case n: \
         if (whole) { \
-            if (n <= WHOLE_ROWS) tile(x, in, w, format, bias, residual, valid, out, outs, n, VECTORS, 0); \
+            if (n <= WHOLE_ROWS) tile(x, in, w, next, format, bias, residual, valid, out, outs, n, VECTORS, 0); \
         } else if (n <= MAX_ROWS && part == 0) { \
-            tile(x, in, w, format, bias, residual, valid, out, outs, n, PART_VECTORS, 0); \
+            tile(x, in, w, next, format, bias, residual, valid, out, outs, n, PART_VECTORS, 0); \
         } else if (n <= MAX_ROWS && PARTS > 1) { \
-            tile(x, in, w, format, bias, residual, valid, out, outs, n, PART_VECTORS, PARTS - 1); \
+            tile(x, in, w, next, format, bias, residual, valid, out, outs, n, PART_VECTORS, PARTS - 1); \
         } \
         break;
 #define ROWS_CASES(format) \
@@ -298,8 +299,8 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
 
 /* (whole: a pass over the whole tile, of at most WHOLE_ROWS rows; else over part `part`, of at
    most MAX_ROWS) */
-static void tile_rows(const float *x, int in, const void *w, int format, const float *bias, const float *residual,
-                      int valid, float *out, int outs, int rows, int whole, int part) {
+static void tile_rows(const float *x, int in, const void *w, const void *next, int format, const float *bias,
+                      const float *residual, int valid, float *out, int outs, int rows, int whole, int part) {
     switch (format) {
     case FLOAT32: ROWS_CASES(FLOAT32) break;
     case HALF: ROWS_CASES(HALF) break;
@@ -329,12 +330,14 @@ static void run_tiles(const float *x, int rows, int in, const void *packed, int 
         for (int t = from; t < to; t++) {
             const int first = t * TILE, valid = outs - first < TILE ? outs - first : TILE;
             const void *tile = (const char *)packed + t * bytes;
+            const void *next = t + 1 < to ? (const char *)tile + bytes : 0;
             int tile_format = format;
 #if HALF_WEIGHTS
             if (scratch && block_end - block > WIDEN_ONCE_ABOVE) {
-                dequantize_tile(tile, in, format, scratch);
+                dequantize_tile(tile, next, in, format, scratch);
                 tile = scratch;
                 tile_format = FLOAT32;
+                next = 0;
             }
 #endif
             /* a few rows: passes over the whole tile (more independent sums a row); more: passes
@@ -347,9 +350,9 @@ static void run_tiles(const float *x, int rows, int in, const void *packed, int 
             for (int part = 0; part < parts && part * PART < valid; part++)
                 for (int p = 0, r = block; p < passes; p++) {
                     const int size = rows / passes + (p < rows % passes);
-                    tile_rows(x + (long)r * in, in, tile, tile_format, bias ? bias + first : 0,
-                              residual ? residual + (long)r * outs + first : 0, valid, out + (long)r * outs + first,
-                              outs, size, whole, part);
+                    tile_rows(x + (long)r * in, in, tile, part == 0 && p == 0 ? next : 0, tile_format,
+                              bias ? bias + first : 0, residual ? residual + (long)r * outs + first : 0, valid,
+                              out + (long)r * outs + first, outs, size, whole, part);
                     r += size;
                 }
         }
