@@ -205,8 +205,8 @@ class EagleDrafter(nn.Module):
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self.steps: CpuLayer | None = None  # drafting on a CPU: the runner's C rotary (with_small_steps)
         # Drafting only (with_matmul_dtype): q|k|v and gate|up each one product on their weights
-        # stacked, whose outputs are the separate products' (each output its own sum); and on a
-        # CPU the layer's second half as one C call (with_small_steps).
+        # stacked, whose outputs are the separate products' (each output its own sum), in place of
+        # the separate layers; and on a CPU the layer's second half as one C call (with_small_steps).
         self.qkv_proj: CastLinear | None = None
         self.gate_up_proj: CastLinear | None = None
         self.layer_in_c: FusedLayer | None = None
@@ -276,15 +276,15 @@ class EagleDrafter(nn.Module):
         the same weights (CastLinear). Given the C product (specdec.cpu_kernels), the calls of
         few rows run there. q, k and v are then one product, and gate and up another (their
         weights stacked: a block format rounds each output's weights on their own, so the same
-        numbers): three calls fewer a draft step."""
+        numbers): three calls fewer a draft step. The separate layers go (their weights are the
+        stacked ones'): a drafting head is not trained or saved."""
         if dtype != torch.float32 or products is not None:
-            stacked = {"qkv_proj": _stacked(self.q_proj, self.k_proj, self.v_proj),
-                       "gate_up_proj": _stacked(self.gate_proj, self.up_proj)}
+            self.qkv_proj = _stacked(self.q_proj, self.k_proj, self.v_proj)
+            self.gate_up_proj = _stacked(self.gate_proj, self.up_proj)
+            del self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.up_proj
             for name, child in list(self.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(self, name, CastLinear(child, dtype, products))
-            for name, linear in stacked.items():
-                setattr(self, name, CastLinear(linear, dtype, products))
         return self
 
     def with_small_steps(self, steps: CpuLayer | None) -> "EagleDrafter":

@@ -344,15 +344,17 @@ def test_block_weights_draft_on_their_rounded_numbers_in_c_and_are_refused_witho
     rounded = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype=kind)
     reference = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float32",
                                     cpu_kernels="torch")
-    layers = [name for name, child in reference.head.named_children() if isinstance(child, torch.nn.Linear)]
-    assert len(layers) >= 8
+    stacks = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    layers = [name for name, child in rounded.head.named_children() if isinstance(child, CastLinear)]
+    assert len(layers) == 6 and not any(isinstance(child, torch.nn.Linear) for child in rounded.head.children())
     for name in layers:
-        layer, plain = getattr(rounded.head, name), getattr(reference.head, name)
-        assert isinstance(layer, CastLinear) and layer.packed.blocks == kind
-        expected = ggml_blocks.quantized(plain.weight, kind).dequantized()
-        assert torch.equal(layer.weight, expected)
+        layer, plain = getattr(rounded.head, name), [getattr(reference.head, part) for part in stacks.get(name, (name,))]
+        assert layer.packed.blocks == kind
+        expected = [ggml_blocks.quantized(linear.weight, kind).dequantized() for linear in plain]
+        assert torch.equal(layer.weight, torch.cat(expected))  # (a stack's blocks are its parts')
         with torch.no_grad():
-            plain.weight.copy_(expected)  # the reference now computes on the rounded numbers
+            for linear, rounded_weight in zip(plain, expected):
+                linear.weight.copy_(rounded_weight)  # the reference now computes on the rounded numbers
     h = torch.randn(5, rounded.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(rounded.head.logits(h), reference.head.logits(h), rtol=1e-4, atol=1e-4)
@@ -604,35 +606,37 @@ def test_the_heads_norms_and_rotary_in_c_compute_what_torchs_do(feature_drafter)
 
 def test_drafting_stacks_qkv_and_gate_up_and_runs_the_layers_second_half_in_one_c_call(feature_drafter):
     """Drafting on a CPU: q|k|v and gate|up each one product on their stacked (rounded) weights,
-    which gives the separate products' numbers bit for bit, and the layer after its attention one
-    C call (FusedLayer.mix) computing what torch's steps on the same products compute, for calls of
-    few rows and of C_WIDE_ROWS (torch's products); a head without the C steps has no such call."""
+    in place of the separate layers, which gives the separate products' numbers bit for bit, and the
+    layer after its attention one C call (FusedLayer.mix) computing what torch's steps on the same
+    products compute, for calls of few rows and of C_WIDE_ROWS (torch's products); a head without
+    the C steps has no such call."""
     from specdec import cpu_kernels
-    from specdec.eagle import C_WIDE_ROWS
+    from specdec.eagle import C_WIDE_ROWS, CastLinear
 
     kernels = cpu_kernels.load()
     if kernels is None or not kernels.linear.half:
         pytest.skip("the C product does not read blocks on this CPU (neither AVX-512 nor F16C)")
+    trained = EagleDrafter.load(feature_drafter)
     head = EagleDrafter.load(feature_drafter).with_matmul_dtype("q8_0", kernels.linear).with_small_steps(kernels.layer)
-    assert torch.equal(head.qkv_proj.weight, torch.cat([head.q_proj.weight, head.k_proj.weight, head.v_proj.weight]))
-    assert torch.equal(head.gate_up_proj.weight, torch.cat([head.gate_proj.weight, head.up_proj.weight]))
+    assert not any(hasattr(head, name) for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
     assert head.layer_in_c is not None and head.qkv_proj.packed.blocks == "q8_0"
     c = head.config
     generator = torch.Generator().manual_seed(3)
     embeddings, previous = torch.randn(5, c.hidden_size, generator=generator), torch.randn(5, c.hidden_size,
                                                                                            generator=generator)
     attended = torch.randn(c.num_attention_heads, 5, c.head_dim, generator=generator)
-    positions = torch.tensor([3, 4, 9, 40, 41])
     wide = torch.randn(C_WIDE_ROWS, c.hidden_size, generator=generator)
     wide_attended = torch.randn(c.num_attention_heads, C_WIDE_ROWS, c.head_dim, generator=generator)
     with torch.inference_mode():
-        stacked, mixed = head.qkv(embeddings, previous, positions), head.finish(previous, attended)
-        wide_mixed = head.finish(wide, wide_attended)
+        layer_input = torch.cat([embeddings, previous], dim=-1)  # (what q, k and v read: 2 x hidden wide)
+        for inputs, stacked, separate in ((layer_input, head.qkv_proj, (trained.q_proj, trained.k_proj, trained.v_proj)),
+                                          (previous, head.gate_up_proj, (trained.gate_proj, trained.up_proj))):
+            alone = [CastLinear(linear, "q8_0", kernels.linear)(inputs) for linear in separate]
+            assert torch.equal(stacked(inputs), torch.cat(alone, dim=-1))
+        mixed, wide_mixed = head.finish(previous, attended), head.finish(wide, wide_attended)
         with pytest.raises(ValueError, match="projection takes"):
             head.layer_in_c.project(previous, torch.ones(5, c.head_dim), torch.zeros(5, c.head_dim))
-        head.qkv_proj, head.gate_up_proj, head.layer_in_c = None, None, None  # the same head, one step at a time
-        for ours, separate in zip(stacked, head.qkv(embeddings, previous, positions)):
-            assert torch.equal(ours, separate)
+        head.layer_in_c = None  # the same products, torch's steps between them
         torch.testing.assert_close(mixed, head.finish(previous, attended), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(wide_mixed, head.finish(wide, wide_attended), rtol=1e-5, atol=1e-5)
     assert EagleDrafter.load(feature_drafter).with_matmul_dtype("q8_0", kernels.linear).with_small_steps(None).layer_in_c is None
