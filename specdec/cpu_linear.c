@@ -123,6 +123,18 @@ static inline __attribute__((always_inline)) void accumulate(vf sums[MAX_ROWS][V
     }
 }
 
+/* `bytes` at `at` in the tile `next` on their way into the core's L2 cache (prefetch locality 2):
+   the same block, or input, as the one being read of this tile, in the next tile this thread
+   computes (`next` NULL where there is none: the range's last tile, a scratch tile's passes, a
+   tile's later passes). Outside the half kernel's #if: every format prefetches. Spread over the current tile's arithmetic this keeps the memory busy while the core
+   computes: where the weights do not fit the cache (a 2-core slice of a big Xeon, bench/RESULTS.md)
+   a step's products ran at half the speed with a prefetch a few blocks ahead in the same tile
+   only, and with a burst of the whole next tile at a tile's start at two thirds. */
+static inline __attribute__((always_inline)) void next_tile_prefetch(const void *next, long at, int bytes) {
+    if (!next) return;
+    for (int line = 0; line < bytes; line += 64) __builtin_prefetch((const char *)next + at + line, 0, 2);
+}
+
 #if HALF_WEIGHTS
 typedef int vi __attribute__((vector_size(LANES * 4)));
 
@@ -174,18 +186,6 @@ static inline __attribute__((always_inline)) void q8_0_weights(const unsigned ch
 #pragma GCC unroll 4
     for (int c = 0; c < vectors; c++)
         weights[c] = scale[c] * __builtin_convertvector(widen(codes + part * vectors * LANES + LANES * c, 1), vf);
-}
-
-/* The `bytes` at `p` on their way into the core's L2 cache (prefetch locality 2): the same block,
-   or input, of the next tile this thread computes as the one being read of this tile (`next`,
-   NULL where there is none: the range's last tile, a scratch tile's passes, a tile's later
-   passes). Spread over the current tile's arithmetic this keeps the memory busy while the core
-   computes: where the weights do not fit the cache (a 2-core slice of a big Xeon, bench/RESULTS.md)
-   a step's products ran at half the speed with a prefetch a few blocks ahead in the same tile
-   only, and with a burst of the whole next tile at a tile's start at two thirds. */
-static inline __attribute__((always_inline)) void next_tile_prefetch(const void *next, long at, int bytes) {
-    if (!next) return;
-    for (int line = 0; line < bytes; line += 64) __builtin_prefetch((const char *)next + at + line, 0, 2);
 }
 
 /* The weights of part `part` of one tile in blocks (`format` Q4_1 or Q8_0; parts of `vectors`
