@@ -11,12 +11,13 @@
    the tile below, and one library computes every row.)
 
    Speed: at a step's few rows a product reads its weights once and does little arithmetic on
-   them, so it runs at the speed memory streams the weights. The weights are packed once (by
+   each, so it runs at the speed memory streams the weights (or, where memory keeps up, at the
+   speed the core widens the blocks below, a few vector operations a vector of weights). The weights are packed once (by
    specdec/cpu_kernels.py) into tiles of TILE outputs, each tile [in][TILE] contiguous, read in
-   order while the next tile is prefetched (next_tile_prefetch), and each tile's weights serve a pass of rows whose sums stay in
-   registers (12 rows on AVX-512; on AVX2 3 over the whole tile, or 6 over half of it at a time);
-   more rows re-read the tile from the core's cache. The tiles are split among torch's OpenMP
-   threads.
+   order while the next tile is prefetched (next_tile_prefetch), and each tile's weights serve a
+   pass of rows whose sums stay in registers (12 rows on AVX-512; on AVX2 3 over the whole tile,
+   or 6 over half of it at a time); more rows re-read the tile from the core's cache. The tiles
+   are split among torch's OpenMP threads.
 
    Layouts (float32, contiguous): x [rows, in]; packed [tiles, in, TILE] (outputs past `outs` in
    the last tile are zero); bias [outs] or NULL; residual and out [rows, outs] (residual may be
@@ -126,10 +127,11 @@ static inline __attribute__((always_inline)) void accumulate(vf sums[MAX_ROWS][V
 /* `bytes` at `at` in the tile `next` on their way into the core's L2 cache (prefetch locality 2):
    the same block, or input, as the one being read of this tile, in the next tile this thread
    computes (`next` NULL where there is none: the range's last tile, a scratch tile's passes, a
-   tile's later passes). Outside the half kernel's #if: every format prefetches. Spread over the current tile's arithmetic this keeps the memory busy while the core
-   computes: where the weights do not fit the cache (a 2-core slice of a big Xeon, bench/RESULTS.md)
-   a step's products ran at half the speed with a prefetch a few blocks ahead in the same tile
-   only, and with a burst of the whole next tile at a tile's start at two thirds. */
+   tile's later passes). Spread over the current tile's arithmetic this keeps the memory busy
+   while the core computes: where the weights do not fit the cache (a 2-core slice of a big Xeon,
+   bench/RESULTS.md) a step's products ran at half the speed with a prefetch a few blocks ahead in
+   the same tile only, and with a burst of the whole next tile at a tile's start at two thirds.
+   (Outside the half kernel's #if: every format prefetches.) */
 static inline __attribute__((always_inline)) void next_tile_prefetch(const void *next, long at, int bytes) {
     if (!next) return;
     for (int line = 0; line < bytes; line += 64) __builtin_prefetch((const char *)next + at + line, 0, 2);
@@ -232,9 +234,9 @@ static void dequantize_tile(const void *tile, const void *next, int in, int form
    `rows`, `format`, `vectors` and `part` are constants wherever this is inlined (tile_rows), so
    the sums stay in registers. */
 static inline __attribute__((always_inline)) void tile(const float *x, int in, const void *weights_tile,
-                                                       const void *next, int format, const float *bias, const float *residual,
-                                                       int valid, float *out, int outs, int rows, int vectors,
-                                                       int part) {
+                                                       const void *next, int format, const float *bias,
+                                                       const float *residual, int valid, float *out, int outs,
+                                                       int rows, int vectors, int part) {
     const int first = part * vectors * LANES, width = vectors * LANES; /* the part's outputs in the tile */
     const float *w = (const float *)weights_tile + first;
     const unsigned short *w_half = (const unsigned short *)weights_tile + first;
@@ -262,9 +264,11 @@ static inline __attribute__((always_inline)) void tile(const float *x, int in, c
     }
 #if HALF_WEIGHTS
     else if (format == Q4_1)
-        FOR_BLOCK_WEIGHTS(Q4_1, weights_tile, next, in, vectors, part, accumulate(sums, x, in, i, weights, rows, vectors))
+        FOR_BLOCK_WEIGHTS(Q4_1, weights_tile, next, in, vectors, part,
+                          accumulate(sums, x, in, i, weights, rows, vectors))
     else if (format == Q8_0)
-        FOR_BLOCK_WEIGHTS(Q8_0, weights_tile, next, in, vectors, part, accumulate(sums, x, in, i, weights, rows, vectors))
+        FOR_BLOCK_WEIGHTS(Q8_0, weights_tile, next, in, vectors, part,
+                          accumulate(sums, x, in, i, weights, rows, vectors))
 #endif
     valid -= first;
     if (valid > width) valid = width;
