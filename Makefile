@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http bench-tree bench-tree-shapes bench-fixed bench-take-in bench-feature-ablation soak
+.PHONY: setup redis-server demo test protos up clean bench bench-snapshot bench-hostile bench-step bench-gap bench-http bench-tree bench-tree-shapes bench-fixed bench-kernels bench-take-in bench-feature-ablation soak
 
 setup: $(STAMP) redis-server
 
@@ -75,6 +75,10 @@ bench-tree-shapes: setup
 # One fixed workload through a fresh pipeline (12 prompts, k = 5, greedy): A/B runs of a setting or commit.
 bench-fixed: setup
 	$(PY) -m bench.fixed_workload --count 12 --k 5
+
+# The C kernels of two checkouts in turns in one process (products, attention): A/B runs of a kernel change.
+bench-kernels: setup
+	$(PY) -m bench.kernels_ab --trees before=HEAD~1 after=.
 
 # Fused target features against one layer alone: the shipped drafter refitted and fine-tuned to read each (about an hour).
 bench-feature-ablation: setup

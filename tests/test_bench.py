@@ -181,3 +181,32 @@ def test_greedy_answers_are_the_targets_own_and_kept_for_the_next_run(tiny_targe
     assert greedy_answers("tiny", None, tokenizer, 1, 6, cache, prompt_file) == made
     with pytest.raises(AttributeError):
         greedy_answers("tiny", None, tokenizer, 1, 7, cache, prompt_file)
+
+
+def test_kernels_ab_builds_each_tree_and_refuses_trees_that_compute_other_bits(tmp_path):
+    """bench.kernels_ab: a git revision's kernel sources come out of git, a directory's kernels
+    build and time in turns; a tree whose attention divides by its sum another way (other bits) is
+    refused."""
+    import shutil
+
+    from bench import kernels_ab
+    from specdec.cpu_kernels import CpuAttention
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    changed = tmp_path / "changed" / "specdec"
+    changed.mkdir(parents=True)
+    for path in kernels_ab.cpu_kernels.SOURCES + kernels_ab.cpu_kernels.HEADERS:
+        shutil.copy(path, changed / path.name)
+    attention = changed / "cpu_attention.c"
+    source = attention.read_text()
+    assert "/ *total" in source
+    attention.write_text(source.replace("/ *total", "* (1.0f / *total)"))
+    revision = kernels_ab.sources("HEAD", tmp_path)  # (a revision's sources written out of git)
+    assert revision.parent.parent == tmp_path and "specdec_attend" in (revision / "cpu_attention.c").read_text()
+    trees = {"here": kernels_ab.sources(".", tmp_path), "changed": kernels_ab.sources(str(changed.parent), tmp_path)}
+    kernels = {name: CpuAttention(kernels_ab.build(folder, tmp_path / f"{name}.so")) for name, folder in trees.items()}
+    timed = kernels_ab.attention({"here": kernels["here"], "here again": kernels["here"]}, context=40, reps=2)
+    assert set(timed) == {"here_ms", "here again_ms"} and all(ms > 0 for ms in timed.values())
+    with pytest.raises(SystemExit, match="changed"):
+        kernels_ab.attention(kernels, context=40, reps=2)
