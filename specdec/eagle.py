@@ -169,6 +169,10 @@ class CastLinear(nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight).to(self.out_dtype)
 
 
+# The drafting head's stacked products (with_matmul_dtype): each the named layers' outputs, in order.
+STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def _stacked(*linears: nn.Linear) -> nn.Linear:
     """One bias-free linear layer whose outputs are those of `linears`, in order."""
     weight = torch.cat([linear.weight.detach() for linear in linears])
@@ -279,9 +283,10 @@ class EagleDrafter(nn.Module):
         numbers): three calls fewer a draft step. The separate layers go (their weights are the
         stacked ones'): a drafting head is not trained or saved."""
         if dtype != torch.float32 or products is not None:
-            self.qkv_proj = _stacked(self.q_proj, self.k_proj, self.v_proj)
-            self.gate_up_proj = _stacked(self.gate_proj, self.up_proj)
-            del self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.up_proj
+            for name, parts in STACKED.items():
+                setattr(self, name, _stacked(*(getattr(self, part) for part in parts)))
+                for part in parts:
+                    delattr(self, part)
             for name, child in list(self.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(self, name, CastLinear(child, dtype, products))

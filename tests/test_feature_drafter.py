@@ -336,7 +336,7 @@ def test_block_weights_draft_on_their_rounded_numbers_in_c_and_are_refused_witho
     numbers compute; without the C product (--cpu-kernels torch) the setting is refused."""
     from draft_service.feature_drafter import FeatureDrafter
     from specdec import cpu_kernels, ggml_blocks
-    from specdec.eagle import CastLinear
+    from specdec.eagle import STACKED, CastLinear
 
     kernels = cpu_kernels.load()
     if kernels is None or not kernels.linear.half:
@@ -344,11 +344,10 @@ def test_block_weights_draft_on_their_rounded_numbers_in_c_and_are_refused_witho
     rounded = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype=kind)
     reference = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), matmul_dtype="float32",
                                     cpu_kernels="torch")
-    stacks = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     layers = [name for name, child in rounded.head.named_children() if isinstance(child, CastLinear)]
     assert len(layers) == 6 and not any(isinstance(child, torch.nn.Linear) for child in rounded.head.children())
     for name in layers:
-        layer, plain = getattr(rounded.head, name), [getattr(reference.head, part) for part in stacks.get(name, (name,))]
+        layer, plain = getattr(rounded.head, name), [getattr(reference.head, part) for part in STACKED.get(name, (name,))]
         assert layer.packed.blocks == kind
         expected = [ggml_blocks.quantized(linear.weight, kind).dequantized() for linear in plain]
         assert torch.equal(layer.weight, torch.cat(expected))  # (a stack's blocks are its parts')
@@ -611,14 +610,14 @@ def test_drafting_stacks_qkv_and_gate_up_and_runs_the_layers_second_half_in_one_
     products compute, for calls of few rows and of C_WIDE_ROWS (torch's products); a head without
     the C steps has no such call."""
     from specdec import cpu_kernels
-    from specdec.eagle import C_WIDE_ROWS, CastLinear
+    from specdec.eagle import C_WIDE_ROWS, STACKED, CastLinear
 
     kernels = cpu_kernels.load()
     if kernels is None or not kernels.linear.half:
         pytest.skip("the C product does not read blocks on this CPU (neither AVX-512 nor F16C)")
     trained = EagleDrafter.load(feature_drafter)
     head = EagleDrafter.load(feature_drafter).with_matmul_dtype("q8_0", kernels.linear).with_small_steps(kernels.layer)
-    assert not any(hasattr(head, name) for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    assert not any(hasattr(head, part) for parts in STACKED.values() for part in parts)
     assert head.layer_in_c is not None and head.qkv_proj.packed.blocks == "q8_0"
     c = head.config
     generator = torch.Generator().manual_seed(3)
@@ -629,10 +628,9 @@ def test_drafting_stacks_qkv_and_gate_up_and_runs_the_layers_second_half_in_one_
     wide_attended = torch.randn(c.num_attention_heads, C_WIDE_ROWS, c.head_dim, generator=generator)
     with torch.inference_mode():
         layer_input = torch.cat([embeddings, previous], dim=-1)  # (what q, k and v read: 2 x hidden wide)
-        for inputs, stacked, separate in ((layer_input, head.qkv_proj, (trained.q_proj, trained.k_proj, trained.v_proj)),
-                                          (previous, head.gate_up_proj, (trained.gate_proj, trained.up_proj))):
-            alone = [CastLinear(linear, "q8_0", kernels.linear)(inputs) for linear in separate]
-            assert torch.equal(stacked(inputs), torch.cat(alone, dim=-1))
+        for name, inputs in (("qkv_proj", layer_input), ("gate_up_proj", previous)):
+            alone = [CastLinear(getattr(trained, part), "q8_0", kernels.linear)(inputs) for part in STACKED[name]]
+            assert torch.equal(getattr(head, name)(inputs), torch.cat(alone, dim=-1))
         mixed, wide_mixed = head.finish(previous, attended), head.finish(wide, wide_attended)
         with pytest.raises(ValueError, match="projection takes"):
             head.layer_in_c.project(previous, torch.ones(5, c.head_dim), torch.zeros(5, c.head_dim))
