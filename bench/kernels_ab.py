@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -56,22 +55,16 @@ def sources(tree: str, scratch: Path) -> Path:
 
 
 def build(folder: Path, library: Path) -> ctypes.CDLL:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    files = [str(folder / path.name) for path in cpu_kernels.SOURCES]
-    subprocess.run([compiler, *cpu_kernels.FLAGS, *cpu_kernels.OPENMP, *files, "-o", str(library), "-lm"],
-                   check=True, capture_output=True, text=True)
+    """The kernels of the sources in `folder`, built as the runner builds its own, loaded."""
+    cpu_kernels.build(cpu_kernels.c_compiler(), cpu_kernels.FLAGS + cpu_kernels.OPENMP, library,
+                      tuple(folder / path.name for path in cpu_kernels.SOURCES))
     return ctypes.CDLL(str(library))
 
 
 def _blocks(format: str, outs: int, inputs: int, generator: torch.Generator) -> PackedWeight:
-    groups = inputs // ggml_blocks.BLOCK
-    scale = (torch.rand(outs, groups, generator=generator) * 0.01 + 0.001).half()
-    if format == ggml_blocks.Q4_1:
-        offset = (torch.randn(outs, groups, generator=generator) * 0.01).half()
-        codes = torch.randint(0, 16, (outs, inputs), generator=generator, dtype=torch.uint8)
-        return PackedWeight.of_blocks(ggml_blocks.Blocks(format, scale, offset, codes))
-    codes = torch.randint(-127, 128, (outs, inputs), generator=generator, dtype=torch.int8)
-    return PackedWeight.of_blocks(ggml_blocks.Blocks(format, scale, None, codes))
+    """Random weights [outs, inputs] rounded into `format`'s blocks, packed."""
+    weight = torch.randn(outs, inputs, generator=generator) * 0.02
+    return PackedWeight.of_blocks(ggml_blocks.quantized(weight, format))
 
 
 def products(linears: dict[str, CpuLinear], rows: int, reps: int) -> dict:

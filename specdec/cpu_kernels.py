@@ -469,9 +469,14 @@ def attention_applies(dtype: torch.dtype, device: torch.device, heads: int, kv_h
     return applies(dtype, device) and head_dim % 8 == 0 and heads % kv_heads == 0
 
 
+def c_compiler() -> str | None:
+    """The C compiler the kernels are built with: $CC, else cc, else gcc; None without one."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def load() -> CpuKernels | None:
     """The kernels, built if this machine has no copy yet; None without a working C compiler."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if not compiler:
         log.warning("no C compiler (cc, gcc or $CC): the runner keeps torch's attention and oneDNN's products")
         return None
@@ -510,11 +515,11 @@ def _library(compiler: str) -> Path:
         if library.exists():
             return library
     try:
-        _build(compiler, FLAGS + OPENMP, with_openmp)
+        build(compiler, FLAGS + OPENMP, with_openmp)
         return with_openmp
     except subprocess.CalledProcessError:
         log.warning("%s cannot build with OpenMP: the CPU kernels run on one thread", compiler)
-    _build(compiler, FLAGS, alone)
+    build(compiler, FLAGS, alone)
     return alone
 
 
@@ -543,14 +548,15 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(compiler: str, flags: tuple[str, ...], library: Path) -> None:
-    """Compiles into a temporary file renamed into place, so that processes building at once
-    (services starting together) never load a half-written library."""
+def build(compiler: str, flags: tuple[str, ...], library: Path, sources: tuple[Path, ...] = SOURCES) -> None:
+    """Compiles `sources` (the kernels', or another checkout's: bench.kernels_ab) into `library`,
+    through a temporary file renamed into place, so that processes building at once (services
+    starting together) never load a half-written library."""
     library.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
     os.close(handle)
     try:
-        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", partial, "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *flags, *map(str, sources), "-o", partial, "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(partial, library)
     finally:

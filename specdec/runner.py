@@ -645,7 +645,7 @@ class ModelRunner:
         outputs.update({index + 1: tap for index, tap in taps.items()})
         if last in wanted_layers:  # (the call's own output: no copy of it)
             outputs[last] = x
-        self._after_layer(len(self.layers) - 1, spans)
+        self._after_layer(last - 1, spans)
         return x
 
     def _positions(self, job: ForwardJob, start: int, end: int) -> torch.Tensor:

@@ -7,7 +7,6 @@ activation) compute what torch's do; and all step aside without a C compiler."""
 from __future__ import annotations
 
 import platform
-import shutil
 
 import pytest
 import torch
@@ -551,7 +550,7 @@ def test_a_pass_through_every_layer_in_one_call_gives_the_bits_of_a_call_per_lay
             layers.forward(x, cos, cos, spans, 0.25, taps)
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or not (shutil.which("cc") or shutil.which("gcc")),
+@pytest.mark.skipif(platform.machine() != "x86_64" or not cpu_kernels.c_compiler(),
                     reason="builds for a baseline x86-64 CPU")
 def test_the_kernels_build_and_compute_for_a_cpu_without_vector_extensions(tmp_path):
     """Built for a baseline x86-64 CPU (no AVX-512, AVX2 or F16C: GCC's generic vectors), as on a
@@ -559,13 +558,10 @@ def test_the_kernels_build_and_compute_for_a_cpu_without_vector_extensions(tmp_p
     under the half kernel's #if once left one undefined, and the runner silently fell back to
     torch), computes no half or block kernel, and its float32 product is x @ w.T."""
     import ctypes
-    import subprocess
 
     library = tmp_path / "baseline.so"
-    flags = [flag for flag in cpu_kernels.FLAGS if not flag.startswith("-march")] + ["-march=x86-64"]
-    subprocess.run([shutil.which("cc") or shutil.which("gcc"), *flags, *cpu_kernels.OPENMP,
-                    *map(str, cpu_kernels.SOURCES), "-o", str(library), "-lm"],
-                   check=True, capture_output=True, text=True, timeout=120)
+    flags = tuple(flag for flag in cpu_kernels.FLAGS if not flag.startswith("-march")) + ("-march=x86-64",)
+    cpu_kernels.build(cpu_kernels.c_compiler(), flags + cpu_kernels.OPENMP, library)
     linear = cpu_kernels.CpuLinear(ctypes.CDLL(str(library)))  # (ctypes binds every symbol at load)
     assert not linear.half and linear.lanes == 8
     generator = torch.Generator().manual_seed(5)
