@@ -32,7 +32,7 @@ import torch
 
 from bench.harness import greedy_answers
 from draft_service.drafters import ProposeJob
-from draft_service.feature_drafter import FeatureDrafter
+from draft_service.feature_drafter import MAX_CATCH_UP, FeatureDrafter
 from specdec import models
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ModelRunner
@@ -149,6 +149,9 @@ def main() -> None:
                         help="evaluate every shape with the drafter's matrix products in each of these dtypes "
                              "(the draft service's --matmul-dtype; auto, q8_0 on a CPU with the C product, is "
                              "its default)")
+    parser.add_argument("--max-catch-ups", default=str(MAX_CATCH_UP),
+                        help="evaluate every shape with the drafter's --max-catch-up at each of these (0: all; "
+                             "default: the draft service's)")
     parser.add_argument("--shapes", default="chain+ngram0,chain+ngram2,1x4x7+ngram0,1x4x7+ngram1,1x4x7+ngram2,"
                                                 "1x4x7+ngram3,4x4x7+ngram0,4x4x7+ngram2,1x4x10+ngram2")
     args = parser.parse_args()
@@ -167,8 +170,12 @@ def main() -> None:
         answers.append((made.category, full, len(made.prompt), features))
     vocabulary = set(next(iter(drafters.values())).d2t_list)
     coverage = draft_vocabulary_coverage(answers, vocabulary)
-    results = [{"matmul_dtype": dtype, **evaluate(drafter, answers, args.k, shape)}
-               for shape in args.shapes.split(",") for dtype, drafter in drafters.items()]
+    results = []
+    for shape in args.shapes.split(","):
+        for dtype, drafter in drafters.items():
+            for limit in (int(x) for x in args.max_catch_ups.split(",")):
+                drafter.max_catch_up = limit
+                results.append({"matmul_dtype": dtype, "max_catch_up": limit, **evaluate(drafter, answers, args.k, shape)})
     print(json.dumps({"k": args.k, "prompts": len(answers), "draft_vocabulary_coverage": coverage, "shapes": results},
                      indent=1))
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from draft_service.feature_drafter import MAX_CATCH_UP
 from specdec.config import batch_invariant_option, compile_option, cpu_kernels_option, gguf_blocks_option, option
 from specdec.eagle import DRAFT_MATMUL_DTYPE, MATMUL_DTYPES
 from specdec.ngram import HYBRID_MIN_NGRAM
@@ -17,6 +18,10 @@ class DraftConfig:
     tree_expand: int = option(0, "feature drafter, trees of drafts: nodes expanded per depth (0 = auto: 1 on CPU, where "
                               "a 4-row step of the head costs 1.5x a 1-row one, 4 on CUDA, where rows are nearly free)")
     tree_children: int = option(4, "feature drafter, trees of drafts: children drafted per expanded node")
+    max_catch_up: int = option(MAX_CATCH_UP, "feature drafter: the most committed positions the head takes in at "
+                               "once; a session further behind (a long prompt, a new replica) starts the head's "
+                               "cache that many positions back and attends to nothing before them (0 = all). "
+                               "Drafts only steer, so no output changes")
     matmul_dtype: str = option(DRAFT_MATMUL_DTYPE, "feature drafter: dtype of the head's matrix products (weights "
                                "held in it; norms, attention and the residual stay float32): "
                                f"{', '.join(MATMUL_DTYPES)} (q8_0, q4_1: the weights rounded into GGML's blocks, "

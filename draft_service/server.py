@@ -35,15 +35,16 @@ def build_servicer(config: DraftConfig, metrics: ServiceMetrics) -> DraftService
         )
         drafter, snapshots = NgramDrafter(config.ngram_max, config.ngram_min), None  # no KV cache to snapshot
     elif is_drafter_folder(config.model):
-        if config.tree_expand < 0 or config.tree_children < 1:
-            raise StartupError("--tree-expand must be >= 0 (0 = auto) and --tree-children >= 1")
+        if config.tree_expand < 0 or config.tree_children < 1 or config.max_catch_up < 0:
+            raise StartupError("--tree-expand must be >= 0 (0 = auto), --tree-children >= 1 and "
+                               "--max-catch-up >= 0 (0 = all)")
         if config.matmul_dtype not in MATMUL_DTYPES:
             raise StartupError(f"--matmul-dtype must be one of {', '.join(MATMUL_DTYPES)}, not {config.matmul_dtype!r}")
         try:
             drafter = worker.call(lambda: FeatureDrafter.load(config.model, config.feature_target, config.device,
                                                               config.hybrid_ngram, config.tree_expand,
                                                               config.tree_children, config.matmul_dtype,
-                                                              config.cpu_kernels))
+                                                              config.cpu_kernels, config.max_catch_up))
         except ValueError as error:  # a setting the drafter refuses (--cpu-kernels, its config's)
             raise StartupError(f"{config.model}: {error}") from None
         target = config.feature_target or drafter.config.target

@@ -57,6 +57,13 @@ FLAGS = ("-O2", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
 OPENMP = ("-fopenmp",)
 
 
+def _heads_apart(cache: torch.Tensor, dim: int) -> bool:
+    """A cache [heads, positions, dim] whose heads lie a whole number of positions apart, each
+    head's positions contiguous."""
+    return cache.dim() == 3 and cache.shape[2] == dim and cache.stride(2) == 1 and cache.stride(1) == dim \
+        and cache.stride(0) % dim == 0 and cache.stride(0) >= cache.shape[1] * dim
+
+
 class CpuAttention:
     """specdec_attend, loaded: attention of query rows over one layer's cache, each row over its
     own key slots (KeyLists)."""
@@ -75,14 +82,16 @@ class CpuAttention:
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lists: "KeyLists",
                scale: float) -> torch.Tensor:
-        """q [rows, heads, dim] over keys and values [kv_heads, capacity, dim] (float32, CPU):
-        [rows, heads, dim]."""
-        if not (keys.is_contiguous() and values.is_contiguous()):
-            raise ValueError("the CPU attention kernel reads contiguous keys and values")
+        """q [rows, heads, dim] over keys and values [kv_heads, positions, dim] (float32, CPU; each
+        head's positions contiguous, the heads possibly further apart, as in a view of a cache from
+        a later position on): [rows, heads, dim]."""
+        dim = q.shape[-1]
+        if not (_heads_apart(keys, dim) and keys.stride() == values.stride()):
+            raise ValueError("the CPU attention kernel reads each head's keys and values contiguous")
         q = q.contiguous()
-        rows, heads, dim = q.shape
+        rows, heads, _ = q.shape
         out = torch.empty_like(q)
-        status = self._attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1],
+        status = self._attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0) // dim,
                               lists.prefix.data_ptr(), lists.extra.data_ptr(), lists.n_extra.data_ptr(),
                               lists.extra.shape[1], rows, heads, keys.shape[0], dim, scale, out.data_ptr(),
                               self.threads or torch.get_num_threads())

@@ -41,11 +41,13 @@ class KVShape:
 
 
 class SessionKV:
-    """Keys and values of positions [0, length) of one session, in a buffer of `capacity`
-    positions: data[layer, 0 = keys | 1 = values, head, position, dim]."""
+    """Keys and values of positions [start, length) of one session, in a buffer of `capacity`
+    positions: data[layer, 0 = keys | 1 = values, head, position, dim]. start is 0 but for a
+    feature drafter that took in only the last stretch of a long context (restart)."""
 
     def __init__(self, shape: KVShape, capacity: int = BLOCK):
         self.shape = shape
+        self.start = 0
         self.length = 0
         self.data = torch.zeros((shape.layers, 2, shape.kv_heads, _blocks(capacity), shape.head_dim),
                                 dtype=shape.dtype, device=shape.device)
@@ -60,6 +62,14 @@ class SessionKV:
 
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
+        if self.length < self.start:  # nothing held is left: from the first position again
+            self.start = self.length = 0
+
+    def restart(self, at: int) -> None:
+        """Hold nothing, and from now on positions from `at` on (those before it are never held)."""
+        self.crop(0)
+        self.reserve(at)
+        self.start = self.length = at
 
     def reserve(self, length: int) -> None:
         """Room for `length` positions, growing the buffer (doubling) when it is too small."""
@@ -67,7 +77,7 @@ class SessionKV:
             return
         grown = torch.zeros(self.data.shape[:3] + (_blocks(max(length, 2 * self.capacity)), self.data.shape[4]),
                             dtype=self.data.dtype, device=self.data.device)
-        grown[:, :, :, : self.length] = self.data[:, :, :, : self.length]
+        grown[:, :, :, self.start : self.length] = self.data[:, :, :, self.start : self.length]
         self.data = grown
 
     def keys(self, layer: int) -> torch.Tensor:

@@ -711,6 +711,68 @@ def test_the_drafters_attention_in_c_attends_as_torchs_does(tiny_target, feature
     assert _drafts(in_c, feature_drafter) == _drafts(in_torch, feature_drafter)
 
 
+@pytest.mark.parametrize("in_c", [True, False])
+def test_a_session_far_behind_takes_in_only_the_last_max_catch_up_positions(tiny_target, feature_drafter, in_c):
+    """--max-catch-up M: a session more than M committed positions behind (here a new one, 30
+    positions) asks for features from M positions back, takes in those M only, and drafts from
+    them alone: two contexts that differ only before them get the same tree, bitwise (with every
+    position taken in they do not); in C and in torch's attention alike."""
+    from draft_service.drafters import ProposeJob
+    from draft_service.feature_drafter import FeatureDrafter
+    from specdec.kv_cache import SessionCache
+
+    config, window = DrafterConfig.load(feature_drafter), 8
+    width = len(config.feature_layers) * config.hidden_size
+    late = torch.randn(29, width, generator=torch.Generator().manual_seed(3)).half()
+    contexts = []
+    for seed in (1, 2):  # tokens and features that differ before the last 9 positions, agree from there
+        early = torch.randn(29, width, generator=torch.Generator().manual_seed(seed)).half()
+        committed = [(seed + 3 * i) % 40 for i in range(21)] + list(range(40, 49))
+        contexts.append((committed, torch.cat([early[:21], late[21:]])))
+
+    def tree(drafter: FeatureDrafter, committed: list[int], features: torch.Tensor):
+        entry = SessionCache()
+        asked = drafter.propose_batch([ProposeJob(entry, committed, 4, SamplingParams(), None, 0, (), 7)])[0]
+        start = asked.features_from
+        proposal = drafter.propose_batch([ProposeJob(entry, committed, 4, SamplingParams(), features[start:], start,
+                                                     (), 7)])[0]
+        return start, proposal, entry
+
+    limited = FeatureDrafter.load(str(feature_drafter), target=str(tiny_target), hybrid_ngram=0,
+                                  cpu_kernels="c" if in_c else "torch", max_catch_up=window)
+    assert (limited.attention is not None) == in_c
+    (start, one, entry), (_, other, _) = (tree(limited, *context) for context in contexts)
+    assert start == 30 - window - 1  # the feature of the position before the first one taken in
+    assert (entry.kv.start, one.computed_tokens) == (30 - window, window)
+    assert (one.tokens, one.parents, one.confidences) == (other.tokens, other.parents, other.confidences)
+    assert len(one.tokens) == 7
+    limited.max_catch_up = 0  # every position taken in: the early ones count
+    (start, one, _), (_, other, _) = (tree(limited, *context) for context in contexts)
+    assert start == 0 and one.computed_tokens == 30
+    assert one.confidences != other.confidences
+
+
+async def test_greedy_with_a_max_catch_up_equals_the_targets_generate(redis_server, tiny_target, feature_drafter,
+                                                                       target_greedy):
+    """Drafts from a cache restarted a few positions back still only steer: the output is the
+    target's own, and drafts are kept; a second turn, far behind again, likewise."""
+    fields = dict(max_new_tokens=32, k=4, fixed_k=True, ignore_eos=True)
+    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter),
+                              draft_overrides={"max_catch_up": 6})
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            first = await generate(channel, prompt="hello there, how are you doing on this fine day?", **fields)
+            second = await generate(channel, prompt="and what about tomorrow, and the day after that one?",
+                                    session_id=first.session_id, **fields)
+    finally:
+        for server in stack.servers:
+            await server.stop(0)
+    assert first.token_ids == target_greedy(first.prompt_token_ids, 32)
+    history = first.prompt_token_ids + first.token_ids + second.prompt_token_ids
+    assert second.token_ids == target_greedy(history, 32)
+    assert first.stats.accepted_tokens > 0 and second.stats.accepted_tokens > 0
+
+
 def _drafts(drafter, folder: Path) -> list[int]:
     """A tree of 7 at k = 4 that `drafter` proposes for a fresh session of 37 committed tokens with
     seeded random features (the same for every drafter of `folder`'s config)."""

@@ -81,6 +81,20 @@ def test_a_session_cache_grows_by_doubling_and_keeps_its_positions(runner):
     assert torch.equal(kv.span(0, 5), torch.ones_like(kv.span(0, 5)))
 
 
+def test_a_restarted_cache_holds_positions_from_its_start_and_nothing_once_cropped_below_it(runner):
+    kv = runner.new_kv(10)
+    kv.restart(100)  # past its capacity
+    assert (kv.start, kv.length) == (100, 100) and kv.capacity >= 100
+    kv.data[..., 100:105, :] = 1.0
+    kv.length = 105
+    kv.reserve(2 * kv.capacity)  # grown: what it holds moves along
+    assert torch.equal(kv.span(100, 105), torch.ones_like(kv.span(100, 105)))
+    kv.crop(102)  # a rollback within what it holds
+    assert (kv.start, kv.length) == (100, 102)
+    kv.crop(30)  # below its start: nothing it holds is left, and nothing before it was ever held
+    assert (kv.start, kv.length) == (0, 0)
+
+
 def _context(committed: list[int], start: int, digest_of: list[int] | None = None) -> ContextDelta:
     return ContextDelta("s", len(committed), start, tuple(committed[start:]), prefix_digest(digest_of or committed))
 
