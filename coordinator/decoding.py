@@ -280,14 +280,15 @@ class Decoder:
             # beside the drafting when the round drafts: the client, Redis and this loop then use
             # the cores while the drafter steps one row, not while the target verifies.
             stream_beside_draft = previous is not None and self.draft is not None and now.k > 0
-            drafting = asyncio.create_task(self._draft(now, previous, ahead, session, committed, params, tracker,
-                                                       stats, relay))
-            drafting.add_done_callback(lambda _, now=now: setattr(now, "called_back_at", time.perf_counter()))
-            verifying = None
+            drafting = verifying = None
+            if now.k > 0 or ahead is not None:  # (a round at k = 0 goes straight to its Verify)
+                drafting = asyncio.create_task(self._draft(now, previous, ahead, session, committed, params, tracker,
+                                                           stats, relay))
+                drafting.add_done_callback(lambda _, now=now: setattr(now, "called_back_at", time.perf_counter()))
             try:
                 if stream_beside_draft:
                     yield await self._streamed(previous, stats, started, beside=now)
-                now.draft = await drafting
+                now.draft = await drafting if drafting is not None else None
                 feature_start = relay.verify_start(len(committed)) if relay is not None else 0
                 now.called_back_at = None
                 verifying = asyncio.create_task(self.target.verify(
