@@ -54,8 +54,10 @@ class SessionHost:
         self.snapshots = snapshots
 
     async def close(self) -> None:
-        """Write what is queued for Redis, then stop the writer."""
+        """Write what is queued for Redis (the snapshots still to be copied out first), then stop
+        the writer."""
         if self.snapshots is not None:
+            await self.worker.run(lambda: None)  # the model thread's jobs run in turn: those before are done
             await self.snapshots.writer.close()
             await self.snapshots.store.redis.aclose()
 
@@ -120,7 +122,10 @@ class SessionHost:
             for i, result in zip(positions, run_jobs(jobs)):
                 outcomes[i] = result
             if self.snapshots is not None:
-                self._snapshot([requests[i].context for i in positions], entries)
+                # Copied out after the replies go, before any other pass can change these caches
+                # (the model thread takes its jobs in turn): the reply never waits for a snapshot.
+                contexts = [requests[i].context for i in positions]
+                self.worker.defer(lambda: self._snapshot(contexts, entries))
         self.table.enforce_bounds()
         return outcomes
 

@@ -71,6 +71,12 @@ class ModelWorker:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
 
+    def defer(self, fn: Callable[[], object]) -> None:
+        """Run fn on the model thread after what it has been given, without waiting for it (fn
+        handles its own errors). A job that needs the model thread but not its caller's wait:
+        what follows a reply, such as a KV snapshot's copy."""
+        self._executor.submit(fn)
+
     def call(self, fn: Callable[[], T]) -> T:
         """Run fn on the model thread and wait for it (start-up: loading the model there)."""
         return self._executor.submit(fn).result()

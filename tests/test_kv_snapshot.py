@@ -284,3 +284,46 @@ async def test_deleting_a_session_frees_redis_and_every_replica(redis_server, ti
                 assert gone.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await client.aclose()
+
+
+async def test_a_reply_does_not_wait_for_its_snapshots_copy(redis_server, runner):
+    """The model thread copies a pass's new committed positions out for the snapshot after the
+    pass's outcomes go back (the next job on that thread, before any other pass can change the
+    cache), and closing the host waits for that copy and its write."""
+    import threading
+    from types import SimpleNamespace
+
+    from specdec.prefix import prefix_digest
+    from specdec.service_base import ModelFacts, SessionHost
+    from specdec.serving import ModelWorker
+    from specdec.wire import ContextDelta
+
+    client = aioredis.from_url(redis_server.url)
+    worker = ModelWorker("snapshot-test")
+    try:
+        tokens = _tokens(runner, 24)
+        sid = await _session(client, tokens)
+        snapshots = Snapshots(SnapshotStore(client, "target", "m", max_session_bytes=1 << 30), SETTINGS,
+                              runner.kv_shape)
+        snapshots.writer.start()
+        host = SessionHost(ModelFacts("m", "model", runner.vocab_size, "", 512, ()), 1 << 30, worker, snapshots)
+        copying, copied = threading.Event(), threading.Event()
+        after_forward = snapshots.after_forward
+
+        def slow_copy(*args) -> None:
+            copying.wait(10)
+            after_forward(*args)
+            copied.set()
+
+        snapshots.after_forward = slow_copy
+        request = SimpleNamespace(context=ContextDelta(sid, len(tokens), 0, tuple(tokens), prefix_digest(tokens)))
+        outcomes = (await worker.run(lambda: host.run_batch(
+            [request], lambda request, entry, committed: ForwardJob(entry, committed, len(committed) - 1),
+            lambda jobs: runner.forward(jobs)))).value
+        assert outcomes[0].logits.shape[0] == 1 and not copied.is_set()  # the outcome came back first
+        copying.set()
+        await host.close()  # the copy, then its write to Redis
+        assert copied.is_set() and (await SnapshotStore(client, "target", "m", 1 << 30).load(sid)).length == 24
+    finally:
+        worker.shutdown()
+        await client.aclose()
