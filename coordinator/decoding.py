@@ -258,7 +258,9 @@ class Decoder:
         text: TextStream, stats: Stats, started: float,
     ) -> AsyncIterator[Chunk]:
         tracker = DeltaTracker()
-        layers = self.draft.feature_layers if self.draft is not None else ()
+        # A turn that never drafts (k = 0, target only) asks the target for no features: a later
+        # turn that drafts has the drafter catch up (at most its --max-catch-up positions).
+        layers = self.draft.feature_layers if self.draft is not None and params.k > 0 else ()
         relay = FeatureRelay(layers) if layers else None
         regime = sampling_regime(params.sampling)
         floor = self.confidence_floor if self._cuts_drafts(params.sampling) else 0.0

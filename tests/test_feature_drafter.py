@@ -863,6 +863,32 @@ async def test_a_new_turn_and_a_lost_draft_replica_get_their_features_back(
     assert second.stats.accepted_tokens > 0
 
 
+async def test_a_target_only_turn_asks_for_no_features_and_the_next_turn_drafts_at_once(feature_stack, target_greedy):
+    """k = 0 (target only): no Verify of the turn asks for the drafter's features; the session's
+    next turn, which drafts, has the drafter catch up and keeps drafts, the output the target's."""
+    asked: list[tuple[int, ...]] = []
+    client = feature_stack.decoder.target
+    verify = client.verify
+
+    async def recording(*args, **kwargs):
+        asked.append(tuple(kwargs.get("feature_layers", args[6] if len(args) > 6 else ())))
+        return await verify(*args, **kwargs)
+
+    client.verify = recording
+    try:
+        async with grpc.aio.insecure_channel(feature_stack.coordinator) as channel:
+            first = await generate(channel, prompt="tell me about the river", max_new_tokens=16, k=0, ignore_eos=True)
+            target_only = len(asked)
+            second = await generate(channel, prompt="and the lake?", session_id=first.session_id, max_new_tokens=32,
+                                    k=4, fixed_k=True, ignore_eos=True)
+    finally:
+        client.verify = verify
+    assert target_only == 16 and not any(asked[:target_only])
+    assert all(asked[target_only:])
+    history = first.prompt_token_ids + first.token_ids + second.prompt_token_ids
+    assert second.token_ids == target_greedy(history, 32) and second.stats.accepted_tokens > 0
+
+
 async def test_verify_returns_the_features_the_drafter_reads(feature_stack, feature_drafter):
     """Features for positions the replica holds come from its buffer, bitwise the recomputed ones."""
     config = DrafterConfig.load(feature_drafter)
