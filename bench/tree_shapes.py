@@ -175,7 +175,8 @@ def main() -> None:
         for dtype, drafter in drafters.items():
             for limit in (int(x) for x in args.max_catch_ups.split(",")):
                 drafter.max_catch_up = limit
-                results.append({"matmul_dtype": dtype, "max_catch_up": limit, **evaluate(drafter, answers, args.k, shape)})
+                results.append({"matmul_dtype": dtype, "max_catch_up": limit,
+                                **evaluate(drafter, answers, args.k, shape)})
     print(json.dumps({"k": args.k, "prompts": len(answers), "draft_vocabulary_coverage": coverage, "shapes": results},
                      indent=1))
 

@@ -136,11 +136,10 @@ class FeatureDrafter:
         if job.features is not None and job.features.shape[0]:
             rows, start = job.features, job.features_start
             end = min(start + rows.shape[0], len(committed))
-            if start <= entry.features.hi < end:  # what the buffer holds, carried on
-                skip = entry.features.hi - start
-                entry.features.write(entry.features.hi, rows[skip : end - start].to(self.device))
-            elif entry.features.hi < start <= need < end:  # after a gap, from no later than needed
-                entry.features.write(start, rows[: end - start].to(self.device))
+            # What the buffer holds carried on, or after a gap a stretch from no later than needed.
+            first = max(start, entry.features.hi)
+            if first < end and (start <= entry.features.hi or start <= need < end):
+                entry.features.write(first, rows[first - start : end - start].to(self.device))
         if entry.features.covers(need, len(committed) - 1) or len(committed) <= 1:
             return None
         held = entry.features
