@@ -46,13 +46,15 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def _processes(pipeline) -> dict[str, int]:
-    return {"coordinator": pipeline.coordinator.pid, "draft": pipeline.drafts[0].pid,
+    return {"coordinator": pipeline.coordinator.pid, **({"draft": pipeline.drafts[0].pid} if pipeline.drafts else {}),
             "target": pipeline.targets[0].pid, "redis": pipeline.redis_process.pid, "client": os.getpid()}
 
 
-async def run(prompts_file: Path, count: int, k: int, max_new_tokens: int, draft_flags: tuple[str, ...] = ()) -> dict:
+async def run(prompts_file: Path, count: int, k: int, max_new_tokens: int, draft_flags: tuple[str, ...] = (),
+              draft_in_target: bool = False) -> dict:
     prompts = [p for p in load_prompts(prompts_file, 2, ()) if p.category not in LONG_CATEGORIES][:count]
-    pipeline = await launch(LaunchOptions(target=DEFAULT_MODEL, draft=AUTO_DRAFTER, draft_flags=draft_flags))
+    pipeline = await launch(LaunchOptions(target=DEFAULT_MODEL, draft=AUTO_DRAFTER, draft_flags=draft_flags,
+                                          draft_in_target=draft_in_target))
     try:
         async with grpc.aio.insecure_channel(pipeline.coordinator.address) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
@@ -94,9 +96,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--draft-flags", default="", help="more flags for the draft service, e.g. '--torch-threads 1'")
+    parser.add_argument("--draft-in-target", action="store_true", help="the drafter hosted by the target, no draft tier")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args.prompts, args.count, args.k, args.max_new_tokens,
-                                     tuple(args.draft_flags.split())))))
+                                     tuple(args.draft_flags.split()), args.draft_in_target))))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from bench.figures import SPEC_BENCH_COLUMNS, PromptRun, Totals, column_of, idea
 from specdec.eagle import MATMUL_DTYPES, is_drafter_folder
 from specdec.config import default_prompts_file
 from specdec.launcher import LaunchOptions, Pipeline, launch, runner_flags, spawn_service
-from specdec.models import AUTO_DRAFTER, default_drafter
+from specdec.models import AUTO_DRAFTER, DRAFT_IN_TARGET, default_drafter
 from specdec.ngram import LOCAL_NGRAM
 from specdec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -234,18 +234,21 @@ def machine_info(device: str) -> dict:
 
 
 TORCH_PRODUCTS = "torch"  # a --drafters entry's suffix: the draft service on torch's products
+IN_TARGET = "target"  # a --drafters entry's suffix: the drafter hosted by the target (--draft target)
 FLOOR = "floor"  # a --drafters entry's suffix: the coordinator's --min-draft-confidence
 
 
 @dataclass(frozen=True)
 class DrafterSpec:
-    """A --drafters entry, MODEL[+ngramN][+treeN][+DTYPE][+torch][+floorX][@k1/k2]: 'auto' is the drafter
+    """A --drafters entry, MODEL[+ngramN][+treeN][+DTYPE][+torch][+floorX][+target][@k1/k2]: 'auto' is the drafter
     shipped for the target, '+ngramN' a feature drafter in hybrid with N-token prompt lookup
     ('+ngram0': the head alone; by default the draft service's --hybrid-ngram), '+treeN' the
     coordinator asking it for trees of N drafts ('+tree0': chains), '+float32' (or another of
     MATMUL_DTYPES) the feature drafter's matrix products in that dtype, '+torch' the draft service
     on torch's products (--cpu-kernels torch), '+floorX' the coordinator's --min-draft-confidence X
-    ('+floor0': every draft; by default 'auto'), '@k1/k2' the ks to run it at."""
+    ('+floor0': every draft; by default 'auto'), '+target' the feature drafter hosted by the target
+    replicas (their --drafter, the coordinator's --draft target: no draft service, each round's
+    drafts made in the Verify before it), '@k1/k2' the ks to run it at."""
 
     model: str
     hybrid: str = ""
@@ -254,6 +257,7 @@ class DrafterSpec:
     matmul: str = ""
     torch_products: bool = False
     floor: str = ""
+    in_target: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> "DrafterSpec":
@@ -262,11 +266,12 @@ class DrafterSpec:
         matmul = next((part for part in rest if part in MATMUL_DTYPES), "")
         floor = next((part.removeprefix(FLOOR) for part in rest if part.startswith(FLOOR)), "")
         head = "+".join([first] + [part for part in rest
-                                   if part not in (*MATMUL_DTYPES, TORCH_PRODUCTS) and not part.startswith(FLOOR)])
+                                   if part not in (*MATMUL_DTYPES, TORCH_PRODUCTS, IN_TARGET)
+                                   and not part.startswith(FLOOR)])
         head, _, tree = head.partition("+tree")
         model, _, hybrid = head.partition("+ngram")
         return cls(model, hybrid, tree, tuple(int(k) for k in ks.split("/") if k), matmul, TORCH_PRODUCTS in rest,
-                   floor)
+                   floor, IN_TARGET in rest)
 
 
 def drafter_ks(spec: str) -> tuple[int, ...]:
@@ -290,21 +295,33 @@ def drafter_service(spec: str, target: str) -> tuple[str, tuple[str, ...]]:
                    + (("--cpu-kernels", "torch") if parsed.torch_products else ()))
 
 
+def hosted_drafter(drafters: Sequence[str], target: str) -> str:
+    """The drafter the target hosts for the --drafters entries that name '+target' ('' if none)."""
+    hosted = {drafter_service(d, target)[0] for d in drafters if DrafterSpec.parse(d).in_target}
+    if len(hosted) > 1:
+        raise ValueError(f"one drafter can be hosted by the target, not {len(hosted)}: {sorted(hosted)}")
+    return hosted.pop() if hosted else ""
+
+
 async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, str]]:
-    """One target, and per drafter a draft service and a coordinator on that target."""
+    """One target, and per drafter a draft service (none for one the target hosts) and a
+    coordinator on that target."""
     first, *others = options.drafters
     model, flags = drafter_service(first, options.target)
+    hosted = hosted_drafter(options.drafters, options.target)
     pipeline = await launch(LaunchOptions(target=options.target, draft=model, device=options.device,
                                           draft_device=options.device, snapshots=options.kv_snapshots,
                                           draft_flags=flags, compile=options.compile,
                                           batch_invariant=options.batch_invariant,
-                                          coordinator_flags=coordinator_flags(first)))
+                                          coordinator_flags=coordinator_flags(first),
+                                          draft_in_target=DrafterSpec.parse(first).in_target,
+                                          target_flags=("--drafter", hosted) if hosted else ()))
     coordinators = {first: pipeline.coordinator.address}
     targets = ",".join(c.address for c in pipeline.targets)
     for drafter in others:
         model, flags = drafter_service(drafter, options.target)
-        draft_address = LOCAL_NGRAM  # prompt lookup inside the coordinator: no draft service
-        if model != LOCAL_NGRAM:
+        draft_address = DRAFT_IN_TARGET if DrafterSpec.parse(drafter).in_target else LOCAL_NGRAM
+        if model != LOCAL_NGRAM and draft_address != DRAFT_IN_TARGET:
             draft = await spawn_service(f"draft-{drafter_name(drafter)}", "draft_service",
                                         ["--model", model, "--device", options.device,
                                          *runner_flags(options.compile, options.batch_invariant), *flags], 600,
@@ -324,7 +341,8 @@ def drafter_name(spec: str) -> str:
     tree = {"": "", "0": "+chains"}.get(parsed.tree, f"+tree{parsed.tree}")
     hybrid = {"": "", "0": "+no-lookup"}.get(parsed.hybrid, f"+ngram{parsed.hybrid}")
     suffix = (hybrid + tree + (f"+{parsed.matmul}" if parsed.matmul else "")
-              + (f"+{TORCH_PRODUCTS}" if parsed.torch_products else "") + (f"+{FLOOR}{parsed.floor}" if parsed.floor else ""))
+              + (f"+{TORCH_PRODUCTS}" if parsed.torch_products else "") + (f"+{FLOOR}{parsed.floor}" if parsed.floor else "")
+              + (f"+{IN_TARGET}" if parsed.in_target else ""))
     if parsed.model in ("ngram", LOCAL_NGRAM, AUTO_DRAFTER):
         return ("eagle3" if parsed.model == AUTO_DRAFTER else parsed.model) + suffix
     return (Path(parsed.model).name or parsed.model) + suffix

@@ -25,6 +25,7 @@ import torch
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.planning import Plan
 from specdec.access import bearer_metadata
 from specdec.tracing import client_span, with_trace
 from specdec.prefix import CommittedTokens
@@ -243,6 +244,7 @@ class DraftResult:
     features_from: int | None = None  # a feature drafter lacking the target's features from here
     parents: list[int] | None = None  # a tree of drafts (ProposeResponse.parents); None: a chain
     confidences: list[float] | None = None  # per draft, the drafter's (ProposeResponse.confidences)
+    follows: list[int] | None = None  # drafted in the target: the tokens the round before must commit (NextDrafts)
 
     @property
     def depth(self) -> int:
@@ -264,9 +266,12 @@ class VerifyResult:
     features: torch.Tensor | None = None  # float16 [positions from the requested start, width]
     batch_sessions: int = 1  # sessions in the target's forward pass that served it
     batch_rows: int = 0  # positions that pass computed for all of them
+    next_drafts: DraftResult | None = None  # the next round's, drafted in the target (VerifyRequest.next_round)
 
 
 class DraftClient:
+    in_target = False  # (coordinator.local_draft.TargetDrafts: drafts that come with the Verify)
+
     def __init__(self, replicas: ReplicaSet, kind: str, feature_layers: Sequence[int] = ()):
         self.replicas = replicas
         self.kind = kind
@@ -331,7 +336,11 @@ class TargetClient:
         feature_layers: Sequence[int] = (),
         feature_start: int = 0,
         parents: Sequence[int] | None = None,
+        next_round: Plan | None = None,
     ) -> VerifyResult:
+        """The target's choices on the drafts (a chain, or a tree with `parents`); with next_round
+        (a target that hosts a drafter) also the next round's drafts, drafted after the target's
+        own verdict."""
         sampling = sampling_to_pb(params)
 
         async def send(stub: target_pb2_grpc.TargetServiceStub, ctx) -> target_pb2.VerifyResponse:
@@ -340,6 +349,9 @@ class TargetClient:
             if feature_layers:
                 request.feature_start = feature_start
                 request.feature_layers.extend(feature_layers)
+            if next_round is not None:
+                request.next_round.CopyFrom(target_pb2.NextRound(k=next_round.k, tree_nodes=next_round.nodes,
+                                                                 min_confidence=next_round.min_confidence))
             return await stub.Verify(request, timeout=self.replicas.timeout_s,
                                      metadata=with_trace(self.replicas.metadata))
 
@@ -357,6 +369,25 @@ class TargetClient:
             features = decode_tensor(reply.features)
             if features.dim() != 2 or features.shape[0] != len(committed) + len(drafts) - feature_start:
                 raise ValueError(f"target returned features of shape {tuple(features.shape)}")
+        next_drafts = _next_drafts(reply.next_drafts, next_round) if reply.HasField("next_drafts") else None
         return VerifyResult(tokens, probs, reply.timings.compute_s, reply.cache.reused_tokens,
                             reply.cache.computed_tokens, features, max(1, reply.timings.batch_sessions),
-                            reply.timings.batch_rows)
+                            reply.timings.batch_rows, next_drafts)
+
+
+def _next_drafts(reply: target_pb2.NextDrafts, asked: Plan | None) -> DraftResult:
+    """The next round's drafts from a Verify reply (NextDrafts), checked against what was asked."""
+    if asked is None:
+        raise ValueError("the target sent next drafts nobody asked for")
+    tokens, parents = list(reply.tokens), list(reply.parents) or None
+    if parents is not None:
+        if len(parents) != len(tokens) or len(parents) > max(asked.nodes, asked.k):
+            raise ValueError(f"a tree of {len(tokens)} next drafts came back with {len(parents)} parents")
+        if max(tree_depths(parents)) > asked.k:  # (raises unless a tree)
+            raise ValueError(f"a tree of next drafts deeper than k={asked.k}")
+    elif len(tokens) > asked.k:
+        raise ValueError(f"{len(tokens)} next drafts for k={asked.k}")
+    confidences = None
+    if reply.HasField("confidences"):
+        confidences = decode_tensor(reply.confidences, (len(tokens),)).tolist()
+    return DraftResult(tokens, None, False, reply.compute_s, None, parents, confidences, list(reply.follows))

@@ -9,8 +9,10 @@ from specdec.models import DEFAULT_MODEL
 @dataclass(frozen=True)
 class CoordinatorConfig:
     target: tuple[str, ...] = option(("127.0.0.1:50052",), "target replica addresses, comma-separated")
-    draft: tuple[str, ...] = option((), "draft replica addresses, comma-separated (empty: target only), or "
-                                    "'local-ngram': prompt lookup inside the coordinator, without a draft tier")
+    draft: tuple[str, ...] = option((), "draft replica addresses, comma-separated (empty: target only), "
+                                    "'local-ngram': prompt lookup inside the coordinator, without a draft tier, or "
+                                    "'target': the drafter the target replicas host (their --drafter), each round's "
+                                    "drafts made in the Verify before it")
     ngram_max: int = option(3, "local-ngram drafter: longest suffix matched")
     ngram_min: int = option(1, "local-ngram drafter: shortest suffix matched")
     redis_url: str = option("redis://127.0.0.1:6379/0", "Redis URL holding the sessions")

@@ -194,7 +194,8 @@ class Decoder:
 
     def _stats(self, params: TurnParams) -> Stats:
         rule = "greedy" if params.sampling.greedy else params.sampling.rule
-        return Stats(k=params.k, drafter=self.draft.kind if self.draft else "none", sampling_rule=rule)
+        drafter = "none" if self.draft is None else self.draft.kind + ("@target" if self.draft.in_target else "")
+        return Stats(k=params.k, drafter=drafter, sampling_rule=rule)
 
     async def generate(self, session: SessionRecord, turn: Sequence[int], params: TurnParams) -> AsyncIterator[Chunk]:
         """Append the turn's tokens to the session and stream the answer, round by round. The
@@ -265,6 +266,11 @@ class Decoder:
         regime = sampling_regime(params.sampling)
         floor = self.confidence_floor if self._cuts_drafts(params.sampling) else 0.0
         planner = KPlanner(self.max_k, self.costs, self.costs.acceptance(regime), confidence_floor=floor, regime=regime)
+        # Drafts made in the target (--draft target): each Verify drafts the next round, planned
+        # before it is sent; greedy and the coupled rule (the verdicts the target can reach itself).
+        in_target = self.draft is not None and self.draft.in_target
+        drafts_in_target = in_target and (params.sampling.greedy or params.sampling.coupled)
+        pending: tuple[Plan, DraftResult] | None = None  # the last Verify's drafts for this round, and their plan
         previous: Round | None = None
         ahead: asyncio.Task | None = None  # round r+1's draft, proposed during round r's Verify
         while previous is None or previous.finish is None:
@@ -272,30 +278,39 @@ class Decoder:
             if room <= 0:  # only reachable when the turn itself filled the context
                 previous = self._empty_round(len(committed), text, generated, stats, session, started)
                 break
-            ceiling = ceiling_for(params.k, params.max_new_tokens - len(generated), room)
+            remaining = params.max_new_tokens - len(generated)
+            # The plan is this round's, or in the target the next round's: after this one's token(s).
+            later = 1 if in_target else 0
+            ceiling = ceiling_for(params.k, remaining - later, room - later)
             trees = self._tree_nodes(ceiling, params.sampling)
             plan = Plan(ceiling, trees) if params.fixed_k else planner.plan(ceiling, trees)
-            now = Round(len(committed), plan.k, plan.nodes, plan.min_confidence)
+            if in_target:
+                now = _round_drafted_before(pending, len(committed), ceiling_for(params.k, remaining, room))
+                asked = plan if drafts_in_target and plan.k > 0 else None
+            else:
+                now, asked = Round(len(committed), plan.k, plan.nodes, plan.min_confidence), None
             begun = time.perf_counter()
             # Propose (the draft-ahead's drafts when the previous round ended as it supposed), then
             # Verify and meanwhile the next round's draft-ahead. The previous round's stream runs
             # beside the drafting when the round drafts: the client, Redis and this loop then use
             # the cores while the drafter steps one row, not while the target verifies.
-            stream_beside_draft = previous is not None and self.draft is not None and now.k > 0
+            calls_draft = not in_target and (now.k > 0 or ahead is not None)  # (k = 0: straight to Verify)
+            stream_beside_draft = previous is not None and calls_draft and now.k > 0
             drafting = verifying = None
-            if now.k > 0 or ahead is not None:  # (a round at k = 0 goes straight to its Verify)
+            if calls_draft:
                 drafting = asyncio.create_task(self._draft(now, previous, ahead, session, committed, params, tracker,
                                                            stats, relay))
                 drafting.add_done_callback(lambda _, now=now: setattr(now, "called_back_at", time.perf_counter()))
             try:
                 if stream_beside_draft:
                     yield await self._streamed(previous, stats, started, beside=now)
-                now.draft = await drafting if drafting is not None else None
+                if drafting is not None:
+                    now.draft = await drafting
                 feature_start = relay.verify_start(len(committed)) if relay is not None else 0
                 now.called_back_at = None
                 verifying = asyncio.create_task(self.target.verify(
                     session.session_id, committed, now.drafts, params.sampling, tracker, self.limits.vocab_size,
-                    layers, feature_start, now.parents))
+                    layers, feature_start, now.parents, asked))
                 verifying.add_done_callback(lambda _, now=now: setattr(now, "called_back_at", time.perf_counter()))
                 ahead = self._propose_ahead(now, ceiling, session, committed, params, tracker, stats, relay)
                 if previous is not None and not stream_beside_draft:
@@ -319,6 +334,11 @@ class Decoder:
             # The call's first round prefilled the turn: its time would make its k look costly.
             wall = time.perf_counter() - begun if previous is not None else None
             verified = now.verification
+            made = verified.next_drafts  # (in the target) the next round's drafts, after the target's verdict
+            pending = (asked, made) if made is not None and now.finish is None and made.follows == now.new else None
+            stats.draft_s += made.compute_s if made is not None else 0.0
+            if in_target and wall is not None:  # a round's drafting counts in the round it drafted for
+                wall += (now.draft.compute_s if now.draft is not None else 0.0) - (made.compute_s if made else 0.0)
             confidences = (now.draft.confidences if now.draft is not None else None) or ()
             self.costs.observe(depth, wall, now.verdict.accepted, verified.batch_sessions,
                                verified.batch_rows, verified.compute_s, nodes=now.nodes if tree else 0,
@@ -507,3 +527,20 @@ class Decoder:
         if cut is not None:
             new, finish = new[: cut - len(generated)], STOP
         return new, finish
+
+
+def _round_drafted_before(pending: tuple[Plan, DraftResult] | None, committed_len: int, ceiling: int) -> Round:
+    """A round whose drafts the previous round's Verify made (in the target): the drafts it
+    planned, when they still fit (a chain cut to the ceiling; a tree deeper than it dropped), else
+    none (k = 0)."""
+    if pending is None:
+        return Round(committed_len, 0)
+    plan, drafts = pending
+    if drafts.depth > ceiling:
+        if drafts.parents is not None or ceiling <= 0:
+            return Round(committed_len, 0)
+        drafts = DraftResult(drafts.tokens[:ceiling], None, False, drafts.compute_s, None, None,
+                             drafts.confidences[:ceiling] if drafts.confidences is not None else None, drafts.follows)
+    now = Round(committed_len, min(plan.k, max(ceiling, 0)), plan.nodes, plan.min_confidence)
+    now.draft = drafts
+    return now

@@ -1,7 +1,10 @@
-"""The n-gram drafter inside the coordinator (`--draft local-ngram`): prompt lookup needs only the
-session's tokens, which the coordinator holds, so it needs no draft tier and no Propose call. The
-same drafts as the draft service's n-gram drafter, as point masses; it shares DraftClient's
-`propose` so the decoder treats both alike."""
+"""Drafting without a draft tier. The n-gram drafter inside the coordinator (`--draft
+local-ngram`): prompt lookup needs only the session's tokens, which the coordinator holds, so it
+needs no Propose call; the same drafts as the draft service's n-gram drafter, as point masses, and
+DraftClient's `propose`, so the decoder treats both alike. And the drafter the target tier hosts
+(`--draft target`): each round's drafts come back with the Verify before it (VerifyRequest.
+next_round), so it proposes nothing itself.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ class LocalNgramDraft:
     kind = "ngram"
     feature_layers: tuple[int, ...] = ()
     replicas = None  # no tier: nothing to watch, fail over or release
+    in_target = False
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -27,3 +31,15 @@ class LocalNgramDraft:
         started = time.perf_counter()
         drafted = ngram_lookup(committed.ids + list(provisional), k, self.max_ngram, self.min_ngram)
         return DraftResult(drafted, None, point_mass=True, compute_s=time.perf_counter() - started)
+
+
+class TargetDrafts:
+    """`--draft target`: the target replicas host a drafter (ModelInfo.drafter_kind) that drafts
+    each next round in the Verify of this one (coordinator.decoding asks with next_round)."""
+
+    feature_layers: tuple[int, ...] = ()  # the target keeps its drafter's features: none are relayed
+    replicas = None  # the target tier's replicas are the drafter's
+    in_target = True
+
+    def __init__(self, kind: str):
+        self.kind = kind

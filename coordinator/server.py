@@ -17,10 +17,11 @@ from coordinator.config import CoordinatorConfig
 from coordinator.decoding import MAX_TREE_NODES, Decoder, ModelLimits
 from coordinator.core import GenerationCore
 from coordinator.http_api import OpenAIServer
-from coordinator.local_draft import LocalNgramDraft
+from coordinator.local_draft import LocalNgramDraft, TargetDrafts
 from coordinator.servicer import CoordinatorServicer
 from specdec import models
 from specdec.metrics import ServiceMetrics
+from specdec.models import DRAFT_IN_TARGET
 from specdec.ngram import LOCAL_NGRAM
 from specdec.tls import channel_credentials, redact_url
 from specdec.access import read_keys
@@ -77,6 +78,13 @@ async def build_decoder(config: CoordinatorConfig, tokenizer=None) -> Decoder:
     draft = None
     if config.draft == (LOCAL_NGRAM,):
         draft = LocalNgramDraft(config.ngram_max, config.ngram_min)
+    elif config.draft == (DRAFT_IN_TARGET,):
+        kinds = {info.drafter_kind for info in infos}
+        if "" in kinds or len(kinds) > 1:
+            hosts = [address for address, info in zip(target.replicas.addresses, infos) if not info.drafter_kind]
+            raise StartupError(f"--draft {DRAFT_IN_TARGET}: every target replica must host the same drafter (start "
+                               f"them with --drafter); {', '.join(hosts) or 'they'} differ")
+        draft = TargetDrafts(kinds.pop())
     elif config.draft:
         replicas = ReplicaSet(config.draft, draft_pb2_grpc.DraftServiceStub, config.draft_timeout_s, tier_credentials,
                               RetryPolicy(config.draft_retry_attempts, 0.0, 0.0), tier_token)

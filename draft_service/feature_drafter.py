@@ -88,10 +88,11 @@ class FeatureDrafter:
     def load(cls, folder: str, target: str = "", device: str = "cpu", hybrid_ngram: int = HYBRID_MIN_NGRAM,
              tree_expand: int = 0, tree_children: int = TREE_CHILDREN,
              matmul_dtype: str = DRAFT_MATMUL_DTYPE, cpu_kernels: str = "auto",
-             max_catch_up: int = MAX_CATCH_UP) -> "FeatureDrafter":
+             max_catch_up: int = MAX_CATCH_UP, embeddings: torch.Tensor | None = None) -> "FeatureDrafter":
         """The head in `folder`, reading the embeddings of `target` (default: the model it was
-        trained for), its matrix products in `matmul_dtype` (EagleDrafter.with_matmul_dtype), on a CPU
-        the narrow ones, the norms and the rotary embedding in C per `cpu_kernels` (drafting_products)."""
+        trained for; or `embeddings`, the table itself, where the caller holds the target), its
+        matrix products in `matmul_dtype` (EagleDrafter.with_matmul_dtype), on a CPU the narrow
+        ones, the norms and the rotary embedding in C per `cpu_kernels` (drafting_products)."""
         from specdec import models
 
         matmul_dtype, kernels = drafting_products(cpu_kernels, device, matmul_dtype)
@@ -102,8 +103,9 @@ class FeatureDrafter:
         c = head.config
         attends = kernels is not None and attention_applies(
             torch.float32, torch.device(device), c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-        model = models.load_model(target or c.target, device=device)
-        return cls(head, model.get_input_embeddings().weight.detach().float(), hybrid_ngram, tree_expand,
+        if embeddings is None:
+            embeddings = models.load_model(target or c.target, device=device).get_input_embeddings().weight
+        return cls(head, embeddings.detach().float(), hybrid_ngram, tree_expand,
                    tree_children, kernels.attention if attends else None, max_catch_up)
 
     def _lookup(self, job: ProposeJob) -> list[int]:

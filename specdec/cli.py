@@ -40,6 +40,7 @@ def _launch_options(args: argparse.Namespace):
         tier_token_file=args.tier_token_file,
         unix_sockets=not args.tcp_tiers,
         coordinator_flags=("--tree-nodes", str(args.tree_nodes)) if args.tree_nodes is not None else (),
+        draft_in_target=args.draft_in_target,
     )
 
 
@@ -245,6 +246,9 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting a redis-server")
     parser.add_argument("--host", default="127.0.0.1", help="address the services listen on")
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0 = a free one)")
+    parser.add_argument("--draft-in-target", action="store_true",
+                        help="with a feature drafter: the target replicas host it (their --drafter) and draft each "
+                             "round in the Verify before it, greedy and the coupled rule; no draft tier")
     parser.add_argument("--draft-replicas", type=int, default=1, help="draft service processes")
     parser.add_argument("--target-replicas", type=int, default=1, help="target service processes")
     parser.add_argument("--device", default="cpu", help="torch device of the target, e.g. cuda")
@@ -318,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated: 'auto' (the drafter shipped for the target), 'ngram', feature drafter "
                             "folders (PATH+ngramN: hybrid with N-token prompt lookup, +ngram0 the head alone; "
                             "+treeN: trees of N drafts, +tree0 chains; +float32, +bfloat16: the head's matrix products in that dtype; "
-                            "+torch: on torch's products, not the C kernel), draft model paths")
+                            "+torch: on torch's products, not the C kernel; +target: hosted by the target, no draft "
+                            "service), draft model paths")
     bench.add_argument("--ks", default="4", help="comma-separated draft lengths (a drafter's own: DRAFTER@k1/k2)")
     bench.add_argument("--peer-ks", default="", help="ks of the Hugging Face prompt-lookup peer (default: --ks)")
     bench.add_argument("--no-adaptive", action="store_true",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from specdec.access import new_token, read_keys
-from specdec.models import AUTO_DRAFTER, default_drafter
+from specdec.models import AUTO_DRAFTER, DRAFT_IN_TARGET, default_drafter
 from specdec.ngram import LOCAL_NGRAM
 from specdec.serving import wait_healthy
 from specdec.tls import redact_url
@@ -62,6 +62,10 @@ class LaunchOptions:
     compile: str = "auto"  # --compile of the target and a model drafter: on, off, auto (on for CUDA)
     batch_invariant: bool = True  # --batch-invariant of the target and a model drafter
     coordinator_flags: tuple[str, ...] = ()  # more flags for the coordinator (e.g. --tree-nodes)
+    # The feature drafter hosted by the target replicas (their --drafter; the coordinator's --draft
+    # target): each round's drafts made in the Verify before it, no draft tier.
+    draft_in_target: bool = False
+    target_flags: tuple[str, ...] = ()  # more flags for the target services (e.g. --drafter)
 
 
 @dataclass
@@ -213,9 +217,12 @@ async def launch(options: LaunchOptions) -> Pipeline:
         def socket(name: str) -> list[str]:
             return ["--unix-socket", os.path.join(sockets, f"{name}.sock")] if sockets else []
 
+        if options.draft_in_target and "--drafter" not in options.target_flags:
+            target_args += ["--drafter", draft]
+        target_args += options.target_flags
         spawns = [spawn_service(f"target-{i}", "target_service", target_args + socket(f"target-{i}"), START_TIMEOUT_S,
                                 target_env) for i in range(options.target_replicas)]
-        local = options.draft == LOCAL_NGRAM  # prompt lookup inside the coordinator: no draft tier
+        local = options.draft == LOCAL_NGRAM or options.draft_in_target  # no draft tier
         spawns += [spawn_service(f"draft-{i}", "draft_service", draft_args + socket(f"draft-{i}"), START_TIMEOUT_S,
                                  draft_env) for i in range(0 if local else options.draft_replicas)]
         started = await asyncio.gather(*spawns, return_exceptions=True)  # replicas load models in parallel
@@ -227,7 +234,8 @@ async def launch(options: LaunchOptions) -> Pipeline:
             raise errors[0]
         coordinator_args = [
             "--target", ",".join(c.unix or c.address for c in pipeline.targets),
-            "--draft", LOCAL_NGRAM if local else ",".join(c.unix or c.address for c in pipeline.drafts),
+            "--draft", (DRAFT_IN_TARGET if options.draft_in_target else LOCAL_NGRAM if local
+                        else ",".join(c.unix or c.address for c in pipeline.drafts)),
             "--tokenizer", options.target,
             "--host", options.host,
             "--port", str(options.port),

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 AUTO_DRAFTER = "auto"
+DRAFT_IN_TARGET = "target"  # the coordinator's --draft for the drafter the target replicas host (--drafter)
 # Drafters trained for a target and shipped in the repository (specdec train-draft).
 SHIPPED_DRAFTERS = {DEFAULT_MODEL: Path(__file__).resolve().parent.parent / "drafters" / "smollm2-eagle3"}
 

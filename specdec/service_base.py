@@ -30,6 +30,7 @@ class ModelFacts:
     eos_token_ids: tuple[int, ...]
     feature_layers: tuple[int, ...] = ()  # a feature drafter's target layers
     feature_hidden_size: int = 0
+    drafter_kind: str = ""  # a target that drafts the next round after a Verify: its drafter's kind
 
     def to_pb(self) -> common_pb2.ModelInfo:
         return common_pb2.ModelInfo(
@@ -41,6 +42,7 @@ class ModelFacts:
             eos_token_ids=list(self.eos_token_ids),
             feature_layers=list(self.feature_layers),
             feature_hidden_size=self.feature_hidden_size,
+            drafter_kind=self.drafter_kind,
         )
 
 

@@ -20,6 +20,11 @@ class TargetConfig:
     gguf_blocks: bool = gguf_blocks_option()
     cpu_kernels: str = cpu_kernels_option()
     cache_bytes: int = option(2 * 1024**3, "bound on the KV caches held, in bytes (LRU eviction beyond)")
+    drafter: str = option("", "a feature drafter to host: it drafts the next round in the pass that verifies this one "
+                          "(coordinators with --draft target), from the features the pass leaves here; its folder, "
+                          "or 'auto' for the one shipped for the model; empty: none")
+    drafter_cache_bytes: int = option(256 * 1024**2, "bound on the hosted drafter's per-session state, in bytes (LRU "
+                                      "eviction beyond; a session evicted takes the target's features in again)")
     max_k: int = option(32, "most draft tokens accepted in one Verify")
     batch_window_ms: float = option(1.0, "how long the first Verify of a batch waits for others (ms)")
     max_batch: int = option(16, "most sessions verified in one forward pass")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 from specdec.batcher import Batcher
 from specdec.errors import InvalidArgument, ResourceExhausted
 from specdec.runner import ModelRunner
@@ -16,6 +18,7 @@ from specdec.session_store import log_id
 from specdec.tensor_codec import encode_tensor
 from specdec.v1 import common_pb2, target_pb2, target_pb2_grpc
 from specdec.wire import ContextDelta, check_token_ids, context_from_pb, sampling_from_pb
+from target_service.drafting import NextDrafts, NextRound, TargetDrafting
 from target_service.verifier import Verification, VerifyJob, verify_batch
 
 
@@ -27,13 +30,15 @@ class ParsedVerify:
     feature_layers: tuple[int, ...] = ()
     feature_start: int = 0
     parents: tuple[int, ...] = ()
+    next_round: NextRound | None = None
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     def __init__(self, host: SessionHost, runner: ModelRunner, max_k: int, window_s: float, max_batch: int,
-                 max_queued: int, metrics: ServiceMetrics):
+                 max_queued: int, metrics: ServiceMetrics, drafting: TargetDrafting | None = None):
         self.host = host
         self.runner = runner
+        self.drafting = drafting  # a hosted drafter (--drafter): drafts the next round after a Verify
         self.max_k = max_k
         self.max_queued = max_queued
         self.metrics = metrics
@@ -65,7 +70,27 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 raise InvalidArgument(f"feature_layers must name 1 to 8 layers in 0..{depth} (0 = the embeddings)")
             if start >= ctx.committed_len + len(drafts):
                 raise InvalidArgument("feature_start must be a position this Verify computes or holds")
-        return ParsedVerify(ctx, drafts, params, layers, start, parents)
+        next_round = self._next_round(request, params) if request.HasField("next_round") else None
+        if next_round is not None and layers:
+            raise InvalidArgument("with next_round the pass keeps its drafter's own features: ask for none "
+                                  "(leave feature_start unset)")
+        return ParsedVerify(ctx, drafts, params, layers, start, parents, next_round)
+
+    def _next_round(self, request: target_pb2.VerifyRequest, params: SamplingParams) -> NextRound:
+        if self.drafting is None:
+            raise InvalidArgument("this target replica hosts no drafter (ModelInfo.drafter_kind is empty; start it with "
+                                  "--drafter): leave next_round unset and propose through a draft tier")
+        wanted = request.next_round
+        if not 1 <= wanted.k <= self.max_k:
+            raise InvalidArgument(f"next_round.k must be in [1, {self.max_k}], got {wanted.k}")
+        if wanted.tree_nodes > self.max_k:
+            raise InvalidArgument(f"next_round.tree_nodes must be at most {self.max_k}, got {wanted.tree_nodes}")
+        if not 0.0 <= wanted.min_confidence <= 1.0:  # (NaN fails too)
+            raise InvalidArgument(f"next_round.min_confidence must be in [0, 1], got {wanted.min_confidence}")
+        if not params.greedy and not params.coupled:
+            raise InvalidArgument("next_round drafts after the target's own verdict: greedy decoding or the coupled "
+                                  "rule, not the rejection rule (whose verdict needs the coordinator's draws)")
+        return NextRound(wanted.k, wanted.tree_nodes, wanted.min_confidence)
 
     @staticmethod
     def _tree_depth(parents: tuple[int, ...], drafts: tuple[int, ...], params: SamplingParams) -> int:
@@ -85,16 +110,24 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         """On the worker thread: one forward pass for every request whose context resolves."""
         outcomes = self.host.run_batch(
             requests,
-            lambda request, entry, tokens: VerifyJob(entry, tokens, request.drafts, request.params,
-                                                     request.feature_layers, request.feature_start,
-                                                     request.parents),
-            lambda jobs: verify_batch(self.runner, jobs),
+            self._job,
+            lambda jobs: verify_batch(self.runner, jobs, self.drafting),
         )
         rows = sum(o.computed_tokens for o in outcomes if isinstance(o, Verification))
         for outcome in outcomes:
             if isinstance(outcome, Verification):
                 outcome.batch_rows = rows
         return outcomes
+
+    def _job(self, request: ParsedVerify, entry, tokens: list[int]) -> VerifyJob:
+        """On the worker thread: a request's job; one that drafts the next round has the pass keep
+        the features its drafter lacks."""
+        layers, start = request.feature_layers, request.feature_start
+        if request.next_round is not None:
+            layers = self.drafting.layers
+            start = self.drafting.feature_start(request.context.session_id, len(tokens))
+        return VerifyJob(entry, tokens, request.drafts, request.params, layers, start, request.parents,
+                         request.context.session_id, request.next_round)
 
     async def Verify(self, request: target_pb2.VerifyRequest, context) -> target_pb2.VerifyResponse:
         parsed = self._parse(request)
@@ -108,13 +141,16 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         await self.host.restore_if_missing(parsed.context)
         timed = await self.batcher.submit(parsed)
         result = timed.value
+        drafting_s = result.next_drafts.compute_s if result.next_drafts is not None else 0.0
         response = target_pb2.VerifyResponse(
-            timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s,
+            timings=common_pb2.Timings(queue_s=timed.queue_s, compute_s=timed.compute_s - drafting_s,
                                       batch_sessions=timed.batch_sessions, batch_rows=result.batch_rows),
             cache=common_pb2.CacheUse(reused_tokens=result.reused_tokens, computed_tokens=result.computed_tokens),
         )
-        if result.features is not None:
+        if result.features is not None and parsed.feature_layers:
             response.features.CopyFrom(encode_tensor(result.features))
+        if result.next_drafts is not None:
+            response.next_drafts.CopyFrom(_next_drafts_pb(result.next_drafts))
         if result.probs is not None:
             response.probs.CopyFrom(encode_tensor(result.probs))
         elif parsed.params.greedy:
@@ -124,7 +160,18 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         return response
 
     async def Release(self, request, context):
+        if self.drafting is not None:
+            session_id = request.session_id
+            await self.host.worker.run(lambda: self.drafting.release(session_id))
         return await self.host.release(request, context)
 
     async def GetInfo(self, request, context):
         return await self.host.get_info(request, context)
+
+
+def _next_drafts_pb(drafts: NextDrafts) -> target_pb2.NextDrafts:
+    message = target_pb2.NextDrafts(follows=drafts.follows, tokens=drafts.tokens, parents=drafts.parents or (),
+                                    compute_s=drafts.compute_s)
+    if drafts.confidences is not None:
+        message.confidences.CopyFrom(encode_tensor(torch.tensor(drafts.confidences, dtype=torch.float32)))
+    return message

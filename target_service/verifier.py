@@ -10,6 +10,7 @@ import torch
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ForwardResult, ModelRunner
 from specdec.sampling import SamplingParams, coupled_draws, probs_from_logits, tree_accept, tree_depths
+from target_service.drafting import DraftAfter, NextDrafts, NextRound, TargetDrafting
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Verification:
     computed_tokens: int
     features: torch.Tensor | None = None  # float16 [positions from feature_start, layers * hidden]
     batch_rows: int = 0  # positions the forward pass computed for all its sessions
+    next_drafts: NextDrafts | None = None  # the next round's, drafted in the target (VerifyJob.next_round)
 
 
 @dataclass
@@ -37,6 +39,8 @@ class VerifyJob:
     feature_layers: tuple[int, ...] = ()
     feature_start: int = 0
     draft_parents: Sequence[int] = ()  # a tree of drafts (VerifyRequest.draft_parents); empty: a chain
+    session_id: str = ""
+    next_round: NextRound | None = None  # draft the next round after the pass (TargetDrafting)
 
     def forward_job(self) -> ForwardJob:
         # Logits at committed_len - 1 .. end: row i predicts position len(committed) + i (in a
@@ -64,16 +68,27 @@ def _verification(job: VerifyJob, result: ForwardResult) -> Verification:
     return Verification(None, probs, reused, computed, features)
 
 
-def verify_batch(runner: ModelRunner, jobs: Sequence[VerifyJob]) -> list[Verification]:
+def verify_batch(runner: ModelRunner, jobs: Sequence[VerifyJob],
+                 drafting: TargetDrafting | None = None) -> list[Verification]:
     """Score every job's drafts in one forward pass (k+1 distributions or argmax ids each). After
     a tree, each cache keeps the path the coordinator will keep: tree_accept over the target's own
     choices (greedy or coupled, the rules a tree is verified for), so that the next Verify
     computes none of its nodes again. Were the coordinator to keep another, that Verify's tokens
-    would differ from the cached ones there and it would recompute from that point, as before."""
+    would differ from the cached ones there and it would recompute from that point, as before.
+    Then the jobs that ask for the next round's drafts get them (drafting, after that same
+    verdict)."""
     forward_jobs = [job.forward_job() for job in jobs]
     verifications = [_verification(job, result) for job, result in zip(jobs, runner.forward(forward_jobs))]
     for job, forward_job, verification in zip(jobs, forward_jobs, verifications):
         if job.draft_parents and verification.tokens is not None:
             runner.keep_path(forward_job, tree_accept(job.draft_tokens, job.draft_parents, verification.tokens).path)
+    drafting_jobs = [(job, verification) for job, verification in zip(jobs, verifications)
+                     if job.next_round is not None and verification.tokens is not None]
+    if drafting is not None and drafting_jobs:
+        after = [DraftAfter(job.session_id, job.committed, job.draft_tokens, job.draft_parents, verification.tokens,
+                            job.params, job.next_round, job.entry, job.feature_start)
+                 for job, verification in drafting_jobs]
+        for (_, verification), drafts in zip(drafting_jobs, drafting.draft(after)):
+            verification.next_drafts = drafts
     return verifications
 

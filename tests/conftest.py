@@ -152,11 +152,14 @@ class Stack:
 
 async def start_stack(
     redis_url: str, target_model: Path, draft: str | None, target_replicas: int = 1, draft_replicas: int = 1,
-    snapshots: bool = True, compile: str = "off", draft_overrides: dict | None = None, **coordinator_overrides,
+    snapshots: bool = True, compile: str = "off", draft_overrides: dict | None = None, hosted_drafter: str = "",
+    **coordinator_overrides,
 ) -> Stack:
     """Start real gRPC servers on loopback in this event loop: target(s), optional draft(s), coordinator.
     With `snapshots` the tiers write KV-cache snapshots to the same Redis, as `specdec up` does;
-    `compile` is both tiers' --compile; `draft_overrides`, the draft services' other settings."""
+    `compile` is both tiers' --compile; `draft_overrides`, the draft services' other settings;
+    `hosted_drafter`, a feature drafter the targets host (their --drafter; draft "target" has the
+    coordinator draft with it)."""
     from coordinator import server as coordinator_server
     from coordinator.config import CoordinatorConfig
     from draft_service import server as draft_server
@@ -166,11 +169,11 @@ async def start_stack(
 
     tier_redis = redis_url if snapshots else ""
     tier = dict(metrics_port=-1, redis_url=tier_redis, tier_token=TIER_TOKEN, compile=compile)
-    started = [await target_server.start(TargetConfig(model=str(target_model), **tier))
+    started = [await target_server.start(TargetConfig(model=str(target_model), drafter=hosted_drafter, **tier))
                for _ in range(target_replicas)]
     targets = [s.address for s in started]
     drafts = []
-    if draft == "local-ngram":  # prompt lookup inside the coordinator: no draft tier
+    if draft in ("local-ngram", "target"):  # prompt lookup inside the coordinator, or the targets' drafter
         drafts.append(draft)
     elif draft is not None:
         for _ in range(draft_replicas):
@@ -188,8 +191,9 @@ async def start_stack(
     })
     decoder = await coordinator_server.build_decoder(config)
     started.append(await coordinator_server.start(config, decoder))
-    return Stack(started[-1].address, targets[0], drafts[0] if drafts and draft != "local-ngram" else None, decoder,
-                 [s.server for s in started], targets, drafts, started)
+    tier_draft = drafts[0] if drafts and draft not in ("local-ngram", "target") else None
+    return Stack(started[-1].address, targets[0], tier_draft, decoder, [s.server for s in started], targets, drafts,
+                 started)
 
 
 @pytest_asyncio.fixture(scope="session")

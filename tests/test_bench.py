@@ -8,7 +8,8 @@ import pytest
 
 from bench import report as bench_report
 from bench.figures import PromptRun, Totals, column_of, expected_tokens_per_step, ideal_speedup, percentile
-from bench.harness import BenchOptions, coordinator_flags, drafter_ks, drafter_name, drafter_service, load_prompts, run_bench
+from bench.harness import (BenchOptions, coordinator_flags, drafter_ks, drafter_name, drafter_service, hosted_drafter,
+                           load_prompts, run_bench)
 
 
 def test_leviathan_expected_tokens_and_ideal_speedup():
@@ -67,6 +68,12 @@ def test_drafter_specs_name_trees_hybrids_and_ks():
     assert coordinator_flags("auto+floor0+tree3@2") == ("--tree-nodes", "3", "--min-draft-confidence", "0")
     assert drafter_name("auto+tree3+floor0.2") == "eagle3+tree3+floor0.2" and drafter_ks("auto+floor0@5") == (5,)
     assert drafter_service("/d/x+floor0.1+ngram2", "smollm2") == ("/d/x", ("--hybrid-ngram", "2"))
+    # '+target': the drafter the target hosts; one such drafter per run
+    assert drafter_name("auto+target+tree7@5") == "eagle3+tree7+target" and drafter_ks("auto+target@5") == (5,)
+    assert hosted_drafter(["ngram", "/d/x+target", "/d/x+tree3+target"], "smollm2") == "/d/x"
+    assert hosted_drafter(["/d/x", "ngram"], "smollm2") == ""
+    with pytest.raises(ValueError, match="one drafter"):
+        hosted_drafter(["/d/x+target", "/d/y+target"], "smollm2")
 
 
 def test_prompt_selection(prompt_file):

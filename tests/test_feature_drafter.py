@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 import torch
 
-from conftest import REPO, TIER_METADATA, start_stack
+from conftest import REPO, TIER_METADATA, TIER_TOKEN, start_stack
 from helpers import generate
 from specdec import models
 from specdec.eagle import DrafterConfig, EagleDrafter, ttt_mask
@@ -919,6 +919,133 @@ async def test_verify_returns_the_features_the_drafter_reads(feature_stack, feat
     assert reply.HasField("features_from") and reply.features_from == 0 and not reply.tokens
 
 
+# --- drafting in the target (its --drafter; the coordinator's --draft target) --------------------
+
+@pytest_asyncio.fixture(scope="module")
+async def in_target_stacks(redis_server, tiny_target, feature_drafter):
+    """The feature drafter hosted by the target, no draft tier: chains, and trees of 10."""
+    stacks = {shape: await start_stack(redis_server.url, tiny_target, "target", hosted_drafter=str(feature_drafter),
+                                       tree_nodes=nodes) for shape, nodes in (("chain", 0), ("tree", 10))}
+    yield stacks
+    for stack in stacks.values():
+        for server in stack.servers:
+            await server.stop(0)
+
+
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+@pytest.mark.parametrize("k", [1, 4, 8])
+async def test_greedy_with_drafts_made_in_the_target_equals_the_targets_generate(in_target_stacks, target_greedy,
+                                                                                  shape, k):
+    stack = in_target_stacks[shape]
+    async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+        result = await generate(channel, prompt="hello there, how are you? hello there, how are", max_new_tokens=48,
+                                k=k, fixed_k=True, ignore_eos=True)
+    stats = result.stats
+    assert stats.drafter == "eagle3@target" and stack.draft is None  # (no draft tier)
+    assert result.token_ids == target_greedy(result.prompt_token_ids, 48)
+    assert stats.accepted_tokens > 0
+    # Every round drafts but the first (its Verify drafts the second) and the last (no room left).
+    assert stats.rounds - stats.proposed_per_position[0] <= 2
+    assert (stats.draft_tokens > sum(stats.proposed_per_position)) == (shape == "tree")
+
+
+async def test_a_round_drafts_what_the_verify_before_made_only_when_it_commits_what_they_follow(
+    in_target_stacks, target_greedy
+):
+    """Under a rule that keeps one draft fewer than the target's own verdict (the same tokens, as
+    the kept draft is the target's choice there), the drafts made after the target's verdict do not
+    follow what the round commits: the next round sends none; after a round whose tokens they
+    follow, it sends them. The output is the target's either way."""
+    from specdec.sampling import Verdict, greedy_accept
+
+    def keep_one_fewer(drafts, choices):
+        verdict = greedy_accept(drafts, choices)
+        return verdict if verdict.accepted == 0 else Verdict(verdict.accepted - 1, int(choices[verdict.accepted - 1]))
+
+    decoder = in_target_stacks["chain"].decoder
+    verify, calls = decoder.target.verify, []
+
+    async def recording(session_id, committed, drafts, *args, **kwargs):
+        held = list(committed.ids)
+        reply = await verify(session_id, committed, drafts, *args, **kwargs)
+        calls.append((held, list(drafts), reply.next_drafts))
+        return reply
+
+    decoder.target.verify, decoder.match_rule = recording, keep_one_fewer
+    try:
+        async with grpc.aio.insecure_channel(in_target_stacks["chain"].coordinator) as channel:
+            result = await generate(channel, prompt="tell me a story about a cat", max_new_tokens=40, k=4,
+                                    fixed_k=True, ignore_eos=True)
+    finally:
+        decoder.target.verify, decoder.match_rule = verify, greedy_accept
+    assert result.token_ids == target_greedy(result.prompt_token_ids, 40)
+    used = dropped = 0
+    for (before, _, made), (after, sent, _) in zip(calls, calls[1:]):
+        if made is not None and made.follows == after[len(before):]:
+            assert sent and sent == made.tokens[: len(sent)]
+            used += 1
+        else:
+            assert sent == []
+            dropped += made is not None
+    assert used > 0 and dropped > 0
+
+
+async def test_drafting_in_the_target_refuses_what_it_cannot_draft(in_target_stacks, feature_stack, redis_server,
+                                                                   tiny_target):
+    """next_round from a target that hosts no drafter, under the rejection rule, with features asked
+    for, or with k 0: INVALID_ARGUMENT; a coordinator told to draft in targets that host no drafter
+    does not start."""
+    from coordinator import server as coordinator_server
+    from coordinator.config import CoordinatorConfig
+    from specdec.serving import StartupError
+
+    tokens = CommittedTokens([4, 5, 6, 7])
+    rejection = common_pb2.SamplingParams(temperature=1.0, rule=common_pb2.SAMPLING_RULE_REJECTION)
+
+    async def refused(address: str, **fields) -> str:
+        stub = target_pb2_grpc.TargetServiceStub(grpc.aio.insecure_channel(address))
+        request = target_pb2.VerifyRequest(context=context_to_pb("next-round", tokens, 0), **fields)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Verify(request, metadata=TIER_METADATA)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return error.value.details()
+
+    hosting = in_target_stacks["chain"].target
+    assert "hosts no drafter" in await refused(feature_stack.target, next_round=target_pb2.NextRound(k=3))
+    assert "rejection rule" in await refused(hosting, next_round=target_pb2.NextRound(k=3), sampling=rejection)
+    assert "ask for none" in await refused(hosting, next_round=target_pb2.NextRound(k=3), feature_start=0,
+                                           feature_layers=[1])
+    assert "next_round.k" in await refused(hosting, next_round=target_pb2.NextRound(k=0))
+    config = CoordinatorConfig(target=(feature_stack.target,), draft=("target",), redis_url=redis_server.url,
+                               tokenizer=str(tiny_target), startup_timeout_s=10, metrics_port=-1, tier_token=TIER_TOKEN)
+    with pytest.raises(StartupError, match="--drafter"):
+        await coordinator_server.build_decoder(config)
+
+
+async def test_a_lost_target_replica_drafts_again_at_once_on_the_other(redis_server, tiny_target, feature_drafter,
+                                                                        target_greedy):
+    """The target replica holding a session (its KV cache and its drafter's state) dies between
+    turns: the other one takes in the features from its own pass and drafts from the turn's second
+    round, the output the target's."""
+    fields = dict(max_new_tokens=40, k=4, fixed_k=True, ignore_eos=True)
+    stack = await start_stack(redis_server.url, tiny_target, "target", target_replicas=2,
+                              hosted_drafter=str(feature_drafter))
+    try:
+        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
+            first = await generate(channel, prompt="tell me about the sea", **fields)
+            replicas = stack.decoder.target.replicas
+            home = replicas.order_for(first.session_id)[0]
+            await stack.started[home].server.stop(0)
+            replicas.healthy[replicas.addresses[home]] = False
+            second = await generate(channel, prompt="and the mountains?", session_id=first.session_id, **fields)
+    finally:
+        for server in stack.servers:
+            await server.stop(0)
+    history = first.prompt_token_ids + first.token_ids + second.prompt_token_ids
+    assert second.token_ids == target_greedy(history, 40)
+    assert second.stats.rounds - second.stats.proposed_per_position[0] <= 2 and second.stats.accepted_tokens > 0
+
+
 # --- the sampling law with the feature drafter ------------------------------------------------
 
 CHARS = "abcd"
@@ -942,7 +1069,10 @@ async def small_feature_stack(redis_server, tmp_path_factory):
     (drafter / "config.json").write_text(json.dumps({**config, "temperature_scale": 0.25}))
     stacks = {"chain": await start_stack(redis_server.url, target, str(drafter), tree_nodes=0),
               # Trees even under the test's concurrency (by default they give way to chains under load).
-              "tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5, tree_max_sessions=64)}
+              "tree": await start_stack(redis_server.url, target, str(drafter), tree_nodes=5, tree_max_sessions=64),
+              # The same drafter hosted by the target: trees drafted after its own coupled draws, in batches.
+              "target-tree": await start_stack(redis_server.url, target, "target", hosted_drafter=str(drafter),
+                                               tree_nodes=5, tree_max_sessions=64)}
     model = models.load_model(str(target))
     law = two_token_law(model, PROMPT, PARAMS)
     yield stacks, law
@@ -951,7 +1081,8 @@ async def small_feature_stack(redis_server, tmp_path_factory):
             await server.stop(0)
 
 
-@pytest.mark.parametrize("rule, shape", [("rejection", "chain"), ("coupled", "chain"), ("coupled", "tree")])
+@pytest.mark.parametrize("rule, shape", [("rejection", "chain"), ("coupled", "chain"), ("coupled", "tree"),
+                                         ("coupled", "target-tree")])
 async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rule, shape):
     import asyncio
 
@@ -967,13 +1098,15 @@ async def test_the_feature_drafter_keeps_the_target_law(small_feature_stack, rul
                                         fixed_k=True, ignore_eos=True, temperature=PARAMS.temperature,
                                         top_k=PARAMS.top_k, top_p=PARAMS.top_p, sampling_rule=RULES[rule])
             counts[tuple(result.token_ids[:2])] += 1
-            assert result.stats.drafter == "eagle3"
+            assert result.stats.drafter == ("eagle3@target" if shape.startswith("target") else "eagle3")
             trees[0] += result.stats.draft_tokens > sum(result.stats.proposed_per_position)
+            drafted[0] += result.stats.draft_tokens > 0
 
-        trees = [0]
+        trees, drafted = [0], [0]
         await asyncio.gather(*(one(seed) for seed in range(600)))
     assert chi_square_pvalue(counts, law) > 1e-3, counts
-    assert (trees[0] > 0) == (shape == "tree")  # the tree stack did draft trees
+    assert (trees[0] > 0) == shape.endswith("tree")  # the tree stacks did draft trees
+    assert drafted[0] > 300  # (in the target: a turn's second round and after, of its 3 tokens)
 
 
 async def test_the_law_check_catches_a_wrong_tree_rule(small_feature_stack):

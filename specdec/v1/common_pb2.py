@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/common.proto\x12\nspecdec.v1\"G\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.specdec.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"y\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12&\n\x04rule\x18\x05 \x01(\x0e\x32\x18.specdec.v1.SamplingRule\"}\n\x0eSessionContext\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65lta_start\x18\x03 \x01(\r\x12\x14\n\x0c\x64\x65lta_tokens\x18\x04 \x03(\x05\x12\x15\n\rprefix_digest\x18\x05 \x01(\x0c\"Y\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61tch_sessions\x18\x03 \x01(\r\x12\x12\n\nbatch_rows\x18\x04 \x01(\r\":\n\x08\x43\x61\x63heUse\x12\x15\n\rreused_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x02 \x01(\r\"\xb7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x19\n\x11vocab_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x07 \x03(\r\x12\x1b\n\x13\x66\x65\x61ture_hidden_size\x18\x08 \x01(\r\"\x10\n\x0eGetInfoRequest\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT32\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04*e\n\x0cSamplingRule\x12\x1d\n\x19SAMPLING_RULE_UNSPECIFIED\x10\x00\x12\x1b\n\x17SAMPLING_RULE_REJECTION\x10\x01\x12\x19\n\x15SAMPLING_RULE_COUPLED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/common.proto\x12\nspecdec.v1\"G\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.specdec.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"y\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12&\n\x04rule\x18\x05 \x01(\x0e\x32\x18.specdec.v1.SamplingRule\"}\n\x0eSessionContext\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65lta_start\x18\x03 \x01(\r\x12\x14\n\x0c\x64\x65lta_tokens\x18\x04 \x03(\x05\x12\x15\n\rprefix_digest\x18\x05 \x01(\x0c\"Y\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61tch_sessions\x18\x03 \x01(\r\x12\x12\n\nbatch_rows\x18\x04 \x01(\r\":\n\x08\x43\x61\x63heUse\x12\x15\n\rreused_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x02 \x01(\r\"\xcd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x19\n\x11vocab_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x07 \x03(\r\x12\x1b\n\x13\x66\x65\x61ture_hidden_size\x18\x08 \x01(\r\x12\x14\n\x0c\x64rafter_kind\x18\t \x01(\t\"\x10\n\x0eGetInfoRequest\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT32\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04*e\n\x0cSamplingRule\x12\x1d\n\x19SAMPLING_RULE_UNSPECIFIED\x10\x00\x12\x1b\n\x17SAMPLING_RULE_REJECTION\x10\x01\x12\x19\n\x15SAMPLING_RULE_COUPLED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=792
-  _globals['_DTYPE']._serialized_end=894
-  _globals['_SAMPLINGRULE']._serialized_start=896
-  _globals['_SAMPLINGRULE']._serialized_end=997
+  _globals['_DTYPE']._serialized_start=814
+  _globals['_DTYPE']._serialized_end=916
+  _globals['_SAMPLINGRULE']._serialized_start=918
+  _globals['_SAMPLINGRULE']._serialized_end=1019
   _globals['_TENSOR']._serialized_start=39
   _globals['_TENSOR']._serialized_end=110
   _globals['_SAMPLINGPARAMS']._serialized_start=112
@@ -46,11 +46,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CACHEUSE']._serialized_start=453
   _globals['_CACHEUSE']._serialized_end=511
   _globals['_MODELINFO']._serialized_start=514
-  _globals['_MODELINFO']._serialized_end=697
-  _globals['_GETINFOREQUEST']._serialized_start=699
-  _globals['_GETINFOREQUEST']._serialized_end=715
-  _globals['_RELEASEREQUEST']._serialized_start=717
-  _globals['_RELEASEREQUEST']._serialized_end=753
-  _globals['_RELEASERESPONSE']._serialized_start=755
-  _globals['_RELEASERESPONSE']._serialized_end=790
+  _globals['_MODELINFO']._serialized_end=719
+  _globals['_GETINFOREQUEST']._serialized_start=721
+  _globals['_GETINFOREQUEST']._serialized_end=737
+  _globals['_RELEASEREQUEST']._serialized_start=739
+  _globals['_RELEASEREQUEST']._serialized_end=775
+  _globals['_RELEASERESPONSE']._serialized_start=777
+  _globals['_RELEASERESPONSE']._serialized_end=812
 # @@protoc_insertion_point(module_scope)

@@ -88,7 +88,7 @@ class CacheUse(_message.Message):
     def __init__(self, reused_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "vocab_size", "vocab_fingerprint", "max_context", "eos_token_ids", "kind", "feature_layers", "feature_hidden_size")
+    __slots__ = ("name", "vocab_size", "vocab_fingerprint", "max_context", "eos_token_ids", "kind", "feature_layers", "feature_hidden_size", "drafter_kind")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class ModelInfo(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     FEATURE_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_KIND_FIELD_NUMBER: _ClassVar[int]
     name: str
     vocab_size: int
     vocab_fingerprint: str
@@ -105,7 +106,8 @@ class ModelInfo(_message.Message):
     kind: str
     feature_layers: _containers.RepeatedScalarFieldContainer[int]
     feature_hidden_size: int
-    def __init__(self, name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ..., feature_layers: _Optional[_Iterable[int]] = ..., feature_hidden_size: _Optional[int] = ...) -> None: ...
+    drafter_kind: str
+    def __init__(self, name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ..., feature_layers: _Optional[_Iterable[int]] = ..., feature_hidden_size: _Optional[int] = ..., drafter_kind: _Optional[str] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import common_pb2 as specdec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/target.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xdd\x01\n\rVerifyRequest\x12+\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.specdec.v1.SessionContext\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x1a\n\rfeature_start\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x05 \x03(\r\x12\x15\n\rdraft_parents\x18\x06 \x03(\x05\x42\x10\n\x0e_feature_start\"\xd3\x01\n\x0eVerifyResponse\x12\x15\n\rargmax_tokens\x18\x01 \x03(\x05\x12!\n\x05probs\x18\x02 \x01(\x0b\x32\x12.specdec.v1.Tensor\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x13.specdec.v1.Timings\x12#\n\x05\x63\x61\x63he\x18\x04 \x01(\x0b\x32\x14.specdec.v1.CacheUse\x12\x16\n\x0esampled_tokens\x18\x05 \x03(\x05\x12$\n\x08\x66\x65\x61tures\x18\x06 \x01(\x0b\x32\x12.specdec.v1.Tensor2\xd2\x01\n\rTargetService\x12?\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse\x12\x42\n\x07Release\x12\x1a.specdec.v1.ReleaseRequest\x1a\x1b.specdec.v1.ReleaseResponse\x12<\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x15.specdec.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/target.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\x88\x02\n\rVerifyRequest\x12+\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.specdec.v1.SessionContext\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x1a\n\rfeature_start\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x05 \x03(\r\x12\x15\n\rdraft_parents\x18\x06 \x03(\x05\x12)\n\nnext_round\x18\x07 \x01(\x0b\x32\x15.specdec.v1.NextRoundB\x10\n\x0e_feature_start\"B\n\tNextRound\x12\t\n\x01k\x18\x01 \x01(\r\x12\x12\n\ntree_nodes\x18\x02 \x01(\r\x12\x16\n\x0emin_confidence\x18\x03 \x01(\x02\"z\n\nNextDrafts\x12\x0f\n\x07\x66ollows\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x0f\n\x07parents\x18\x03 \x03(\x05\x12\'\n\x0b\x63onfidences\x18\x04 \x01(\x0b\x32\x12.specdec.v1.Tensor\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\"\x80\x02\n\x0eVerifyResponse\x12\x15\n\rargmax_tokens\x18\x01 \x03(\x05\x12!\n\x05probs\x18\x02 \x01(\x0b\x32\x12.specdec.v1.Tensor\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x13.specdec.v1.Timings\x12#\n\x05\x63\x61\x63he\x18\x04 \x01(\x0b\x32\x14.specdec.v1.CacheUse\x12\x16\n\x0esampled_tokens\x18\x05 \x03(\x05\x12$\n\x08\x66\x65\x61tures\x18\x06 \x01(\x0b\x32\x12.specdec.v1.Tensor\x12+\n\x0bnext_drafts\x18\x07 \x01(\x0b\x32\x16.specdec.v1.NextDrafts2\xd2\x01\n\rTargetService\x12?\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse\x12\x42\n\x07Release\x12\x1a.specdec.v1.ReleaseRequest\x1a\x1b.specdec.v1.ReleaseResponse\x12<\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x15.specdec.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.target_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFYREQUEST']._serialized_start=65
-  _globals['_VERIFYREQUEST']._serialized_end=286
-  _globals['_VERIFYRESPONSE']._serialized_start=289
-  _globals['_VERIFYRESPONSE']._serialized_end=500
-  _globals['_TARGETSERVICE']._serialized_start=503
-  _globals['_TARGETSERVICE']._serialized_end=713
+  _globals['_VERIFYREQUEST']._serialized_end=329
+  _globals['_NEXTROUND']._serialized_start=331
+  _globals['_NEXTROUND']._serialized_end=397
+  _globals['_NEXTDRAFTS']._serialized_start=399
+  _globals['_NEXTDRAFTS']._serialized_end=521
+  _globals['_VERIFYRESPONSE']._serialized_start=524
+  _globals['_VERIFYRESPONSE']._serialized_end=780
+  _globals['_TARGETSERVICE']._serialized_start=783
+  _globals['_TARGETSERVICE']._serialized_end=993
 # @@protoc_insertion_point(module_scope)
