@@ -20,7 +20,7 @@ DEFAULT_MODEL = "smollm2"  # specdec.models.DEFAULT_MODEL, without importing tor
 
 
 def _launch_options(args: argparse.Namespace):
-    from specdec.launcher import LaunchOptions
+    from specdec.launcher import LaunchOptions, drafter_in_target
 
     return LaunchOptions(
         target=args.target,
@@ -40,7 +40,7 @@ def _launch_options(args: argparse.Namespace):
         tier_token_file=args.tier_token_file,
         unix_sockets=not args.tcp_tiers,
         coordinator_flags=("--tree-nodes", str(args.tree_nodes)) if args.tree_nodes is not None else (),
-        draft_in_target=args.draft_in_target,
+        draft_in_target=drafter_in_target(args.draft_placement, args.draft, args.target),
     )
 
 
@@ -60,7 +60,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
     stop = _stop_on_signal()
     try:
         pipeline = await launch(_launch_options(args))
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # (a setting refused, a service that did not start)
         print(f"specdec up: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(pipeline.summary()), flush=True)
@@ -246,9 +246,11 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting a redis-server")
     parser.add_argument("--host", default="127.0.0.1", help="address the services listen on")
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0 = a free one)")
-    parser.add_argument("--draft-in-target", action="store_true",
-                        help="with a feature drafter: the target replicas host it (their --drafter) and draft each "
-                             "round in the Verify before it, greedy and the coupled rule; no draft tier")
+    parser.add_argument("--draft-placement", default="auto", choices=("auto", "target", "tier"),
+                        help="where a feature drafter runs: 'target' (the target replicas host it and draft each "
+                             "round in the Verify before it; greedy and the coupled rule; no draft tier), 'tier' (its "
+                             "own draft services, which --draft-replicas counts), 'auto' (target for a feature "
+                             "drafter; model and n-gram drafters keep their tier)")
     parser.add_argument("--draft-replicas", type=int, default=1, help="draft service processes")
     parser.add_argument("--target-replicas", type=int, default=1, help="target service processes")
     parser.add_argument("--device", default="cpu", help="torch device of the target, e.g. cuda")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from specdec.access import new_token, read_keys
+from specdec.eagle import is_drafter_folder
 from specdec.models import AUTO_DRAFTER, DRAFT_IN_TARGET, default_drafter
 from specdec.ngram import LOCAL_NGRAM
 from specdec.serving import wait_healthy
@@ -191,6 +192,22 @@ async def spawn_service(
 def runner_flags(compile: str, batch_invariant: bool) -> list[str]:
     """The flags of a service that runs a model: how its forward pass is compiled and padded."""
     return ["--compile", compile, "--batch-invariant", str(batch_invariant).lower()]
+
+
+PLACEMENTS = ("auto", "target", "tier")  # `specdec up --draft-placement`
+
+
+def drafter_in_target(placement: str, draft: str, target: str) -> bool:
+    """Whether the target replicas host the drafter (`--draft-placement`): 'target' (a feature
+    drafter only), 'tier' never, 'auto' for a feature drafter, whose rounds then make one call
+    instead of two and send no features (bench/RESULTS.md, "the feature drafter inside the
+    target"); model and n-gram drafters keep their tier. A RuntimeError for what cannot be."""
+    if placement not in PLACEMENTS:
+        raise RuntimeError(f"--draft-placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
+    feature = is_drafter_folder(default_drafter(target) if draft == AUTO_DRAFTER else draft)
+    if placement == "target" and not feature:
+        raise RuntimeError(f"--draft-placement target: only a feature drafter can be hosted by the target, not {draft}")
+    return placement == "target" or (placement == "auto" and feature)
 
 
 async def launch(options: LaunchOptions) -> Pipeline:

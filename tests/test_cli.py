@@ -132,3 +132,19 @@ def test_each_service_shuts_down_cleanly_on_sigterm(redis_server, tiny_target, t
         assert process.wait(30) == 0
         stderr = process.stderr.read()
         assert "Traceback" not in stderr, stderr
+
+
+def test_a_feature_drafter_is_hosted_by_the_target_unless_placed_in_its_tier(tiny_draft):
+    """--draft-placement: 'auto' puts the shipped feature drafter in the target (no draft tier) and
+    keeps a model drafter or n-gram in theirs; 'tier' keeps a feature drafter in its own; 'target'
+    refuses what a target cannot host."""
+    from specdec.cli import _launch_options, build_parser
+
+    def in_target(*argv: str) -> bool:
+        return _launch_options(build_parser().parse_args(["up", *argv])).draft_in_target
+
+    assert in_target() and in_target("--draft", str(REPO / "drafters" / "smollm2-eagle3"))
+    assert not in_target("--draft-placement", "tier")
+    assert not in_target("--draft", "ngram") and not in_target("--draft", str(tiny_draft))
+    with pytest.raises(RuntimeError, match="only a feature drafter"):
+        in_target("--draft", "ngram", "--draft-placement", "target")

@@ -838,19 +838,18 @@ async def test_a_malformed_tree_is_refused(tree_stack):
     assert len(reply.sampled_tokens) == 4
 
 
-async def test_a_new_turn_and_a_lost_draft_replica_get_their_features_back(
-    redis_server, tiny_target, feature_drafter, target_greedy
-):
-    """The draft replica holding a session dies between turns: the other one lacks its features,
-    says so, gets them from the target through the coordinator, and drafts again at once."""
-    fields = dict(max_new_tokens=40, k=4, fixed_k=True, ignore_eos=True)  # adaptive k may stop drafting
-    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), draft_replicas=2)
+async def _two_turns_losing_home(stack, tier: str, target_greedy):
+    """Two turns of one session (k = 4 fixed: adaptive k may stop drafting) on `stack`, stopped
+    after them; the replica of `tier` ('draft' or 'target') that held the session stopped between
+    them and marked down. Checks the second turn is the target's own; returns its stats."""
+    fields = dict(max_new_tokens=40, k=4, fixed_k=True, ignore_eos=True)
+    replicas = getattr(stack.decoder, tier).replicas
+    first_server = len(stack.targets) if tier == "draft" else 0  # (stack.started: targets, then drafts)
     try:
         async with grpc.aio.insecure_channel(stack.coordinator) as channel:
             first = await generate(channel, prompt="tell me about the sea", **fields)
-            replicas = stack.decoder.draft.replicas
             home = replicas.order_for(first.session_id)[0]
-            await stack.started[1 + home].server.stop(0)
+            await stack.started[first_server + home].server.stop(0)
             replicas.healthy[replicas.addresses[home]] = False
             second = await generate(channel, prompt="and the mountains?", session_id=first.session_id, **fields)
     finally:
@@ -858,9 +857,19 @@ async def test_a_new_turn_and_a_lost_draft_replica_get_their_features_back(
             await server.stop(0)
     history = first.prompt_token_ids + first.token_ids + second.prompt_token_ids
     assert second.token_ids == target_greedy(history, 40)
+    return second.stats
+
+
+async def test_a_new_turn_and_a_lost_draft_replica_get_their_features_back(
+    redis_server, tiny_target, feature_drafter, target_greedy
+):
+    """The draft replica holding a session dies between turns: the other one lacks its features,
+    says so, gets them from the target through the coordinator, and drafts again at once."""
+    stack = await start_stack(redis_server.url, tiny_target, str(feature_drafter), draft_replicas=2)
+    stats = await _two_turns_losing_home(stack, "draft", target_greedy)
     # The turn's first round drafts nothing (its prompt has no features yet); drafting resumes after it.
-    assert second.stats.rounds - second.stats.proposed_per_position[0] <= 3  # the prefill, the last round, one more
-    assert second.stats.accepted_tokens > 0
+    assert stats.rounds - stats.proposed_per_position[0] <= 3  # the prefill, the last round, one more
+    assert stats.accepted_tokens > 0
 
 
 async def test_a_target_only_turn_asks_for_no_features_and_the_next_turn_drafts_at_once(feature_stack, target_greedy):
@@ -1027,23 +1036,10 @@ async def test_a_lost_target_replica_drafts_again_at_once_on_the_other(redis_ser
     """The target replica holding a session (its KV cache and its drafter's state) dies between
     turns: the other one takes in the features from its own pass and drafts from the turn's second
     round, the output the target's."""
-    fields = dict(max_new_tokens=40, k=4, fixed_k=True, ignore_eos=True)
     stack = await start_stack(redis_server.url, tiny_target, "target", target_replicas=2,
                               hosted_drafter=str(feature_drafter))
-    try:
-        async with grpc.aio.insecure_channel(stack.coordinator) as channel:
-            first = await generate(channel, prompt="tell me about the sea", **fields)
-            replicas = stack.decoder.target.replicas
-            home = replicas.order_for(first.session_id)[0]
-            await stack.started[home].server.stop(0)
-            replicas.healthy[replicas.addresses[home]] = False
-            second = await generate(channel, prompt="and the mountains?", session_id=first.session_id, **fields)
-    finally:
-        for server in stack.servers:
-            await server.stop(0)
-    history = first.prompt_token_ids + first.token_ids + second.prompt_token_ids
-    assert second.token_ids == target_greedy(history, 40)
-    assert second.stats.rounds - second.stats.proposed_per_position[0] <= 2 and second.stats.accepted_tokens > 0
+    stats = await _two_turns_losing_home(stack, "target", target_greedy)
+    assert stats.rounds - stats.proposed_per_position[0] <= 2 and stats.accepted_tokens > 0
 
 
 # --- the sampling law with the feature drafter ------------------------------------------------
