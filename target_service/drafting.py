@@ -48,14 +48,12 @@ class NextDrafts:
 
 @dataclass
 class DraftAfter:
-    """One verified session to draft after: its id, committed tokens, the drafts and the target's
-    choices on them, and what to draft."""
+    """One verified session to draft after: its id, its committed tokens once the round commits
+    `follows` under the target's own verdict (own_verdict), and what to draft."""
 
     session_id: str
-    committed: Sequence[int]
-    drafts: Sequence[int]
-    parents: Sequence[int]
-    choices: Sequence[int]  # the target's argmax (greedy) or coupled draws, one per scored row
+    committed: Sequence[int]  # (ending with `follows`)
+    follows: list[int]  # the kept drafts, then the target's next token
     params: SamplingParams
     next_round: NextRound
     target_entry: SessionCache  # the target's cache, whose features the pass left
@@ -91,27 +89,24 @@ class TargetDrafting:
         """On the model thread, after the pass: each session's next drafts, all drafted together
         (None where no room is left in the context)."""
         started = time.perf_counter()
-        jobs, follows, placed = [], [], []
+        jobs, placed = [], []
         for i, one in enumerate(after):
-            verdict = own_verdict(one.drafts, one.parents, one.choices)
-            new = verdict.kept(one.drafts) + [verdict.next_token]
-            committed = list(one.committed) + new
-            k = min(one.next_round.k, self.max_context - len(committed))
+            k = min(one.next_round.k, self.max_context - len(one.committed))
             if k < 1:
                 continue
-            end = len(committed) - 1  # the newest token's features come with the next pass
+            end = len(one.committed) - 1  # the newest token's features come with the next pass
             features = one.target_entry.features.read(one.feature_start, end)
-            jobs.append(ProposeJob(self.table.get_or_create(one.session_id), committed, k, one.params, features,
+            jobs.append(ProposeJob(self.table.get_or_create(one.session_id), one.committed, k, one.params, features,
                                    one.feature_start, tree_nodes=one.next_round.tree_nodes,
                                    min_confidence=one.next_round.min_confidence))
-            follows.append(new)
             placed.append(i)
         answers: list[NextDrafts | None] = [None] * len(after)
         if jobs:
             proposals = self.drafter.propose_batch(jobs)
             spent = time.perf_counter() - started
-            for i, new, proposal in zip(placed, follows, proposals):
-                answers[i] = NextDrafts(new, proposal.tokens, proposal.parents, proposal.confidences, spent)
+            for i, proposal in zip(placed, proposals):
+                answers[i] = NextDrafts(after[i].follows, proposal.tokens, proposal.parents, proposal.confidences,
+                                        spent)
         self.table.enforce_bounds()
         return answers
 

@@ -9,8 +9,8 @@ import torch
 
 from specdec.kv_cache import SessionCache
 from specdec.runner import ForwardJob, ForwardResult, ModelRunner
-from specdec.sampling import SamplingParams, coupled_draws, probs_from_logits, tree_accept, tree_depths
-from target_service.drafting import DraftAfter, NextDrafts, NextRound, TargetDrafting
+from specdec.sampling import SamplingParams, coupled_draws, probs_from_logits, tree_depths
+from target_service.drafting import DraftAfter, NextDrafts, NextRound, TargetDrafting, own_verdict
 
 
 @dataclass
@@ -79,16 +79,19 @@ def verify_batch(runner: ModelRunner, jobs: Sequence[VerifyJob],
     verdict)."""
     forward_jobs = [job.forward_job() for job in jobs]
     verifications = [_verification(job, result) for job, result in zip(jobs, runner.forward(forward_jobs))]
+    after: list[tuple[Verification, DraftAfter]] = []
     for job, forward_job, verification in zip(jobs, forward_jobs, verifications):
-        if job.draft_parents and verification.tokens is not None:
-            runner.keep_path(forward_job, tree_accept(job.draft_tokens, job.draft_parents, verification.tokens).path)
-    drafting_jobs = [(job, verification) for job, verification in zip(jobs, verifications)
-                     if job.next_round is not None and verification.tokens is not None]
-    if drafting is not None and drafting_jobs:
-        after = [DraftAfter(job.session_id, job.committed, job.draft_tokens, job.draft_parents, verification.tokens,
-                            job.params, job.next_round, job.entry, job.feature_start)
-                 for job, verification in drafting_jobs]
-        for (_, verification), drafts in zip(drafting_jobs, drafting.draft(after)):
+        if verification.tokens is None or not (job.draft_parents or job.next_round is not None):
+            continue
+        verdict = own_verdict(job.draft_tokens, job.draft_parents, verification.tokens)
+        if job.draft_parents:
+            runner.keep_path(forward_job, verdict.path)
+        if job.next_round is not None and drafting is not None:
+            new = verdict.kept(job.draft_tokens) + [verdict.next_token]
+            after.append((verification, DraftAfter(job.session_id, list(job.committed) + new, new, job.params,
+                                                   job.next_round, job.entry, job.feature_start)))
+    if after:
+        for (verification, _), drafts in zip(after, drafting.draft([one for _, one in after])):
             verification.next_drafts = drafts
     return verifications
 
