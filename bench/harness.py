@@ -315,13 +315,14 @@ async def _start_pipelines(options: BenchOptions) -> tuple[Pipeline, dict[str, s
                                           batch_invariant=options.batch_invariant,
                                           coordinator_flags=coordinator_flags(first),
                                           draft_in_target=DrafterSpec.parse(first).in_target,
-                                          target_flags=("--drafter", hosted) if hosted else ()))
+                                          target_drafter=hosted))
     coordinators = {first: pipeline.coordinator.address}
     targets = ",".join(c.address for c in pipeline.targets)
     for drafter in others:
         model, flags = drafter_service(drafter, options.target)
+        # the target's hosted drafter, prompt lookup inside the coordinator, or a draft service of its own
         draft_address = DRAFT_IN_TARGET if DrafterSpec.parse(drafter).in_target else LOCAL_NGRAM
-        if model != LOCAL_NGRAM and draft_address != DRAFT_IN_TARGET:
+        if draft_address == LOCAL_NGRAM and model != LOCAL_NGRAM:
             draft = await spawn_service(f"draft-{drafter_name(drafter)}", "draft_service",
                                         ["--model", model, "--device", options.device,
                                          *runner_flags(options.compile, options.batch_invariant), *flags], 600,

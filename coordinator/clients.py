@@ -293,16 +293,9 @@ class DraftClient:
                                       metadata=with_trace(self.replicas.metadata))
 
         reply = await self.replicas.call(session_id, committed, tracker, send)
-        confidences = None
-        if reply.HasField("confidences"):
-            confidences = decode_tensor(reply.confidences, (len(reply.tokens),)).tolist()
+        confidences = _confidences(reply)
         if reply.parents:
-            parents = list(reply.parents)
-            if len(parents) != len(reply.tokens) or len(parents) > max(tree_nodes, k) or reply.HasField("probs"):
-                raise ValueError(f"a tree of {len(reply.tokens)} drafts came back with {len(parents)} parents")
-            depth = max(tree_depths(parents))  # raises unless a tree
-            if depth > k:
-                raise ValueError(f"a tree of drafts {depth} deep for k={k}")
+            parents = _checked_tree(reply.tokens, reply.parents, k, tree_nodes, with_probs=reply.HasField("probs"))
             return DraftResult(list(reply.tokens), None, reply.point_mass, reply.timings.compute_s,
                                reply.features_from if reply.HasField("features_from") else None, parents,
                                confidences)
@@ -379,15 +372,26 @@ def _next_drafts(reply: target_pb2.NextDrafts, asked: Plan | None) -> DraftResul
     """The next round's drafts from a Verify reply (NextDrafts), checked against what was asked."""
     if asked is None:
         raise ValueError("the target sent next drafts nobody asked for")
-    tokens, parents = list(reply.tokens), list(reply.parents) or None
-    if parents is not None:
-        if len(parents) != len(tokens) or len(parents) > max(asked.nodes, asked.k):
-            raise ValueError(f"a tree of {len(tokens)} next drafts came back with {len(parents)} parents")
-        if max(tree_depths(parents)) > asked.k:  # (raises unless a tree)
-            raise ValueError(f"a tree of next drafts deeper than k={asked.k}")
-    elif len(tokens) > asked.k:
-        raise ValueError(f"{len(tokens)} next drafts for k={asked.k}")
-    confidences = None
-    if reply.HasField("confidences"):
-        confidences = decode_tensor(reply.confidences, (len(tokens),)).tolist()
-    return DraftResult(tokens, None, False, reply.compute_s, None, parents, confidences, list(reply.follows))
+    parents = _checked_tree(reply.tokens, reply.parents, asked.k, asked.nodes) if reply.parents else None
+    if parents is None and len(reply.tokens) > asked.k:
+        raise ValueError(f"{len(reply.tokens)} next drafts for k={asked.k}")
+    return DraftResult(list(reply.tokens), None, False, reply.compute_s, None, parents, _confidences(reply),
+                       list(reply.follows))
+
+
+def _checked_tree(tokens: Sequence[int], parents: Sequence[int], k: int, nodes: int,
+                  with_probs: bool = False) -> list[int]:
+    """A tree of drafts as it came back (ProposeResponse or NextDrafts): one parent per draft, at most
+    max(nodes, k) drafts, no q (trees are not verified by the rejection rule), at most k deep.
+    Returns the parents; a ValueError otherwise."""
+    if len(parents) != len(tokens) or len(parents) > max(nodes, k) or with_probs:
+        raise ValueError(f"a tree of {len(tokens)} drafts came back with {len(parents)} parents")
+    depth = max(tree_depths(parents))  # raises unless a tree
+    if depth > k:
+        raise ValueError(f"a tree of drafts {depth} deep for k={k}")
+    return list(parents)
+
+
+def _confidences(reply: draft_pb2.ProposeResponse | target_pb2.NextDrafts) -> list[float] | None:
+    """A reply's per-draft confidences (float32 [len(tokens)]); None where it sent none."""
+    return decode_tensor(reply.confidences, (len(reply.tokens),)).tolist() if reply.HasField("confidences") else None

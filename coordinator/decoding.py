@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Sequence
 
 import grpc
@@ -539,8 +539,8 @@ def _round_drafted_before(pending: tuple[Plan, DraftResult] | None, committed_le
     if drafts.depth > ceiling:
         if drafts.parents is not None or ceiling <= 0:
             return Round(committed_len, 0)
-        drafts = DraftResult(drafts.tokens[:ceiling], None, False, drafts.compute_s, None, None,
-                             drafts.confidences[:ceiling] if drafts.confidences is not None else None, drafts.follows)
+        drafts = replace(drafts, tokens=drafts.tokens[:ceiling],
+                         confidences=drafts.confidences[:ceiling] if drafts.confidences is not None else None)
     now = Round(committed_len, min(plan.k, max(ceiling, 0)), plan.nodes, plan.min_confidence)
     now.draft = drafts
     return now

@@ -118,6 +118,19 @@ class FeatureDrafter:
 
     # --- one session's state --------------------------------------------------------------
 
+    def catch_up_start(self, held: int, committed_len: int) -> int | None:
+        """Where the head's cache restarts for a session whose cache holds `held` positions and
+        `committed_len` are committed: max_catch_up positions back when it is further behind than
+        that; None: it carries on from `held`."""
+        behind = self.max_catch_up and committed_len - held > self.max_catch_up
+        return committed_len - self.max_catch_up if behind else None
+
+    def needs_features_from(self, held: int, committed_len: int) -> int:
+        """The first position whose target features the head takes in next: where its cache
+        (re)starts, its last position run again."""
+        restart = self.catch_up_start(held, committed_len)
+        return max(0, (held if restart is None else restart) - 1)
+
     def _prepare(self, job: ProposeJob) -> int | None:
         """Crop what the session holds to the committed tokens, take in the features sent. Returns
         None when it can draft, else the position from which it needs features."""
@@ -132,8 +145,9 @@ class FeatureDrafter:
         entry.kv.crop(min(entry.kv.length, common, max(0, len(committed) - 1)))
         entry.features.crop(common)
         entry.tokens = committed
-        if self.max_catch_up and len(committed) - entry.kv.length > self.max_catch_up:
-            entry.kv.restart(len(committed) - self.max_catch_up)
+        restart = self.catch_up_start(entry.kv.length, len(committed))
+        if restart is not None:
+            entry.kv.restart(restart)
         need = max(0, entry.kv.length - 1)
         if job.features is not None and job.features.shape[0]:
             rows, start = job.features, job.features_start

@@ -66,7 +66,9 @@ class LaunchOptions:
     # The feature drafter hosted by the target replicas (their --drafter; the coordinator's --draft
     # target): each round's drafts made in the Verify before it, no draft tier.
     draft_in_target: bool = False
-    target_flags: tuple[str, ...] = ()  # more flags for the target services (e.g. --drafter)
+    # A feature drafter the target replicas host besides (their --drafter), for other coordinators
+    # to draft with (specdec bench); with draft_in_target it is `draft` itself.
+    target_drafter: str = ""
 
 
 @dataclass
@@ -194,16 +196,12 @@ def runner_flags(compile: str, batch_invariant: bool) -> list[str]:
     return ["--compile", compile, "--batch-invariant", str(batch_invariant).lower()]
 
 
-PLACEMENTS = ("auto", "target", "tier")  # `specdec up --draft-placement`
-
-
 def drafter_in_target(placement: str, draft: str, target: str) -> bool:
-    """Whether the target replicas host the drafter (`--draft-placement`): 'target' (a feature
-    drafter only), 'tier' never, 'auto' for a feature drafter, whose rounds then make one call
-    instead of two and send no features (bench/RESULTS.md, "the feature drafter inside the
-    target"); model and n-gram drafters keep their tier. A RuntimeError for what cannot be."""
-    if placement not in PLACEMENTS:
-        raise RuntimeError(f"--draft-placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
+    """Whether the target replicas host the drafter (`--draft-placement`, whose choices the CLI
+    checks): 'target' (a feature drafter only), 'tier' never, 'auto' for a feature drafter, whose
+    rounds then make one call instead of two and send no features (bench/RESULTS.md, "the feature
+    drafter inside the target"); model and n-gram drafters keep their tier. A RuntimeError for a
+    drafter the target cannot host."""
     feature = is_drafter_folder(default_drafter(target) if draft == AUTO_DRAFTER else draft)
     if placement == "target" and not feature:
         raise RuntimeError(f"--draft-placement target: only a feature drafter can be hosted by the target, not {draft}")
@@ -234,9 +232,9 @@ async def launch(options: LaunchOptions) -> Pipeline:
         def socket(name: str) -> list[str]:
             return ["--unix-socket", os.path.join(sockets, f"{name}.sock")] if sockets else []
 
-        if options.draft_in_target and "--drafter" not in options.target_flags:
-            target_args += ["--drafter", draft]
-        target_args += options.target_flags
+        hosted = draft if options.draft_in_target else options.target_drafter
+        if hosted:
+            target_args += ["--drafter", hosted]
         spawns = [spawn_service(f"target-{i}", "target_service", target_args + socket(f"target-{i}"), START_TIMEOUT_S,
                                 target_env) for i in range(options.target_replicas)]
         local = options.draft == LOCAL_NGRAM or options.draft_in_target  # no draft tier

@@ -79,10 +79,7 @@ class TargetDrafting:
         leave in the target's cache: what the head has not taken in (never more than its
         max_catch_up back), else the first position the pass computes."""
         entry = self.table.get_or_create(session_id)
-        taken_in = entry.kv.length if entry.kv is not None else 0
-        need = max(0, taken_in - 1)
-        if self.drafter.max_catch_up:
-            need = max(need, committed_len - 1 - self.drafter.max_catch_up)
+        need = self.drafter.needs_features_from(entry.kv.length if entry.kv is not None else 0, committed_len)
         return max(0, min(need, committed_len - 1))
 
     def draft(self, after: Sequence[DraftAfter]) -> list[NextDrafts | None]:

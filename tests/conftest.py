@@ -150,6 +150,11 @@ class Stack:
     started: list = None  # specdec.serving.Started of each server, same order as servers
 
 
+# A coordinator --draft that starts no draft service: prompt lookup inside the coordinator, or the
+# drafter the targets host.
+NO_DRAFT_TIER = ("local-ngram", "target")
+
+
 async def start_stack(
     redis_url: str, target_model: Path, draft: str | None, target_replicas: int = 1, draft_replicas: int = 1,
     snapshots: bool = True, compile: str = "off", draft_overrides: dict | None = None, hosted_drafter: str = "",
@@ -173,7 +178,7 @@ async def start_stack(
                for _ in range(target_replicas)]
     targets = [s.address for s in started]
     drafts = []
-    if draft in ("local-ngram", "target"):  # prompt lookup inside the coordinator, or the targets' drafter
+    if draft in NO_DRAFT_TIER:
         drafts.append(draft)
     elif draft is not None:
         for _ in range(draft_replicas):
@@ -191,7 +196,7 @@ async def start_stack(
     })
     decoder = await coordinator_server.build_decoder(config)
     started.append(await coordinator_server.start(config, decoder))
-    tier_draft = drafts[0] if drafts and draft not in ("local-ngram", "target") else None
+    tier_draft = drafts[0] if drafts and draft not in NO_DRAFT_TIER else None
     return Stack(started[-1].address, targets[0], tier_draft, decoder, [s.server for s in started], targets, drafts,
                  started)
 
